@@ -1,0 +1,49 @@
+# Two commands for a new user: `make demo` and `make test`. Each sets up everything it
+# needs on a fresh Debian 12 machine (as root), is idempotent, and caches what it built.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+KABUTO := $(VENV)/bin/kabuto
+APT_PACKAGES := qemu-system-x86 qemu-utils busybox-static containerd runc iproute2 cpio zstd \
+	e2fsprogs python3-venv
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench lint image deps clean apt
+
+deps: $(STAMP)
+
+# apt-get only runs when a package is missing, so repeated runs stay fast and offline.
+apt:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages: $$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+$(STAMP): pyproject.toml
+	@$(MAKE) --no-print-directory apt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+image: deps
+	$(KABUTO) image build
+
+demo: deps image
+	$(KABUTO) hypervisors
+	$(KABUTO) vm boot
+
+test: deps image
+	$(VENV)/bin/ruff check src tests
+	$(PY) -m pytest -q -ra
+
+bench: deps image
+	$(PY) -m kabuto.bench
+
+lint: deps
+	$(VENV)/bin/ruff check src tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache build src/*.egg-info

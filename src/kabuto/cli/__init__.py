@@ -1,0 +1,1 @@
+"""The `kabuto` command line."""

@@ -1,0 +1,45 @@
+"""The Hypervisor interface, its devices and capabilities, the plugin registry and factory."""
+
+from kabuto.hypervisor.base import Hypervisor, HypervisorState, VcpuThreadIds, VmStatus
+from kabuto.hypervisor.capabilities import Capabilities
+from kabuto.hypervisor.devices import (
+    AgentChannel,
+    BlockDevice,
+    ChannelKind,
+    DeviceKind,
+    NetworkDevice,
+    SharedFsDevice,
+    SharedFsKind,
+    SharedFsMount,
+    VfioDevice,
+)
+from kabuto.hypervisor.plugin import Availability, HypervisorPlugin
+from kabuto.hypervisor.registry import (
+    get_plugin,
+    new_hypervisor,
+    register_hypervisor_plugin,
+    registered_names,
+)
+
+__all__ = [
+    "AgentChannel",
+    "Availability",
+    "BlockDevice",
+    "Capabilities",
+    "ChannelKind",
+    "DeviceKind",
+    "Hypervisor",
+    "HypervisorPlugin",
+    "HypervisorState",
+    "NetworkDevice",
+    "SharedFsDevice",
+    "SharedFsKind",
+    "SharedFsMount",
+    "VcpuThreadIds",
+    "VfioDevice",
+    "VmStatus",
+    "get_plugin",
+    "new_hypervisor",
+    "register_hypervisor_plugin",
+    "registered_names",
+]

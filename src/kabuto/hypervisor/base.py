@@ -1,0 +1,183 @@
+"""The one Hypervisor interface every VMM backend implements (after Kata runtime-rs)."""
+
+from __future__ import annotations
+
+import abc
+import enum
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Self
+
+from kabuto.config.model import HypervisorConfig
+from kabuto.errors import HypervisorError, UnsupportedOperation
+from kabuto.hypervisor.capabilities import Capabilities
+from kabuto.hypervisor.devices import AnyDevice
+
+DEFAULT_JAILER_ROOT = Path("/run/kabuto/vm")
+
+
+class VmStatus(enum.StrEnum):
+    NEW = "new"
+    PREPARED = "prepared"
+    RUNNING = "running"
+    PAUSED = "paused"
+    STOPPED = "stopped"
+
+
+@dataclass
+class HypervisorState:
+    """What ``save_state`` returns: enough for another process to find and drive the VM."""
+
+    hypervisor_name: str
+    id: str
+    status: str
+    vm_path: str
+    jailer_root: str
+    pids: list[int] = field(default_factory=list)
+    agent_socket: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> HypervisorState:
+        return cls(**data)
+
+
+@dataclass
+class VcpuThreadIds:
+    """vCPU index -> host thread id."""
+
+    vcpus: dict[int, int] = field(default_factory=dict)
+
+
+class Hypervisor(abc.ABC):
+    """Async VMM control. One instance drives one VM."""
+
+    #: registry name of the backend ("qemu", "cloud-hypervisor" ...)
+    name: ClassVar[str]
+    capabilities: ClassVar[Capabilities]
+
+    def __init__(self, config: HypervisorConfig, jailer_root: Path = DEFAULT_JAILER_ROOT) -> None:
+        self.config = config
+        self.jailer_root = Path(jailer_root)
+        self.id = ""
+        self.netns: str | None = None
+        self.status = VmStatus.NEW
+        self.pending_devices: list[AnyDevice] = []
+        self.devices: list[AnyDevice] = []
+
+    # -- helpers shared by the backends ---------------------------------------------------
+    @property
+    def vm_path(self) -> Path:
+        """Per-VM directory under the jailer root: sockets, logs and state live here."""
+        return self.jailer_root / self.id
+
+    def _error(self, message: str) -> HypervisorError:
+        return HypervisorError(f"{self.name}: {message}")
+
+    def _unsupported(self, operation: str) -> UnsupportedOperation:
+        return UnsupportedOperation(f"{self.name}: {operation} is not supported by this VMM")
+
+    def _require(self, *allowed: VmStatus, operation: str) -> None:
+        if self.status not in allowed:
+            wanted = " or ".join(s.value for s in allowed)
+            raise self._error(f"cannot {operation}: VM is {self.status.value}, needs {wanted}")
+
+    def _check_hotplug(self, device: AnyDevice) -> None:
+        if not self.capabilities.can_hotplug(device.kind):
+            raise self._unsupported(f"hot-plugging a {device.kind.value} device")
+
+    async def add_device(self, device: AnyDevice) -> AnyDevice:
+        """Cold-plug (pending list) before boot; hot-plug after, where capabilities allow."""
+        if self.status in (VmStatus.NEW, VmStatus.PREPARED):
+            self.pending_devices.append(device)
+            return device
+        self._require(VmStatus.RUNNING, operation=f"add {device.kind.value} device {device.id}")
+        self._check_hotplug(device)
+        await self._hotplug_add(device)
+        self.devices.append(device)
+        return device
+
+    async def remove_device(self, device: AnyDevice) -> None:
+        pending = [d for d in self.pending_devices if d.id == device.id]
+        if pending:
+            self.pending_devices.remove(pending[0])
+            return
+        plugged = [d for d in self.devices if d.id == device.id]
+        if not plugged:
+            raise self._error(f"no device with id {device.id!r}")
+        self._require(VmStatus.RUNNING, operation=f"remove device {device.id}")
+        self._check_hotplug(plugged[0])
+        await self._hotplug_remove(plugged[0])
+        self.devices.remove(plugged[0])
+
+    async def hypervisor_config(self) -> HypervisorConfig:
+        return self.config
+
+    def get_jailer_root(self) -> str:
+        return str(self.jailer_root)
+
+    # -- the interface ----------------------------------------------------------------------
+    @abc.abstractmethod
+    async def prepare_vm(self, id: str, netns: str | None = None) -> None:
+        """Create the VM directory and sockets; put the agent channel on the pending list."""
+
+    @abc.abstractmethod
+    async def start_vm(self, timeout: float) -> None:
+        """Launch the VMM, plug pending devices and boot, all within ``timeout`` seconds."""
+
+    @abc.abstractmethod
+    async def stop_vm(self) -> None:
+        """Stop the guest: gracefully, then forced."""
+
+    @abc.abstractmethod
+    async def pause_vm(self) -> None: ...
+
+    @abc.abstractmethod
+    async def resume_vm(self) -> None: ...
+
+    @abc.abstractmethod
+    async def save_vm(self) -> Path:
+        """Save the (paused) VM's state to a file under the VM directory and return it."""
+
+    @abc.abstractmethod
+    async def get_agent_socket(self) -> str:
+        """``unix:///path``, ``vsock://CID:PORT`` or ``hvsock:///path:PORT``."""
+
+    @abc.abstractmethod
+    async def disconnect(self) -> None:
+        """Drop control connections (QMP, API client) without stopping the VM."""
+
+    @abc.abstractmethod
+    async def get_thread_ids(self) -> VcpuThreadIds: ...
+
+    @abc.abstractmethod
+    async def get_pids(self) -> list[int]:
+        """The VMM's and its helpers' process ids (never vCPU threads)."""
+
+    @abc.abstractmethod
+    async def cleanup(self) -> None:
+        """Remove everything this backend made on the host; safe to call twice."""
+
+    @abc.abstractmethod
+    async def check(self) -> None:
+        """Raise HypervisorUnavailable naming the reason if this host cannot run the VMM."""
+
+    @abc.abstractmethod
+    async def save_state(self) -> HypervisorState: ...
+
+    @classmethod
+    @abc.abstractmethod
+    async def restore(
+        cls, config: HypervisorConfig, state: HypervisorState, jailer_root: Path = DEFAULT_JAILER_ROOT
+    ) -> Self:
+        """Rebuild a backend driving the VM described by ``state`` (saved by another process)."""
+
+    async def _hotplug_add(self, device: AnyDevice) -> None:
+        raise self._unsupported(f"hot-plugging a {device.kind.value} device")
+
+    async def _hotplug_remove(self, device: AnyDevice) -> None:
+        raise self._unsupported(f"hot-unplugging a {device.kind.value} device")
+
