@@ -18,8 +18,9 @@ BUSYBOX = "/bin/busybox"
 
 def one_line_initrd(dest: Path) -> Path:
     """A gzip'd newc cpio holding busybox and an /init of one line that prints the marker."""
+    init = f"#!/bin/busybox sh\n/bin/busybox echo {MARKER.decode()}; /bin/busybox reboot -f\n"
     files = {
-        "init": (f"#!/bin/busybox sh\n/bin/busybox echo {MARKER.decode()} > /dev/ttyS0\n".encode(), 0o755),
+        "init": (init.encode(), 0o755),
         "bin/busybox": (Path(BUSYBOX).read_bytes(), 0o755),
     }
     buf = io.BytesIO()
@@ -29,19 +30,18 @@ def one_line_initrd(dest: Path) -> Path:
 
 
 def _write_newc(out: io.BytesIO, files: dict[str, tuple[bytes, int]]) -> None:
-    # tarfile cannot write cpio and no maintained library does; newc is a fixed ASCII header.
-    ino = 1
-    dirs = sorted({str(Path(name).parent) for name in files if "/" in name})
-    entries = [(d, b"", 0o040755) for d in dirs]
-    entries += [(n, data, 0o100000 | mode) for n, (data, mode) in files.items()]
-    for name, data, mode in [*entries, ("TRAILER!!!", b"", 0)]:
+    # No maintained Python library writes cpio; newc is a fixed ASCII header per entry.
+    # /dev/console must exist in the archive: the kernel opens it for init's stdio.
+    entries = [("bin", b"", 0o040755, 0), ("dev", b"", 0o040755, 0), ("dev/console", b"", 0o020600, 1)]
+    entries += [(n, data, 0o100000 | mode, 0) for n, (data, mode) in files.items()]
+    for ino, (name, data, mode, rdev_minor) in enumerate([*entries, ("TRAILER!!!", b"", 0, 0)], start=1):
         encoded = name.encode() + b"\0"
-        fields = [ino, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(encoded), 0]
+        rdev_major = 5 if rdev_minor else 0
+        fields = [ino, mode, 0, 0, 1, 0, len(data), 0, 0, rdev_major, rdev_minor, len(encoded), 0]
         out.write(b"070701" + b"".join(b"%08X" % f for f in fields) + encoded)
         out.write(b"\0" * (-(110 + len(encoded)) % 4))
         out.write(data)
         out.write(b"\0" * (-len(data) % 4))
-        ino += 1
 
 
 async def boot_floor(table: HypervisorConfig, kernel: str, initrd: Path, timeout: float = 60.0) -> float:
