@@ -1,0 +1,102 @@
+"""The QEMU plugin: defaults, validation extras, capabilities and host availability."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from kabuto.config.model import HypervisorConfig
+from kabuto.errors import Problem
+from kabuto.hypervisor.capabilities import Capabilities
+from kabuto.hypervisor.devices import ChannelKind, DeviceKind, SharedFsKind
+from kabuto.hypervisor.host import choose_accelerator, find_binary
+from kabuto.hypervisor.plugin import Availability, BasePlugin
+
+if TYPE_CHECKING:
+    from kabuto.hypervisor.base import Hypervisor
+
+#: machine types the backend knows how to drive (hot-plug needs PCI, so no microvm)
+MACHINE_TYPES = ("q35", "pc")
+
+CAPABILITIES = Capabilities(
+    hotplug=frozenset({DeviceKind.BLOCK, DeviceKind.NETWORK}),
+    pause=True,
+    snapshot=True,
+    shared_fs=frozenset({SharedFsKind.VIRTIO_9P, SharedFsKind.VIRTIO_FS}),
+    agent_channels=(ChannelKind.VIRTIO_SERIAL, ChannelKind.VSOCK),
+    jailer=False,
+    notes=(
+        "machine q35: PCI(e) hot-plug of virtio-blk and virtio-net through QMP",
+        "agent over virtio-serial here; vsock where /dev/vhost-vsock exists",
+        "virtio-fs needs a virtiofsd binary (virtio_fs_daemon)",
+    ),
+)
+
+
+class QemuPlugin(BasePlugin):
+    aliases = ("qemu-system-x86_64",)
+    default_binary = "qemu-system-x86_64"
+    # Kata defaults to 2048 MiB; the guest here is an initrd plus the agent, and every MiB
+    # is host RAM on a small machine, so 512 leaves room for containers without waste.
+    default_memory_mib = 512
+    # Kata runtime-rs's MIN_QEMU_MEMORY_SIZE_MB
+    min_memory_mib = 64
+    default_machine_type = "q35"
+    block_drivers = ("virtio-blk", "virtio-scsi")
+    shared_fs_kinds = ("virtio-9p", "virtio-fs", "none")
+
+    def adjust(self, table: HypervisorConfig) -> None:
+        super().adjust(table)
+        if not table.kernel and not table.initrd and not table.image:
+            _fill_installed_image(table)
+
+    def validate(self, table: HypervisorConfig) -> list[Problem]:
+        problems = super().validate(table)
+        if table.machine_type not in MACHINE_TYPES:
+            problems.append(
+                Problem("machine_type", table.machine_type,
+                        f"must be one of {', '.join(MACHINE_TYPES)} (hot-plug needs PCI)")
+            )
+        if table.shared_fs == "virtio-fs" and not table.virtio_fs_daemon:
+            problems.append(Problem("virtio_fs_daemon", "", "shared_fs = virtio-fs needs a virtiofsd path"))
+        return problems
+
+    def capabilities(self) -> Capabilities:
+        return CAPABILITIES
+
+    def availability(self, table: HypervisorConfig) -> Availability:
+        binary = find_binary(table.path, self.default_binary)
+        accel = choose_accelerator(table.accel)
+        reasons = [f"accelerator {accel.name}: {accel.reason}"]
+        if not binary:
+            reasons.insert(0, f"{table.path or self.default_binary} not found or not executable")
+        else:
+            reasons.insert(0, f"binary {binary}")
+        return Availability(available=bool(binary), reasons=reasons, binary=binary, accelerator=accel.name)
+
+    def backend(self) -> type[Hypervisor]:
+        from kabuto.hypervisor.qemu.backend import QemuHypervisor
+
+        return QemuHypervisor
+
+
+def _fill_installed_image(table: HypervisorConfig) -> None:
+    """Use the built guest image when the table names none (the config's own paths win)."""
+    try:
+        from kabuto.image import installed_image
+    except ImportError:
+        return
+    try:
+        image = installed_image()
+    except Exception:  # no image built yet: validate reports the missing kernel later
+        return
+    if image is None:
+        return
+    kernel = getattr(image, "kernel", None) or (image.get("kernel") if isinstance(image, dict) else None)
+    initrd = getattr(image, "initrd", None) or (image.get("initrd") if isinstance(image, dict) else None)
+    if kernel:
+        table.kernel = str(kernel)
+    if initrd:
+        table.initrd = str(initrd)
+
+
+plugin = QemuPlugin()
