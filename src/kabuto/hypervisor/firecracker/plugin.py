@@ -1,0 +1,72 @@
+"""Firecracker's configuration plugin: defaults, validation, capabilities, availability."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from kabuto.config.model import HypervisorConfig
+from kabuto.errors import Problem
+from kabuto.hypervisor.capabilities import Capabilities
+from kabuto.hypervisor.devices import ChannelKind
+from kabuto.hypervisor.host import find_binary, kvm_usability
+from kabuto.hypervisor.plugin import Availability, BasePlugin
+
+if TYPE_CHECKING:
+    from kabuto.hypervisor.base import Hypervisor
+
+MAX_VCPUS = 32
+
+CAPABILITIES = Capabilities(
+    hotplug=frozenset(),
+    pause=True,
+    snapshot=True,
+    shared_fs=frozenset(),
+    agent_channels=(ChannelKind.HYBRID_VSOCK,),
+    jailer=True,
+    notes=(
+        "no hot-plug, no shared fs: devices are cold-plugged, the rootfs goes in as a block device",
+        "tested against the API contract only (binary not installable here)",
+    ),
+)
+
+
+class FirecrackerPlugin(BasePlugin):
+    aliases = ("fc",)
+    default_binary = "firecracker"
+    min_memory_mib = 128
+    block_drivers = ("virtio-blk-mmio", "virtio-blk")
+    shared_fs_kinds = ("none",)
+
+    def validate(self, table: HypervisorConfig) -> list[Problem]:
+        problems = super().validate(table)
+        if table.default_maxvcpus > MAX_VCPUS:
+            problems.append(
+                Problem("default_maxvcpus", table.default_maxvcpus, f"Firecracker allows at most {MAX_VCPUS}")
+            )
+        if table.default_vcpus > MAX_VCPUS:
+            problems.append(
+                Problem("default_vcpus", table.default_vcpus, f"Firecracker allows at most {MAX_VCPUS}")
+            )
+        if not table.kernel:
+            problems.append(Problem("kernel", "", "Firecracker needs a kernel (an uncompressed vmlinux)"))
+        return problems
+
+    def capabilities(self) -> Capabilities:
+        return CAPABILITIES
+
+    def availability(self, table: HypervisorConfig) -> Availability:
+        reasons: list[str] = []
+        binary = find_binary(table.path, self.default_binary)
+        if not binary:
+            reasons.append(f"firecracker binary not found ({table.path or 'not on PATH'})")
+        if table.jailer_path and not find_binary(table.jailer_path):
+            reasons.append(f"jailer not found or not executable ({table.jailer_path})")
+        accel = kvm_usability()
+        if accel.name != "kvm":
+            reasons.append(f"Firecracker needs KVM: {accel.reason}")
+        return Availability(not reasons, reasons, binary, accel.name)
+
+    def backend(self) -> type[Hypervisor]:
+        from kabuto.hypervisor.firecracker.backend import Firecracker
+
+        return Firecracker
