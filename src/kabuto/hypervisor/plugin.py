@@ -7,11 +7,14 @@ name ``[runtime] hypervisor_name`` picks.
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from kabuto.config.model import HypervisorConfig
-from kabuto.errors import Problem
+from kabuto.errors import ImageError, Problem
 
 if TYPE_CHECKING:
     from kabuto.hypervisor.base import Hypervisor
@@ -58,11 +61,27 @@ class HypervisorPlugin(Protocol):
         """The Hypervisor class; raise HypervisorUnavailable if there is none here."""
 
 
+# Kata runtime-rs's accepted values for the enumerated keys every VMM shares.
+BLOCK_AIO_MODES = ("io_uring", "native", "threads")
+VIRTIO_FS_CACHE_MODES = ("never", "auto", "always")
+ROOTFS_DRIVERS = ("virtio-blk-pci", "virtio-blk-ccw", "virtio-blk-mmio", "virtio-pmem", "virtio-scsi")
+HUGEPAGE_TYPES = ("hugetlbfs", "thp")
+LOG_LEVELS = ("trace", "debug", "info", "warn", "error", "critical")
+COLD_PLUG_VFIO = ("no-port", "root-port", "bridge-port", "switch-port")
+MONITOR_SOCKETS = ("hmp", "qmp", "qmp-pretty")
+ACCELERATORS = ("auto", "kvm", "tcg")
+MAX_BRIDGES = 5
+MAX_PCIE_PORTS = 16
+# i32 in Kata (every other integer key is unsigned there), or checked on its own
+_SIGNED_KEYS = frozenset({"hypervisor_timeout", "default_vcpus"})
+
+
 class BasePlugin:
     """Adjust and validate rules every VMM shares; backends override the class attributes.
 
-    Subclasses set ``default_path`` and the other class attributes and implement
-    ``capabilities``, ``availability`` and ``backend``.
+    Subclasses set ``default_binary`` and the other class attributes and implement
+    ``capabilities``, ``availability`` and ``backend``. The rules follow Kata runtime-rs,
+    except that out-of-range vCPU counts are reported instead of silently clamped.
     """
 
     aliases: tuple[str, ...] = ()
@@ -70,6 +89,7 @@ class BasePlugin:
     default_binary: str = ""
     default_memory_mib: int = 2048
     min_memory_mib: int = 64
+    max_vcpus: int = 256
     default_machine_type: str = ""
     block_drivers: tuple[str, ...] = ("virtio-blk",)
     shared_fs_kinds: tuple[str, ...] = ("none",)
@@ -80,64 +100,167 @@ class BasePlugin:
 
         if not table.path and self.default_binary:
             table.path = find_binary("", self.default_binary) or f"/usr/bin/{self.default_binary}"
-        if table.default_vcpus <= 0:
-            table.default_vcpus = 1
+        if not (table.kernel or table.initrd or table.image):
+            fill_from_installed_image(table)
         cpus = host_cpus()
-        if table.default_maxvcpus <= 0 or table.default_maxvcpus > cpus:
-            table.default_maxvcpus = cpus
-        if table.default_memory <= 0:
+        if table.default_maxvcpus == 0 or table.default_maxvcpus > cpus:
+            table.default_maxvcpus = min(cpus, self.max_vcpus)
+        if table.default_memory == 0:
             table.default_memory = self.default_memory_mib
         if not table.machine_type:
             table.machine_type = self.default_machine_type
-        if not table.block_device_driver:
+        if table.disable_block_device_use:
+            table.block_device_driver = ""
+        elif not table.block_device_driver:
             table.block_device_driver = self.block_drivers[0]
         if not table.shared_fs:
             table.shared_fs = self.shared_fs_kinds[0]
+        if not table.entropy_source:
+            table.entropy_source = "/dev/urandom"
+        # Kata maps the Go runtime's "none" to "never"
+        if table.virtio_fs_cache in ("", "none"):
+            table.virtio_fs_cache = "never"
+        if table.virtio_fs_is_dax and table.virtio_fs_cache_size == 0:
+            table.virtio_fs_cache_size = 1024
+        table.cpu_features = _join_list(table.cpu_features)
+        table.machine_accelerators = _join_list(table.machine_accelerators)
 
     def validate(self, table: HypervisorConfig) -> list[Problem]:
-        from kabuto.hypervisor.host import host_cpus
+        problems = _negative_numbers(table)
+        problems += self._validate_paths(table)
+        problems += self._validate_resources(table)
+        problems += self._validate_choices(table)
+        return problems
 
+    def _validate_paths(self, table: HypervisorConfig) -> list[Problem]:
         problems: list[Problem] = []
         if self.default_binary:
             problems += check_path("path", table.path, table.valid_hypervisor_paths, executable=True)
-        for key in ("kernel", "initrd", "image", "firmware", "jailer_path", "virtio_fs_daemon"):
+        optional = ["ctlpath", "kernel", "initrd", "image", "firmware", "jailer_path", "prefetch_list_path",
+                    "file_mem_backend", "entropy_source"]
+        if table.shared_fs in ("virtio-fs", "virtio-fs-nydus"):
+            optional.append("virtio_fs_daemon")
+        if table.enable_vhost_user_store:
+            optional.append("vhost_user_store_path")
+        for key in optional:
             value = getattr(table, key)
             if value:
-                problems += check_path(key, value, _valid_paths_for(table, key))
-        if table.kernel and not table.initrd and not table.image:
+                globs = _valid_paths_for(table, key)
+                problems += check_path(key, value, globs, executable=key == "jailer_path")
+        for index, flash in enumerate(table.pflashes):
+            problems += check_path(f"pflashes[{index}]", flash, [])
+        if not table.kernel:
+            problems.append(Problem("kernel", "", "no guest kernel: set kernel and initrd (or image), "
+                                                  "or run `kabuto image build` to build the guest image"))
+        elif not table.initrd and not table.image:
             problems.append(Problem("initrd", "", "a kernel needs an initrd or an image"))
         if table.initrd and table.image:
             problems.append(Problem("image", table.image, "set either image or initrd, not both"))
+        if table.jailer_path and not self.capabilities().jailer:
+            problems.append(Problem("jailer_path", table.jailer_path, "this hypervisor has no jailer"))
+        return problems
+
+    def _validate_resources(self, table: HypervisorConfig) -> list[Problem]:
+        import psutil
+
+        from kabuto.hypervisor.host import host_cpus
+
+        problems: list[Problem] = []
         cpus = host_cpus()
-        if table.default_vcpus < 1:
-            problems.append(Problem("default_vcpus", table.default_vcpus, "must be at least 1"))
-        if table.default_vcpus > table.default_maxvcpus:
-            problems.append(
-                Problem("default_vcpus", table.default_vcpus,
-                        f"exceeds default_maxvcpus ({table.default_maxvcpus})")
-            )
-        if table.default_vcpus > cpus:
-            problems.append(Problem("default_vcpus", table.default_vcpus, f"exceeds the host's {cpus} CPUs"))
+        vcpus = table.default_vcpus
+        if vcpus <= 0:
+            problems.append(Problem("default_vcpus", vcpus, "must be at least 1"))
+        else:
+            whole = math.ceil(vcpus)
+            if whole > table.default_maxvcpus:
+                problems.append(
+                    Problem("default_vcpus", vcpus, f"exceeds default_maxvcpus ({table.default_maxvcpus})"))
+            if whole > cpus:
+                problems.append(Problem("default_vcpus", vcpus, f"exceeds the host's {cpus} CPUs"))
+        if table.default_maxvcpus > self.max_vcpus:
+            problems.append(Problem("default_maxvcpus", table.default_maxvcpus,
+                                    f"this hypervisor supports at most {self.max_vcpus} vCPUs"))
+        host_mib = psutil.virtual_memory().total // (1 << 20)
         if table.default_memory < self.min_memory_mib:
             problems.append(
-                Problem("default_memory", table.default_memory, f"below the minimum of {self.min_memory_mib} MiB")
+                Problem("default_memory", table.default_memory,
+                        f"below the minimum of {self.min_memory_mib} MiB")
             )
+        elif table.default_memory > host_mib:
+            problems.append(Problem("default_memory", table.default_memory,
+                                    f"exceeds the host's {host_mib} MiB of RAM"))
         if table.default_maxmemory and table.default_maxmemory < table.default_memory:
             problems.append(Problem("default_maxmemory", table.default_maxmemory, "below default_memory"))
-        if table.memory_slots < 0:
-            problems.append(Problem("memory_slots", table.memory_slots, "must not be negative"))
-        if table.block_device_driver not in self.block_drivers:
-            problems.append(
-                Problem("block_device_driver", table.block_device_driver,
-                        f"must be one of {', '.join(self.block_drivers)}")
-            )
-        if table.shared_fs not in self.shared_fs_kinds:
-            problems.append(
-                Problem("shared_fs", table.shared_fs, f"must be one of {', '.join(self.shared_fs_kinds)}")
-            )
-        if table.accel not in ("auto", "kvm", "tcg"):
-            problems.append(Problem("accel", table.accel, "must be auto, kvm or tcg"))
+        if table.default_bridges > MAX_BRIDGES:
+            problems.append(Problem("default_bridges", table.default_bridges, f"at most {MAX_BRIDGES}"))
+        for key in ("pcie_root_port", "pcie_switch_port"):
+            if getattr(table, key) > MAX_PCIE_PORTS:
+                problems.append(Problem(key, getattr(table, key), f"at most {MAX_PCIE_PORTS}"))
+        if table.pcie_root_port and table.pcie_switch_port:
+            problems.append(Problem("pcie_switch_port", table.pcie_switch_port,
+                                    "set pcie_root_port or pcie_switch_port, not both"))
+        logical = table.block_device_logical_sector_size
+        physical = table.block_device_physical_sector_size
+        for key, size in (("block_device_logical_sector_size", logical),
+                          ("block_device_physical_sector_size", physical)):
+            if size and not (512 <= size <= 65536 and size & (size - 1) == 0):
+                problems.append(Problem(key, size, "must be 0 or a power of two from 512 to 65536"))
+        if logical and physical and logical > physical:
+            problems.append(Problem("block_device_logical_sector_size", logical,
+                                    f"exceeds block_device_physical_sector_size ({physical})"))
         return problems
+
+    def _validate_choices(self, table: HypervisorConfig) -> list[Problem]:
+        choices: list[tuple[str, tuple[str, ...], bool]] = [
+            # key, allowed values, whether "" is allowed too
+            ("block_device_driver", self.block_drivers, table.disable_block_device_use),
+            ("shared_fs", self.shared_fs_kinds, False),
+            ("accel", ACCELERATORS, False),
+            ("block_device_aio", BLOCK_AIO_MODES, True),
+            ("virtio_fs_cache", VIRTIO_FS_CACHE_MODES, False),
+            ("vm_rootfs_driver", ROOTFS_DRIVERS, True),
+            ("hugepage_type", HUGEPAGE_TYPES, False),
+            ("log_level", LOG_LEVELS, False),
+            ("cold_plug_vfio", COLD_PLUG_VFIO, True),
+            ("extra_monitor_socket", MONITOR_SOCKETS, True),
+        ]
+        problems: list[Problem] = []
+        for key, allowed, empty_ok in choices:
+            value = getattr(table, key)
+            if value == "" and empty_ok:
+                continue
+            if value not in allowed:
+                problems.append(Problem(key, value, f"must be one of {', '.join(allowed)}"))
+        return problems
+
+
+def fill_from_installed_image(table: HypervisorConfig) -> None:
+    """Boot the built guest image when the table names none; never builds one."""
+    try:
+        from kabuto.image import installed_image
+
+        image = installed_image()
+    except (ImportError, AttributeError, ImageError):
+        return
+    if image is None:
+        return
+    table.kernel = str(image.kernel)
+    table.initrd = str(image.initrd)
+
+
+def _join_list(value: str) -> str:
+    return ",".join(item.strip() for item in value.split(",") if item.strip())
+
+
+def _negative_numbers(table: HypervisorConfig) -> list[Problem]:
+    problems: list[Problem] = []
+    for key in type(table).model_fields:
+        value = getattr(table, key)
+        if key in _SIGNED_KEYS or isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        if value < 0:
+            problems.append(Problem(key, value, "must not be negative"))
+    return problems
 
 
 _VALID_PATHS = {
@@ -145,6 +268,7 @@ _VALID_PATHS = {
     "kernel": "valid_kernel_paths",
     "initrd": "valid_initrd_paths",
     "image": "valid_image_paths",
+    "firmware": "valid_firmware_paths",
     "jailer_path": "valid_jailer_paths",
     "virtio_fs_daemon": "valid_virtio_fs_daemon_paths",
     "ctlpath": "valid_ctlpaths",
@@ -165,27 +289,32 @@ def _valid_paths_for(table: HypervisorConfig, key: str) -> list[str]:
 
 
 def path_allowed(value: str, globs: list[str]) -> bool:
-    """True when ``value`` matches one of ``globs`` (an empty list allows everything)."""
-    from fnmatch import fnmatchcase
-    from os.path import normpath
+    """True when ``value`` matches one of ``globs`` (an empty list allows everything).
 
+    Matching is on the normalised path, so ``..`` cannot climb out of an allowed directory,
+    and ``*`` also matches ``/`` as in Kata's glob patterns. An empty value is allowed only
+    when ``""`` is listed (Kata's valid_entropy_sources does that).
+    """
     if not globs:
         return True
-    value = normpath(value)
-    return any(fnmatchcase(value, g) for g in globs)
+    if not value:
+        return "" in globs
+    normalised = os.path.normpath(value)
+    return any(glob and fnmatchcase(normalised, glob) for glob in globs)
 
 
 def check_path(key: str, value: str, globs: list[str], executable: bool = False) -> list[Problem]:
-    import os
-
+    """Problems with a host path from the configuration: absolute, allowed, existing."""
     if not value:
         return [Problem(key, value, "is empty")]
+    if "\0" in value:
+        return [Problem(key, value, "contains a NUL character")]
     if not os.path.isabs(value):
         return [Problem(key, value, "must be an absolute path")]
     if not path_allowed(value, globs):
         return [Problem(key, value, f"does not match the allowed paths {globs}")]
     if not os.path.exists(value):
         return [Problem(key, value, "does not exist")]
-    if executable and not os.access(value, os.X_OK):
-        return [Problem(key, value, "is not executable")]
+    if executable and not (os.path.isfile(value) and os.access(value, os.X_OK)):
+        return [Problem(key, value, "is not an executable file")]
     return []

@@ -24,6 +24,7 @@ _BUILTIN = {
 
 _plugins: dict[str, HypervisorPlugin] = {}
 _aliases: dict[str, str] = {}
+_load_errors: list[str] = []
 _loaded = False
 
 
@@ -36,20 +37,54 @@ def register_hypervisor_plugin(name: str, plugin: HypervisorPlugin) -> None:
         _aliases[alias] = name
 
 
+def unregister_hypervisor_plugin(name: str) -> None:
+    """Forget ``name`` and its aliases (a no-op when it is not registered)."""
+    _plugins.pop(name, None)
+    for alias in [a for a, target in _aliases.items() if target == name]:
+        del _aliases[alias]
+
+
+def _warn(message: str) -> None:
+    log.warning("%s", message)
+    _load_errors.append(message)
+
+
 def _load() -> None:
     global _loaded
     if _loaded:
         return
     _loaded = True
     for name, module in _BUILTIN.items():
-        if name not in _plugins:
+        if name in _plugins:
+            continue
+        try:
             register_hypervisor_plugin(name, importlib.import_module(module).plugin)
+        except Exception as exc:  # one broken backend must not take the others down
+            _warn(f"built-in hypervisor plugin {name!r} failed to load: {exc}")
+    load_entry_points()
+
+
+def load_entry_points() -> list[str]:
+    """Register the plugins of the ``kabuto.hypervisors`` entry-point group; return their names.
+
+    Called once automatically; call it again after installing a plugin at run time.
+    A plugin that fails to load is reported as a warning and skipped.
+    """
+    loaded: list[str] = []
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         try:
             obj = ep.load()
             register_hypervisor_plugin(ep.name, obj() if isinstance(obj, type) else obj)
+            loaded.append(ep.name)
         except Exception as exc:  # a broken third-party plugin must not break the runtime
-            log.warning("hypervisor plugin %r from %s failed to load: %s", ep.name, ep.value, exc)
+            _warn(f"hypervisor plugin {ep.name!r} from {ep.value} failed to load: {exc}")
+    return loaded
+
+
+def load_warnings() -> list[str]:
+    """Why plugins failed to load (empty when all loaded)."""
+    _load()
+    return list(_load_errors)
 
 
 def canonical_name(name: str) -> str:
@@ -62,12 +97,18 @@ def registered_names() -> list[str]:
     return sorted(_plugins)
 
 
+def aliases_of(name: str) -> list[str]:
+    """Every alias that selects the plugin registered as ``name``."""
+    _load()
+    return sorted(alias for alias, target in _aliases.items() if target == name)
+
+
 def get_plugin(name: str) -> HypervisorPlugin:
     _load()
     plugin = _plugins.get(canonical_name(name))
     if plugin is None:
         raise ConfigError(
-            f"unknown hypervisor {name!r}; registered: {', '.join(registered_names())}"
+            f"unknown hypervisor {name!r}; registered: {', '.join(registered_names()) or '(none)'}"
         )
     return plugin
 
@@ -80,6 +121,6 @@ def new_hypervisor(config: KabutoConfig, jailer_root: Path = DEFAULT_JAILER_ROOT
     if table is None:
         raise ConfigError(f"runtime.hypervisor_name = {name!r} but there is no [hypervisor.{name}] table")
     cls = plugin.backend()
-    if not issubclass(cls, Hypervisor):
+    if not (isinstance(cls, type) and issubclass(cls, Hypervisor)):
         raise HypervisorError(f"plugin {name!r} returned {cls!r}, which is not a Hypervisor")
     return cls(table, jailer_root=jailer_root)
