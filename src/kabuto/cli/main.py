@@ -31,7 +31,10 @@ for module in (config_cmd, image_cmd, vm_cmd):
 
 def main() -> None:
     try:
-        cli(standalone_mode=False)
+        # without standalone mode click returns ctx.exit()'s code instead of exiting
+        code = cli(standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)

@@ -58,11 +58,15 @@ def load_config(
     path: str | os.PathLike[str] | None = None,
     annotations: Mapping[str, str] | None = None,
     hypervisor_name: str | None = None,
+    *,
+    validate: bool = True,
 ) -> KabutoConfig:
     """Return the adjusted, validated configuration; raise ConfigError listing every problem.
 
     ``annotations`` are the OCI spec's (untrusted; see kabuto.config.annotations) and
     ``hypervisor_name`` overrides ``[runtime] hypervisor_name`` (the CLI's --hypervisor).
+    ``validate=False`` skips only the final value checks (for showing a configuration that
+    cannot run yet); unreadable files, wrong types and refused annotations still raise.
     """
     from kabuto.hypervisor.registry import canonical_name, get_plugin, load_warnings, registered_names
 
@@ -103,8 +107,9 @@ def load_config(
     plugin = get_plugin(name)
     table = config.hypervisor[name]
     plugin.adjust(table)
-    problems = _prefixed(f"hypervisor.{name}", plugin.validate(table)) + _common_problems(config)
-    _raise_if_any(problems, from_annotations, source)
+    if validate:
+        problems = _prefixed(f"hypervisor.{name}", plugin.validate(table)) + _common_problems(config)
+        _raise_if_any(problems, from_annotations, source)
     return config
 
 
