@@ -184,11 +184,16 @@ def check(ctx: click.Context, config_path: str | None, fmt: str) -> None:
         report.update(hypervisor=config.hypervisor_name, source=config.source)
         try:
             availability = plugin.availability(config.active_hypervisor)
-            plugin.backend()
-        except HypervisorUnavailable as exc:
-            availability = Availability(False, [str(exc)])
         except Exception as exc:  # a broken plugin means this host cannot run it
             availability = Availability(False, [f"plugin error: {exc}"])
+        try:
+            plugin.backend()
+        except HypervisorUnavailable as exc:
+            availability.available = False
+            availability.reasons.append(str(exc))
+        except Exception as exc:
+            availability.available = False
+            availability.reasons.append(f"no backend: {exc}")
         report["availability"] = availability.to_dict()
     ok = not report["problems"] and report["availability"]["available"]
     report["ok"] = ok
