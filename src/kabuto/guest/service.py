@@ -1,0 +1,89 @@
+"""AgentService: the methods the host calls (health, guest details, shutdown)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import kabuto
+from kabuto.protos import agent_pb2
+from kabuto.ttrpc import Method, unary_method
+
+SERVICE_NAME = "kabuto.agent.v1.AgentService"
+# Lets the Shutdown answer leave the guest before the power goes.
+SHUTDOWN_GRACE = 0.1
+
+
+def read_uptime(proc: Path = Path("/proc")) -> float:
+    """Seconds since the kernel booted (CLOCK_BOOTTIME); 0.0 where /proc is missing."""
+    try:
+        return float((proc / "uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def read_mem_total(proc: Path = Path("/proc")) -> int:
+    try:
+        for line in (proc / "meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def count_cpu_list(text: str) -> int:
+    """Count the CPUs in a kernel CPU list such as "0-3,6"."""
+    count = 0
+    for part in text.strip().split(","):
+        if not part:
+            continue
+        first, _, last = part.partition("-")
+        count += int(last or first) - int(first) + 1
+    return count
+
+
+def read_online_cpus(sys_root: Path = Path("/sys")) -> int:
+    try:
+        return count_cpu_list((sys_root / "devices/system/cpu/online").read_text())
+    except (OSError, ValueError):
+        return os.cpu_count() or 0
+
+
+class AgentService:
+    """Handlers of kabuto.agent.v1.AgentService; ``shutdown_requested`` is set by Shutdown."""
+
+    def __init__(self, started_uptime: float) -> None:
+        self.started_uptime = started_uptime
+        self.shutdown_requested = asyncio.Event()
+
+    def methods(self) -> dict[str, Method]:
+        return {
+            "Check": unary_method(agent_pb2.CheckRequest, self.check),
+            "GetGuestDetails": unary_method(agent_pb2.GuestDetailsRequest, self.get_guest_details),
+            "Shutdown": unary_method(agent_pb2.ShutdownRequest, self.shutdown),
+        }
+
+    async def check(self, request: agent_pb2.CheckRequest) -> agent_pb2.CheckResponse:
+        return agent_pb2.CheckResponse(status=agent_pb2.CheckResponse.SERVING)
+
+    async def get_guest_details(
+        self, request: agent_pb2.GuestDetailsRequest
+    ) -> agent_pb2.GuestDetailsResponse:
+        uname = os.uname()
+        return agent_pb2.GuestDetailsResponse(
+            kernel_release=uname.release,
+            kernel_version=uname.version,
+            machine=uname.machine,
+            mem_total_bytes=read_mem_total(),
+            online_cpus=read_online_cpus(),
+            agent_version=kabuto.__version__,
+            agent_started_uptime_seconds=self.started_uptime,
+            uptime_seconds=read_uptime(),
+            is_init=os.getpid() == 1,
+        )
+
+    async def shutdown(self, request: agent_pb2.ShutdownRequest) -> agent_pb2.ShutdownResponse:
+        asyncio.get_running_loop().call_later(SHUTDOWN_GRACE, self.shutdown_requested.set)
+        return agent_pb2.ShutdownResponse()
