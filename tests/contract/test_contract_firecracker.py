@@ -127,18 +127,13 @@ async def test_full_lifecycle(
     assert len(recorder.requests()) == before  # refused without asking the VMM
 
     await vm.stop_vm()
-    assert calls(recorder)[-1] == "PUT /actions" and body_of_last(recorder) == {
-        "action_type": "SendCtrlAltDel"
-    }
+    last = recorder.requests()[-1]
+    assert last["path"] == "/actions" and last["body"] == {"action_type": "SendCtrlAltDel"}
     await vm.cleanup()
     await vm.cleanup()
     assert not any(alive(p) for p in recorder.pids())
     assert leftovers(jailer_root) == []
     assert_conforms(recorder)
-
-
-def body_of_last(recorder: Recorder) -> dict:
-    return recorder.requests()[-1]["body"]
 
 
 @pytest.mark.parametrize("jailed", [False, True], ids=["plain", "jailed"])
@@ -167,9 +162,7 @@ async def test_snapshot_loads_into_a_fresh_vmm(
     assert ok.startswith("OK ")
     await second.stop_vm()
     await second.cleanup()
-    assert leftovers(jailer_root) == [
-        "/".join((str(jailer_root), "kept", n)) for n in ("memory", "vmstate")
-    ] or (sorted(p.name for p in kept.iterdir()) == ["memory", "vmstate"])
+    assert leftovers(jailer_root) == [str(kept), str(kept / "memory"), str(kept / "vmstate")]
     assert_conforms(recorder)
 
 
@@ -186,10 +179,7 @@ async def test_another_process_takes_over_from_saved_state(
 
     again = await Firecracker.restore(config, state, jailer_root=jailer_root)
     assert again.status == VmStatus.RUNNING and await again.get_pids() == state.pids
-    assert [d.id for d in again.devices] == ["agent", "disk0"] or [d.id for d in again.devices] == [
-        "disk0",
-        "agent",
-    ]
+    assert [d.id for d in again.devices] == ["agent", "disk0"]
     await again.pause_vm()
     await again.resume_vm()
     await again.stop_vm()
