@@ -272,9 +272,10 @@ class Client:
 
     async def _dispatch(self, frame: Frame) -> None:
         if frame.type == MessageType.RESPONSE:
+            # Decoded before the call is looked up: a broken envelope must fail that call too.
+            response = _parse(ttrpc_pb2.Response, frame.data, "ttrpc response")
             future = self._pending.pop(frame.stream_id, None)
             if future is not None:
-                response = _parse(ttrpc_pb2.Response, frame.data, "ttrpc response")
                 if not future.done():
                     future.set_result(response)
             elif (stream := self._streams.get(frame.stream_id)) is not None:
