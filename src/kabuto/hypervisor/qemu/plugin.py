@@ -21,13 +21,13 @@ CAPABILITIES = Capabilities(
     hotplug=frozenset({DeviceKind.BLOCK, DeviceKind.NETWORK}),
     pause=True,
     snapshot=True,
-    shared_fs=frozenset({SharedFsKind.VIRTIO_9P, SharedFsKind.VIRTIO_FS}),
+    shared_fs=frozenset({SharedFsKind.VIRTIO_9P}),
     agent_channels=(ChannelKind.VIRTIO_SERIAL, ChannelKind.VSOCK),
     jailer=False,
     notes=(
         "machine q35: PCI(e) hot-plug of virtio-blk and virtio-net through QMP",
         "agent over virtio-serial here; vsock where /dev/vhost-vsock exists",
-        "virtio-fs needs a virtiofsd binary (virtio_fs_daemon)",
+        "shared fs: virtio-9p (virtio-fs would need virtiofsd, not run by this backend)",
     ),
 )
 
@@ -44,11 +44,6 @@ class QemuPlugin(BasePlugin):
     block_drivers = ("virtio-blk", "virtio-scsi")
     shared_fs_kinds = ("virtio-9p", "virtio-fs", "none")
 
-    def adjust(self, table: HypervisorConfig) -> None:
-        super().adjust(table)
-        if not table.kernel and not table.initrd and not table.image:
-            _fill_installed_image(table)
-
     def validate(self, table: HypervisorConfig) -> list[Problem]:
         problems = super().validate(table)
         if table.machine_type not in MACHINE_TYPES:
@@ -56,8 +51,10 @@ class QemuPlugin(BasePlugin):
                 Problem("machine_type", table.machine_type,
                         f"must be one of {', '.join(MACHINE_TYPES)} (hot-plug needs PCI)")
             )
-        if table.shared_fs == "virtio-fs" and not table.virtio_fs_daemon:
-            problems.append(Problem("virtio_fs_daemon", "", "shared_fs = virtio-fs needs a virtiofsd path"))
+        if table.shared_fs == "virtio-fs":
+            problems.append(Problem("shared_fs", table.shared_fs,
+                                    "virtio-fs needs virtiofsd, which this backend does not run yet; "
+                                    "use virtio-9p"))
         return problems
 
     def capabilities(self) -> Capabilities:
@@ -77,26 +74,6 @@ class QemuPlugin(BasePlugin):
         from kabuto.hypervisor.qemu.backend import QemuHypervisor
 
         return QemuHypervisor
-
-
-def _fill_installed_image(table: HypervisorConfig) -> None:
-    """Use the built guest image when the table names none (the config's own paths win)."""
-    try:
-        from kabuto.image import installed_image
-    except ImportError:
-        return
-    try:
-        image = installed_image()
-    except Exception:  # no image built yet: validate reports the missing kernel later
-        return
-    if image is None:
-        return
-    kernel = getattr(image, "kernel", None) or (image.get("kernel") if isinstance(image, dict) else None)
-    initrd = getattr(image, "initrd", None) or (image.get("initrd") if isinstance(image, dict) else None)
-    if kernel:
-        table.kernel = str(kernel)
-    if initrd:
-        table.initrd = str(initrd)
 
 
 plugin = QemuPlugin()

@@ -1,0 +1,264 @@
+"""The QEMU command line and the QMP arguments for each device, built from the config table.
+
+Pure functions (no I/O), so the exact command line is unit-tested and documented in docs/qemu.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from kabuto.config.model import HypervisorConfig
+from kabuto.errors import HypervisorError
+from kabuto.hypervisor.devices import (
+    AgentChannel,
+    AnyDevice,
+    BlockDevice,
+    ChannelKind,
+    NetworkDevice,
+    SharedFsDevice,
+    SharedFsKind,
+    VfioDevice,
+)
+from kabuto.hypervisor.host import Accelerator
+
+#: hot-plug slots on q35: PCIe root ports created at boot (q35 cannot hot-plug onto pcie.0)
+DEFAULT_ROOT_PORTS = 4
+#: virtio-blk's serial is at most 20 bytes; the guest finds the disk by it (/sys/block/vdX/serial)
+BLOCK_SERIAL_MAX = 20
+VIRTIO_SERIAL_BUS = "virtio-serial0"
+SCSI_BUS = "scsi0"
+
+# Kernel parameters that shorten boot without changing what the guest can do (after Kata's
+# defaults): no legacy keyboard probing, trust the TSC, skip crypto self-tests, reboot = exit.
+BOOT_KERNEL_PARAMS = (
+    "console=ttyS0 panic=1 reboot=k tsc=reliable no_timer_check noreplace-smp cryptomgr.notests "
+    "i8042.noaux=1 i8042.nomux=1 i8042.nopnp=1 i8042.dumbkbd=1 rcupdate.rcu_expedited=1 net.ifnames=0"
+)
+
+
+@dataclass(frozen=True)
+class VmPaths:
+    """Every host path a VM uses; all live in the VM directory so cleanup removes one tree."""
+
+    vm_dir: Path
+
+    @property
+    def qmp_socket(self) -> Path:
+        return self.vm_dir / "qmp.sock"
+
+    @property
+    def console_socket(self) -> Path:
+        return self.vm_dir / "console.sock"
+
+    @property
+    def console_log(self) -> Path:
+        return self.vm_dir / "console.log"
+
+    @property
+    def qemu_log(self) -> Path:
+        return self.vm_dir / "qemu.log"
+
+    @property
+    def agent_socket(self) -> Path:
+        return self.vm_dir / "agent.sock"
+
+    @property
+    def saved_state(self) -> Path:
+        """Where save_vm writes the migration stream (RAM and device state)."""
+        return self.vm_dir / "vm.state"
+
+
+def hotplug_bus(machine_type: str, index: int) -> str:
+    """The bus a hot-plugged PCI device goes on: a free root port (q35) or the root bus (pc)."""
+    if machine_type == "q35":
+        return f"hp{index}"
+    return "pci.0"
+
+
+def root_port_count(table: HypervisorConfig) -> int:
+    return table.pcie_root_port if table.pcie_root_port > 0 else DEFAULT_ROOT_PORTS
+
+
+def kernel_append(table: HypervisorConfig) -> str:
+    params = [BOOT_KERNEL_PARAMS]
+    if not table.enable_debug:
+        params.append("quiet")
+    if table.kernel_params:
+        params.append(table.kernel_params)
+    return " ".join(params)
+
+
+def accel_args(accel: Accelerator, table: HypervisorConfig) -> list[str]:
+    if accel.name == "kvm":
+        cpu = "host"
+        accel_opt = "kvm"
+    else:
+        # Multi-threaded TCG: one host thread per vCPU, so vCPU thread ids are real threads.
+        cpu = "max"
+        accel_opt = "tcg,thread=multi"
+    if table.cpu_features:
+        cpu += "," + table.cpu_features
+    return ["-accel", accel_opt, "-cpu", cpu]
+
+
+def block_serial(device: BlockDevice) -> str:
+    return device.id[:BLOCK_SERIAL_MAX]
+
+
+def blockdev_args(device: BlockDevice) -> dict[str, object]:
+    """QMP blockdev-add arguments (also the JSON form of -blockdev)."""
+    read_only = device.read_only
+    return {
+        "node-name": f"drive-{device.id}",
+        "driver": device.format,
+        "read-only": read_only,
+        "file": {"driver": "file", "filename": str(device.path), "read-only": read_only},
+    }
+
+
+def block_device_args(device: BlockDevice, driver: str, bus: str | None) -> dict[str, object]:
+    """QMP device_add arguments for a block device (also the -device form)."""
+    node = f"drive-{device.id}"
+    if driver == "virtio-scsi":
+        return {"driver": "scsi-hd", "id": device.id, "drive": node, "bus": f"{SCSI_BUS}.0",
+                "serial": block_serial(device)}
+    args: dict[str, object] = {"driver": "virtio-blk-pci", "id": device.id, "drive": node,
+                               "serial": block_serial(device)}
+    if bus:
+        args["bus"] = bus
+    return args
+
+
+def netdev_args(device: NetworkDevice, vhost: bool) -> dict[str, object]:
+    return {"type": "tap", "id": f"net-{device.id}", "ifname": device.tap_name,
+            "script": "no", "downscript": "no", "vhost": vhost}
+
+
+def net_device_args(device: NetworkDevice, bus: str | None) -> dict[str, object]:
+    args: dict[str, object] = {"driver": "virtio-net-pci", "id": device.id, "netdev": f"net-{device.id}"}
+    if device.mac:
+        args["mac"] = device.mac
+    if device.mtu and device.mtu != 1500:
+        args["host_mtu"] = device.mtu
+    if bus:
+        args["bus"] = bus
+    return args
+
+
+def _device_opt(args: dict[str, object]) -> str:
+    """``-device`` option string from device_add-style arguments."""
+    args = dict(args)
+    driver = args.pop("driver")
+    parts = [str(driver)]
+    for key, value in args.items():
+        if isinstance(value, bool):
+            value = "on" if value else "off"
+        text = str(value)
+        if "," in text:
+            raise HypervisorError(f"qemu: device option {key}={text!r} must not contain a comma")
+        parts.append(f"{key}={text}")
+    return ",".join(parts)
+
+
+def _netdev_opt(args: dict[str, object]) -> str:
+    return _device_opt({"driver": args["type"], **{k: v for k, v in args.items() if k != "type"}})
+
+
+def _path_opt(path: Path) -> str:
+    # QEMU's option syntax escapes a comma as two commas.
+    return str(path).replace(",", ",,")
+
+
+def device_cmdline(device: AnyDevice, table: HypervisorConfig) -> list[str]:
+    """The cold-plug arguments for one pending device."""
+    if isinstance(device, AgentChannel):
+        if device.channel == ChannelKind.VIRTIO_SERIAL:
+            if device.socket_path is None:
+                raise HypervisorError(f"qemu: agent channel {device.id} has no socket path")
+            return [
+                "-chardev",
+                f"socket,id=chr-{device.id},path={_path_opt(device.socket_path)},server=on,wait=off",
+                "-device", _device_opt({"driver": "virtserialport", "bus": f"{VIRTIO_SERIAL_BUS}.0",
+                                        "chardev": f"chr-{device.id}", "name": device.name,
+                                        "id": device.id}),
+            ]
+        if device.channel == ChannelKind.VSOCK:
+            return ["-device", _device_opt({"driver": "vhost-vsock-pci", "id": device.id,
+                                            "guest-cid": device.guest_cid})]
+        raise HypervisorError(f"qemu: agent channel kind {device.channel.value} is not supported")
+    if isinstance(device, BlockDevice):
+        driver = table.block_device_driver or "virtio-blk"
+        return ["-blockdev", json.dumps(blockdev_args(device)),
+                "-device", _device_opt(block_device_args(device, driver, None))]
+    if isinstance(device, NetworkDevice):
+        return ["-netdev", _netdev_opt(netdev_args(device, vhost=not table.disable_vhost_net)),
+                "-device", _device_opt(net_device_args(device, None))]
+    if isinstance(device, SharedFsDevice):
+        if device.fs != SharedFsKind.VIRTIO_9P:
+            raise HypervisorError(f"qemu: shared fs {device.fs.value} is not supported (needs virtiofsd)")
+        fsdev = f"local,id=fs-{device.id},path={_path_opt(device.host_path)},security_model=none"
+        if device.read_only:
+            fsdev += ",readonly=on"
+        return ["-fsdev", fsdev,
+                "-device", _device_opt({"driver": "virtio-9p-pci", "id": device.id,
+                                        "fsdev": f"fs-{device.id}", "mount_tag": device.mount_tag})]
+    if isinstance(device, VfioDevice):
+        raise HypervisorError("qemu: VFIO devices are not supported by this backend")
+    raise HypervisorError(f"qemu: unknown device {device!r}")
+
+
+def build_command(
+    table: HypervisorConfig,
+    accel: Accelerator,
+    paths: VmPaths,
+    devices: list[AnyDevice],
+    name: str,
+    incoming: bool = False,
+) -> list[str]:
+    """The whole QEMU command line. QEMU starts paused (-S) so QMP listeners are in place before boot."""
+    if not table.kernel:
+        raise HypervisorError("qemu: no guest kernel configured (build one with `kabuto image build`)")
+    vcpus = max(1, math.ceil(table.default_vcpus))
+    maxvcpus = max(vcpus, table.default_maxvcpus)
+    args = [
+        table.path,
+        "-name", f"kabuto-{name}",
+        "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+        "-S",
+        "-machine", f"{table.machine_type},{_machine_extra(table)}".rstrip(","),
+        *accel_args(accel, table),
+        "-m", f"{table.default_memory}M",
+        "-smp", f"{vcpus},maxcpus={maxvcpus}",
+        "-qmp", f"unix:{_path_opt(paths.qmp_socket)},server=on,wait=off",
+        "-chardev", f"socket,id=console,path={_path_opt(paths.console_socket)},server=on,wait=off",
+        "-serial", "chardev:console",
+        "-kernel", table.kernel,
+        "-append", kernel_append(table),
+        "-device", f"virtio-serial-pci,id={VIRTIO_SERIAL_BUS}",
+    ]
+    if table.initrd:
+        args += ["-initrd", table.initrd]
+    if table.image:
+        args += ["-drive", f"file={_path_opt(Path(table.image))},if=none,id=rootfs,format=raw,readonly=on",
+                 "-device", "virtio-blk-pci,drive=rootfs,id=rootfs-dev"]
+    if table.machine_type == "q35":
+        for index in range(root_port_count(table)):
+            args += ["-device", f"pcie-root-port,id={hotplug_bus('q35', index)},bus=pcie.0,"
+                                f"chassis={index + 1},slot={index + 1}"]
+    if table.block_device_driver == "virtio-scsi":
+        args += ["-device", f"virtio-scsi-pci,id={SCSI_BUS}"]
+    for device in devices:
+        args += device_cmdline(device, table)
+    if table.seccomp_sandbox:
+        args += ["-sandbox", table.seccomp_sandbox]
+    if incoming:
+        args += ["-incoming", "defer"]
+    return args
+
+
+def _machine_extra(table: HypervisorConfig) -> str:
+    extra = [a.strip() for a in table.machine_accelerators.split(",") if a.strip()]
+    return ",".join(extra)
