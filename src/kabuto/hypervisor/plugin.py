@@ -167,7 +167,8 @@ class BasePlugin:
 
         problems: list[Problem] = []
         cpus = host_cpus()
-        vcpus = table.default_vcpus
+        # shown as written: 2, not 2.0
+        vcpus = int(table.default_vcpus) if float(table.default_vcpus).is_integer() else table.default_vcpus
         if vcpus <= 0:
             problems.append(Problem("default_vcpus", vcpus, "must be at least 1"))
         else:
