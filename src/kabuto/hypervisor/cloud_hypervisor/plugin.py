@@ -14,8 +14,6 @@ from kabuto.hypervisor.plugin import Availability, BasePlugin
 if TYPE_CHECKING:
     from kabuto.hypervisor.base import Hypervisor
 
-MAX_VCPUS = 256
-
 CAPABILITIES = Capabilities(
     hotplug=frozenset({DeviceKind.BLOCK, DeviceKind.NETWORK, DeviceKind.SHARED_FS}),
     pause=True,
@@ -31,24 +29,15 @@ class CloudHypervisorPlugin(BasePlugin):
     aliases = ("clh",)
     default_binary = "cloud-hypervisor"
     min_memory_mib = 64
+    max_vcpus = 256
     block_drivers = ("virtio-blk-pci", "virtio-blk")
     shared_fs_kinds = ("virtio-fs", "none")
 
     def validate(self, table: HypervisorConfig) -> list[Problem]:
         problems = super().validate(table)
-        if table.jailer_path:
-            problems.append(
-                Problem("jailer_path", table.jailer_path, "Cloud Hypervisor has no jailer; leave it empty")
-            )
         if table.valid_jailer_paths:
             problems.append(
                 Problem("valid_jailer_paths", table.valid_jailer_paths, "must be empty for Cloud Hypervisor")
-            )
-        if table.default_maxvcpus > MAX_VCPUS:
-            problems.append(
-                Problem(
-                    "default_maxvcpus", table.default_maxvcpus, f"Cloud Hypervisor allows at most {MAX_VCPUS}"
-                )
             )
         if table.shared_fs == "virtio-fs" and not table.virtio_fs_daemon:
             problems.append(Problem("virtio_fs_daemon", "", "shared_fs = virtio-fs needs a virtiofsd path"))

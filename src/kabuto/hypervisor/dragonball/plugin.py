@@ -14,8 +14,6 @@ from kabuto.hypervisor.plugin import Availability, BasePlugin
 if TYPE_CHECKING:
     from kabuto.hypervisor.base import Hypervisor
 
-MAX_VCPUS = 256
-
 # What Kata's Dragonball offers; only reachable once a binding is registered.
 CAPABILITIES = Capabilities(
     hotplug=frozenset({DeviceKind.BLOCK, DeviceKind.NETWORK, DeviceKind.SHARED_FS, DeviceKind.VFIO}),
@@ -35,13 +33,12 @@ _MUST_BE_OFF = ("enable_iothreads", "rootless")
 class DragonballPlugin(BasePlugin):
     default_binary = ""
     min_memory_mib = 64
+    max_vcpus = 256
     block_drivers = ("virtio-blk-pci", "virtio-blk-mmio", "virtio-pmem", "virtio-blk")
     shared_fs_kinds = ("virtio-fs", "inline-virtio-fs")
 
     def adjust(self, table: HypervisorConfig) -> None:
         super().adjust(table)
-        if table.default_maxvcpus > MAX_VCPUS:
-            table.default_maxvcpus = MAX_VCPUS
         # Dragonball has no PCI bridges: the model's default of 1 does not apply.
         if "default_bridges" not in table.model_fields_set:
             table.default_bridges = 0

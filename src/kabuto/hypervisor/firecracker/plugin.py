@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from kabuto.config.model import HypervisorConfig
-from kabuto.errors import Problem
 from kabuto.hypervisor.capabilities import Capabilities
 from kabuto.hypervisor.devices import ChannelKind
 from kabuto.hypervisor.host import find_binary, kvm_usability
@@ -13,8 +12,6 @@ from kabuto.hypervisor.plugin import Availability, BasePlugin
 
 if TYPE_CHECKING:
     from kabuto.hypervisor.base import Hypervisor
-
-MAX_VCPUS = 32
 
 CAPABILITIES = Capabilities(
     hotplug=frozenset(),
@@ -33,23 +30,11 @@ CAPABILITIES = Capabilities(
 class FirecrackerPlugin(BasePlugin):
     aliases = ("fc",)
     default_binary = "firecracker"
+    # Kata runtime-rs: MIN_FIRECRACKER_MEMORY_SIZE_MB and the 32-vCPU limit
     min_memory_mib = 128
+    max_vcpus = 32
     block_drivers = ("virtio-blk-mmio", "virtio-blk")
     shared_fs_kinds = ("none",)
-
-    def validate(self, table: HypervisorConfig) -> list[Problem]:
-        problems = super().validate(table)
-        if table.default_maxvcpus > MAX_VCPUS:
-            problems.append(
-                Problem("default_maxvcpus", table.default_maxvcpus, f"Firecracker allows at most {MAX_VCPUS}")
-            )
-        if table.default_vcpus > MAX_VCPUS:
-            problems.append(
-                Problem("default_vcpus", table.default_vcpus, f"Firecracker allows at most {MAX_VCPUS}")
-            )
-        if not table.kernel:
-            problems.append(Problem("kernel", "", "Firecracker needs a kernel (an uncompressed vmlinux)"))
-        return problems
 
     def capabilities(self) -> Capabilities:
         return CAPABILITIES
