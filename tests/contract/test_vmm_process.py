@@ -1,0 +1,76 @@
+"""The process plumbing both REST backends share: netns entry, SIGTERM -> SIGKILL, adoption."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+from vmm_fakes import FAKE_CLH, Recorder, alive
+
+from kabuto.config.model import HypervisorConfig
+from kabuto.errors import HypervisorError
+from kabuto.hypervisor.cloud_hypervisor.backend import CloudHypervisor
+from kabuto.hypervisor.vmm_process import VmmProcess
+
+
+async def test_stop_escalates_to_sigkill(tmp_path: Path) -> None:
+    stubborn = VmmProcess("test", "stubborn", tmp_path / "log")
+    script = (
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        "print('up', flush=True); time.sleep(60)"
+    )
+    await stubborn.spawn([sys.executable, "-c", script])
+    for _ in range(100):
+        if "up" in stubborn.log_tail():
+            break
+        await stubborn.wait_exit(0.05)
+    pid = stubborn.pid
+    await stubborn.stop(grace=0.5)
+    assert pid is not None and not alive(pid)
+    assert "killed by signal 9" in stubborn.exit_description()
+
+
+async def test_adopt_refuses_a_recycled_pid(tmp_path: Path) -> None:
+    proc = VmmProcess("test", "vmm")
+    with pytest.raises(HypervisorError, match="belongs to another process"):
+        proc.adopt(os.getpid(), start_time=1.0)
+    with pytest.raises(HypervisorError, match="is gone"):
+        proc.adopt(2**22 + 12345, start_time=0.0)
+
+
+@pytest.fixture
+def netns() -> str:
+    if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("nsenter"):
+        pytest.skip("needs root, ip and nsenter to create a network namespace")
+    name = f"kbt-{uuid.uuid4().hex[:8]}"
+    result = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot create a network namespace here: {result.stderr.strip()}")
+    yield name
+    subprocess.run(["ip", "netns", "delete", name], check=False)
+
+
+async def test_vmm_runs_in_the_given_netns(
+    recorder: Recorder, jailer_root: Path, boot_files, netns: str
+) -> None:
+    config = HypervisorConfig(
+        path=str(FAKE_CLH),
+        kernel=str(boot_files["vmlinux"]),
+        initrd=str(boot_files["initrd.img"]),
+        default_memory=256,
+        default_maxvcpus=1,
+        shared_fs="none",
+    )
+    vm = CloudHypervisor(config, jailer_root=jailer_root)
+    await vm.prepare_vm("netns1", netns=netns)
+    await vm.start_vm(10)
+    (pid,) = await vm.get_pids()
+    assert os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat(f"/run/netns/{netns}").st_ino
+    await vm.stop_vm()
+    await vm.cleanup()
+    assert not alive(pid)
