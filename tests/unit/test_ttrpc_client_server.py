@@ -15,10 +15,13 @@ from kabuto.ttrpc import (
     Client,
     Code,
     ConnectionClosed,
+    MessageType,
     RpcError,
     Server,
     ServerStream,
     current_call,
+    encode_frame,
+    read_frame,
     stream_method,
 )
 
@@ -249,3 +252,33 @@ def test_registering_a_service_twice_is_refused() -> None:
     server = make_server()
     with pytest.raises(ValueError, match="already registered"):
         server.register(SERVICE, {})
+
+
+def raw_request(stream_id: int, method: str, message: KV) -> bytes:
+    request = ttrpc_pb2.Request(service=SERVICE, method=method, payload=message.SerializeToString())
+    return encode_frame(stream_id, MessageType.REQUEST, 0, request.SerializeToString())
+
+
+@pytest.mark.parametrize("peer_may_restart", [False, True])
+async def test_a_restarted_stream_id_is_a_new_peer_only_when_allowed(peer_may_restart: bool) -> None:
+    server = make_server()
+    left, right = socket.socketpair()
+    server_reader, server_writer = await asyncio.open_connection(sock=right)
+    serving = asyncio.create_task(
+        server.serve(server_reader, server_writer, peer_may_restart=peer_may_restart)
+    )
+    reader, writer = await asyncio.open_connection(sock=left)
+    writer.write(raw_request(1, "Sleep", KV(value="30")))
+    await asyncio.sleep(0.05)
+    # A second client on the same byte stream starts again at stream id 1, as after a
+    # virtio-serial reconnection the agent did not notice.
+    writer.write(raw_request(1, "Echo", KV(value="new")))
+    if peer_may_restart:
+        frame = await asyncio.wait_for(read_frame(reader), 5)
+        assert frame is not None and frame.stream_id == 1
+        assert KV.FromString(ttrpc_pb2.Response.FromString(frame.data).payload).value == "NEW"
+        writer.close()
+    else:
+        assert await asyncio.wait_for(read_frame(reader), 5) is None  # closed on us
+    await asyncio.wait_for(serving, 5)
+    writer.close()

@@ -34,7 +34,7 @@ READ_CHUNK = 256 * 1024
 WRITE_HIGH_WATER = 1 << 20
 WRITE_LOW_WATER = 256 * 1024
 
-Serve = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+Serve = Callable[..., Awaitable[None]]  # (reader, writer, **options), as ttrpc.Server.serve
 
 
 class ChannelError(Exception):
@@ -245,7 +245,7 @@ class VirtioSerialChannel:
             transport = _PortTransport(self.fd, protocol)
             writer = asyncio.StreamWriter(transport, protocol, reader, loop)
             log.info("host connected on %s", self.path)
-            await serve(reader, writer)
+            await serve(reader, writer, peer_may_restart=True)
             # The session may have ended on a protocol error with the host still there:
             # discard its bytes until it disconnects, so the next host starts clean.
             await self._drain_until_eof(transport)
@@ -277,6 +277,9 @@ class VirtioSerialChannel:
     def close(self) -> None:
         with contextlib.suppress(OSError):
             os.close(self.fd)
+        if self._sigio:
+            # Only after the fd is gone: with SIGIO back at its default, one more would kill us.
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGIO)
 
 
 def remove_stale_socket(path: Path) -> None:

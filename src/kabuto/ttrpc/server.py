@@ -137,20 +137,37 @@ class Server:
         }
 
     async def serve(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, name: str = ""
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        name: str = "",
+        peer_may_restart: bool = False,
     ) -> None:
         """Serve until the peer closes or breaks the protocol; then close ``writer``.
 
         Returns normally in both cases (the reason is logged); calls still running are
-        cancelled.
+        cancelled. ``peer_may_restart``: the byte stream may pass to a new client without
+        an EOF in between (a virtio-serial port whose host reconnected quickly), so a
+        request whose stream id does not exceed the last one starts afresh (running calls
+        are cancelled) instead of being a protocol error.
         """
-        connection = _Connection(self, reader, writer, name or "ttrpc client")
+        connection = _Connection(self, reader, writer, name or "ttrpc client", peer_may_restart)
         await connection.run()
 
 
 class _Connection:
-    def __init__(self, server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, name: str):
+    def __init__(
+        self,
+        server: Server,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        name: str,
+        peer_may_restart: bool,
+    ) -> None:
         self.server = server
+        self.peer_may_restart = peer_may_restart
+        self.last_stream_id = 0
         self.reader = reader
         self.writer = writer
         self.name = name
@@ -200,6 +217,11 @@ class _Connection:
         stream_id = frame.stream_id
         if stream_id % 2 == 0:
             raise ProtocolError(f"request on even stream id {stream_id}; client streams are odd")
+        if self.peer_may_restart and stream_id <= self.last_stream_id:
+            log.info("stream ids restarted at %d on %s: serving a new client", stream_id, self.name)
+            await self.cancel_calls()
+            self.streams.clear()
+        self.last_stream_id = stream_id
         if stream_id in self.calls:
             raise ProtocolError(f"request on stream {stream_id}, which is still in use")
         if len(self.calls) >= self.server.max_concurrent_calls:

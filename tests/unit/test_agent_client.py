@@ -1,0 +1,199 @@
+"""The host's AgentClient: addresses, the real guest agent run on the host, hybrid vsock."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from kabuto.agent import AgentAddress, AgentClient, parse_agent_address, wait_for_agent
+from kabuto.errors import AgentError
+from kabuto.guest.service import SERVICE_NAME, AgentService
+from kabuto.ttrpc import Server
+
+AGENT_START_TIMEOUT = 30.0
+
+
+@pytest.mark.parametrize(
+    ("address", "parsed"),
+    [
+        ("unix:///run/kabuto/x/agent.sock", AgentAddress("unix", path="/run/kabuto/x/agent.sock")),
+        ("vsock://3:1024", AgentAddress("vsock", cid=3, port=1024)),
+        ("hvsock:///run/fc/v.sock:1024", AgentAddress("hvsock", path="/run/fc/v.sock", port=1024)),
+        ("hvsock:///a:b/v.sock:5", AgentAddress("hvsock", path="/a:b/v.sock", port=5)),
+    ],
+)
+def test_parse_agent_address(address: str, parsed: AgentAddress) -> None:
+    assert parse_agent_address(address) == parsed
+    assert str(parsed) == address
+
+
+@pytest.mark.parametrize(
+    ("address", "reason"),
+    [
+        ("/run/agent.sock", "expected unix://"),
+        ("tcp://1.2.3.4:5", "unknown scheme 'tcp'"),
+        ("unix://relative.sock", "absolute path"),
+        ("vsock://3", "vsock://CID:PORT"),
+        ("vsock://x:1", "vsock://CID:PORT"),
+        ("vsock://3:port", "port 'port'"),
+        ("vsock://3:99999999999", "port"),
+        ("hvsock:///run/v.sock", "socket:PORT"),
+        ("hvsock://v.sock:3", "hvsock:///path"),
+    ],
+)
+def test_bad_addresses_are_named_in_the_error(address: str, reason: str) -> None:
+    with pytest.raises(AgentError, match=reason) as caught:
+        parse_agent_address(address)
+    assert repr(address) in str(caught.value)
+
+
+@contextlib.asynccontextmanager
+async def guest_agent(socket_path: Path) -> AsyncIterator[asyncio.subprocess.Process]:
+    """The real guest agent (``python -m kabuto.guest``) listening on a Unix socket."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "kabuto.guest", "--listen", f"unix://{socket_path}", "--log-level", "WARNING"
+    )
+    try:
+        yield process
+    finally:
+        if process.returncode is None:
+            process.kill()
+        await asyncio.wait_for(process.wait(), 10)
+
+
+async def test_client_against_the_guest_agent(tmp_path: Path) -> None:
+    address = f"unix://{tmp_path}/agent.sock"
+    async with guest_agent(tmp_path / "agent.sock") as process:
+        client = await wait_for_agent(address, AGENT_START_TIMEOUT)
+        async with client:
+            assert await client.check()
+            details = await client.guest_details()
+            # On the host the "guest" is this machine.
+            assert details.kernel_release == os.uname().release
+            assert details.machine == os.uname().machine
+            assert details.online_cpus >= 1
+            assert details.mem_total_bytes > 0
+            assert details.agent_version
+            assert details.uptime_seconds >= details.agent_started_uptime_seconds > 0
+            assert not details.is_init
+            # Several host processes connect over time; each gets a fresh session.
+            async with await AgentClient.connect(address, 5) as second:
+                assert await second.check()
+            assert await client.check()
+            await client.shutdown()
+        assert await asyncio.wait_for(process.wait(), 10) == 0
+
+
+async def test_wait_for_agent_covers_an_agent_that_starts_late(tmp_path: Path) -> None:
+    socket_path = tmp_path / "agent.sock"
+    waiting = asyncio.create_task(wait_for_agent(f"unix://{socket_path}", AGENT_START_TIMEOUT))
+    await asyncio.sleep(0.2)
+    assert not waiting.done()  # no socket yet: it keeps retrying
+    async with guest_agent(socket_path):
+        client = await waiting
+        assert await client.check()
+        await client.close()
+
+
+async def test_wait_for_agent_gives_up_at_its_deadline(tmp_path: Path) -> None:
+    with pytest.raises(AgentError, match=r"not ready within 0.3s.*cannot connect"):
+        await wait_for_agent(f"unix://{tmp_path}/nothing.sock", 0.3)
+
+
+async def test_connect_failure_names_the_address(tmp_path: Path) -> None:
+    address = f"unix://{tmp_path}/missing.sock"
+    with pytest.raises(AgentError, match=f"agent at {address}: cannot connect"):
+        await AgentClient.connect(address, 1)
+
+
+async def test_call_failure_names_the_address_and_method(tmp_path: Path) -> None:
+    # A peer that accepts and never answers.
+    path = tmp_path / "silent.sock"
+    server = await asyncio.start_unix_server(lambda r, w: None, path=str(path))
+    async with server, await AgentClient.connect(f"unix://{path}", 1, call_timeout=0.1) as client:
+        with pytest.raises(AgentError, match=rf"agent at unix://{path}: Check failed: DEADLINE_EXCEEDED"):
+            await client.check()
+
+
+async def test_vsock_connect_errors_are_agent_errors() -> None:
+    if not hasattr(socket, "AF_VSOCK"):
+        pytest.skip("this Python has no AF_VSOCK")
+    # CID 1 is the local loopback; nothing listens on this port here.
+    with pytest.raises(AgentError, match=r"agent at vsock://1:4294967295"):
+        await AgentClient.connect("vsock://1:4294967295", 2)
+
+
+# -- hybrid vsock --------------------------------------------------------------------------
+
+Handshake = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[bool]]
+
+
+@contextlib.asynccontextmanager
+async def hybrid_vsock(path: Path, handshake: Handshake) -> AsyncIterator[list[bytes]]:
+    """A fake Firecracker/Cloud Hypervisor vsock socket: a CONNECT line, then the agent."""
+    agent = Server()
+    agent.register(SERVICE_NAME, AgentService(started_uptime=0.0).methods())
+    requests: list[bytes] = []
+
+    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        requests.append(await reader.readline())
+        if await handshake(reader, writer):
+            await agent.serve(reader, writer)
+        else:
+            writer.close()
+
+    server = await asyncio.start_unix_server(on_connect, path=str(path))
+    async with server:
+        yield requests
+
+
+async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    writer.write(b"OK 1073741824\n")
+    return True
+
+
+async def test_hybrid_vsock_handshake_then_agent_calls(tmp_path: Path) -> None:
+    path = tmp_path / "v.sock"
+    async with hybrid_vsock(path, accept) as requests:
+        async with await AgentClient.connect(f"hvsock://{path}:1024", 5) as client:
+            assert await client.check()
+            assert (await client.guest_details()).kernel_release == os.uname().release
+    assert requests == [b"CONNECT 1024\n"]
+
+
+@pytest.mark.parametrize(
+    ("answer", "reason"),
+    [
+        (b"", "refused CONNECT 1024: the connection closed"),
+        (b"ERR no listener\n", "refused CONNECT 1024: ERR no listener"),
+        (b"x" * 1000, "exceeds 128 bytes"),
+    ],
+)
+async def test_hybrid_vsock_refusals(tmp_path: Path, answer: bytes, reason: str) -> None:
+    async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        writer.write(answer)
+        await writer.drain()
+        return False
+
+    path = tmp_path / "v.sock"
+    async with hybrid_vsock(path, refuse):
+        with pytest.raises(AgentError, match=rf"agent at hvsock://{path}:1024: .*{reason}"):
+            await AgentClient.connect(f"hvsock://{path}:1024", 5)
+
+
+async def test_hybrid_vsock_silent_peer_hits_the_connect_timeout(tmp_path: Path) -> None:
+    async def stall(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        await asyncio.sleep(3600)
+        return False
+
+    path = tmp_path / "v.sock"
+    async with hybrid_vsock(path, stall):
+        with pytest.raises(AgentError, match=r"no connection within 0\.2s"):
+            await AgentClient.connect(f"hvsock://{path}:1024", 0.2)

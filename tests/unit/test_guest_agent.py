@@ -1,0 +1,256 @@
+"""The guest agent's parts that run anywhere: port lookup, the virtio-serial session
+loop (on a pty, whose hang-up behaves like a virtio-serial port's), reaping, start-up."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import pty
+import struct
+import subprocess
+import sys
+import tty
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from kabuto.agent.client import SERVICE_NAME as CLIENT_SERVICE_NAME
+from kabuto.errors import KabutoError
+from kabuto.guest import channel
+from kabuto.guest.service import SERVICE_NAME, AgentService, count_cpu_list
+from kabuto.protos import agent_pb2
+from kabuto.ttrpc import Client, Server
+
+
+@pytest.mark.parametrize(("text", "count"), [("0\n", 1), ("0-3\n", 4), ("0-1,4,6-7\n", 5), ("", 0)])
+def test_count_cpu_list(text: str, count: int) -> None:
+    assert count_cpu_list(text) == count
+
+
+def test_client_and_agent_agree_on_the_service_name() -> None:
+    assert (
+        CLIENT_SERVICE_NAME == SERVICE_NAME == agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name
+    )
+
+
+def fake_ports(root: Path, names: dict[str, str]) -> tuple[Path, Path]:
+    dev, sys_root = root / "dev", root / "sys"
+    for port, name in names.items():
+        (sys_root / "class/virtio-ports" / port).mkdir(parents=True)
+        (sys_root / "class/virtio-ports" / port / "name").write_text(name + "\n")
+        (sys_root / "class/virtio-ports" / port / "dev").write_text("1:3\n")  # /dev/null's numbers
+    dev.mkdir()
+    return dev, sys_root
+
+
+def test_find_port_by_name_in_sysfs(tmp_path: Path) -> None:
+    dev, sys_root = fake_ports(
+        tmp_path, {"vport0p1": "org.qemu.guest_agent.0", "vport0p2": "agent.channel.0"}
+    )
+    (dev / "vport0p1").touch()
+    (dev / "vport0p2").touch()
+    assert channel.find_port("agent.channel.0", dev, sys_root) == dev / "vport0p2"
+    assert channel.find_port("absent", dev, sys_root) is None
+
+
+def test_find_port_prefers_the_udev_link(tmp_path: Path) -> None:
+    dev, sys_root = fake_ports(tmp_path, {"vport0p2": "agent.channel.0"})
+    (dev / "virtio-ports").mkdir()
+    (dev / "virtio-ports/agent.channel.0").touch()
+    assert channel.find_port("agent.channel.0", dev, sys_root) == dev / "virtio-ports/agent.channel.0"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mknod of a character device needs root")
+def test_find_port_creates_a_missing_device_node(tmp_path: Path) -> None:
+    dev, sys_root = fake_ports(tmp_path, {"vport1p1": "agent.channel.0"})
+    node = channel.find_port("agent.channel.0", dev, sys_root)
+    assert node == dev / "vport1p1"
+    assert os.major(node.stat().st_rdev) == 1 and os.minor(node.stat().st_rdev) == 3
+
+
+async def test_waiting_for_a_missing_port_is_bounded() -> None:
+    with pytest.raises(channel.ChannelError, match="no virtio-serial port named 'no-such-port'"):
+        await channel.wait_for_port("no-such-port", 0.1)
+
+
+# -- the session loop on a pty -------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def agent_on_pty() -> AsyncIterator[str]:
+    """The agent serving a pty master; yields the slave's path, where "the host" connects.
+
+    Like a virtio-serial port, the master reports a hang-up while no slave is open, and
+    the agent keeps it open across host connections.
+    """
+    master, slave = pty.openpty()
+    slave_path = os.ttyname(slave)
+    tty.setraw(slave)  # binary-clean; the setting outlives this first opening
+    os.close(slave)  # no host connected yet
+    os.set_blocking(master, False)
+    port = channel.VirtioSerialChannel(master, "pty")
+    server = Server()
+    server.register(SERVICE_NAME, AgentService(started_uptime=0.0).methods())
+    serving = asyncio.create_task(port.serve_forever(server.serve))
+    try:
+        yield slave_path
+    finally:
+        serving.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await serving
+        port.close()
+
+
+@contextlib.asynccontextmanager
+async def host_connection(slave_path: str) -> AsyncIterator[Client]:
+    """A host connection, as a new CLI process makes one through QEMU's socket; leaving
+    the block closes every fd of it, which the agent sees as the host hanging up."""
+    loop = asyncio.get_running_loop()
+    fd = os.open(slave_path, os.O_RDWR | os.O_NOCTTY)
+    reader = asyncio.StreamReader()
+    read_transport, _ = await loop.connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", 0)
+    )
+    # A StreamReaderProtocol gives the writer its flow control; its own reader stays unused.
+    transport, protocol = await loop.connect_write_pipe(
+        lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader()), os.fdopen(os.dup(fd), "wb", 0)
+    )
+    client = Client(reader, asyncio.StreamWriter(transport, protocol, reader, loop), name="agent on pty")
+    try:
+        yield client
+    finally:
+        await client.close()
+        read_transport.close()
+        await asyncio.sleep(0)  # let the transports close their fds
+
+
+async def check(client: Client, timeout: float = 5) -> int:
+    answer = await client.call(
+        SERVICE_NAME, "Check", agent_pb2.CheckRequest(), agent_pb2.CheckResponse, timeout=timeout
+    )
+    return answer.status
+
+
+class SessionEnds(logging.Handler):
+    """Counts the agent's "host disconnected" log lines, so a test can wait for one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+        self.changed = asyncio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "host disconnected" in record.getMessage():
+            self.count += 1
+            self.changed.set()
+
+    async def wait_for(self, count: int) -> None:
+        async with asyncio.timeout(10):
+            while self.count < count:
+                self.changed.clear()
+                await self.changed.wait()
+
+
+@pytest.fixture
+def session_ends() -> Iterator[SessionEnds]:
+    handler = SessionEnds()
+    logger = logging.getLogger("kabuto.guest.channel")
+    logger.addHandler(handler)
+    previous_level = logger.level
+    logger.setLevel(logging.INFO)
+    yield handler
+    logger.setLevel(previous_level)
+    logger.removeHandler(handler)
+
+
+async def test_agent_serves_each_host_connection_in_turn(session_ends: SessionEnds) -> None:
+    async with agent_on_pty() as slave_path:
+        for session in range(1, 4):
+            async with host_connection(slave_path) as client:
+                assert await check(client) == agent_pb2.CheckResponse.SERVING
+                details = await client.call(
+                    SERVICE_NAME,
+                    "GetGuestDetails",
+                    agent_pb2.GuestDetailsRequest(),
+                    agent_pb2.GuestDetailsResponse,
+                    timeout=5,
+                )
+                assert details.kernel_release == os.uname().release
+            await session_ends.wait_for(session)
+
+
+async def test_a_host_reconnecting_at_once_is_served_too() -> None:
+    # The agent may not see the hang-up in between; the restarted stream ids tell it.
+    async with agent_on_pty() as slave_path:
+        for _ in range(3):
+            async with host_connection(slave_path) as client:
+                assert await check(client) == agent_pb2.CheckResponse.SERVING
+
+
+async def test_after_garbage_the_agent_waits_for_the_host_to_leave_then_starts_clean(
+    session_ends: SessionEnds,
+) -> None:
+    async with agent_on_pty() as slave_path:
+        async with host_connection(slave_path) as client:
+            # A 4 GiB header: the agent drops the session and ignores this host from now on.
+            client._writer.write(struct.pack(">IIBB", 0xFFFFFFFF, 1, 1, 0))
+            with pytest.raises(KabutoError, match="DEADLINE_EXCEEDED"):
+                await check(client, timeout=0.3)
+        await session_ends.wait_for(1)
+        async with host_connection(slave_path) as client:
+            assert await check(client) == agent_pb2.CheckResponse.SERVING
+
+
+# -- reaping and start-up ------------------------------------------------------------------
+
+REAPER_SCRIPT = """
+import asyncio, os, subprocess
+from kabuto.guest.init import Reaper
+
+async def main():
+    reaper = Reaper()
+    reaper.install(asyncio.get_running_loop())
+    exits = subprocess.Popen(["sh", "-c", "exit 7"])
+    exited = reaper.watch(exits.pid)
+    killed = subprocess.Popen(["sh", "-c", "kill -TERM $$"])
+    was_killed = reaper.watch(killed.pid)
+    unwatched = subprocess.Popen(["true"])
+    print(await asyncio.wait_for(exited, 10), await asyncio.wait_for(was_killed, 10))
+    for _ in range(100):  # the unwatched child is reaped too: no zombie remains
+        if not os.path.exists(f"/proc/{unwatched.pid}"):
+            break
+        await asyncio.sleep(0.05)
+    print(os.path.exists(f"/proc/{unwatched.pid}"))
+
+asyncio.run(main())
+"""
+
+
+def test_reaper_collects_every_child_and_reports_watched_exits() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", REAPER_SCRIPT], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["7", "-15", "False"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--listen", "tcp://0.0.0.0:1"], "unsupported listen address 'tcp://0.0.0.0:1'"),
+        (["--listen", "vsock://port"], "bad vsock address"),
+        (
+            ["--port-name", "no-such-port", "--port-timeout", "0.1"],
+            "no virtio-serial port named 'no-such-port'",
+        ),
+    ],
+)
+def test_agent_start_up_failures_are_reported(args: list[str], message: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "kabuto.guest", *args], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 1
+    assert message in result.stderr
