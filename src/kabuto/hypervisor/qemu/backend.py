@@ -374,7 +374,7 @@ class QemuHypervisor(Hypervisor):
         return [self._pid] if self._pid and _alive(self._pid, self._pid_create_time) else []
 
     async def check(self) -> None:
-        binary = find_binary(self.config.path, "qemu-system-x86_64")
+        binary = find_binary(self.config.path) if self.config.path else find_binary("", "qemu-system-x86_64")
         if not binary:
             raise HypervisorUnavailable(
                 f"qemu: binary {self.config.path or 'qemu-system-x86_64'!r} not found or not executable")

@@ -61,7 +61,8 @@ class QemuPlugin(BasePlugin):
         return CAPABILITIES
 
     def availability(self, table: HypervisorConfig) -> Availability:
-        binary = find_binary(table.path, self.default_binary)
+        # a configured path must itself work: never fall back to another binary on PATH
+        binary = find_binary(table.path) if table.path else find_binary("", self.default_binary)
         accel = choose_accelerator(table.accel)
         reasons = [f"accelerator {accel.name}: {accel.reason}"]
         if not binary:

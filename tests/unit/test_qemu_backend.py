@@ -1,0 +1,225 @@
+"""QEMU backend without booting a guest: plugin rules, command line, preparation, errors, state."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from kabuto.config.model import HypervisorConfig
+from kabuto.errors import HypervisorError, HypervisorUnavailable
+from kabuto.hypervisor.base import HypervisorState, VmStatus
+from kabuto.hypervisor.devices import (
+    AgentChannel,
+    BlockDevice,
+    ChannelKind,
+    DeviceKind,
+    NetworkDevice,
+    SharedFsDevice,
+    SharedFsKind,
+)
+from kabuto.hypervisor.host import Accelerator
+from kabuto.hypervisor.qemu import plugin
+from kabuto.hypervisor.qemu.backend import QemuHypervisor, _device_from_dict, _device_to_dict
+from kabuto.hypervisor.qemu.cmdline import VmPaths, build_command, kernel_append
+
+TCG = Accelerator("tcg", "test")
+KVM = Accelerator("kvm", "test")
+
+
+@pytest.fixture
+def table(tmp_path: Path) -> HypervisorConfig:
+    kernel = tmp_path / "vmlinuz"
+    initrd = tmp_path / "initrd.img"
+    kernel.write_bytes(b"k")
+    initrd.write_bytes(b"i")
+    table = HypervisorConfig(kernel=str(kernel), initrd=str(initrd))
+    plugin.adjust(table)
+    return table
+
+
+def _option(args: list[str], flag: str) -> list[str]:
+    return [args[i + 1] for i, a in enumerate(args) if a == flag]
+
+
+def test_plugin_defaults_and_capabilities(table: HypervisorConfig) -> None:
+    assert table.machine_type == "q35"
+    assert table.default_memory == 512
+    assert table.block_device_driver == "virtio-blk"
+    assert plugin.validate(table) == []
+    caps = plugin.capabilities()
+    assert caps.can_hotplug(DeviceKind.BLOCK) and caps.can_hotplug(DeviceKind.NETWORK)
+    assert not caps.can_hotplug(DeviceKind.VFIO)
+    assert caps.pause and caps.snapshot
+    assert ChannelKind.VIRTIO_SERIAL in caps.agent_channels
+
+
+@pytest.mark.parametrize(("key", "value"), [("machine_type", "microvm"), ("shared_fs", "virtio-fs"),
+                                            ("block_device_driver", "nvme")])
+def test_plugin_rejects_what_the_backend_cannot_do(table: HypervisorConfig, key: str, value: str) -> None:
+    setattr(table, key, value)
+    assert key in [p.key for p in plugin.validate(table)]
+
+
+def test_availability_names_binary_and_accelerator(table: HypervisorConfig) -> None:
+    table.accel = "tcg"
+    found = plugin.availability(table)
+    assert found.accelerator == "tcg"
+    assert any("accel = 'tcg'" in r for r in found.reasons)
+    table.path = "/nonexistent/qemu-system-x86_64"
+    missing = plugin.availability(table)
+    assert not missing.available
+    assert "/nonexistent/qemu-system-x86_64" in missing.reasons[0]
+
+
+def test_command_line_tcg(table: HypervisorConfig, tmp_path: Path) -> None:
+    paths = VmPaths(tmp_path / "vm")
+    agent = AgentChannel("agent", ChannelKind.VIRTIO_SERIAL, socket_path=paths.agent_socket)
+    disk = BlockDevice("disk0", tmp_path / "disk.img", read_only=True)
+    share = SharedFsDevice("share0", SharedFsKind.VIRTIO_9P, tmp_path / "share", "shared")
+    args = build_command(table, TCG, paths, [agent, disk, share], "vm1")
+    assert args[0] == table.path
+    assert {"-nodefaults", "-no-user-config", "-nographic", "-S", "-no-reboot"} <= set(args)
+    assert _option(args, "-accel") == ["tcg,thread=multi"]
+    assert _option(args, "-cpu") == ["max"]
+    assert _option(args, "-machine") == ["q35"]
+    assert _option(args, "-m") == ["512M"]
+    assert _option(args, "-qmp") == [f"unix:{paths.qmp_socket},server=on,wait=off"]
+    assert _option(args, "-kernel") == [table.kernel]
+    assert _option(args, "-initrd") == [table.initrd]
+    assert "console=ttyS0" in _option(args, "-append")[0]
+    devices = _option(args, "-device")
+    assert "virtserialport,bus=virtio-serial0.0,chardev=chr-agent,name=agent.channel.0,id=agent" in devices
+    assert "virtio-blk-pci,id=disk0,drive=drive-disk0,serial=disk0" in devices
+    assert sum(d.startswith("pcie-root-port") for d in devices) == 4
+    blockdev = json.loads(_option(args, "-blockdev")[0])
+    assert blockdev["read-only"] is True and blockdev["file"]["filename"] == str(tmp_path / "disk.img")
+    assert _option(args, "-fsdev") == [f"local,id=fs-share0,path={tmp_path / 'share'},security_model=none"]
+    assert "-incoming" not in args and "-sandbox" not in args
+
+
+def test_command_line_kvm_sandbox_incoming_pc(table: HypervisorConfig, tmp_path: Path) -> None:
+    table.machine_type = "pc"
+    table.seccomp_sandbox = "on,obsolete=deny"
+    table.kernel_params = "agent.debug=1"
+    table.enable_debug = True
+    args = build_command(table, KVM, VmPaths(tmp_path), [], "vm1", incoming=True)
+    assert _option(args, "-accel") == ["kvm"] and _option(args, "-cpu") == ["host"]
+    assert _option(args, "-sandbox") == ["on,obsolete=deny"]
+    assert _option(args, "-incoming") == ["defer"]
+    assert not any(d.startswith("pcie-root-port") for d in _option(args, "-device"))
+    append = kernel_append(table)
+    assert append.endswith("agent.debug=1") and "quiet" not in append.split()
+
+
+def test_command_line_refuses_comma_in_device_options(table: HypervisorConfig, tmp_path: Path) -> None:
+    tap = NetworkDevice("net0", tap_name="tap,evil")
+    with pytest.raises(HypervisorError, match="comma"):
+        build_command(table, TCG, VmPaths(tmp_path), [tap], "vm1")
+
+
+def test_command_line_without_kernel(tmp_path: Path) -> None:
+    table = HypervisorConfig(path="/usr/bin/qemu-system-x86_64", machine_type="q35")
+    with pytest.raises(HypervisorError, match="no guest kernel"):
+        build_command(table, TCG, VmPaths(tmp_path), [], "vm1")
+
+
+async def test_prepare_creates_dir_and_agent_channel(table: HypervisorConfig, vm_root: Path) -> None:
+    vm = QemuHypervisor(table, jailer_root=vm_root)
+    await vm.prepare_vm("sandbox-1")
+    assert vm.status == VmStatus.PREPARED
+    assert stat.S_ISDIR(os.stat(vm_root / "sandbox-1").st_mode)
+    (agent,) = vm.pending_devices
+    assert isinstance(agent, AgentChannel) and agent.name == "agent.channel.0"
+    assert await vm.get_agent_socket() == f"unix://{vm_root}/sandbox-1/agent.sock"
+    with pytest.raises(HypervisorError, match="needs new"):
+        await vm.prepare_vm("sandbox-1")
+    await vm.cleanup()
+    await vm.cleanup()  # safe twice
+    assert vm.status == VmStatus.STOPPED
+
+
+@pytest.mark.parametrize("bad_id", ["", "../escape", "a/b", "x" * 65, "-lead"])
+async def test_prepare_refuses_bad_ids(table: HypervisorConfig, vm_root: Path, bad_id: str) -> None:
+    vm = QemuHypervisor(table, jailer_root=vm_root)
+    with pytest.raises(HypervisorError, match="VM id"):
+        await vm.prepare_vm(bad_id)
+    assert not os.listdir(vm_root)
+
+
+async def test_prepare_refuses_socket_paths_too_long(table: HypervisorConfig, vm_root: Path) -> None:
+    deep = vm_root / ("d" * 90)
+    vm = QemuHypervisor(table, jailer_root=deep)
+    with pytest.raises(HypervisorError, match="longer than 107 bytes"):
+        await vm.prepare_vm("vm")
+    assert not deep.exists()
+
+
+async def test_prepare_refuses_existing_dir(table: HypervisorConfig, vm_root: Path) -> None:
+    (vm_root / "taken").mkdir()
+    vm = QemuHypervisor(table, jailer_root=vm_root)
+    with pytest.raises(HypervisorError, match="already exists"):
+        await vm.prepare_vm("taken")
+    (vm_root / "taken").rmdir()
+
+
+async def test_missing_binary(table: HypervisorConfig, vm_root: Path,
+                              leftover_check: Callable[[Path], None]) -> None:
+    table.path = "/nonexistent/qemu-system-x86_64"
+    vm = QemuHypervisor(table, jailer_root=vm_root)
+    with pytest.raises(HypervisorUnavailable, match="/nonexistent/qemu-system-x86_64"):
+        await vm.check()
+    await vm.prepare_vm("vm1")
+    with pytest.raises(HypervisorError, match="cannot run /nonexistent/qemu-system-x86_64"):
+        await vm.start_vm(timeout=5)
+    assert vm.status == VmStatus.STOPPED
+    leftover_check(vm_root)
+
+
+async def test_operations_need_the_right_state(table: HypervisorConfig, vm_root: Path) -> None:
+    vm = QemuHypervisor(table, jailer_root=vm_root)
+    with pytest.raises(HypervisorError, match="cannot pause: VM is new"):
+        await vm.pause_vm()
+    with pytest.raises(HypervisorError, match="cannot start the VM"):
+        await vm.start_vm(timeout=1)
+    with pytest.raises(HypervisorError, match="no agent channel"):
+        await vm.get_agent_socket()
+    await vm.stop_vm()  # nothing to stop is not an error
+
+
+async def test_cold_plug_goes_on_the_pending_list(table: HypervisorConfig, vm_root: Path) -> None:
+    vm = QemuHypervisor(table, jailer_root=vm_root)
+    await vm.prepare_vm("vm1")
+    disk = BlockDevice("disk0", vm_root / "disk.img")
+    await vm.add_device(disk)
+    assert disk in vm.pending_devices
+    await vm.remove_device(disk)
+    assert disk not in vm.pending_devices
+    await vm.cleanup()
+
+
+def test_devices_survive_serialisation(tmp_path: Path) -> None:
+    devices = [
+        AgentChannel("agent", ChannelKind.VIRTIO_SERIAL, socket_path=tmp_path / "a.sock"),
+        BlockDevice("disk0", tmp_path / "d.img", read_only=True, guest_address="serial:disk0"),
+        NetworkDevice("net0", "tap0", mac="02:00:00:00:00:01"),
+        SharedFsDevice("fs0", SharedFsKind.VIRTIO_9P, tmp_path, "tag"),
+    ]
+    for device in devices:
+        again = _device_from_dict(json.loads(json.dumps(_device_to_dict(device))))
+        assert again == device and again.kind == device.kind
+
+
+async def test_restore_of_a_vanished_vm_is_stopped(table: HypervisorConfig, vm_root: Path) -> None:
+    state = HypervisorState("qemu", "gone", "running", str(vm_root / "gone"), str(vm_root),
+                            pids=[2**22 + 12345], extra={"pid_create_time": 1.0})
+    vm = await QemuHypervisor.restore(table, state)
+    assert vm.status == VmStatus.STOPPED
+    assert await vm.get_pids() == []
+    await vm.cleanup()
+    with pytest.raises(HypervisorError, match="cannot restore"):
+        await QemuHypervisor.restore(table, HypervisorState("firecracker", "x", "running", "", str(vm_root)))
