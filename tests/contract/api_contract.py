@@ -89,7 +89,7 @@ CLOUD_HYPERVISOR = Api(
                 "net": ["NetConfig"],
                 "rng": "RngConfig",
                 "fs": ["FsConfig"],
-                "serial": "ConsoleConfig",
+                "serial": "SerialConfig",
                 "console": "ConsoleConfig",
                 "vsock": "VsockConfig",
                 "iommu": bool,
@@ -143,7 +143,7 @@ CLOUD_HYPERVISOR = Api(
                 "mask": str,
                 "mac": str,
                 "host_mac": str,
-                "mtu": AtLeast(68),
+                "mtu": int,
                 "iommu": bool,
                 "num_queues": AtLeast(1),
                 "queue_size": AtLeast(1),
@@ -159,6 +159,10 @@ CLOUD_HYPERVISOR = Api(
         "ConsoleConfig": Schema(
             required={"mode": frozenset({"Off", "Pty", "Tty", "File", "Socket", "Null"})},
             optional={"file": str, "socket": str, "iommu": bool},
+        ),
+        "SerialConfig": Schema(
+            required={"mode": frozenset({"Off", "Pty", "Tty", "File", "Socket", "Null"})},
+            optional={"file": str, "socket": str},
         ),
         "VsockConfig": Schema(
             required={"cid": AtLeast(3), "socket": str},
