@@ -7,7 +7,6 @@ import sys
 from typing import Any
 
 import click
-import tomli_w
 from rich.console import Console
 from rich.table import Table
 
@@ -60,12 +59,11 @@ def show(ctx: click.Context, config_path: str | None, fmt: str, no_validate: boo
         _echo_error(exc)
         ctx.exit(1)
     _echo_warnings(config)
-    data = config.to_dict()
     if fmt == "json":
-        click.echo(json.dumps(data, indent=2))
+        click.echo(json.dumps(config.to_dict(), indent=2))
     else:
         sources = ", ".join([config.source, *config.dropins])
-        click.echo(f"# resolved from {sources}\n" + tomli_w.dumps(data), nl=False)
+        click.echo(f"# resolved from {sources}\n" + config.to_toml(), nl=False)
 
 
 @config_group.command("validate")

@@ -317,3 +317,9 @@ class KabutoConfig(BaseModel):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude_none=True)
+
+    def to_toml(self) -> str:
+        """TOML text that loads back to this configuration (kept keys with inf or dates too)."""
+        import tomli_w
+
+        return tomli_w.dumps(self.model_dump(mode="python", exclude_none=True))
