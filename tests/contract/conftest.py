@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -22,11 +22,9 @@ def recorder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Recorder:
 
 
 @pytest.fixture
-def jailer_root() -> Iterator[Path]:
-    # Unix socket paths are limited to 107 bytes: pytest's tmp_path is too deep.
-    root = Path(tempfile.mkdtemp(prefix="kbt-", dir="/tmp"))
-    yield root
-    shutil.rmtree(root, ignore_errors=True)
+def jailer_root(vm_root: Path) -> Path:
+    """The shared short jailer root; the test fails if a process or file is left in it."""
+    return vm_root
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -153,6 +154,11 @@ async def test_snapshot_restores_into_a_fresh_vmm(recorder: Recorder, jailer_roo
     assert restore["body"]["source_url"] == f"file://{kept}"
     await second.stop_vm()
     await second.cleanup()
+    assert leftovers(jailer_root) == [
+        str(kept),
+        *(str(kept / n) for n in ("config.json", "memory-ranges", "state.json")),
+    ]
+    shutil.rmtree(kept)  # the snapshot is the caller's to keep or remove
     assert_conforms(recorder)
     assert_all_succeeded(recorder)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -163,6 +164,7 @@ async def test_snapshot_loads_into_a_fresh_vmm(
     await second.stop_vm()
     await second.cleanup()
     assert leftovers(jailer_root) == [str(kept), str(kept / "memory"), str(kept / "vmstate")]
+    shutil.rmtree(kept)  # the snapshot is the caller's to keep or remove
     assert_conforms(recorder)
 
 
