@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 import threading
 from pathlib import Path
@@ -63,6 +64,8 @@ class FakeCloudHypervisor:
         self.bdfs: dict[str, str] = {}
         self.vcpus = VcpuThreads("vcpu%d")
         self.vsock: HybridVsock | None = None
+        # device id -> our vhost-user connection to its virtiofsd
+        self.fs_links: dict[str, socket.socket] = {}
 
     def handle(self, method: str, path: str, raw: bytes) -> Reply:
         action = path.removeprefix(PREFIX) if path.startswith(PREFIX) else ""
@@ -222,7 +225,7 @@ class FakeCloudHypervisor:
         if key == "fs":
             if not (self.config.get("memory") or {}).get("shared"):
                 return fail(400, "Could not add the device", "Using fs (vhost-user) requires shared memory")
-            if not os.path.exists(body.get("socket", "")):
+            if not self._connect_fs({**body, "id": dev_id}):
                 return fail(500, "Could not add the device", f"Failed to connect to {body.get('socket')}")
         self.config.setdefault(key, []).append({**body, "id": dev_id})
         if self.state == "Created":
@@ -254,6 +257,9 @@ class FakeCloudHypervisor:
         if dev_id not in self.bdfs:
             return fail(404, "Could not remove the device", f"No device with id {dev_id!r}")
         del self.bdfs[dev_id]
+        link = self.fs_links.pop(dev_id, None)
+        if link is not None:
+            link.close()
         for key in ("disks", "net", "fs"):
             self.config[key] = [d for d in self.config.get(key) or [] if d.get("id") != dev_id]
         return 204, None
@@ -271,7 +277,20 @@ class FakeCloudHypervisor:
         if vsock:
             self.vsock = HybridVsock(vsock["socket"], lambda: self.state == "Running")
 
+    def _connect_fs(self, fs: dict[str, Any]) -> bool:
+        link = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            link.connect(fs.get("socket", ""))
+        except OSError:
+            link.close()
+            return False
+        self.fs_links[fs.get("id") or fs["tag"]] = link
+        return True
+
     def _power_off(self) -> None:
+        for link in self.fs_links.values():
+            link.close()
+        self.fs_links.clear()
         self.vcpus.stop()
         if self.vsock is not None:
             self.vsock.close()

@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
-"""Test double of virtiofsd: checks its arguments, listens on --socket-path, runs until killed."""
+"""Test double of virtiofsd: checks its arguments, listens on --socket-path and, like the real
+vhost-user daemon, serves exactly one frontend connection and exits when it closes."""
 
 from __future__ import annotations
 
 import os
 import socket
 import sys
-import time
 
 from fake_common import record
 
@@ -23,8 +23,13 @@ def main() -> None:
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(options["socket-path"])
     listener.listen(1)
-    while True:
-        time.sleep(3600)
+    frontend, _ = listener.accept()
+    listener.close()
+    os.unlink(options["socket-path"])
+    record({"virtiofsd": "frontend connected", "pid": os.getpid()})
+    while frontend.recv(4096):
+        pass
+    record({"virtiofsd": "frontend gone, exiting", "pid": os.getpid()})
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import contextlib
 import os
 import re
 import signal
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import asdict, fields
@@ -154,15 +155,19 @@ class VmmProcess:
         except OSError:
             return ""
 
-    async def wait_for_socket(self, path: Path, timeout: float) -> None:
-        """Wait until ``path`` accepts connections; fail early if the process dies."""
+    async def wait_for_socket(self, path: Path, timeout: float, probe: bool = True) -> None:
+        """Wait until ``path`` accepts connections; fail early if the process dies.
+
+        ``probe=False`` only waits for the socket file: a vhost-user daemon such as virtiofsd
+        serves exactly one connection, so a probing connect would use it up.
+        """
         deadline = time.monotonic() + max(timeout, 0.0)
         while True:
             if self._proc is not None:
                 await asyncio.sleep(0)  # let the child watcher record an exit
             if not self.alive():
                 raise HypervisorError(f"{self.backend}: {self.exit_description()} before opening {path}")
-            if await _connectable(path):
+            if (await _connectable(path)) if probe else _is_socket(path):
                 return
             if time.monotonic() >= deadline:
                 raise VmTimeout(f"{self.backend}: {self.what} did not open {path} within {timeout:g}s")
@@ -197,6 +202,13 @@ class VmmProcess:
 
 def _open_log(path: Path) -> BinaryIO:
     return open(path, "ab")  # the child writes to it; we close our copy after spawning
+
+
+def _is_socket(path: Path) -> bool:
+    try:
+        return stat.S_ISSOCK(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 async def _connectable(path: Path) -> bool:

@@ -189,7 +189,7 @@ class CloudHypervisor(Hypervisor):
         daemon = VmmProcess(self.name, "virtiofsd", self.vm_path / f"virtiofsd-{device.id}.log")
         self._virtiofsd[device.id] = daemon
         await daemon.spawn(argv, cwd=self.vm_path)
-        await daemon.wait_for_socket(sock, deadline - time.monotonic())
+        await daemon.wait_for_socket(sock, deadline - time.monotonic(), probe=False)
         device.daemon_socket = sock
 
     def _vm_config(self) -> dict[str, Any]:
