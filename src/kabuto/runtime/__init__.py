@@ -1,0 +1,1 @@
+"""The VirtContainer handler: sandboxes (VMs) holding OCI containers, and their persisted state."""

@@ -1,0 +1,282 @@
+"""OCI bundles: read and check ``config.json`` the way runc does, and generate one like ``runc spec``.
+
+Everything here runs before a VM exists, so bad input costs nothing to refuse. Fields that
+only make sense on the host (hooks, seccomp through the host kernel, user-namespace
+mappings, joining host namespaces by path) are refused by name rather than silently dropped.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kabuto.errors import KabutoError
+
+CONFIG_FILE = "config.json"
+# config.json is read into memory whole: bound it (runc's specs are a few KiB).
+MAX_CONFIG_BYTES = 4 * 1024 * 1024
+# Container ids end up in paths, socket names and the VM id: keep them short and path-safe.
+CONTAINER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
+
+RLIMITS = frozenset({
+    "RLIMIT_AS", "RLIMIT_CORE", "RLIMIT_CPU", "RLIMIT_DATA", "RLIMIT_FSIZE", "RLIMIT_LOCKS",
+    "RLIMIT_MEMLOCK", "RLIMIT_MSGQUEUE", "RLIMIT_NICE", "RLIMIT_NOFILE", "RLIMIT_NPROC", "RLIMIT_RSS",
+    "RLIMIT_RTPRIO", "RLIMIT_RTTIME", "RLIMIT_SIGPENDING", "RLIMIT_STACK",
+})
+NAMESPACES = frozenset({"pid", "network", "mount", "ipc", "uts", "user", "cgroup", "time"})
+# Sections for other platforms, and Linux features that need the host kernel or host state.
+UNSUPPORTED_TOP = ("solaris", "windows", "vm", "zos")
+UNSUPPORTED_LINUX = ("seccomp", "uidMappings", "gidMappings", "intelRdt", "personality", "timeOffsets")
+
+
+class BundleError(KabutoError):
+    """The OCI bundle or its config.json cannot be used; the message names what and why."""
+
+
+class ContainerIdError(KabutoError):
+    """A container id is malformed, already in use, or unknown."""
+
+
+def check_container_id(container_id: str) -> str:
+    if not CONTAINER_ID.fullmatch(container_id):
+        raise ContainerIdError(
+            f"invalid container id {container_id!r}: use 1-64 characters of letters, digits, "
+            "'_', '.', '+', '-', starting with a letter or digit")
+    return container_id
+
+
+@dataclass
+class Bundle:
+    """A checked bundle: its directory, the parsed spec and the absolute rootfs path."""
+
+    path: Path
+    spec: dict[str, Any]
+    rootfs: Path
+
+    @property
+    def readonly_root(self) -> bool:
+        return bool(self.spec.get("root", {}).get("readonly", False))
+
+    @property
+    def annotations(self) -> dict[str, str]:
+        return dict(self.spec.get("annotations") or {})
+
+    @property
+    def hostname(self) -> str:
+        return str(self.spec.get("hostname") or "")
+
+    def guest_spec(self, guest_rootfs: str) -> dict[str, Any]:
+        """The spec the guest agent gets: the root is wherever the rootfs storage is mounted."""
+        spec = copy.deepcopy(self.spec)
+        spec["root"] = {**spec.get("root", {}), "path": guest_rootfs}
+        # host cgroup placement means nothing inside the VM
+        spec.get("linux", {}).pop("cgroupsPath", None)
+        return spec
+
+
+def load_bundle(directory: str | Path) -> Bundle:
+    """Read ``DIR/config.json`` and check it; raise BundleError naming the first problem."""
+    bundle_dir = Path(directory).absolute()
+    if not bundle_dir.is_dir():
+        raise BundleError(f"bundle {bundle_dir} does not exist or is not a directory")
+    config = bundle_dir / CONFIG_FILE
+    try:
+        with config.open("rb") as file:
+            raw = file.read(MAX_CONFIG_BYTES + 1)
+    except FileNotFoundError:
+        raise BundleError(f"JSON specification file {CONFIG_FILE} not found in {bundle_dir}") from None
+    except OSError as exc:
+        raise BundleError(f"cannot read {config}: {exc.strerror}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise BundleError(f"{config} is larger than {MAX_CONFIG_BYTES} bytes")
+    try:
+        spec = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{config} is not valid JSON: {exc}") from None
+    check_spec(spec, str(config))
+    rootfs = Path(spec["root"]["path"])
+    if not rootfs.is_absolute():
+        rootfs = bundle_dir / rootfs
+    if not rootfs.is_dir():
+        raise BundleError(f"rootfs ({rootfs}) does not exist or is not a directory")
+    return Bundle(bundle_dir, spec, rootfs)
+
+
+def _fail(where: str, key: str, reason: str) -> BundleError:
+    return BundleError(f"{where}: {key}: {reason}")
+
+
+def _expect(value: Any, kind: type | tuple[type, ...], where: str, key: str, what: str) -> Any:
+    # bool is an int in Python; JSON true is never a valid uid or limit
+    if not isinstance(value, kind) or (isinstance(value, bool) and bool not in _as_tuple(kind)):
+        raise _fail(where, key, f"must be {what}, got {json.dumps(value)[:80]}")
+    return value
+
+
+def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
+    return kind if isinstance(kind, tuple) else (kind,)
+
+
+def check_spec(spec: Any, where: str = CONFIG_FILE) -> None:
+    """Raise BundleError for anything runc would refuse or Kabuto cannot honour in a VM."""
+    _expect(spec, dict, where, "(top level)", "a JSON object")
+    version = _expect(spec.get("ociVersion"), str, where, "ociVersion", "a string such as \"1.0.2\"")
+    if not version.startswith("1."):
+        raise _fail(where, "ociVersion", f"unsupported version {version!r} (1.x is supported)")
+    for key in UNSUPPORTED_TOP:
+        if spec.get(key) is not None:
+            raise _fail(where, key, "not supported: Kabuto runs Linux containers")
+    if any((spec.get("hooks") or {}).values()):
+        raise _fail(where, "hooks", "not supported: hooks would run on the host, outside the VM")
+    root = _expect(spec.get("root"), dict, where, "root", "an object with a path")
+    path = _expect(root.get("path"), str, where, "root.path", "a non-empty string")
+    if not path:
+        raise _fail(where, "root.path", "must not be empty")
+    _expect(root.get("readonly", False), bool, where, "root.readonly", "true or false")
+    _expect(spec.get("hostname", ""), str, where, "hostname", "a string")
+    _check_process(_expect(spec.get("process"), dict, where, "process", "an object"), where)
+    mounts = _expect(spec.get("mounts", []), list, where, "mounts", "a list")
+    for index, mount in enumerate(mounts):
+        key = f"mounts[{index}]"
+        _expect(mount, dict, where, key, "an object")
+        destination = _expect(mount.get("destination"), str, where, f"{key}.destination", "a path")
+        if not destination.startswith("/"):
+            raise _fail(where, f"{key}.destination", f"{destination!r} must be an absolute path")
+        _expect(mount.get("options", []), list, where, f"{key}.options", "a list of strings")
+    annotations = _expect(spec.get("annotations", {}), dict, where, "annotations", "an object")
+    for name, value in annotations.items():
+        _expect(value, str, where, f"annotations[{name!r}]", "a string")
+    _check_linux(_expect(spec.get("linux", {}), dict, where, "linux", "an object"), where)
+
+
+def _check_process(process: dict[str, Any], where: str) -> None:
+    args = _expect(process.get("args"), list, where, "process.args", "a non-empty list of strings")
+    if not args or not all(isinstance(a, str) for a in args):
+        raise _fail(where, "process.args", "must be a non-empty list of strings")
+    cwd = _expect(process.get("cwd", "/"), str, where, "process.cwd", "an absolute path")
+    if not cwd.startswith("/"):
+        raise _fail(where, "process.cwd", f"{cwd!r} is not an absolute path")
+    env = _expect(process.get("env", []), list, where, "process.env", "a list of KEY=VALUE strings")
+    for entry in env:
+        if not isinstance(entry, str) or "=" not in entry:
+            raise _fail(where, "process.env", f"{entry!r} is not KEY=VALUE")
+    _expect(process.get("terminal", False), bool, where, "process.terminal", "true or false")
+    user = _expect(process.get("user", {}), dict, where, "process.user", "an object")
+    for key in ("uid", "gid", "umask"):
+        if key in user:
+            value = _expect(user[key], int, where, f"process.user.{key}", "a non-negative integer")
+            if not 0 <= value < 2**32:
+                raise _fail(where, f"process.user.{key}", f"{value} is out of range")
+    groups = _expect(user.get("additionalGids", []), list, where, "process.user.additionalGids", "a list")
+    for gid in groups:
+        if not isinstance(gid, int) or isinstance(gid, bool) or not 0 <= gid < 2**32:
+            raise _fail(where, "process.user.additionalGids", f"{gid!r} is not a group id")
+    if user.get("username"):
+        raise _fail(where, "process.user.username", "not supported on Linux (use uid and gid)")
+    rlimits = _expect(process.get("rlimits", []), list, where, "process.rlimits", "a list")
+    seen: set[str] = set()
+    for index, limit in enumerate(rlimits):
+        key = f"process.rlimits[{index}]"
+        _expect(limit, dict, where, key, "an object with type, soft and hard")
+        kind = limit.get("type")
+        if kind not in RLIMITS:
+            raise _fail(where, f"{key}.type", f"unknown rlimit type {kind!r}")
+        if kind in seen:
+            raise _fail(where, f"{key}.type", f"duplicate rlimit {kind}")
+        seen.add(kind)
+        for bound in ("soft", "hard"):
+            value = _expect(limit.get(bound), int, where, f"{key}.{bound}", "a non-negative integer")
+            if not 0 <= value < 2**64:
+                raise _fail(where, f"{key}.{bound}", f"{value} is out of range")
+        if limit["soft"] > limit["hard"]:
+            raise _fail(where, key, f"soft limit {limit['soft']} exceeds hard limit {limit['hard']}")
+
+
+def _check_linux(linux: dict[str, Any], where: str) -> None:
+    for key in UNSUPPORTED_LINUX:
+        if linux.get(key):
+            raise _fail(where, f"linux.{key}", "not supported by Kabuto")
+    namespaces = _expect(linux.get("namespaces", []), list, where, "linux.namespaces", "a list")
+    for index, namespace in enumerate(namespaces):
+        key = f"linux.namespaces[{index}]"
+        _expect(namespace, dict, where, key, "an object")
+        kind = namespace.get("type")
+        if kind not in NAMESPACES:
+            raise _fail(where, f"{key}.type", f"unknown namespace type {kind!r}")
+        if kind == "user":
+            raise _fail(where, f"{key}.type", "user namespaces are not supported (the VM is the boundary)")
+        if namespace.get("path"):
+            raise _fail(where, f"{key}.path", "joining a host namespace is not possible from inside a VM")
+    sysctl = _expect(linux.get("sysctl", {}), dict, where, "linux.sysctl", "an object of strings")
+    for name, value in sysctl.items():
+        _expect(value, str, where, f"linux.sysctl[{name!r}]", "a string")
+
+
+def default_spec(args: list[str], rootfs: str = "rootfs", *, terminal: bool = False) -> dict[str, Any]:
+    """What ``runc spec`` writes, with ``args`` as the process (``--rootless`` not modelled)."""
+    caps = ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"]
+    return {
+        "ociVersion": "1.0.2-dev",
+        "process": {
+            "terminal": terminal,
+            "user": {"uid": 0, "gid": 0},
+            "args": list(args),
+            "env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "TERM=xterm"],
+            "cwd": "/",
+            "capabilities": {kind: list(caps) for kind in ("bounding", "effective", "permitted", "ambient")},
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
+            "noNewPrivileges": True,
+        },
+        "root": {"path": rootfs, "readonly": True},
+        "hostname": "runc",
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+             "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+            {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+             "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]},
+            {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+             "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
+            {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
+             "options": ["nosuid", "noexec", "nodev"]},
+            {"destination": "/sys", "type": "sysfs", "source": "sysfs",
+             "options": ["nosuid", "noexec", "nodev", "ro"]},
+            {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
+             "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]},
+        ],
+        "linux": {
+            "resources": {"devices": [{"allow": False, "access": "rwm"}]},
+            "namespaces": [{"type": kind} for kind in ("pid", "network", "ipc", "uts", "mount")],
+            "maskedPaths": [
+                "/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
+                "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/sys/firmware", "/proc/scsi",
+            ],
+            "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"],
+        },
+    }
+
+
+def process_spec(args: list[str], base: dict[str, Any], *, env: list[str] | None = None,
+                 cwd: str | None = None, terminal: bool = False) -> dict[str, Any]:
+    """An OCI process for ``exec``: the container's own process settings with new args."""
+    if not args or not all(isinstance(a, str) for a in args):
+        raise BundleError("exec: the command must be a non-empty list of strings")
+    process = copy.deepcopy(base)
+    process["args"] = list(args)
+    process["terminal"] = terminal
+    if env:
+        merged = {e.split("=", 1)[0]: e for e in process.get("env", [])}
+        for entry in env:
+            if "=" not in entry:
+                raise BundleError(f"exec: environment entry {entry!r} is not KEY=VALUE")
+            merged[entry.split("=", 1)[0]] = entry
+        process["env"] = list(merged.values())
+    if cwd is not None:
+        if not cwd.startswith("/"):
+            raise BundleError(f"exec: cwd {cwd!r} is not an absolute path")
+        process["cwd"] = cwd
+    return process

@@ -1,0 +1,149 @@
+"""Getting a container's rootfs into the guest, chosen by what the backend can do.
+
+* With a shared filesystem (virtio-9p / virtio-fs): one share per sandbox exports
+  ``<sandbox>/shared``; each container's rootfs is bind-mounted at ``shared/<cid>/rootfs``, so
+  one device serves the whole pod and containers added after boot need no hot-plug.
+* Without one (Firecracker): the rootfs is copied into an ext4 image (``mkfs.ext4 -d``) and
+  handed over as a block device, before boot or hot-plugged after where that is allowed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from kabuto.errors import KabutoError
+
+log = logging.getLogger(__name__)
+
+SHARE_TAG = "kabuto-shared"
+# Where the guest mounts the sandbox share (the guest agent mounts the storage here).
+GUEST_SHARE_DIR = "/run/kabuto/shared"
+GUEST_BLOCK_DIR = "/run/kabuto/rootfs"
+COMMAND_TIMEOUT = 120.0
+# ext4 metadata and slack on top of the files' own size
+IMAGE_OVERHEAD_BYTES = 32 * 1024 * 1024
+IMAGE_SLACK = 1.25
+
+
+class RootfsError(KabutoError):
+    """A rootfs could not be prepared for the guest (or released again)."""
+
+
+@dataclass
+class Storage:
+    """What the guest mounts: the same fields as the agent's Storage message."""
+
+    source: str
+    mount_point: str
+    fstype: str
+    options: tuple[str, ...] = ()
+
+
+async def _run(*argv: str, timeout: float = COMMAND_TIMEOUT) -> None:
+    try:
+        process = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT)
+    except OSError as exc:
+        raise RootfsError(f"cannot run {argv[0]}: {exc.strerror}") from None
+    try:
+        async with asyncio.timeout(timeout):
+            output, _ = await process.communicate()
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise RootfsError(f"{' '.join(argv)} did not finish within {timeout:g}s") from None
+    if process.returncode:
+        tail = output.decode(errors="replace").strip()[-500:]
+        raise RootfsError(f"{' '.join(argv)} failed (exit {process.returncode}): {tail}")
+
+
+# -- shared filesystem -------------------------------------------------------------------------
+def share_path(shared_dir: Path, container_id: str) -> Path:
+    return shared_dir / container_id / "rootfs"
+
+
+async def share_rootfs(shared_dir: Path, container_id: str, rootfs: Path) -> str:
+    """Bind-mount ``rootfs`` under the sandbox share; return where the guest sees it (below the
+    share's own mount, so the container needs no storage of its own)."""
+    target = share_path(shared_dir, container_id)
+    target.mkdir(parents=True, exist_ok=False)
+    try:
+        await _run("mount", "--bind", str(rootfs), str(target))
+    except BaseException:
+        shutil.rmtree(target.parent, ignore_errors=True)
+        raise
+    return f"{GUEST_SHARE_DIR}/{container_id}/rootfs"
+
+
+async def unshare_rootfs(shared_dir: Path, container_id: str) -> None:
+    """Undo ``share_rootfs``; lazily detach if something still holds the mount."""
+    target = share_path(shared_dir, container_id)
+    if _is_mount(target):
+        try:
+            await _run("umount", str(target))
+        except RootfsError:
+            await _run("umount", "--lazy", str(target))
+    _remove_dirs(target, target.parent)
+
+
+def _is_mount(path: Path) -> bool:
+    return os.path.ismount(path)
+
+
+def _remove_dirs(*directories: Path) -> None:
+    for directory in directories:
+        with contextlib.suppress(OSError):
+            directory.rmdir()
+
+
+def remove_files(*files: Path) -> None:
+    for file in files:
+        file.unlink(missing_ok=True)
+
+
+def list_dir(directory: Path) -> list[Path]:
+    return sorted(directory.iterdir()) if directory.is_dir() else []
+
+
+def sandbox_share_storage(fs_kind: str) -> Storage:
+    """The sandbox-wide share as the guest mounts it (by its mount tag)."""
+    if fs_kind == "virtio-fs":
+        return Storage(source=SHARE_TAG, mount_point=GUEST_SHARE_DIR, fstype="virtiofs")
+    return Storage(source=SHARE_TAG, mount_point=GUEST_SHARE_DIR, fstype="9p",
+                   options=("trans=virtio", "version=9p2000.L", "cache=mmap"))
+
+
+# -- block device ------------------------------------------------------------------------------
+def _tree_size(root: Path) -> int:
+    total = 0
+    for directory, _, files in os.walk(root):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(directory, name)).st_size
+    return total
+
+
+async def build_ext4_image(rootfs: Path, image: Path) -> None:
+    """Copy ``rootfs`` into a fresh ext4 image file (e2fsprogs' ``mkfs.ext4 -d``)."""
+    if shutil.which("mkfs.ext4") is None:
+        raise RootfsError("mkfs.ext4 not found: install e2fsprogs to hand rootfs over as a block device")
+    size = int(await asyncio.to_thread(_tree_size, rootfs) * IMAGE_SLACK) + IMAGE_OVERHEAD_BYTES
+    try:
+        with image.open("wb") as file:
+            file.truncate(size)
+        await _run("mkfs.ext4", "-q", "-F", "-E", "root_owner=0:0", "-d", str(rootfs), str(image))
+    except BaseException:
+        remove_files(image)
+        raise
+
+
+def block_storage(guest_address: str, container_id: str, readonly: bool) -> Storage:
+    return Storage(source=guest_address, mount_point=f"{GUEST_BLOCK_DIR}/{container_id}", fstype="ext4",
+                   options=("ro",) if readonly else ())

@@ -1,0 +1,425 @@
+"""The VirtContainer handler: one VM (a sandbox) holding one or more containers.
+
+Start procedure (after Kata runtime-rs): load_config -> new_hypervisor -> prepare_vm -> shared
+fs (or rootfs block devices) added -> start_vm -> agent reached -> CreateSandbox -> containers.
+Every step that fails undoes the ones before it: the VM is stopped, mounts and images are
+removed and the state directory is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from kabuto.agent.client import AgentClient, wait_for_agent
+from kabuto.config import load_config
+from kabuto.errors import HypervisorError, KabutoError
+from kabuto.hypervisor import new_hypervisor
+from kabuto.hypervisor.base import Hypervisor, HypervisorState, VmStatus
+from kabuto.hypervisor.devices import BlockDevice, DeviceKind, SharedFsDevice
+from kabuto.hypervisor.registry import get_plugin
+from kabuto.runtime import rootfs as rootfs_delivery
+from kabuto.runtime.bundle import Bundle, ContainerIdError, check_container_id
+from kabuto.runtime.rootfs import RootfsError, Storage
+from kabuto.runtime.state import ContainerRecord, SandboxRecord, StateStore, now_rfc3339
+from kabuto.ttrpc.status import Code, RpcError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BOOT_TIMEOUT = 120.0
+AGENT_CALL_TIMEOUT = 30.0
+SHARED_FS_DEVICE_ID = "kabuto-shared"
+INIT_EXEC_ID = ""
+# Long polls (wait, read, write) are answered by the agent shortly before this deadline.
+LONG_POLL = 10.0
+MIN_POLL = 0.5
+# `state`/`list` ask whether the init process has exited; this long a "no" means running.
+STATUS_POLL = 1.0
+READ_CHUNK = 1024 * 1024
+WRITE_CHUNK = 1024 * 1024
+
+
+class SandboxError(KabutoError):
+    """A sandbox or container operation failed; the message says which and why."""
+
+
+def _agent_storage(storage: Storage) -> Any:
+    from kabuto.agent.containers import Storage as AgentStorage
+
+    return AgentStorage(source=storage.source, mount_point=storage.mount_point, fstype=storage.fstype,
+                        options=list(storage.options))
+
+
+class VirtSandbox:
+    """A running (or restored) sandbox VM. Build with ``create`` or ``attach``; end with ``destroy``."""
+
+    def __init__(self, record: SandboxRecord, store: StateStore, hypervisor: Hypervisor) -> None:
+        self.record = record
+        self.store = store
+        self.hypervisor = hypervisor
+        self.agent: AgentClient | None = None
+        self._containers: Any = None
+
+    @property
+    def id(self) -> str:
+        return self.record.id
+
+    @property
+    def directory(self) -> Path:
+        return self.store.sandbox_dir(self.id)
+
+    # -- creation ----------------------------------------------------------------------------
+    @classmethod
+    async def create(
+        cls,
+        sandbox_id: str,
+        store: StateStore,
+        *,
+        config_path: str | None = None,
+        hypervisor_name: str | None = None,
+        annotations: dict[str, str] | None = None,
+        hostname: str = "",
+        block_rootfs: list[tuple[str, Bundle]] | None = None,
+        boot_timeout: float = DEFAULT_BOOT_TIMEOUT,
+    ) -> VirtSandbox:
+        """Boot a sandbox VM and reach its agent. ``block_rootfs`` lists the containers whose rootfs
+        must be cold-plugged when the backend has no shared filesystem.
+
+        The caller reserved ``sandbox_id`` in ``store`` (``StateStore.reserve``); on failure the
+        reservation is released too.
+        """
+        check_container_id(sandbox_id)
+        record = store.load(sandbox_id)
+        hypervisor: Hypervisor | None = None
+        sandbox: VirtSandbox | None = None
+        try:
+            config = load_config(config_path, annotations, hypervisor_name)
+            record.hypervisor_name = config.runtime.hypervisor_name
+            hypervisor = new_hypervisor(config, jailer_root=store.jailer_root)
+            sandbox = cls(record, store, hypervisor)
+            await hypervisor.check()
+            await hypervisor.prepare_vm(sandbox_id)
+            fs_kind = hypervisor.capabilities.preferred_shared_fs()
+            storages: list[Storage] = []
+            if fs_kind is not None:
+                shared = sandbox.directory / "shared"
+                shared.mkdir(mode=0o700)
+                record.shared_dir, record.share_tag = str(shared), rootfs_delivery.SHARE_TAG
+                await hypervisor.add_device(SharedFsDevice(SHARED_FS_DEVICE_ID, fs_kind, shared,
+                                                           rootfs_delivery.SHARE_TAG))
+                storages.append(rootfs_delivery.sandbox_share_storage(fs_kind.value))
+            else:
+                for container_id, bundle in block_rootfs or []:
+                    await hypervisor.add_device(await sandbox._block_device(container_id, bundle))
+            store.save(record)
+            await hypervisor.start_vm(timeout=boot_timeout)
+            await sandbox._persist_hypervisor()
+            await sandbox.connect(boot_timeout)
+            await sandbox._agent_call("CreateSandbox", sandbox._containers.create_sandbox(
+                hostname, [_agent_storage(s) for s in storages]))
+            record.status = "ready"
+            store.save(record)
+            return sandbox
+        except BaseException:
+            if sandbox is not None:
+                await sandbox._teardown()
+            else:
+                if hypervisor is not None:
+                    await hypervisor.cleanup()
+                store.remove(sandbox_id)
+            raise
+
+    @classmethod
+    async def attach(cls, sandbox_id: str, store: StateStore) -> VirtSandbox:
+        """Rebuild the sandbox another process created, from its persisted state (no agent yet)."""
+        record = store.load(sandbox_id)
+        if not record.hypervisor_state:
+            raise SandboxError(f"sandbox {sandbox_id!r} is still being created (or its creator died)")
+        config = load_config(record.config_path, hypervisor_name=record.hypervisor_name, validate=False)
+        backend = get_plugin(record.hypervisor_name).backend()
+        state = HypervisorState.from_dict(record.hypervisor_state)
+        hypervisor = await backend.restore(config.hypervisor[record.hypervisor_name], state,
+                                           jailer_root=store.jailer_root)
+        return cls(record, store, hypervisor)
+
+    @property
+    def vm_alive(self) -> bool:
+        return self.hypervisor.status in (VmStatus.RUNNING, VmStatus.PAUSED)
+
+    async def connect(self, timeout: float = AGENT_CALL_TIMEOUT) -> None:
+        from kabuto.agent.containers import ContainerClient
+
+        if self.agent is not None:
+            return
+        if not self.vm_alive:
+            raise SandboxError(f"sandbox {self.id!r}: its VM is not running")
+        self.agent = await wait_for_agent(await self.hypervisor.get_agent_socket(), timeout,
+                                          call_timeout=AGENT_CALL_TIMEOUT)
+        self._containers = ContainerClient(self.agent)
+
+    async def disconnect(self) -> None:
+        """Leave the VM running for a later process; drop the agent and control connections."""
+        await self._close_agent()
+        await self._persist_hypervisor()
+        await self.hypervisor.disconnect()
+
+    async def _close_agent(self) -> None:
+        if self.agent is not None:
+            with contextlib.suppress(KabutoError, OSError):
+                await self.agent.close()
+        self.agent = None
+        self._containers = None
+
+    async def _persist_hypervisor(self) -> None:
+        self.record.hypervisor_state = (await self.hypervisor.save_state()).to_dict()
+        self.store.save(self.record)
+
+    @property
+    def containers(self) -> Any:
+        if self._containers is None:
+            raise SandboxError(f"sandbox {self.id!r}: not connected to its agent")
+        return self._containers
+
+    async def _agent_call(self, what: str, call: Any) -> Any:
+        """Await an agent call; if the VM died meanwhile, say so instead of a socket error."""
+        try:
+            return await call
+        except KabutoError as exc:
+            if not await self._vmm_alive():
+                raise SandboxError(f"sandbox {self.id!r}: the VM exited ({what} failed)") from exc
+            raise
+
+    async def _vmm_alive(self) -> bool:
+        return bool(await self.hypervisor.get_pids())
+
+    # -- containers --------------------------------------------------------------------------
+    async def _block_device(self, container_id: str, bundle: Bundle) -> BlockDevice:
+        image = self.directory / f"{container_id}.ext4"
+        await rootfs_delivery.build_ext4_image(bundle.rootfs, image)
+        return BlockDevice(f"rootfs-{container_id}", image, read_only=bundle.readonly_root)
+
+    async def _deliver_rootfs(
+        self, container_id: str, bundle: Bundle
+    ) -> tuple[str, Storage | None, dict[str, Any]]:
+        """(guest root path, storage the agent mounts there or None, how to undo it)."""
+        if self.record.shared_dir:
+            guest_root = await rootfs_delivery.share_rootfs(Path(self.record.shared_dir), container_id,
+                                                            bundle.rootfs)
+            return guest_root, None, {"kind": "shared"}
+        device_id = f"rootfs-{container_id}"
+        device = next((d for d in self.hypervisor.devices if d.id == device_id), None)
+        if device is None:
+            if not self.hypervisor.capabilities.can_hotplug(DeviceKind.BLOCK):
+                raise SandboxError(
+                    f"{self.hypervisor.name} has neither a shared filesystem nor block hot-plug: "
+                    f"container {container_id!r} cannot join a running sandbox")
+            device = await self.hypervisor.add_device(await self._block_device(container_id, bundle))
+            await self._persist_hypervisor()
+        assert isinstance(device, BlockDevice)
+        storage = rootfs_delivery.block_storage(device.guest_address, container_id, bundle.readonly_root)
+        return storage.mount_point, storage, {"kind": "block", "device_id": device_id,
+                                              "image": str(device.path)}
+
+    async def create_container(self, container_id: str, bundle: Bundle) -> ContainerRecord:
+        """Create (not start) a container from ``bundle``; recorded before the agent hears of it."""
+        check_container_id(container_id)
+        container = ContainerRecord(id=container_id, bundle=str(bundle.path), created=now_rfc3339(),
+                                    annotations=bundle.annotations, process=bundle.spec["process"])
+        if container_id not in self.record.containers:
+            self.record = self.store.add_container(self.id, container)
+        else:
+            self.record.containers[container_id] = container
+        try:
+            guest_root, storage, container.rootfs = await self._deliver_rootfs(container_id, bundle)
+            self.record.containers[container_id] = container
+            self.store.save(self.record)
+            spec = bundle.guest_spec(guest_root)
+            await self._agent_call("CreateContainer", self.containers.create_container(
+                container_id, json.dumps(spec).encode(), _agent_storage(storage) if storage else None))
+        except BaseException:
+            await self._release_rootfs(container)
+            self.record.containers.pop(container_id, None)
+            self.store.save(self.record)
+            raise
+        return container
+
+    def container(self, container_id: str) -> ContainerRecord:
+        try:
+            return self.record.containers[container_id]
+        except KeyError:
+            raise ContainerIdError(f"container {container_id!r} does not exist") from None
+
+    async def start_container(self, container_id: str) -> None:
+        container = self.container(container_id)
+        if container.status != "created":
+            raise SandboxError(f"cannot start container {container_id!r}: it is {container.status}")
+        await self._agent_call("StartContainer", self.containers.start_container(container_id))
+        container.status = "running"
+        self.store.save(self.record)
+
+    async def refresh_status(self, container_id: str) -> ContainerRecord:
+        """Ask the agent whether the container's first process has exited (never blocks long)."""
+        container = self.container(container_id)
+        if not await self._vmm_alive():
+            container.status = "stopped"
+        elif container.status == "running" and self._containers is not None:
+            status = await self.wait_process(container_id, INIT_EXEC_ID, timeout=STATUS_POLL)
+            if status is not None:
+                container.status, container.exit_status = "stopped", status
+        self.store.save(self.record)
+        return container
+
+    async def kill(self, container_id: str, signal_number: int, exec_id: str = INIT_EXEC_ID) -> None:
+        container = self.container(container_id)
+        if container.status == "stopped":
+            raise SandboxError(f"container {container_id!r} is not running")
+        await self._agent_call("SignalProcess", self.containers.signal_process(
+            container_id, exec_id, signal_number))
+
+    async def remove_container(self, container_id: str) -> None:
+        container = self.container(container_id)
+        if self._containers is not None and await self._vmm_alive():
+            await self._agent_call("RemoveContainer", self.containers.remove_container(container_id))
+        await self._release_rootfs(container)
+        self.record.containers.pop(container_id, None)
+        self.store.save(self.record)
+
+    async def _release_rootfs(self, container: ContainerRecord) -> None:
+        kind = container.rootfs.get("kind")
+        if kind == "shared" and self.record.shared_dir:
+            await rootfs_delivery.unshare_rootfs(Path(self.record.shared_dir), container.id)
+        elif kind == "block":
+            device = next((d for d in self.hypervisor.devices if d.id == container.rootfs["device_id"]), None)
+            if device is not None and self.vm_alive and self.hypervisor.capabilities.can_hotplug(device.kind):
+                with contextlib.suppress(KabutoError):
+                    await self.hypervisor.remove_device(device)
+            if not self.vm_alive or device is None:
+                rootfs_delivery.remove_files(Path(container.rootfs["image"]))
+
+    # -- processes ---------------------------------------------------------------------------
+    async def exec_process(self, container_id: str, exec_id: str, process: dict[str, Any]) -> int:
+        container = self.container(container_id)
+        if container.status != "running":
+            raise SandboxError(f"cannot exec in container {container_id!r}: it is {container.status}")
+        return await self._agent_call("ExecProcess", self.containers.exec_process(
+            container_id, exec_id, json.dumps(process).encode()))
+
+    async def wait_process(self, container_id: str, exec_id: str = INIT_EXEC_ID,
+                           timeout: float | None = None) -> int | None:
+        """The exit status (128+N for signal N); None if still running after ``timeout`` seconds.
+
+        Without a timeout it waits as long as the process runs: the agent answers each long poll
+        before its deadline, and every poll also checks that the VM is still there.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            poll = LONG_POLL if deadline is None else min(LONG_POLL, max(deadline - loop.time(), MIN_POLL))
+            try:
+                return await self._agent_call("WaitProcess", self.containers.wait_process(
+                    container_id, exec_id, timeout=poll))
+            except KabutoError as exc:
+                if not _deadline_exceeded(exc):
+                    raise
+            if deadline is not None and loop.time() >= deadline:
+                return None
+
+    async def read_output(self, container_id: str, exec_id: str, stream: str,
+                          max_len: int = READ_CHUNK) -> bytes:
+        """The next chunk of ``stream`` ("stdout" or "stderr"); b"" at end of file."""
+        read = self.containers.read_stdout if stream == "stdout" else self.containers.read_stderr
+        while True:
+            try:
+                return await self._agent_call(f"Read{stream.capitalize()}", read(
+                    container_id, exec_id, max_len, timeout=LONG_POLL))
+            except KabutoError as exc:
+                if not _deadline_exceeded(exc):
+                    raise
+
+    async def write_stdin(self, container_id: str, exec_id: str, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            chunk = view[:WRITE_CHUNK]
+            try:
+                written = await self._agent_call("WriteStdin", self.containers.write_stdin(
+                    container_id, exec_id, bytes(chunk), timeout=LONG_POLL))
+            except KabutoError as exc:
+                if not _deadline_exceeded(exc):
+                    raise
+                continue
+            view = view[written:]
+
+    async def close_stdin(self, container_id: str, exec_id: str) -> None:
+        await self._agent_call("CloseStdin", self.containers.close_stdin(container_id, exec_id))
+
+    async def list_processes(self, container_id: str) -> list[int]:
+        self.container(container_id)
+        return list(await self._agent_call("ListProcesses", self.containers.list_processes(container_id)))
+
+    # -- teardown ----------------------------------------------------------------------------
+    async def destroy(self) -> None:
+        """Stop the VM and remove everything: mounts, images, VM directory, state."""
+        if self._containers is not None and await self._vmm_alive():
+            with contextlib.suppress(KabutoError, OSError, TimeoutError):
+                await self.containers.destroy_sandbox()
+        await self._teardown()
+
+    async def _teardown(self) -> None:
+        await self._close_agent()
+        with contextlib.suppress(HypervisorError, OSError):
+            await self.hypervisor.stop_vm()
+        await self.hypervisor.cleanup()
+        errors: list[str] = []
+        for container in list(self.record.containers.values()):
+            try:
+                await self._release_rootfs(container)
+            except RootfsError as exc:
+                errors.append(str(exc))
+        if self.record.shared_dir:
+            shared = Path(self.record.shared_dir)
+            for child in rootfs_delivery.list_dir(shared):
+                with contextlib.suppress(RootfsError):
+                    await rootfs_delivery.unshare_rootfs(shared, child.name)
+        rootfs_delivery.remove_files(*self.directory.glob("*.ext4"))
+        self.store.remove(self.id)
+        if errors:
+            raise SandboxError(f"sandbox {self.id!r} removed, but: " + "; ".join(errors))
+
+
+def _deadline_exceeded(exc: BaseException) -> bool:
+    """An agent long poll that simply ran out of time (call again), anywhere in the cause chain."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, RpcError) and seen.code == Code.DEADLINE_EXCEEDED:
+            return True
+        seen = seen.__cause__
+    return False
+
+
+def new_sandbox_id(prefix: str = "sb") -> str:
+    return f"{prefix}-{secrets.token_hex(6)}"
+
+
+def describe(record: SandboxRecord) -> dict[str, Any]:
+    return asdict(record)
+
+
+async def remove_dead_sandbox(store: StateStore, sandbox_id: str) -> None:
+    """Clean up after a sandbox whose creator died mid-creation (no hypervisor state saved)."""
+    record = store.load(sandbox_id)
+    shared = Path(record.shared_dir) if record.shared_dir else None
+    if shared is not None:
+        for child in rootfs_delivery.list_dir(shared):
+            await rootfs_delivery.unshare_rootfs(shared, child.name)
+    vm_dir = store.jailer_root / sandbox_id
+    if vm_dir.is_dir():
+        await asyncio.to_thread(shutil.rmtree, vm_dir, True)
+    rootfs_delivery.remove_files(*store.sandbox_dir(sandbox_id).glob("*.ext4"))
+    store.remove(sandbox_id)

@@ -1,0 +1,224 @@
+"""Sandbox state on the host, so a later CLI call (another process) finds and drives the VM.
+
+Layout under the state root (``/run/kabuto`` by default)::
+
+    <root>/.lock                  flock held while ids are reserved or released
+    <root>/<sandbox-id>/sandbox.json   SandboxRecord (with the hypervisor's save_state())
+    <root>/<sandbox-id>/lock      flock serialising calls that talk to this sandbox's agent
+    <root>/<sandbox-id>/shared/   the directory exported to the guest (rootfs mounts below)
+    <root>/.vm/<sandbox-id>/      the hypervisor's VM directory (its jailer root is <root>/.vm)
+
+Container ids are unique across the root: a container that joins a sandbox is recorded in
+that sandbox's file. Writes go through a temporary file and rename, so a crash never leaves
+half a record.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kabuto.errors import KabutoError
+from kabuto.runtime.bundle import ContainerIdError
+
+DEFAULT_STATE_ROOT = Path("/run/kabuto")
+STATE_ROOT_ENV = "KABUTO_STATE_ROOT"
+RECORD_FILE = "sandbox.json"
+MAX_RECORD_BYTES = 4 * 1024 * 1024
+LOCK_TIMEOUT = 30.0
+LOCK_POLL = 0.05
+
+
+class StateError(KabutoError):
+    """The persisted state cannot be read, written or locked."""
+
+
+def default_state_root() -> Path:
+    return Path(os.environ.get(STATE_ROOT_ENV) or DEFAULT_STATE_ROOT)
+
+
+@dataclass
+class ContainerRecord:
+    id: str
+    bundle: str
+    #: created | running | stopped (OCI state)
+    status: str = "created"
+    created: str = ""
+    annotations: dict[str, str] = field(default_factory=dict)
+    #: OCI process of the container's first process (exec inherits user, env, cwd from it)
+    process: dict[str, Any] = field(default_factory=dict)
+    #: how its rootfs reached the guest: {"kind": "shared"|"block", "host_path", "mount", "device_id"...}
+    rootfs: dict[str, Any] = field(default_factory=dict)
+    exit_status: int | None = None
+
+
+@dataclass
+class SandboxRecord:
+    id: str
+    hypervisor_name: str
+    config_path: str | None
+    #: creating | ready | stopped
+    status: str = "creating"
+    hypervisor_state: dict[str, Any] = field(default_factory=dict)
+    shared_dir: str = ""
+    share_tag: str = ""
+    containers: dict[str, ContainerRecord] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SandboxRecord:
+        containers = {cid: ContainerRecord(**c) for cid, c in data.pop("containers", {}).items()}
+        return cls(**data, containers=containers)
+
+
+class StateStore:
+    """Reads and writes sandbox records under one state root."""
+
+    def __init__(self, root: Path | None = None) -> None:
+        self.root = Path(root) if root is not None else default_state_root()
+
+    @property
+    def jailer_root(self) -> Path:
+        return self.root / ".vm"
+
+    def sandbox_dir(self, sandbox_id: str) -> Path:
+        return self.root / sandbox_id
+
+    def record_path(self, sandbox_id: str) -> Path:
+        return self.sandbox_dir(sandbox_id) / RECORD_FILE
+
+    # -- locks -------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def global_lock(self) -> Iterator[None]:
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o711)
+        with _flock(self.root / ".lock"):
+            yield
+
+    @contextlib.contextmanager
+    def sandbox_lock(self, sandbox_id: str, timeout: float = LOCK_TIMEOUT) -> Iterator[None]:
+        directory = self.sandbox_dir(sandbox_id)
+        if not directory.is_dir():
+            raise ContainerIdError(f"sandbox {sandbox_id!r} does not exist")
+        with _flock(directory / "lock", timeout):
+            yield
+
+    # -- records -----------------------------------------------------------------------------
+    def sandbox_ids(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.parent.name for p in self.root.glob(f"*/{RECORD_FILE}"))
+
+    def load(self, sandbox_id: str) -> SandboxRecord:
+        path = self.record_path(sandbox_id)
+        try:
+            with path.open("rb") as file:
+                raw = file.read(MAX_RECORD_BYTES + 1)
+        except FileNotFoundError:
+            raise ContainerIdError(f"sandbox {sandbox_id!r} does not exist") from None
+        except OSError as exc:
+            raise StateError(f"cannot read {path}: {exc.strerror}") from None
+        try:
+            if len(raw) > MAX_RECORD_BYTES:
+                raise ValueError(f"larger than {MAX_RECORD_BYTES} bytes")
+            return SandboxRecord.from_dict(json.loads(raw))
+        except (ValueError, TypeError) as exc:
+            raise StateError(f"state file {path} is damaged: {exc}") from None
+
+    def save(self, record: SandboxRecord) -> None:
+        path = self.record_path(record.id)
+        temporary = path.with_suffix(".tmp")
+        try:
+            temporary.write_text(record.to_json())
+            os.replace(temporary, path)
+        except OSError as exc:
+            raise StateError(f"cannot write {path}: {exc.strerror}") from None
+
+    def find_container(self, container_id: str) -> SandboxRecord:
+        """The record of the sandbox holding ``container_id``; ContainerIdError if none does."""
+        for sandbox_id in self.sandbox_ids():
+            with contextlib.suppress(ContainerIdError, StateError):
+                record = self.load(sandbox_id)
+                if container_id in record.containers:
+                    return record
+        raise ContainerIdError(f"container {container_id!r} does not exist")
+
+    def reserve(self, record: SandboxRecord, container_ids: list[str]) -> None:
+        """Create the sandbox directory and record; refuse ids already in use anywhere."""
+        with self.global_lock():
+            for container_id in container_ids:
+                if self._container_exists(container_id) or self.sandbox_dir(container_id).exists():
+                    raise ContainerIdError(f"container with id {container_id!r} already exists")
+            try:
+                self.sandbox_dir(record.id).mkdir(mode=0o700)
+            except FileExistsError:
+                raise ContainerIdError(f"container with id {record.id!r} already exists") from None
+            self.save(record)
+
+    def add_container(self, sandbox_id: str, container: ContainerRecord) -> SandboxRecord:
+        """Record a container joining an existing sandbox (id checked under the global lock)."""
+        with self.global_lock():
+            if self._container_exists(container.id) or self.sandbox_dir(container.id).exists():
+                raise ContainerIdError(f"container with id {container.id!r} already exists")
+            record = self.load(sandbox_id)
+            record.containers[container.id] = container
+            self.save(record)
+            return record
+
+    def _container_exists(self, container_id: str) -> bool:
+        try:
+            self.find_container(container_id)
+        except ContainerIdError:
+            return False
+        return True
+
+    def remove(self, sandbox_id: str) -> None:
+        """Forget a sandbox: its directory (which must hold no mounts any more) goes."""
+        with self.global_lock():
+            directory = self.sandbox_dir(sandbox_id)
+            for path in (directory / RECORD_FILE, directory / f"{RECORD_FILE}.tmp", directory / "lock"):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+            _remove_empty_tree(directory)
+
+
+def _remove_empty_tree(directory: Path) -> None:
+    """rmdir bottom-up; never deletes files, so a mount still in place is never emptied."""
+    if not directory.is_dir() or directory.is_symlink():
+        return
+    for child in directory.iterdir():
+        if child.is_dir() and not child.is_symlink() and not os.path.ismount(child):
+            _remove_empty_tree(child)
+    with contextlib.suppress(OSError):
+        directory.rmdir()
+
+
+@contextlib.contextmanager
+def _flock(path: Path, timeout: float = LOCK_TIMEOUT) -> Iterator[None]:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise StateError(f"{path} is held by another kabuto process for more than {timeout:g}s") \
+                        from None
+                time.sleep(LOCK_POLL)
+        yield
+    finally:
+        os.close(fd)
+
+
+def now_rfc3339() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
