@@ -59,3 +59,15 @@ def vm_root(leftover_check: Callable[[Path], None]) -> Iterator[Path]:
         leftover_check(root)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def module_vm_root() -> Iterator[Path]:
+    """Like ``vm_root`` for a module-scoped VM: checked once the module's tests are done."""
+    root = make_jailer_root()
+    try:
+        yield root
+        leftovers = find_leftovers(root)
+        assert not leftovers, "left behind:\n  " + "\n  ".join(leftovers)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

@@ -72,7 +72,7 @@ def _phases(
 
 _PHASE_LABELS = {
     "vmm_spawn": "VMM spawn (process to control socket answering)",
-    "vm_started": "start_vm returned (VMM up, guest booting)",
+    "vm_started": "VM started (start_vm returned)",
     "kernel_to_agent": "kernel to agent running (guest clock)",
     "agent_ready": "agent ready (health check answered)",
 }

@@ -358,6 +358,11 @@ class QemuHypervisor(Hypervisor):
                           "PCIe root ports are in use (raise pcie_root_port)")
 
     # -- queries ------------------------------------------------------------------------------
+    async def qmp(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        """Run one QMP command on the VM (diagnostics, tests), bounded like every other call."""
+        self._require(VmStatus.RUNNING, VmStatus.PAUSED, operation=f"run QMP {command}")
+        return await self._qmp_call(command, arguments)
+
     async def get_agent_socket(self) -> str:
         if self._agent is None:
             raise self._error("no agent channel: call prepare_vm first")
@@ -472,13 +477,15 @@ class QemuHypervisor(Hypervisor):
                     if self._process is not None and self._process.returncode is not None:
                         status = self._process.returncode
                         raise self._error(f"QEMU exited with status {status} during start-up")
-                    try:
-                        await client.connect(socket_path)
-                        break
-                    except (QMPError, OSError):
-                        if not wait_for_socket:
-                            raise
-                        await asyncio.sleep(POLL_INTERVAL)
+                    # only try once QEMU created the socket: qemu.qmp logs every failed connect
+                    if not wait_for_socket or _exists(socket_path):
+                        try:
+                            await client.connect(socket_path)
+                            break
+                        except (QMPError, OSError):
+                            if not wait_for_socket:
+                                raise
+                    await asyncio.sleep(POLL_INTERVAL)
         except (QMPError, OSError, TimeoutError) as exc:
             raise self._error(f"cannot connect to QMP at {socket_path}: {exc}") from None
         self._qmp = client
@@ -565,6 +572,10 @@ def _alive(pid: int, create_time: float) -> bool:
 
 def _vsock_available() -> bool:
     return DEV_VHOST_VSOCK.exists()
+
+
+def _exists(path: str | Path) -> bool:
+    return Path(path).exists()
 
 
 def _is_file(path: str | Path) -> bool:
