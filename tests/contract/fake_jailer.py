@@ -37,6 +37,8 @@ def main() -> None:
         sys.exit(f"Invalid instance ID: {args.id}")
     if not args.uid.isdigit() or not args.gid.isdigit():
         sys.exit("Invalid uid or gid")
+    if "firecracker" not in os.path.basename(args.exec_file):
+        sys.exit(f"Invalid filename: the --exec-file name must contain 'firecracker': {args.exec_file}")
     if not os.path.isfile(args.exec_file):
         sys.exit(f"Failed to canonicalize path {args.exec_file}: No such file or directory")
     if args.netns and not os.path.exists(args.netns):

@@ -224,10 +224,12 @@ async def test_binary_that_exits_at_once(recorder: Recorder, jailer_root: Path, 
 
 
 async def test_jailer_refusing_is_quoted(recorder: Recorder, jailer_root: Path, boot_files) -> None:
-    error = await start_failure(make_config(boot_files, jailed=True, path="/nonexistent/fc"), jailer_root)
+    error = await start_failure(
+        make_config(boot_files, jailed=True, path="/nonexistent/firecracker"), jailer_root
+    )
     assert "jailer exited with status 1" in str(
         error
-    ) and "Failed to canonicalize path /nonexistent/fc" in str(error)
+    ) and "Failed to canonicalize path /nonexistent/firecracker" in str(error)
 
 
 async def test_socket_that_never_appears(
@@ -276,3 +278,10 @@ async def test_invalid_ids_and_long_paths(jailer_root: Path, boot_files) -> None
     with pytest.raises(HypervisorError, match="longer than 107 bytes"):
         await deep.prepare_vm("x" * 30)
     assert leftovers(jailer_root) == []
+
+
+async def test_jailer_refuses_a_binary_not_named_firecracker(
+    recorder: Recorder, jailer_root: Path, boot_files
+) -> None:
+    error = await start_failure(make_config(boot_files, jailed=True, path=str(FAKE_JAILER)), jailer_root)
+    assert "jailer exited with status 1" in str(error) and "must contain 'firecracker'" in str(error)

@@ -71,6 +71,17 @@ def test_jailer_is_allowed_and_checked(table, tmp_path) -> None:
     assert "does not exist" in problems(table)["jailer_path"]
 
 
+def test_jailer_needs_firecracker_in_the_binary_name(table, tmp_path) -> None:
+    table.jailer_path = str(tmp_path / "jailer")
+    renamed = tmp_path / "fc-vmm"
+    renamed.write_bytes(b"x")
+    renamed.chmod(0o755)
+    table.path = str(renamed)
+    assert "must contain 'firecracker'" in problems(table)["path"]
+    table.jailer_path = ""
+    assert problems(table) == {}
+
+
 def test_capabilities_say_no_hotplug_and_no_shared_fs() -> None:
     caps = plugin.capabilities()
     assert not caps.hotplug and not caps.shared_fs and caps.preferred_shared_fs() is None

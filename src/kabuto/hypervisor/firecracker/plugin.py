@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 from kabuto.config.model import HypervisorConfig
+from kabuto.errors import Problem
 from kabuto.hypervisor.capabilities import Capabilities
 from kabuto.hypervisor.devices import ChannelKind
 from kabuto.hypervisor.host import find_binary, kvm_usability
@@ -36,6 +38,17 @@ class FirecrackerPlugin(BasePlugin):
     block_drivers = ("virtio-blk-mmio", "virtio-blk")
     shared_fs_kinds = ("none",)
 
+    def validate(self, table: HypervisorConfig) -> list[Problem]:
+        problems = super().validate(table)
+        # the jailer refuses an exec file whose name lacks "firecracker"
+        if table.jailer_path and "firecracker" not in os.path.basename(table.path):
+            problems.append(
+                Problem(
+                    "path", table.path, "under the jailer the binary's file name must contain 'firecracker'"
+                )
+            )
+        return problems
+
     def capabilities(self) -> Capabilities:
         return CAPABILITIES
 
@@ -46,6 +59,8 @@ class FirecrackerPlugin(BasePlugin):
             reasons.append(f"firecracker binary not found ({table.path or 'not on PATH'})")
         if table.jailer_path and not find_binary(table.jailer_path):
             reasons.append(f"jailer not found or not executable ({table.jailer_path})")
+        if table.jailer_path and os.geteuid() != 0:
+            reasons.append("the jailer must run as root (it builds a chroot and creates device nodes)")
         accel = kvm_usability()
         if accel.name != "kvm":
             reasons.append(f"Firecracker needs KVM: {accel.reason}")
