@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from kabuto.cli import config_cmd, image_cmd, vm_cmd
+from kabuto.cli import config_cmd, image_cmd, runtime_cmd, vm_cmd
 from kabuto.errors import KabutoError
 
 
@@ -25,7 +25,7 @@ def cli(ctx: click.Context, config_path: str | None, hypervisor_name: str | None
     ctx.obj["hypervisor_name"] = hypervisor_name
 
 
-for module in (config_cmd, image_cmd, vm_cmd):
+for module in (config_cmd, image_cmd, vm_cmd, runtime_cmd):
     module.register(cli)
 
 

@@ -276,12 +276,13 @@ class VirtSandbox:
         self.store.save(self.record)
         return container
 
-    async def kill(self, container_id: str, signal_number: int, exec_id: str = INIT_EXEC_ID) -> None:
+    async def kill(self, container_id: str, signal_number: int, *, exec_id: str = INIT_EXEC_ID,
+                   all_processes: bool = False) -> None:
         container = self.container(container_id)
         if container.status == "stopped":
             raise SandboxError(f"container {container_id!r} is not running")
         await self._agent_call("SignalProcess", self.containers.signal_process(
-            container_id, exec_id, signal_number))
+            container_id, exec_id, signal_number, all=all_processes))
 
     async def remove_container(self, container_id: str) -> None:
         container = self.container(container_id)
@@ -362,6 +363,18 @@ class VirtSandbox:
     async def list_processes(self, container_id: str) -> list[int]:
         self.container(container_id)
         return list(await self._agent_call("ListProcesses", self.containers.list_processes(container_id)))
+
+    async def release_container(self, container_id: str) -> None:
+        """Forget a container of a dead VM: only host resources remain to be released."""
+        await self._release_rootfs(self.container(container_id))
+        self.record.containers.pop(container_id, None)
+        self.store.save(self.record)
+
+    async def release_host_resources(self) -> None:
+        """After the VMM died: unmount and delete what the containers held on the host."""
+        for container in self.record.containers.values():
+            await self._release_rootfs(container)
+            container.rootfs = {}
 
     # -- teardown ----------------------------------------------------------------------------
     async def destroy(self) -> None:

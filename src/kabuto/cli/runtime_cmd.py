@@ -1,0 +1,310 @@
+"""runc's command line: run, create, start, state, kill, delete, exec, list, ps.
+
+Global ``--config`` and ``--hypervisor`` come from the ``kabuto`` group; ``--root`` (or
+``$KABUTO_STATE_ROOT``) moves the state directory away from ``/run/kabuto``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import tempfile
+import termios
+import threading
+import tty
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+
+from kabuto.runtime import commands
+from kabuto.runtime.bundle import default_spec
+from kabuto.runtime.sandbox import DEFAULT_BOOT_TIMEOUT
+from kabuto.runtime.state import STATE_ROOT_ENV, StateStore, default_state_root
+
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
+                     signal.SIGUSR2)
+STDIN_CHUNK = 64 * 1024
+# Chunks read from our stdin wait here for the agent; a bounded queue gives back-pressure.
+STDIN_QUEUE_CHUNKS = 16
+
+
+def _options(ctx: click.Context, root: Path | None, boot_timeout: float = DEFAULT_BOOT_TIMEOUT
+             ) -> commands.RuntimeOptions:
+    obj = ctx.find_object(dict) or {}
+    return commands.RuntimeOptions(StateStore(root or default_state_root()), obj.get("config_path"),
+                                   obj.get("hypervisor_name"), boot_timeout)
+
+
+def _root_option(function: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--root", type=click.Path(file_okay=False, path_type=Path), envvar=STATE_ROOT_ENV,
+                        default=None, help="State directory (default /run/kabuto).")(function)
+
+
+def _boot_timeout_option(function: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--boot-timeout", type=click.FloatRange(min=1.0), default=DEFAULT_BOOT_TIMEOUT,
+                        show_default=True, help="Seconds to boot the VM and reach its agent.")(function)
+
+
+# -- stdio plumbing ----------------------------------------------------------------------------
+async def _write_fd(fd: int, data: bytes) -> None:
+    def write_all() -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+
+    await asyncio.get_running_loop().run_in_executor(None, write_all)
+
+
+def _sink(fd: int) -> commands.Sink:
+    async def sink(data: bytes) -> None:
+        try:
+            await _write_fd(fd, data)
+        except BrokenPipeError:
+            pass  # our reader went away: keep draining so the process is not blocked
+
+    return sink
+
+
+async def _stdin_chunks() -> AsyncIterator[bytes]:
+    """Our stdin, read by a daemon thread (a blocked read cannot be cancelled, so it must not
+    hold up the exit), handed over through a bounded queue."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[bytes] = asyncio.Queue(STDIN_QUEUE_CHUNKS)
+
+    def reader() -> None:
+        while True:
+            try:
+                data = os.read(0, STDIN_CHUNK)
+            except OSError:
+                data = b""
+            try:
+                asyncio.run_coroutine_threadsafe(queue.put(data), loop).result()
+            except (RuntimeError, asyncio.CancelledError):
+                return  # the loop is gone
+            if not data:
+                return
+
+    threading.Thread(target=reader, name="kabuto-stdin", daemon=True).start()
+    while data := await queue.get():
+        yield data
+
+
+def _stdio() -> commands.ProcessIO:
+    stdin_open = True
+    try:
+        os.fstat(0)
+    except OSError:
+        stdin_open = False
+    return commands.ProcessIO(stdout=_sink(1), stderr=_sink(2), stdin=_stdin_chunks() if stdin_open else None)
+
+
+def _signal_forwarding(forward: Callable[[int], None]) -> None:
+    loop = asyncio.get_running_loop()
+    for number in FORWARDED_SIGNALS:
+        loop.add_signal_handler(number, forward, int(number))
+
+
+@contextlib.contextmanager
+def _raw_terminal(enabled: bool) -> Iterator[None]:
+    """With ``process.terminal``, keystrokes (Ctrl-C included) go to the container's terminal."""
+    if not enabled or not os.isatty(0):
+        yield
+        return
+    saved = termios.tcgetattr(0)
+    tty.setraw(0)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(0, termios.TCSADRAIN, saved)
+
+
+def _exit_with(ctx: click.Context, status: int) -> None:
+    # A shell reports 128+N for a signal; exit codes are one byte either way.
+    ctx.exit(status & 0xFF)
+
+
+# -- commands ----------------------------------------------------------------------------------
+@click.command("run", context_settings={"allow_interspersed_args": False})
+@click.option("-b", "--bundle", type=click.Path(file_okay=False), default=None,
+              help="Bundle directory holding config.json (default: the current directory).")
+@click.option("--rootfs", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Run ARGS in this root filesystem with a spec like `runc spec` makes (no bundle needed).")
+@click.option("--name", default=None, help="Container id with --rootfs (default: a random one).")
+@_root_option
+@_boot_timeout_option
+@click.argument("args", nargs=-1, required=True)
+@click.pass_context
+def run_command(ctx: click.Context, bundle: str | None, rootfs: str | None, name: str | None,
+                root: Path | None, boot_timeout: float, args: tuple[str, ...]) -> None:
+    """Create and start a container, stream its stdio, and exit with its exit code.
+
+    \b
+    kabuto run --bundle DIR ID
+    kabuto run --rootfs DIR -- CMD [ARGS...]
+    """
+    options = _options(ctx, root, boot_timeout)
+    temporary: str | None = None
+    if rootfs is not None:
+        if bundle is not None:
+            raise click.UsageError("give either --bundle or --rootfs, not both")
+        container_id = name or f"run-{secrets.token_hex(4)}"
+        temporary = tempfile.mkdtemp(prefix="kabuto-bundle-")
+        spec = default_spec(list(args), str(Path(rootfs).absolute()), terminal=False)
+        Path(temporary, "config.json").write_text(json.dumps(spec, indent=2))
+        bundle = temporary
+    else:
+        if len(args) != 1:
+            raise click.UsageError("expected exactly one container id (or --rootfs DIR -- CMD ARGS...)")
+        container_id = args[0]
+    bundle_dir = bundle or os.getcwd()
+    terminal = _spec_terminal(bundle_dir)
+    try:
+        with _raw_terminal(terminal):
+            status = asyncio.run(
+                commands.run(container_id, bundle_dir, options, _stdio(), _signal_forwarding))
+    finally:
+        if temporary:
+            shutil.rmtree(temporary, ignore_errors=True)
+    _exit_with(ctx, status)
+
+
+def _spec_terminal(bundle_dir: str) -> bool:
+    # config.json is checked properly by the runtime; here only its terminal flag matters
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        spec = json.loads(Path(bundle_dir, "config.json").read_text())
+        return bool(spec.get("process", {}).get("terminal"))
+    return False
+
+
+@click.command("create")
+@click.option("-b", "--bundle", type=click.Path(file_okay=False), default=None,
+              help="Bundle directory holding config.json (default: the current directory).")
+@click.option("--pid-file", type=click.Path(dir_okay=False), default=None,
+              help="Write the host pid holding the container (its VMM) here.")
+@_root_option
+@_boot_timeout_option
+@click.argument("container_id")
+@click.pass_context
+def create_command(ctx: click.Context, bundle: str | None, pid_file: str | None, root: Path | None,
+                   boot_timeout: float, container_id: str) -> None:
+    """Create a container (its VM boots; its process waits for `start`)."""
+    options = _options(ctx, root, boot_timeout)
+
+    async def create() -> dict[str, Any]:
+        sandbox = await commands.create(container_id, bundle or os.getcwd(), options)
+        await sandbox.disconnect()
+        return await commands.state(container_id, options)
+
+    state = asyncio.run(create())
+    if pid_file:
+        Path(pid_file).write_text(str(state["pid"]))
+
+
+@click.command("start")
+@_root_option
+@click.argument("container_id")
+@click.pass_context
+def start_command(ctx: click.Context, root: Path | None, container_id: str) -> None:
+    """Start a created container's process."""
+    asyncio.run(commands.start(container_id, _options(ctx, root)))
+
+
+@click.command("state")
+@_root_option
+@click.argument("container_id")
+@click.pass_context
+def state_command(ctx: click.Context, root: Path | None, container_id: str) -> None:
+    """Print the container's OCI state as JSON."""
+    click.echo(json.dumps(asyncio.run(commands.state(container_id, _options(ctx, root))), indent=2))
+
+
+@click.command("kill")
+@click.option("-a", "--all", "all_processes", is_flag=True, help="Signal every process of the container.")
+@_root_option
+@click.argument("container_id")
+@click.argument("signal_name", default="SIGTERM")
+@click.pass_context
+def kill_command(ctx: click.Context, all_processes: bool, root: Path | None, container_id: str,
+                 signal_name: str) -> None:
+    """Send SIGNAL (name or number, default SIGTERM) to the container's process."""
+    asyncio.run(commands.kill(container_id, signal_name, _options(ctx, root), all_processes=all_processes))
+
+
+@click.command("delete")
+@click.option("-f", "--force", is_flag=True, help="Kill a running container first.")
+@_root_option
+@click.argument("container_id")
+@click.pass_context
+def delete_command(ctx: click.Context, force: bool, root: Path | None, container_id: str) -> None:
+    """Delete a stopped container (its sandbox's VM stops with its last container)."""
+    asyncio.run(commands.delete(container_id, _options(ctx, root), force=force))
+
+
+@click.command("exec", context_settings={"allow_interspersed_args": False})
+@click.option("-t", "--tty", "terminal", is_flag=True, help="Give the process a terminal.")
+@click.option("-e", "--env", multiple=True, help="KEY=VALUE added to the environment (repeatable).")
+@click.option("--cwd", default=None, help="Working directory inside the container.")
+@_root_option
+@click.argument("container_id")
+@click.argument("command", nargs=-1, required=True)
+@click.pass_context
+def exec_command(ctx: click.Context, terminal: bool, env: tuple[str, ...], cwd: str | None, root: Path | None,
+                 container_id: str, command: tuple[str, ...]) -> None:
+    """Run COMMAND in a running container; exit with its exit code."""
+    with _raw_terminal(terminal):
+        status = asyncio.run(commands.exec_in(container_id, list(command), _options(ctx, root), _stdio(),
+                                              env=list(env), cwd=cwd, terminal=terminal,
+                                              on_signal=_signal_forwarding))
+    _exit_with(ctx, status)
+
+
+@click.command("list")
+@click.option("-f", "--format", "fmt", type=click.Choice(["table", "json"]), default="table",
+              show_default=True)
+@click.option("-q", "--quiet", is_flag=True, help="Only container ids.")
+@_root_option
+@click.pass_context
+def list_command(ctx: click.Context, fmt: str, quiet: bool, root: Path | None) -> None:
+    """List containers."""
+    rows = asyncio.run(commands.list_containers(_options(ctx, root)))
+    if fmt == "json":
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if quiet:
+        for row in rows:
+            click.echo(row["id"])
+        return
+    click.echo(f"{'ID':<24}{'PID':<10}{'STATUS':<10}{'BUNDLE':<40}CREATED")
+    for row in rows:
+        click.echo(f"{row['id']:<24}{row['pid']:<10}{row['status']:<10}{row['bundle']:<40}{row['created']}")
+
+
+@click.command("ps")
+@click.option("-f", "--format", "fmt", type=click.Choice(["table", "json"]), default="table",
+              show_default=True)
+@_root_option
+@click.argument("container_id")
+@click.pass_context
+def ps_command(ctx: click.Context, fmt: str, root: Path | None, container_id: str) -> None:
+    """List the container's processes (pids inside the VM)."""
+    pids = asyncio.run(commands.ps(container_id, _options(ctx, root)))
+    if fmt == "json":
+        click.echo(json.dumps(pids))
+        return
+    click.echo("PID")
+    for pid in pids:
+        click.echo(pid)
+
+
+def register(cli: click.Group) -> None:
+    for command in (run_command, create_command, start_command, state_command, kill_command, delete_command,
+                    exec_command, list_command, ps_command):
+        cli.add_command(command)
+

@@ -1,0 +1,308 @@
+"""runc's operations over persisted sandboxes: create, start, state, kill, delete, exec, list, ps, run.
+
+Each call is one short-lived process's worth of work: find the sandbox on disk, take its lock
+(the agent channel serves one host connection at a time), reconnect to VM and agent, act,
+persist, disconnect. ``run`` keeps everything in one process and removes the sandbox at the end.
+
+A container joins an existing sandbox (a pod) when its annotations say so, as CRI does:
+``io.kubernetes.cri.container-type=container`` and ``io.kubernetes.cri.sandbox-id=<id>``.
+Otherwise each container gets a sandbox of its own, named after it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from kabuto.errors import KabutoError
+from kabuto.runtime.bundle import Bundle, ContainerIdError, check_container_id, load_bundle, process_spec
+from kabuto.runtime.sandbox import DEFAULT_BOOT_TIMEOUT, INIT_EXEC_ID, SandboxError, VirtSandbox
+from kabuto.runtime.state import SandboxRecord, StateStore
+
+CONTAINER_TYPE_ANNOTATION = "io.kubernetes.cri.container-type"
+SANDBOX_ID_ANNOTATION = "io.kubernetes.cri.sandbox-id"
+OCI_VERSION = "1.0.2"
+# After the process exits, its remaining output drains within this bound.
+OUTPUT_DRAIN_TIMEOUT = 30.0
+
+Sink = Callable[[bytes], Awaitable[None]]
+
+
+@dataclass
+class RuntimeOptions:
+    store: StateStore
+    config_path: str | None = None
+    hypervisor_name: str | None = None
+    boot_timeout: float = DEFAULT_BOOT_TIMEOUT
+
+
+@dataclass
+class ProcessIO:
+    """Where a process's output goes and where its input comes from (None: /dev/null)."""
+
+    stdout: Sink | None = None
+    stderr: Sink | None = None
+    stdin: AsyncIterator[bytes] | None = None
+
+
+def parse_signal(value: str | int) -> int:
+    """``KILL``, ``SIGKILL``, ``9``: runc's spellings."""
+    if isinstance(value, int) or str(value).isdigit():
+        number = int(value)
+        if not 0 < number < signal.NSIG:
+            raise KabutoError(f"invalid signal {value!r}")
+        return number
+    name = str(value).upper()
+    name = name if name.startswith("SIG") else f"SIG{name}"
+    try:
+        return int(signal.Signals[name])
+    except KeyError:
+        raise KabutoError(f"invalid signal {value!r}") from None
+
+
+def _pod_sandbox(bundle: Bundle) -> str | None:
+    annotations = bundle.annotations
+    if annotations.get(CONTAINER_TYPE_ANNOTATION) == "container" and annotations.get(SANDBOX_ID_ANNOTATION):
+        return annotations[SANDBOX_ID_ANNOTATION]
+    return None
+
+
+# -- create / start ----------------------------------------------------------------------------
+async def create(container_id: str, bundle_dir: str, options: RuntimeOptions) -> VirtSandbox:
+    """``runc create``: the container exists, its process waits for ``start``. Returns the sandbox,
+    still connected (the caller disconnects it, or keeps using it as ``run`` does)."""
+    check_container_id(container_id)
+    bundle = load_bundle(bundle_dir)
+    store = options.store
+    pod = _pod_sandbox(bundle)
+    if pod is not None:
+        with store.sandbox_lock(pod):
+            sandbox = await VirtSandbox.attach(pod, store)
+            try:
+                await sandbox.connect()
+                await sandbox.create_container(container_id, bundle)
+            except BaseException:
+                await sandbox.disconnect()
+                raise
+        return sandbox
+    record = SandboxRecord(id=container_id, hypervisor_name=options.hypervisor_name or "",
+                           config_path=options.config_path)
+    store.reserve(record, [container_id])
+    sandbox = await VirtSandbox.create(
+        container_id, store, config_path=options.config_path, hypervisor_name=options.hypervisor_name,
+        annotations=bundle.annotations, hostname="", block_rootfs=[(container_id, bundle)],
+        boot_timeout=options.boot_timeout)
+    try:
+        await sandbox.create_container(container_id, bundle)
+    except BaseException:
+        await sandbox.destroy()
+        raise
+    return sandbox
+
+
+@contextlib.asynccontextmanager
+async def attached(container_id: str, options: RuntimeOptions, *, connect: bool = True,
+                   lock_timeout: float | None = None) -> AsyncIterator[VirtSandbox]:
+    """The sandbox holding ``container_id``, locked and reconnected; disconnected afterwards."""
+    store = options.store
+    record = store.find_container(container_id)
+    with store.sandbox_lock(record.id, *(() if lock_timeout is None else (lock_timeout,))):
+        sandbox = await VirtSandbox.attach(record.id, store)
+        try:
+            if connect and sandbox.vm_alive:
+                await sandbox.connect()
+            yield sandbox
+        finally:
+            if store.sandbox_dir(record.id).is_dir():
+                await sandbox.disconnect()
+
+
+async def start(container_id: str, options: RuntimeOptions) -> None:
+    async with attached(container_id, options) as sandbox:
+        await _require_vm(sandbox, container_id)
+        await sandbox.start_container(container_id)
+
+
+async def _require_vm(sandbox: VirtSandbox, container_id: str) -> None:
+    if not sandbox.vm_alive:
+        await reap(sandbox)
+        raise SandboxError(f"container {container_id!r}: its VM is gone (the VMM exited); "
+                           "the container is stopped")
+
+
+async def reap(sandbox: VirtSandbox) -> None:
+    """A VMM that died: every container is stopped and the host resources go (the records stay
+    until ``delete``, as runc keeps a stopped container's state)."""
+    for container in sandbox.record.containers.values():
+        container.status = "stopped"
+    await sandbox.hypervisor.cleanup()
+    await sandbox.release_host_resources()
+    sandbox.store.save(sandbox.record)
+
+
+# -- state / list / ps -------------------------------------------------------------------------
+async def state(container_id: str, options: RuntimeOptions) -> dict[str, Any]:
+    """OCI state JSON. A sandbox busy with another call (its lock held) reports what is recorded."""
+    try:
+        async with attached(container_id, options, lock_timeout=1.0) as sandbox:
+            if not sandbox.vm_alive:
+                await reap(sandbox)
+            else:
+                await sandbox.refresh_status(container_id)
+            return _oci_state(sandbox.record, container_id, await sandbox.hypervisor.get_pids())
+    except KabutoError as exc:
+        if isinstance(exc, ContainerIdError):
+            raise
+        record = options.store.find_container(container_id)
+        return _oci_state(record, container_id, list(record.hypervisor_state.get("pids", [])))
+
+
+def _oci_state(record: SandboxRecord, container_id: str, pids: list[int]) -> dict[str, Any]:
+    container = record.containers[container_id]
+    status = container.status
+    return {
+        "ociVersion": OCI_VERSION,
+        "id": container_id,
+        "status": status,
+        # the host process that holds the container: its VMM (as Kata reports its shim)
+        "pid": pids[0] if pids and status != "stopped" else 0,
+        "bundle": container.bundle,
+        "rootfs": "",
+        "created": container.created,
+        "annotations": container.annotations,
+        "sandbox": record.id,
+    }
+
+
+async def list_containers(options: RuntimeOptions) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for sandbox_id in options.store.sandbox_ids():
+        with contextlib.suppress(KabutoError):
+            record = options.store.load(sandbox_id)
+            for container_id in record.containers:
+                with contextlib.suppress(ContainerIdError):
+                    rows.append(await state(container_id, options))
+    return rows
+
+
+async def ps(container_id: str, options: RuntimeOptions) -> list[int]:
+    async with attached(container_id, options) as sandbox:
+        await _require_vm(sandbox, container_id)
+        return await sandbox.list_processes(container_id)
+
+
+# -- kill / delete -----------------------------------------------------------------------------
+async def kill(container_id: str, signal_value: str | int, options: RuntimeOptions, *,
+               all_processes: bool = False) -> None:
+    number = parse_signal(signal_value)
+    async with attached(container_id, options) as sandbox:
+        await _require_vm(sandbox, container_id)
+        await sandbox.refresh_status(container_id)
+        await sandbox.kill(container_id, number, all_processes=all_processes)
+
+
+async def delete(container_id: str, options: RuntimeOptions, *, force: bool = False) -> None:
+    """``runc delete``: a stopped (or created) container goes; ``--force`` kills a running one.
+    The sandbox's own container takes the whole sandbox with it (its VM stops)."""
+    async with attached(container_id, options) as sandbox:
+        if sandbox.vm_alive:
+            await sandbox.refresh_status(container_id)
+        container = sandbox.container(container_id)
+        others = [c for c in sandbox.record.containers if c != container_id]
+        if container.status == "running" and not force:
+            raise SandboxError(f"cannot delete container {container_id} that is not stopped: running")
+        if container_id == sandbox.id and others and not force:
+            raise SandboxError(f"cannot delete sandbox container {container_id}: containers "
+                               f"{', '.join(others)} still belong to it (use --force)")
+        if container_id == sandbox.id or (not sandbox.vm_alive and not others):
+            await sandbox.destroy()
+        elif sandbox.vm_alive:
+            await sandbox.remove_container(container_id)
+        else:
+            await sandbox.release_container(container_id)
+
+
+# -- exec / run --------------------------------------------------------------------------------
+async def run_process(sandbox: VirtSandbox, container_id: str, exec_id: str, io: ProcessIO,
+                      on_signal: Callable[[Callable[[int], None]], None] | None = None) -> int:
+    """Stream one process's stdio until it exits; return its exit status (128+N for signal N).
+
+    ``on_signal`` receives a function that forwards a signal number to the process.
+    """
+    loop = asyncio.get_running_loop()
+    forwarded: set[asyncio.Task[None]] = set()
+
+    def forward(number: int) -> None:
+        task = loop.create_task(_signal_quietly(sandbox, container_id, exec_id, number))
+        forwarded.add(task)
+        task.add_done_callback(forwarded.discard)
+
+    if on_signal is not None:
+        on_signal(forward)
+
+    async def pump(stream: str, sink: Sink | None) -> None:
+        while chunk := await sandbox.read_output(container_id, exec_id, stream):
+            if sink is not None:
+                await sink(chunk)
+
+    async def feed() -> None:
+        if io.stdin is not None:
+            async for data in io.stdin:
+                await sandbox.write_stdin(container_id, exec_id, data)
+        await sandbox.close_stdin(container_id, exec_id)
+
+    pumps = [asyncio.create_task(pump("stdout", io.stdout)), asyncio.create_task(pump("stderr", io.stderr))]
+    feeder = asyncio.create_task(feed())
+    try:
+        status = await sandbox.wait_process(container_id, exec_id)
+        assert status is not None
+        async with asyncio.timeout(OUTPUT_DRAIN_TIMEOUT):
+            await asyncio.gather(*pumps)
+        return status
+    finally:
+        for task in (*pumps, feeder, *forwarded):
+            task.cancel()
+        await asyncio.gather(*pumps, feeder, *forwarded, return_exceptions=True)
+
+
+async def _signal_quietly(sandbox: VirtSandbox, container_id: str, exec_id: str, number: int) -> None:
+    # a process that just exited cannot be signalled: nothing to report
+    with contextlib.suppress(KabutoError):
+        await sandbox.kill(container_id, number, exec_id=exec_id)
+
+
+async def exec_in(container_id: str, args: list[str], options: RuntimeOptions, io: ProcessIO, *,
+                  env: list[str] | None = None, cwd: str | None = None, terminal: bool = False,
+                  on_signal: Callable[[Callable[[int], None]], None] | None = None) -> int:
+    async with attached(container_id, options) as sandbox:
+        await _require_vm(sandbox, container_id)
+        await sandbox.refresh_status(container_id)
+        container = sandbox.container(container_id)
+        process = process_spec(args, container.process, env=env, cwd=cwd, terminal=terminal)
+        exec_id = f"exec-{secrets.token_hex(4)}"
+        await sandbox.exec_process(container_id, exec_id, process)
+        return await run_process(sandbox, container_id, exec_id, io, on_signal)
+
+
+async def run(container_id: str, bundle_dir: str, options: RuntimeOptions, io: ProcessIO,
+              on_signal: Callable[[Callable[[int], None]], None] | None = None) -> int:
+    """``runc run``: create, start, stream until exit, delete; returns the exit status."""
+    sandbox = await create(container_id, bundle_dir, options)
+    try:
+        with options.store.sandbox_lock(sandbox.id):
+            await sandbox.start_container(container_id)
+            status = await run_process(sandbox, container_id, INIT_EXEC_ID, io, on_signal)
+    except BaseException:
+        await sandbox.destroy()
+        raise
+    if container_id == sandbox.id:
+        await sandbox.destroy()
+    else:
+        await sandbox.remove_container(container_id)
+        await sandbox.disconnect()
+    return status
