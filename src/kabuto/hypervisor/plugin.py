@@ -146,7 +146,11 @@ class BasePlugin:
             value = getattr(table, key)
             if value:
                 globs = _valid_paths_for(table, key)
-                problems += check_path(key, value, globs, executable=key == "jailer_path")
+                found = check_path(key, value, globs, executable=key == "jailer_path")
+                if key in _BOOT_MEDIA:
+                    found = [Problem(p.key, p.value, p.reason + _BOOT_MEDIA_HINT)
+                             if p.reason == "does not exist" else p for p in found]
+                problems += found
         for index, flash in enumerate(table.pflashes):
             problems += check_path(f"pflashes[{index}]", flash, [])
         if not table.kernel:
@@ -233,6 +237,11 @@ class BasePlugin:
             if value not in allowed:
                 problems.append(Problem(key, value, f"must be one of {', '.join(allowed)}"))
         return problems
+
+
+_BOOT_MEDIA = ("kernel", "initrd", "image")
+# a Kata file names Kata's guest assets, which a new user of Kabuto usually does not have
+_BOOT_MEDIA_HINT = " (leave kernel, initrd and image empty to boot the image `kabuto image build` installs)"
 
 
 def fill_from_installed_image(table: HypervisorConfig) -> None:
