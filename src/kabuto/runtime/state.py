@@ -166,7 +166,9 @@ class StateStore:
     def add_container(self, sandbox_id: str, container: ContainerRecord) -> SandboxRecord:
         """Record a container joining an existing sandbox (id checked under the global lock)."""
         with self.global_lock():
-            if self._container_exists(container.id) or self.sandbox_dir(container.id).exists():
+            # the sandbox's own container shares its name with the sandbox directory
+            taken_dir = container.id != sandbox_id and self.sandbox_dir(container.id).exists()
+            if self._container_exists(container.id) or taken_dir:
                 raise ContainerIdError(f"container with id {container.id!r} already exists")
             record = self.load(sandbox_id)
             record.containers[container.id] = container
