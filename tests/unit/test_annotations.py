@@ -293,3 +293,12 @@ def test_runtime_and_agent_refusals(tmp_path, bin_dir, key, value, reason):
 def test_merge_kernel_params():
     assert merge_kernel_params("a=1 b c=3", "a=2 b") == "c=3 a=2 b"
     assert merge_kernel_params("", "x") == "x"
+
+
+def test_agent_switch_applies_before_agent_keys(tmp_path, bin_dir):
+    file = config_file(tmp_path, bin_dir, "", "[agent.kata]\n[agent.other]\n")
+    config = load_config(file, {AG + "enable_tracing": "true", RT + "agent_name": "other"})
+    assert config.runtime.agent_name == "other"
+    assert (config.agent["other"].enable_tracing, config.agent["kata"].enable_tracing) == (True, False)
+    with pytest.raises(AnnotationError, match=r"no \[agent.nobody\] table"):
+        load_config(file, {RT + "agent_name": "nobody"})

@@ -240,7 +240,9 @@ def apply_annotations(
     """
     problems: list[Problem] = []
     applied: dict[str, str] = {}
-    ordered = sorted(annotations.items(), key=lambda item: not str(item[0]).endswith(".hypervisor_name"))
+    # switch tables first, so that the other annotations apply to the chosen ones
+    switches = (".hypervisor_name", ".agent_name")
+    ordered = sorted(annotations.items(), key=lambda item: not str(item[0]).endswith(switches))
     for key, raw in ordered:
         if not isinstance(key, str):
             continue

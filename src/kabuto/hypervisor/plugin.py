@@ -93,7 +93,6 @@ class BasePlugin:
     default_machine_type: str = ""
     block_drivers: tuple[str, ...] = ("virtio-blk",)
     shared_fs_kinds: tuple[str, ...] = ("none",)
-    kernel_param_defaults: str = ""
 
     def adjust(self, table: HypervisorConfig) -> None:
         from kabuto.hypervisor.host import find_binary, host_cpus
