@@ -36,7 +36,10 @@ class GuestDetails:
     mem_total_bytes: int
     online_cpus: int
     agent_version: str
+    # The guest's boot timeline, in seconds since its kernel booted (see agent.proto).
+    init_started_uptime_seconds: float
     agent_started_uptime_seconds: float
+    agent_serving_uptime_seconds: float
     uptime_seconds: float
     is_init: bool
 
@@ -49,7 +52,9 @@ class GuestDetails:
             mem_total_bytes=message.mem_total_bytes,
             online_cpus=message.online_cpus,
             agent_version=message.agent_version,
+            init_started_uptime_seconds=message.init_started_uptime_seconds,
             agent_started_uptime_seconds=message.agent_started_uptime_seconds,
+            agent_serving_uptime_seconds=message.agent_serving_uptime_seconds,
             uptime_seconds=message.uptime_seconds,
             is_init=message.is_init,
         )

@@ -67,8 +67,11 @@ async def serve(args: argparse.Namespace, started_uptime: float) -> None:
         log.info("serving on %s", args.listen)
         serving = asyncio.create_task(listener.serve_forever())
     else:
-        raise channel.ChannelError(f"unsupported listen address {args.listen!r}: use unix:///path or vsock://PORT")
+        raise channel.ChannelError(
+            f"unsupported listen address {args.listen!r}: use unix:///path or vsock://PORT"
+        )
 
+    service.serving_uptime = read_uptime()
     shutdown = asyncio.create_task(service.shutdown_requested.wait())
     done, _ = await asyncio.wait({serving, shutdown}, return_when=asyncio.FIRST_COMPLETED)
     if serving in done:

@@ -23,6 +23,17 @@ def read_uptime(proc: Path = Path("/proc")) -> float:
         return 0.0
 
 
+def read_process_start_uptime(proc: Path = Path("/proc")) -> float:
+    """When the kernel started this process, in seconds since boot; 0.0 if unknown."""
+    try:
+        stat = (proc / "self/stat").read_text()
+        # Fields after the parenthesised command name start at field 3; starttime is field 22.
+        start_ticks = int(stat.rpartition(")")[2].split()[19])
+        return start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 def read_mem_total(proc: Path = Path("/proc")) -> int:
     try:
         for line in (proc / "meminfo").read_text().splitlines():
@@ -56,6 +67,8 @@ class AgentService:
 
     def __init__(self, started_uptime: float) -> None:
         self.started_uptime = started_uptime
+        self.init_started_uptime = read_process_start_uptime()
+        self.serving_uptime = 0.0  # set by whoever opens the channel
         self.shutdown_requested = asyncio.Event()
 
     def methods(self) -> dict[str, Method]:
@@ -79,7 +92,9 @@ class AgentService:
             mem_total_bytes=read_mem_total(),
             online_cpus=read_online_cpus(),
             agent_version=kabuto.__version__,
+            init_started_uptime_seconds=self.init_started_uptime,
             agent_started_uptime_seconds=self.started_uptime,
+            agent_serving_uptime_seconds=self.serving_uptime,
             uptime_seconds=read_uptime(),
             is_init=os.getpid() == 1,
         )

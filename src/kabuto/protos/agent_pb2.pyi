@@ -30,7 +30,7 @@ class GuestDetailsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GuestDetailsResponse(_message.Message):
-    __slots__ = ("kernel_release", "mem_total_bytes", "online_cpus", "agent_version", "kernel_version", "machine", "agent_started_uptime_seconds", "uptime_seconds", "is_init")
+    __slots__ = ("kernel_release", "mem_total_bytes", "online_cpus", "agent_version", "kernel_version", "machine", "agent_started_uptime_seconds", "uptime_seconds", "is_init", "init_started_uptime_seconds", "agent_serving_uptime_seconds")
     KERNEL_RELEASE_FIELD_NUMBER: _ClassVar[int]
     MEM_TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     ONLINE_CPUS_FIELD_NUMBER: _ClassVar[int]
@@ -40,6 +40,8 @@ class GuestDetailsResponse(_message.Message):
     AGENT_STARTED_UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
     UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
     IS_INIT_FIELD_NUMBER: _ClassVar[int]
+    INIT_STARTED_UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    AGENT_SERVING_UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
     kernel_release: str
     mem_total_bytes: int
     online_cpus: int
@@ -49,7 +51,9 @@ class GuestDetailsResponse(_message.Message):
     agent_started_uptime_seconds: float
     uptime_seconds: float
     is_init: bool
-    def __init__(self, kernel_release: _Optional[str] = ..., mem_total_bytes: _Optional[int] = ..., online_cpus: _Optional[int] = ..., agent_version: _Optional[str] = ..., kernel_version: _Optional[str] = ..., machine: _Optional[str] = ..., agent_started_uptime_seconds: _Optional[float] = ..., uptime_seconds: _Optional[float] = ..., is_init: _Optional[bool] = ...) -> None: ...
+    init_started_uptime_seconds: float
+    agent_serving_uptime_seconds: float
+    def __init__(self, kernel_release: _Optional[str] = ..., mem_total_bytes: _Optional[int] = ..., online_cpus: _Optional[int] = ..., agent_version: _Optional[str] = ..., kernel_version: _Optional[str] = ..., machine: _Optional[str] = ..., agent_started_uptime_seconds: _Optional[float] = ..., uptime_seconds: _Optional[float] = ..., is_init: _Optional[bool] = ..., init_started_uptime_seconds: _Optional[float] = ..., agent_serving_uptime_seconds: _Optional[float] = ...) -> None: ...
 
 class ShutdownRequest(_message.Message):
     __slots__ = ()
