@@ -76,7 +76,6 @@ CLOUD_HYPERVISOR = Api(
         Operation("PUT", f"{_CH}/vm.add-disk", "DiskConfig", (200, 204)),
         Operation("PUT", f"{_CH}/vm.add-net", "NetConfig", (200, 204)),
         Operation("PUT", f"{_CH}/vm.add-fs", "FsConfig", (200, 204)),
-        Operation("PUT", f"{_CH}/vm.add-vsock", "VsockConfig", (200, 204)),
         Operation("PUT", f"{_CH}/vm.remove-device", "VmRemoveDevice", (204,)),
     ),
     schemas={

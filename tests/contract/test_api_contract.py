@@ -36,7 +36,12 @@ def test_schema_violations_are_caught() -> None:
     assert "has no field 'vcpus'" in errors(
         CLOUD_HYPERVISOR, "PUT", "/api/v1/vm.create", {"payload": {"kernel": "/k"}, "vcpus": 1}
     )
-    assert "below 3" in errors(CLOUD_HYPERVISOR, "PUT", "/api/v1/vm.add-vsock", {"cid": 2, "socket": "/s"})
+    assert "below 3" in errors(
+        CLOUD_HYPERVISOR,
+        "PUT",
+        "/api/v1/vm.create",
+        {"payload": {"kernel": "/k"}, "vsock": {"cid": 2, "socket": "/s"}},
+    )
     assert "expected an integer" in errors(
         FIRECRACKER, "PUT", "/machine-config", {"vcpu_count": True, "mem_size_mib": 128}
     )
