@@ -108,7 +108,9 @@ def load_config(
     table = config.hypervisor[name]
     plugin.adjust(table)
     if validate:
-        problems = _prefixed(f"hypervisor.{name}", plugin.validate(table)) + _common_problems(config)
+        # the regexes of a table an annotation switched to were not checked above
+        own = check_enable_annotations(table) + plugin.validate(table)
+        problems = _prefixed(f"hypervisor.{name}", own) + _common_problems(config)
         _raise_if_any(problems, from_annotations, source)
     return config
 
