@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,7 +95,18 @@ async def unshare_rootfs(shared_dir: Path, container_id: str) -> None:
 
 
 def _is_mount(path: Path) -> bool:
-    return os.path.ismount(path)
+    # os.path.ismount misses a bind mount from the same filesystem: ask the kernel's table
+    return str(path) in mount_points()
+
+
+def mount_points() -> set[str]:
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as mountinfo:
+        return {_unescape(line.split()[4]) for line in mountinfo if line.strip()}
+
+
+def _unescape(field: str) -> str:
+    # mountinfo writes space, tab, newline and backslash as \ooo octal escapes
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
 def _remove_dirs(*directories: Path) -> None:

@@ -41,7 +41,7 @@ INIT_EXEC_ID = ""
 LONG_POLL = 10.0
 MIN_POLL = 0.5
 # `state`/`list` ask whether the init process has exited; this long a "no" means running.
-STATUS_POLL = 1.0
+STATUS_POLL = 0.5
 READ_CHUNK = 1024 * 1024
 WRITE_CHUNK = 1024 * 1024
 
@@ -55,6 +55,13 @@ def _agent_storage(storage: Storage) -> Any:
 
     return AgentStorage(source=storage.source, mount_point=storage.mount_point, fstype=storage.fstype,
                         options=list(storage.options))
+
+
+def container_client(agent: AgentClient) -> Any:
+    """The ContainerService client on an agent connection (a seam the unit tests replace)."""
+    from kabuto.agent.containers import ContainerClient
+
+    return ContainerClient(agent)
 
 
 class VirtSandbox:
@@ -154,15 +161,13 @@ class VirtSandbox:
         return self.hypervisor.status in (VmStatus.RUNNING, VmStatus.PAUSED)
 
     async def connect(self, timeout: float = AGENT_CALL_TIMEOUT) -> None:
-        from kabuto.agent.containers import ContainerClient
-
         if self.agent is not None:
             return
         if not self.vm_alive:
             raise SandboxError(f"sandbox {self.id!r}: its VM is not running")
         self.agent = await wait_for_agent(await self.hypervisor.get_agent_socket(), timeout,
                                           call_timeout=AGENT_CALL_TIMEOUT)
-        self._containers = ContainerClient(self.agent)
+        self._containers = container_client(self.agent)
 
     async def disconnect(self) -> None:
         """Leave the VM running for a later process; drop the agent and control connections."""

@@ -193,11 +193,12 @@ class StateStore:
 
 
 def _remove_empty_tree(directory: Path) -> None:
-    """rmdir bottom-up; never deletes files, so a mount still in place is never emptied."""
+    """rmdir bottom-up; never deletes files, so a mount still in place is never emptied (rmdir
+    of a mount point fails with EBUSY)."""
     if not directory.is_dir() or directory.is_symlink():
         return
     for child in directory.iterdir():
-        if child.is_dir() and not child.is_symlink() and not os.path.ismount(child):
+        if child.is_dir() and not child.is_symlink():
             _remove_empty_tree(child)
     with contextlib.suppress(OSError):
         directory.rmdir()

@@ -1,0 +1,514 @@
+"""The runtime's lifecycle logic against a fake VMM and a fake guest agent.
+
+The fake VMM is a real process (``sleep``) started in its own session, so "the VMM died" is
+a real kill and the leftover check sees real processes; the shared-fs rootfs is a real bind
+mount. Only the guest is simulated: a ContainerService double keyed by VM id, so that every
+``attach`` (as a later CLI process would do) finds the same guest again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Self
+
+import psutil
+import pytest
+
+from kabuto.config import loader
+from kabuto.errors import KabutoError
+from kabuto.hypervisor import registry
+from kabuto.hypervisor.base import DEFAULT_JAILER_ROOT, Hypervisor, HypervisorState, VcpuThreadIds, VmStatus
+from kabuto.hypervisor.capabilities import Capabilities
+from kabuto.hypervisor.devices import DeviceKind, SharedFsKind
+from kabuto.hypervisor.plugin import Availability, BasePlugin
+from kabuto.runtime import commands
+from kabuto.runtime import sandbox as sandbox_module
+from kabuto.runtime.bundle import BundleError, ContainerIdError, default_spec
+from kabuto.runtime.sandbox import SandboxError
+from kabuto.runtime.state import StateStore
+from kabuto.ttrpc.status import Code, RpcError
+
+GUESTS: dict[str, FakeGuest] = {}
+
+
+# -- fake VMM ----------------------------------------------------------------------------------
+class FakeVmm(Hypervisor):
+    name = "fakevmm"
+    capabilities = Capabilities(shared_fs=frozenset({SharedFsKind.VIRTIO_9P}))
+
+    async def prepare_vm(self, id: str, netns: str | None = None) -> None:
+        self.id = id
+        self.vm_path.mkdir(parents=True)
+        self.status = VmStatus.PREPARED
+
+    async def start_vm(self, timeout: float) -> None:
+        # the VM path on the command line lets the leftover check find a surviving "VMM"
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", "import time; time.sleep(600)", str(self.vm_path), start_new_session=True)
+        process = self.process
+        self.pid = process.pid
+        self.create_time = psutil.Process(process.pid).create_time()
+        GUESTS[self.id] = FakeGuest()
+        self.devices.extend(self.pending_devices)
+        for index, device in enumerate(self.devices):
+            if device.kind == DeviceKind.BLOCK:
+                device.guest_address = f"/dev/vd{chr(ord('b') + index)}"
+        self.pending_devices.clear()
+        self.status = VmStatus.RUNNING
+
+    def _alive(self) -> bool:
+        try:
+            process = psutil.Process(getattr(self, "pid", 0))
+            return process.create_time() == self.create_time and process.status() != psutil.STATUS_ZOMBIE
+        except (psutil.Error, ValueError):
+            return False
+
+    async def stop_vm(self) -> None:
+        await self._kill()
+        self.status = VmStatus.STOPPED
+
+    async def _kill(self) -> None:
+        if self._alive():
+            os.kill(self.pid, signal.SIGKILL)
+        process = getattr(self, "process", None)
+        if process is not None:
+            await process.wait()
+
+    async def cleanup(self) -> None:
+        await self._kill()
+        if self.id:
+            shutil.rmtree(self.vm_path, ignore_errors=True)
+        self.status = VmStatus.STOPPED
+
+    async def get_pids(self) -> list[int]:
+        return [self.pid] if self._alive() else []
+
+    async def save_state(self) -> HypervisorState:
+        return HypervisorState(self.name, self.id, self.status.value, str(self.vm_path),
+                               str(self.jailer_root), await self.get_pids(), "unix:///fake",
+                               {"create_time": getattr(self, "create_time", 0.0),
+                                "devices": [{"id": d.id, "path": str(getattr(d, "path", ""))}
+                                            for d in self.devices]})
+
+    @classmethod
+    async def restore(cls, config: Any, state: HypervisorState,
+                      jailer_root: Path = DEFAULT_JAILER_ROOT) -> Self:
+        self = cls(config, Path(state.jailer_root))
+        self.id = state.id
+        self.pid = state.pids[0] if state.pids else 0
+        self.create_time = state.extra["create_time"]
+        self.status = VmStatus.RUNNING if self._alive() else VmStatus.STOPPED
+        return self
+
+    async def pause_vm(self) -> None: ...
+    async def resume_vm(self) -> None: ...
+    async def save_vm(self) -> Path: raise NotImplementedError
+    async def get_agent_socket(self) -> str: return "unix:///fake"
+    async def disconnect(self) -> None: ...
+    async def get_thread_ids(self) -> VcpuThreadIds: return VcpuThreadIds()
+    async def check(self) -> None: ...
+
+
+class BlockOnlyVmm(FakeVmm):
+    name = "fakeblock"
+    capabilities = Capabilities()
+
+
+class FakePlugin(BasePlugin):
+    def __init__(self, backend_class: type[Hypervisor]) -> None:
+        self.backend_class = backend_class
+
+    def adjust(self, table: Any) -> None: ...
+    def validate(self, table: Any) -> list[Any]: return []
+    def capabilities(self) -> Capabilities: return self.backend_class.capabilities
+    def availability(self, table: Any) -> Availability: return Availability(True)
+    def backend(self) -> type[Hypervisor]: return self.backend_class
+
+
+# -- fake guest --------------------------------------------------------------------------------
+@dataclass
+class FakeProcess:
+    args: list[str]
+    stdout: bytearray = field(default_factory=bytearray)
+    stdin: bytearray = field(default_factory=bytearray)
+    exit_status: int | None = None
+
+
+@dataclass
+class FakeGuest:
+    containers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    sandbox_created: bool = False
+
+    def process(self, cid: str, eid: str) -> FakeProcess:
+        try:
+            return self.containers[cid]["processes"][eid]
+        except KeyError:
+            raise RpcError(Code.NOT_FOUND, f"no process {cid}/{eid}") from None
+
+
+def behave(process: FakeProcess) -> None:
+    """``echo`` and ``exit N`` finish at once; ``cat`` echoes stdin at close; the rest run until signalled."""
+    if process.args[0] == "echo":
+        process.stdout += (" ".join(process.args[1:]) + "\n").encode()
+        process.exit_status = 0
+    elif process.args[0] == "exit":
+        process.exit_status = int(process.args[1])
+
+
+async def until(condition: Any) -> None:
+    for _ in range(1000):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise RpcError(Code.DEADLINE_EXCEEDED, "fake long poll ran out")
+
+
+class FakeContainers:
+    def __init__(self, guest: FakeGuest) -> None:
+        self.guest = guest
+
+    async def create_sandbox(self, hostname: str, storages: list[Any]) -> None:
+        self.guest.sandbox_created = True
+
+    async def create_container(self, cid: str, spec_json: bytes, rootfs: Any) -> int:
+        if cid in self.guest.containers:
+            raise RpcError(Code.ALREADY_EXISTS, f"container {cid} exists")
+        spec = json.loads(spec_json)
+        if spec["process"]["args"][0] == "missing-binary":
+            raise RpcError(Code.INVALID_ARGUMENT, "executable file not found")
+        self.guest.containers[cid] = {"spec": spec, "rootfs": rootfs, "started": False,
+                                      "processes": {"": FakeProcess(spec["process"]["args"])}}
+        return 1
+
+    async def start_container(self, cid: str) -> int:
+        self.guest.containers[cid]["started"] = True
+        behave(self.guest.process(cid, ""))
+        return 1
+
+    async def exec_process(self, cid: str, eid: str, process_json: bytes) -> int:
+        process = FakeProcess(json.loads(process_json)["args"])
+        self.guest.containers[cid]["processes"][eid] = process
+        behave(process)
+        return 2
+
+    async def wait_process(self, cid: str, eid: str, timeout: float) -> int:
+        process = self.guest.process(cid, eid)
+        if process.exit_status is None:
+            await asyncio.sleep(min(timeout, 0.05))
+            raise RpcError(Code.DEADLINE_EXCEEDED, "still running")
+        return process.exit_status
+
+    async def signal_process(self, cid: str, eid: str, number: int, all: bool = False) -> None:
+        process = self.guest.process(cid, eid)
+        if process.exit_status is not None:
+            raise RpcError(Code.NOT_FOUND, "process exited")
+        # PID 1 of the container ignores signals it has no handler for, except SIGKILL
+        if eid or number == signal.SIGKILL:
+            process.exit_status = 128 + number
+
+    async def read_stdout(self, cid: str, eid: str, max_len: int, timeout: float) -> bytes:
+        process = self.guest.process(cid, eid)
+        await until(lambda: bool(process.stdout) or process.exit_status is not None)
+        data = bytes(process.stdout[:max_len])
+        del process.stdout[:max_len]
+        return data
+
+    async def read_stderr(self, cid: str, eid: str, max_len: int, timeout: float) -> bytes:
+        process = self.guest.process(cid, eid)
+        await until(lambda: process.exit_status is not None)
+        return b""
+
+    async def write_stdin(self, cid: str, eid: str, data: bytes, timeout: float) -> int:
+        self.guest.process(cid, eid).stdin += data
+        return len(data)
+
+    async def close_stdin(self, cid: str, eid: str) -> None:
+        process = self.guest.process(cid, eid)
+        if process.args[0] == "cat" and process.exit_status is None:
+            process.stdout += process.stdin
+            process.exit_status = 0
+
+    async def list_processes(self, cid: str) -> list[int]:
+        processes = self.guest.containers[cid]["processes"].values()
+        return [1 + i for i, p in enumerate(processes) if p.exit_status is None]
+
+    async def remove_container(self, cid: str) -> None:
+        self.guest.containers.pop(cid)
+
+    async def destroy_sandbox(self) -> None:
+        self.guest.containers.clear()
+
+
+class FakeAgent:
+    def __init__(self, address: str) -> None:
+        self.address = address
+
+    async def close(self) -> None: ...
+
+
+# -- fixtures ----------------------------------------------------------------------------------
+@pytest.fixture(autouse=True)
+def fakes(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    monkeypatch.delenv(loader.ENV_VAR, raising=False)
+    monkeypatch.setattr(loader, "SYSTEM_PATH", tmp_path / "absent.toml")
+    registry.registered_names()
+    monkeypatch.setattr(registry, "_plugins", dict(registry._plugins))
+    monkeypatch.setattr(registry, "_aliases", dict(registry._aliases))
+    registry.register_hypervisor_plugin("fakevmm", FakePlugin(FakeVmm))
+    registry.register_hypervisor_plugin("fakeblock", FakePlugin(BlockOnlyVmm))
+    current: dict[str, str] = {}
+
+    async def fake_wait_for_agent(address: str, timeout: float, **kwargs: Any) -> FakeAgent:
+        return FakeAgent(address)
+
+    original_connect = sandbox_module.VirtSandbox.connect
+
+    async def connect(self: sandbox_module.VirtSandbox, timeout: float = 1.0) -> None:
+        current["id"] = self.id
+        await original_connect(self, timeout)
+
+    monkeypatch.setattr(sandbox_module, "wait_for_agent", fake_wait_for_agent)
+    monkeypatch.setattr(sandbox_module.VirtSandbox, "connect", connect)
+    monkeypatch.setattr(sandbox_module, "container_client",
+                        lambda agent: FakeContainers(GUESTS[current["id"]]))
+    monkeypatch.setattr(sandbox_module, "_agent_storage", lambda storage: storage)
+    GUESTS.clear()
+    yield
+    GUESTS.clear()
+
+
+def runtime_leftovers(root: Path) -> list[str]:
+    """Processes naming ``root``, mounts under it, and any path in it but the lock file and the
+    (empty) VM directory root: what a removed sandbox must not leave."""
+    found = [f"process {p.pid}" for p in psutil.process_iter(["cmdline"])
+             if any(str(root) in arg for arg in p.info.get("cmdline") or [])
+             and p.status() != psutil.STATUS_ZOMBIE]
+    with open("/proc/self/mounts") as mounts:
+        found += [f"mount {line.split()[1]}" for line in mounts if line.split()[1].startswith(str(root))]
+    if root.exists():
+        found += [f"path {p}" for p in root.rglob("*")
+                  if p.relative_to(root).parts[0] not in (".lock", ".vm")]
+        found += [f"path {p}" for p in (root / ".vm").glob("*")]
+    return found
+
+
+@pytest.fixture
+def store() -> Iterator[StateStore]:
+    root = Path(tempfile.mkdtemp(prefix="kbr-", dir="/tmp"))
+    try:
+        yield StateStore(root)
+        leftovers = runtime_leftovers(root)
+        assert not leftovers, "left behind:\n  " + "\n  ".join(leftovers)
+    finally:
+        subprocess.run(["umount", "-R", "--lazy", str(root)], capture_output=True, check=False)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def options(store: StateStore, hypervisor: str = "fakevmm") -> commands.RuntimeOptions:
+    return commands.RuntimeOptions(store, None, hypervisor, 5.0)
+
+
+def make_bundle(directory: Path, args: list[str], **annotations: str) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    rootfs = directory / "rootfs"
+    rootfs.mkdir(exist_ok=True)
+    (rootfs / "marker").write_text("in the rootfs")
+    spec = default_spec(args)
+    spec["annotations"] = dict(annotations)
+    (directory / "config.json").write_text(json.dumps(spec))
+    return directory
+
+
+def exists(path: Path) -> bool:
+    return path.exists()
+
+
+def debugfs_cat(image: Path, path: str) -> str:
+    return subprocess.run(["debugfs", "-R", f"cat {path}", str(image)], capture_output=True, text=True,
+                          check=True).stdout
+
+
+class Output:
+    def __init__(self) -> None:
+        self.stdout = bytearray()
+        self.stderr = bytearray()
+
+    def io(self, stdin: bytes | None = None) -> commands.ProcessIO:
+        async def out(data: bytes) -> None:
+            self.stdout.extend(data)
+
+        async def err(data: bytes) -> None:
+            self.stderr.extend(data)
+
+        async def chunks() -> Any:
+            yield stdin
+
+        return commands.ProcessIO(out, err, chunks() if stdin else None)
+
+
+# -- tests -------------------------------------------------------------------------------------
+async def test_create_start_state_kill_delete(store: StateStore, tmp_path: Path) -> None:
+    opts = options(store)
+    bundle = make_bundle(tmp_path / "b1", ["sleep"])
+    sandbox = await commands.create("c1", str(bundle), opts)
+    await sandbox.disconnect()
+    # the rootfs is shared through one bind mount under the sandbox's share directory
+    shared = Path(sandbox.record.shared_dir) / "c1" / "rootfs"
+    assert (shared / "marker").read_text() == "in the rootfs"
+    state = await commands.state("c1", opts)
+    assert state["status"] == "created" and state["id"] == "c1" and state["bundle"] == str(bundle)
+    assert state["pid"] > 0 and psutil.pid_exists(state["pid"])
+    await commands.start("c1", opts)
+    assert (await commands.state("c1", opts))["status"] == "running"
+    with pytest.raises(SandboxError, match="not stopped: running"):
+        await commands.delete("c1", opts)
+    assert await commands.ps("c1", opts) == [1]
+    await commands.kill("c1", "TERM", opts)  # PID 1 without a handler ignores it
+    assert (await commands.state("c1", opts))["status"] == "running"
+    await commands.kill("c1", "9", opts)
+    state = await commands.state("c1", opts)
+    assert state["status"] == "stopped" and state["pid"] == 0
+    await commands.delete("c1", opts)
+    with pytest.raises(ContainerIdError, match="does not exist"):
+        await commands.state("c1", opts)
+
+
+async def test_run_streams_and_returns_exit_code(store: StateStore, tmp_path: Path) -> None:
+    output = Output()
+    status = await commands.run("r1", str(make_bundle(tmp_path / "b", ["echo", "hello"])), options(store),
+                                output.io())
+    assert (status, bytes(output.stdout)) == (0, b"hello\n")
+    status = await commands.run("r2", str(make_bundle(tmp_path / "b2", ["exit", "3"])), options(store),
+                                Output().io())
+    assert status == 3
+
+
+async def test_run_passes_stdin(store: StateStore, tmp_path: Path) -> None:
+    output = Output()
+    status = await commands.run("r1", str(make_bundle(tmp_path / "b", ["cat"])), options(store),
+                                output.io(b"x" * 100_000))
+    assert status == 0 and bytes(output.stdout) == b"x" * 100_000
+
+
+async def test_exec_and_signal_forwarding(store: StateStore, tmp_path: Path) -> None:
+    opts = options(store)
+    sandbox = await commands.create("c1", str(make_bundle(tmp_path / "b", ["sleep"])), opts)
+    await sandbox.disconnect()
+    await commands.start("c1", opts)
+    output = Output()
+    assert await commands.exec_in("c1", ["echo", "from", "exec"], opts, output.io()) == 0
+    assert bytes(output.stdout) == b"from exec\n"
+
+    def forward_sigint_at_once(forward: Any) -> None:
+        asyncio.get_running_loop().call_later(0.1, forward, int(signal.SIGINT))
+
+    status = await commands.exec_in("c1", ["sleep"], opts, Output().io(), on_signal=forward_sigint_at_once)
+    assert status == 128 + signal.SIGINT
+    await commands.delete("c1", opts, force=True)
+
+
+async def test_duplicate_and_unknown_ids(store: StateStore, tmp_path: Path) -> None:
+    opts = options(store)
+    bundle = str(make_bundle(tmp_path / "b", ["sleep"]))
+    sandbox = await commands.create("c1", bundle, opts)
+    await sandbox.disconnect()
+    with pytest.raises(ContainerIdError, match="already exists"):
+        await commands.create("c1", bundle, opts)
+    for operation in (commands.start("nope", opts), commands.state("nope", opts),
+                      commands.kill("nope", "KILL", opts), commands.delete("nope", opts)):
+        with pytest.raises(ContainerIdError, match="'nope' does not exist"):
+            await operation
+    await commands.delete("c1", opts)
+
+
+async def test_bad_bundle_leaves_nothing(store: StateStore, tmp_path: Path) -> None:
+    with pytest.raises(BundleError, match=r"config\.json not found"):
+        await commands.create("c1", str(tmp_path), options(store))
+    with pytest.raises(ContainerIdError, match="invalid container id"):
+        await commands.create("../x", str(make_bundle(tmp_path / "b", ["true"])), options(store))
+
+
+async def test_agent_refusal_stops_the_vm(store: StateStore, tmp_path: Path) -> None:
+    with pytest.raises(RpcError, match="executable file not found"):
+        await commands.create("c1", str(make_bundle(tmp_path / "b", ["missing-binary"])), options(store))
+    assert not GUESTS["c1"].containers
+
+
+async def test_pod_containers_share_one_vm(store: StateStore, tmp_path: Path) -> None:
+    opts = options(store)
+    sandbox = await commands.create("pod", str(make_bundle(tmp_path / "p", ["sleep"])), opts)
+    await sandbox.disconnect()
+    await commands.start("pod", opts)
+    pod_annotations = {commands.CONTAINER_TYPE_ANNOTATION: "container", commands.SANDBOX_ID_ANNOTATION: "pod"}
+    for name in ("app1", "app2"):
+        joined = await commands.create(name, str(make_bundle(tmp_path / name, ["sleep"], **pod_annotations)),
+                                       opts)
+        await joined.disconnect()
+        await commands.start(name, opts)
+    assert set(GUESTS) == {"pod"} and set(GUESTS["pod"].containers) == {"pod", "app1", "app2"}
+    pids = {(await commands.state(n, opts))["pid"] for n in ("pod", "app1", "app2")}
+    assert len(pids) == 1
+    with pytest.raises(SandboxError, match="still belong to it"):
+        await commands.kill("pod", "KILL", opts) or await commands.delete("pod", opts)
+    await commands.kill("app1", "KILL", opts)
+    await commands.delete("app1", opts)
+    assert set(GUESTS["pod"].containers) == {"pod", "app2"}
+    await commands.delete("pod", opts, force=True)
+    with pytest.raises(ContainerIdError):
+        await commands.state("app2", opts)
+
+
+async def test_dead_vmm_is_noticed_and_cleaned(store: StateStore, tmp_path: Path) -> None:
+    opts = options(store)
+    sandbox = await commands.create("c1", str(make_bundle(tmp_path / "b", ["sleep"])), opts)
+    await sandbox.disconnect()
+    await commands.start("c1", opts)
+    pid = (await commands.state("c1", opts))["pid"]
+    os.kill(pid, signal.SIGKILL)
+    await asyncio.sleep(0.2)
+    state = await commands.state("c1", opts)
+    assert state["status"] == "stopped"
+    # the rootfs mount and the VM directory went as soon as the death was noticed
+    assert not exists(Path(sandbox.record.shared_dir, "c1", "rootfs"))
+    assert not exists(store.jailer_root / "c1")
+    with pytest.raises(SandboxError, match="VM is gone"):
+        await commands.exec_in("c1", ["echo"], opts, Output().io())
+    await commands.delete("c1", opts)
+
+
+async def test_block_rootfs_without_shared_fs(store: StateStore, tmp_path: Path) -> None:
+    if shutil.which("mkfs.ext4") is None:
+        pytest.skip("mkfs.ext4 (e2fsprogs) is not installed")
+    opts = options(store, "fakeblock")
+    sandbox = await commands.create("c1", str(make_bundle(tmp_path / "b", ["sleep"])), opts)
+    rootfs = GUESTS["c1"].containers["c1"]["rootfs"]
+    assert (rootfs.source, rootfs.fstype) == ("/dev/vdb", "ext4")
+    spec = GUESTS["c1"].containers["c1"]["spec"]
+    assert spec["root"]["path"] == rootfs.mount_point
+    image = store.sandbox_dir("c1") / "c1.ext4"
+    assert debugfs_cat(image, "/marker") == "in the rootfs"
+    await sandbox.disconnect()
+    # no shared fs and no block hot-plug: a second container cannot join after boot
+    pod = {commands.CONTAINER_TYPE_ANNOTATION: "container", commands.SANDBOX_ID_ANNOTATION: "c1"}
+    with pytest.raises(SandboxError, match="neither a shared filesystem nor block hot-plug"):
+        await commands.create("c2", str(make_bundle(tmp_path / "b2", ["sleep"], **pod)), opts)
+    await commands.delete("c1", opts, force=True)
+
+
+def test_parse_signal() -> None:
+    assert commands.parse_signal("KILL") == commands.parse_signal("SIGKILL") == 9
+    assert commands.parse_signal("9") == 9
+    assert commands.parse_signal("term") == signal.SIGTERM
+    for bad in ("SIGBOGUS", "0", "999", "-1"):
+        with pytest.raises(KabutoError, match="invalid signal"):
+            commands.parse_signal(bad)
