@@ -13,7 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
-from kabuto.guest import channel, init
+from kabuto.guest import channel, containers, init
 from kabuto.guest.service import SERVICE_NAME, AgentService, read_uptime
 from kabuto.ttrpc import Server
 
@@ -48,6 +48,7 @@ async def serve(args: argparse.Namespace, started_uptime: float) -> None:
     service = AgentService(started_uptime)
     server = Server()
     server.register(SERVICE_NAME, service.methods())
+    server.register(containers.SERVICE_NAME, containers.ContainerService().methods())
 
     if args.listen is None:
         path = await channel.wait_for_port(args.port_name, args.port_timeout)

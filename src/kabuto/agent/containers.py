@@ -1,0 +1,277 @@
+"""Host-side client of the guest's ContainerService (sandbox, containers, processes).
+
+``ContainerClient(agent_client)`` shares the AgentClient's ttrpc connection. Every call
+is bounded: ordinary calls by the agent client's call timeout, the waits that may last
+as long as a process does (wait_process, read_stdout/read_stderr, write_stdin) by polls
+of at most ``poll_interval`` seconds each, repeated until the answer or the caller's
+``timeout`` (None: for as long as the guest answers). The guest answers a poll that found
+nothing with DEADLINE_EXCEEDED just before the poll's deadline, having consumed nothing,
+so polling again loses no byte. A dead guest or channel fails the next poll at the latest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from google.protobuf.message import Message
+
+from kabuto.agent.client import AgentClient
+from kabuto.errors import AgentError, KabutoError
+from kabuto.protos import containers_pb2 as pb
+from kabuto.ttrpc import Code, RpcError
+
+SERVICE_NAME = "kabuto.agent.v1.ContainerService"
+DEFAULT_POLL_INTERVAL = 30.0
+# Per-call chunk for stdin, output and file copies (the guest accepts at most 1 MiB).
+MAX_CHUNK = 1 << 20
+# The most copy_file_out reads unless told otherwise; the guest is untrusted.
+DEFAULT_MAX_FILE_SIZE = 64 << 20
+
+M = TypeVar("M", bound=Message)
+
+
+@dataclass(frozen=True)
+class Storage:
+    """A filesystem the guest mounts: a 9p tag, a block device..."""
+
+    source: str
+    mount_point: str
+    fstype: str
+    options: Sequence[str] = ()
+
+    def to_message(self) -> pb.Storage:
+        return pb.Storage(
+            source=self.source, mount_point=self.mount_point, fstype=self.fstype, options=list(self.options)
+        )
+
+
+@dataclass(frozen=True)
+class ContainerStats:
+    """Numbers from the container's cgroup; None where the guest cannot tell."""
+
+    cpu_usage_usec: int | None
+    cpu_user_usec: int | None
+    cpu_system_usec: int | None
+    memory_usage_bytes: int | None
+    memory_limit_bytes: int | None  # None: no limit
+    pids_current: int | None
+    pids_limit: int | None  # None: no limit
+
+    @classmethod
+    def from_message(cls, message: pb.StatsContainerResponse) -> ContainerStats:
+        return cls(
+            **{
+                name: getattr(message, name) if message.HasField(name) else None
+                for name in cls.__annotations__
+            }
+        )
+
+
+class ContainerClient:
+    """ContainerService calls over an AgentClient's connection."""
+
+    def __init__(self, agent: AgentClient, *, poll_interval: float = DEFAULT_POLL_INTERVAL) -> None:
+        self.agent = agent
+        self.poll_interval = poll_interval
+
+    async def _call(
+        self, method: str, request: Message, response_type: type[M], timeout: float | None = None
+    ) -> M:
+        try:
+            return await self.agent._ttrpc.call(
+                SERVICE_NAME, method, request, response_type, timeout=timeout or self.agent.call_timeout
+            )
+        except RpcError as exc:
+            raise ContainerCallError(self.agent.address, method, exc.code, exc.message) from exc
+        except KabutoError as exc:
+            raise AgentError(f"agent at {self.agent.address}: {method} failed: {exc}") from exc
+
+    async def _poll(self, method: str, request: Message, response_type: type[M], timeout: float | None) -> M:
+        """Call a long-polling method until it answers, for at most ``timeout`` seconds."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            poll = self.poll_interval if deadline is None else min(self.poll_interval, deadline - loop.time())
+            if poll <= 0:
+                raise AgentError(f"agent at {self.agent.address}: {method}: no answer within {timeout:g}s")
+            try:
+                return await self._call(method, request, response_type, poll)
+            except ContainerCallError as exc:
+                if exc.code != Code.DEADLINE_EXCEEDED:
+                    raise
+
+    # --- sandbox ---------------------------------------------------------------------
+
+    async def create_sandbox(
+        self, *, hostname: str = "", storages: Sequence[Storage] = (), sandbox_id: str = ""
+    ) -> None:
+        request = pb.CreateSandboxRequest(
+            hostname=hostname, storages=[s.to_message() for s in storages], sandbox_id=sandbox_id
+        )
+        await self._call("CreateSandbox", request, pb.CreateSandboxResponse)
+
+    async def destroy_sandbox(self, timeout: float | None = None) -> None:
+        await self._call("DestroySandbox", pb.DestroySandboxRequest(), pb.DestroySandboxResponse, timeout)
+
+    # --- containers --------------------------------------------------------------------
+
+    async def create_container(
+        self,
+        container_id: str,
+        oci_spec: bytes | Mapping[str, Any],
+        *,
+        rootfs: Storage | None = None,
+        timeout: float | None = None,
+    ) -> int:
+        """Like ``runc create``; ``oci_spec``: config.json (bytes or parsed) with root.path
+        the rootfs's guest path. Returns the init process's PID in the guest."""
+        raw = oci_spec if isinstance(oci_spec, bytes) else json.dumps(oci_spec).encode()
+        request = pb.CreateContainerRequest(container_id=container_id, oci_spec_json=raw)
+        if rootfs is not None:
+            request.rootfs.CopyFrom(rootfs.to_message())
+        response = await self._call("CreateContainer", request, pb.CreateContainerResponse, timeout)
+        return response.pid
+
+    async def start_container(self, container_id: str, timeout: float | None = None) -> int:
+        request = pb.StartContainerRequest(container_id=container_id)
+        return (await self._call("StartContainer", request, pb.StartContainerResponse, timeout)).pid
+
+    async def remove_container(self, container_id: str, timeout: float | None = None) -> None:
+        request = pb.RemoveContainerRequest(container_id=container_id)
+        await self._call("RemoveContainer", request, pb.RemoveContainerResponse, timeout)
+
+    async def list_processes(self, container_id: str) -> list[int]:
+        request = pb.ListProcessesRequest(container_id=container_id)
+        return list((await self._call("ListProcesses", request, pb.ListProcessesResponse)).pids)
+
+    async def stats_container(self, container_id: str) -> ContainerStats:
+        request = pb.StatsContainerRequest(container_id=container_id)
+        return ContainerStats.from_message(
+            await self._call("StatsContainer", request, pb.StatsContainerResponse)
+        )
+
+    # --- processes -----------------------------------------------------------------------
+
+    async def exec_process(
+        self,
+        container_id: str,
+        exec_id: str,
+        process: bytes | Mapping[str, Any],
+        timeout: float | None = None,
+    ) -> int:
+        """Like ``runc exec``; ``process``: an OCI process object. Returns its PID."""
+        raw = process if isinstance(process, bytes) else json.dumps(process).encode()
+        request = pb.ExecProcessRequest(container_id=container_id, exec_id=exec_id, process_json=raw)
+        return (await self._call("ExecProcess", request, pb.ExecProcessResponse, timeout)).pid
+
+    async def wait_process(self, container_id: str, exec_id: str = "", timeout: float | None = None) -> int:
+        """The exit status (128+N when killed by signal N) once the process has exited."""
+        request = pb.WaitProcessRequest(container_id=container_id, exec_id=exec_id)
+        return (await self._poll("WaitProcess", request, pb.WaitProcessResponse, timeout)).exit_status
+
+    async def signal_process(
+        self, container_id: str, exec_id: str, signal: int, *, all_processes: bool = False
+    ) -> None:
+        request = pb.SignalProcessRequest(
+            container_id=container_id, exec_id=exec_id, signal=int(signal), all=all_processes
+        )
+        await self._call("SignalProcess", request, pb.SignalProcessResponse)
+
+    # --- stdio ------------------------------------------------------------------------------
+
+    async def write_stdin(
+        self, container_id: str, exec_id: str, data: bytes, timeout: float | None = None
+    ) -> int:
+        """Write all of ``data`` (in chunks, each waiting for room); returns len(data)."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        view = memoryview(data)
+        written = 0
+        while written < len(view) or not view:
+            remaining = None if deadline is None else deadline - loop.time()
+            chunk = bytes(view[written : written + MAX_CHUNK])
+            request = pb.WriteStdinRequest(container_id=container_id, exec_id=exec_id, data=chunk)
+            response = await self._poll("WriteStdin", request, pb.WriteStdinResponse, remaining)
+            if response.written > len(chunk):
+                raise AgentError(f"agent at {self.agent.address}: WriteStdin claims more than it was given")
+            written += response.written
+            if not view:
+                break
+        return written
+
+    async def close_stdin(self, container_id: str, exec_id: str = "") -> None:
+        request = pb.CloseStdinRequest(container_id=container_id, exec_id=exec_id)
+        await self._call("CloseStdin", request, pb.CloseStdinResponse)
+
+    async def read_stdout(
+        self, container_id: str, exec_id: str = "", max_len: int = MAX_CHUNK, timeout: float | None = None
+    ) -> bytes:
+        """Some output once there is any (at most ``max_len`` bytes); b"" at end of file."""
+        return await self._read("ReadStdout", container_id, exec_id, max_len, timeout)
+
+    async def read_stderr(
+        self, container_id: str, exec_id: str = "", max_len: int = MAX_CHUNK, timeout: float | None = None
+    ) -> bytes:
+        return await self._read("ReadStderr", container_id, exec_id, max_len, timeout)
+
+    async def _read(
+        self, method: str, container_id: str, exec_id: str, max_len: int, timeout: float | None
+    ) -> bytes:
+        max_len = max(1, min(max_len, MAX_CHUNK))
+        request = pb.ReadStreamRequest(container_id=container_id, exec_id=exec_id, max_len=max_len)
+        data = (await self._poll(method, request, pb.ReadStreamResponse, timeout)).data
+        if len(data) > max_len:
+            raise AgentError(
+                f"agent at {self.agent.address}: {method} sent {len(data)} bytes, asked {max_len}"
+            )
+        return data
+
+    async def tty_win_resize(self, container_id: str, exec_id: str, rows: int, cols: int) -> None:
+        request = pb.TtyWinResizeRequest(container_id=container_id, exec_id=exec_id, rows=rows, cols=cols)
+        await self._call("TtyWinResize", request, pb.TtyWinResizeResponse)
+
+    # --- files ---------------------------------------------------------------------------------
+
+    async def copy_file_in(
+        self, path: str, data: bytes, mode: int = 0o644, *, container_id: str = ""
+    ) -> None:
+        """Write ``data`` as the file ``path`` (inside the container when ``container_id``)."""
+        offset = 0
+        while True:
+            chunk = data[offset : offset + MAX_CHUNK]
+            request = pb.CopyFileInRequest(
+                path=path, data=chunk, mode=mode, offset=offset, container_id=container_id
+            )
+            await self._call("CopyFileIn", request, pb.CopyFileInResponse)
+            offset += len(chunk)
+            if offset >= len(data):
+                return
+
+    async def copy_file_out(
+        self, path: str, *, container_id: str = "", max_size: int = DEFAULT_MAX_FILE_SIZE
+    ) -> bytes:
+        """The whole file ``path``; an AgentError if it is larger than ``max_size``."""
+        content = bytearray()
+        while True:
+            request = pb.CopyFileOutRequest(
+                path=path, offset=len(content), max_len=MAX_CHUNK, container_id=container_id
+            )
+            response = await self._call("CopyFileOut", request, pb.CopyFileOutResponse)
+            if response.size > max_size or len(response.data) > MAX_CHUNK:
+                raise AgentError(f"{path} in the guest is larger than {max_size} bytes")
+            content += response.data
+            if not response.data or len(content) >= response.size:
+                return bytes(content)
+
+
+class ContainerCallError(AgentError):
+    """The guest answered a ContainerService call with an error status."""
+
+    def __init__(self, address: object, method: str, code: int, message: str) -> None:
+        self.code = code
+        self.message = message  # the guest's own words, e.g. runc-like "exec: ..."
+        super().__init__(f"agent at {address}: {method} failed: {message}")

@@ -1,0 +1,9 @@
+"""ContainerService: OCI containers inside the guest (namespaces, pivot_root, stdio).
+
+Imports only the standard library, google.protobuf, kabuto.ttrpc and kabuto.protos, like
+the rest of the guest agent.
+"""
+
+from kabuto.guest.containers.service import SERVICE_NAME, ContainerService
+
+__all__ = ["SERVICE_NAME", "ContainerService"]

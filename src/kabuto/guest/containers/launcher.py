@@ -1,0 +1,435 @@
+"""Starting a container process: the code that runs in forked copies of the agent.
+
+For every process the agent forks a *monitor*, which forks the process itself:
+
+    agent ──fork──► monitor ──fork──► child ──execve──► the container's program
+
+- The monitor joins (exec) or creates (init) the PID namespace, so that its child is in
+  it (PID 1 of a new one for a container's init), reports the child's PID, waits for it
+  and reports its wait status. A monitor per process keeps the agent free of reaping races:
+  the agent never waits for a process it did not fork itself.
+- The child joins or creates the other namespaces, builds the container's root (init
+  only), applies the OCI process settings, looks the program up, reports ``ready``, waits
+  for the start byte (init only, as ``runc create`` / ``runc start``) and execs.
+
+Each side reports on its own pipe, one JSON object per line: the monitor ``{"pid": N}``
+then ``{"status": waitstatus}``; the child ``{"ready": true}`` or ``{"error": "..."}``.
+The child's pipe is close-on-exec, so its end of file after ``ready`` means the exec
+succeeded. Nothing here returns: every path ends in execve or os._exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import resource
+import signal
+import stat
+import termios
+from dataclasses import dataclass
+from typing import NoReturn
+
+from kabuto.guest.containers import syscalls as sc
+from kabuto.guest.containers.spec import CAPABILITIES, ContainerSpec, MountSpec, ProcessSpec
+
+MAX_MESSAGE = 4000  # below PIPE_BUF: each message is one atomic write
+MAX_SYMLINKS = 40
+DEFAULT_DEVICES = (
+    ("null", 1, 3),
+    ("zero", 1, 5),
+    ("full", 1, 7),
+    ("random", 1, 8),
+    ("urandom", 1, 9),
+    ("tty", 5, 0),
+)
+DEV_SYMLINKS = (
+    ("fd", "/proc/self/fd"),
+    ("stdin", "/proc/self/fd/0"),
+    ("stdout", "/proc/self/fd/1"),
+    ("stderr", "/proc/self/fd/2"),
+)
+EXIT_SETUP_FAILED = 1
+EXIT_EXEC_FAILED = 127
+
+
+class LaunchError(Exception):
+    """Setting the process up failed; the message is for the user."""
+
+
+@dataclass(frozen=True)
+class Launch:
+    """What a forked monitor and its child need; every fd here belongs to them after fork."""
+
+    process: ProcessSpec
+    stdio: tuple[int, int, int]  # the child's 0, 1, 2
+    tty: bool  # stdio[0] is a pty slave: make it the controlling terminal
+    monitor_fd: int  # monitor -> agent
+    report_fd: int  # child -> agent
+    start_fd: int | None = None  # init: wait for a byte on it before exec
+    container: ContainerSpec | None = None  # init: build the container
+    namespace_fds: tuple[tuple[int, int], ...] = ()  # exec: (CLONE_NEW* type, fd) to join
+    pid_namespace_fd: int | None = None  # exec: the container's PID namespace
+    cgroup_procs: str | None = None  # the container cgroup's cgroup.procs to join
+    console_path: str | None = None  # the pty slave's path, bound over /dev/console
+
+
+def _send(fd: int, message: dict[str, object]) -> None:
+    line = json.dumps(message)
+    if len(line) > MAX_MESSAGE:
+        line = json.dumps(
+            {k: (v[: MAX_MESSAGE // 2] if isinstance(v, str) else v) for k, v in message.items()}
+        )
+    with contextlib.suppress(OSError):
+        os.write(fd, line.encode() + b"\n")
+
+
+def _reset_signals() -> None:
+    """Python ignores SIGPIPE and SIGXFSZ, and the agent handles others: a program must
+    start with every signal at its default and none blocked, as under runc."""
+    with contextlib.suppress(ValueError, OSError):
+        signal.set_wakeup_fd(-1)
+    for number in range(1, signal.NSIG):
+        with contextlib.suppress(OSError, ValueError, RuntimeError):
+            signal.signal(number, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+
+
+def _close_fds_except(keep: set[int]) -> None:
+    low = 0
+    for fd in sorted(keep):
+        if fd >= low:
+            os.closerange(low, fd)
+            low = fd + 1
+    os.closerange(low, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+
+
+def run_monitor(launch: Launch) -> NoReturn:
+    """In the forked monitor: fork the child, report its PID, wait, report its status."""
+    try:
+        _reset_signals()
+        if launch.container is not None and launch.container.namespaces & sc.CLONE_NEWPID:
+            sc.unshare(sc.CLONE_NEWPID)
+        elif launch.pid_namespace_fd is not None:
+            sc.setns(launch.pid_namespace_fd, sc.CLONE_NEWPID)
+        pid = os.fork()
+        if pid == 0:
+            run_child(launch)
+        _close_fds_except({launch.monitor_fd})
+        _send(launch.monitor_fd, {"pid": pid})
+        _, status = os.waitpid(pid, 0)
+        _send(launch.monitor_fd, {"status": status})
+    except BaseException as exc:  # a forked copy of the agent must never return into it
+        _send(launch.monitor_fd, {"error": f"{exc}"})
+    os._exit(0)
+
+
+def run_child(launch: Launch) -> NoReturn:
+    """In the child: become the container process, then exec. Reports ``error`` on failure."""
+    code = EXIT_SETUP_FAILED
+    try:
+        stdio = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3) for fd in launch.stdio]
+        keep = {launch.report_fd, *stdio}
+        if launch.start_fd is not None:
+            keep.add(launch.start_fd)
+        keep.update(fd for _, fd in launch.namespace_fds)
+        _close_fds_except(keep)
+        for fd in keep:
+            fcntl.fcntl(fd, fcntl.F_SETFD, fcntl.FD_CLOEXEC)
+        os.setsid()
+        for target, fd in enumerate(stdio):
+            os.dup2(fd, target, inheritable=True)
+            os.close(fd)
+        if launch.tty:
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+        if launch.cgroup_procs is not None:
+            with open(launch.cgroup_procs, "w") as procs:
+                procs.write("0")
+        if launch.container is not None:
+            build_container(launch.container, launch.console_path)
+        else:
+            for ns_type, fd in launch.namespace_fds:  # the mount namespace comes last
+                sc.setns(fd, ns_type)
+                os.close(fd)
+        program = prepare_process(launch.process)
+        _send(launch.report_fd, {"ready": True})
+        if launch.start_fd is not None:
+            if os.read(launch.start_fd, 1) != b"1":
+                os._exit(EXIT_SETUP_FAILED)  # the agent dropped the container before starting it
+            os.close(launch.start_fd)
+        code = EXIT_EXEC_FAILED
+        if launch.process.no_new_privileges:
+            sc.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
+        os.execve(program, list(launch.process.args), environment(launch.process))
+    except BaseException as exc:
+        _send(launch.report_fd, {"error": str(exc) or type(exc).__name__})
+    os._exit(code)
+
+
+# --- the container's root -------------------------------------------------------------
+
+
+def secure_join(root: str, path: str) -> str:
+    """``path`` inside ``root`` with every symlink resolved as if ``root`` were "/"."""
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    resolved: list[str] = []
+    links = 0
+    while parts:
+        part = parts.pop(0)
+        if part == "..":
+            if resolved:
+                resolved.pop()
+            continue
+        candidate = os.path.join(root, *resolved, part)
+        try:
+            is_link = stat.S_ISLNK(os.lstat(candidate).st_mode)
+        except FileNotFoundError:
+            is_link = False
+        if not is_link:
+            resolved.append(part)
+            continue
+        links += 1
+        if links > MAX_SYMLINKS:
+            raise LaunchError(f"too many symbolic links in {path}")
+        target = os.readlink(candidate)
+        if target.startswith("/"):
+            resolved = []
+        parts = [p for p in target.split("/") if p not in ("", ".")] + parts
+    return os.path.join(root, *resolved)
+
+
+def _make_target(path: str, as_file: bool) -> None:
+    if as_file:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        if not os.path.lexists(path):
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o644))
+    else:
+        os.makedirs(path, exist_ok=True)
+
+
+def _mount_one(rootfs: str, mount: MountSpec) -> str:
+    target = secure_join(rootfs, mount.destination)
+    try:
+        if mount.is_bind:
+            source_is_dir = os.path.isdir(mount.source)
+            if not os.path.exists(mount.source):
+                raise LaunchError(f"mount source {mount.source} does not exist in the guest")
+            _make_target(target, not source_is_dir)
+            sc.mount(mount.source, target, None, sc.MS_BIND | (mount.flags & sc.MS_REC))
+            extra = mount.flags & ~(sc.MS_BIND | sc.MS_REC)
+            if extra:
+                sc.mount(None, target, None, sc.MS_BIND | sc.MS_REMOUNT | extra)
+        else:
+            _make_target(target, False)
+            fstype = mount.type
+            if fstype == "cgroup":
+                fstype = "cgroup2"  # the guest has cgroup v2 only, as runc does on a v2 host
+            sc.mount(mount.source, target, fstype, mount.flags, mount.data or None)
+        if mount.propagation:
+            sc.mount(None, target, None, mount.propagation)
+    except OSError as exc:
+        raise LaunchError(f"cannot mount {mount.destination} ({mount.type}): {exc.strerror or exc}") from None
+    return target
+
+
+def _create_devices(rootfs: str, container: ContainerSpec, console_path: str | None) -> None:
+    dev = secure_join(rootfs, "/dev")
+    for name, major, minor in DEFAULT_DEVICES:
+        path = os.path.join(dev, name)
+        if not os.path.lexists(path):
+            os.mknod(path, stat.S_IFCHR | 0o666, os.makedev(major, minor))
+            os.chmod(path, 0o666)  # mknod applies the umask
+    for device in container.devices:
+        path = secure_join(rootfs, device.path)
+        kind = {"c": stat.S_IFCHR, "u": stat.S_IFCHR, "b": stat.S_IFBLK, "p": stat.S_IFIFO}[device.type]
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        os.mknod(path, kind | device.mode, os.makedev(device.major, device.minor))
+        os.chmod(path, device.mode)
+        os.chown(path, device.uid, device.gid)
+    for name, target in DEV_SYMLINKS:
+        with contextlib.suppress(FileExistsError):
+            os.symlink(target, os.path.join(dev, name))
+    if os.path.isdir(os.path.join(dev, "pts")):
+        with contextlib.suppress(FileExistsError):
+            os.symlink("pts/ptmx", os.path.join(dev, "ptmx"))
+    if console_path is not None:
+        console = os.path.join(dev, "console")
+        _make_target(console, True)
+        sc.mount(console_path, console, None, sc.MS_BIND)
+
+
+def _enter_root(rootfs: str) -> None:
+    """pivot_root into ``rootfs``, and detach the old root. Where the old root is the
+    initramfs (the guest agent's own root, which pivot_root refuses), move the rootfs
+    over "/" and chroot instead, as ``runc --no-pivot`` does."""
+    os.chdir(rootfs)
+    try:
+        sc.pivot_root(".", ".")
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+        sc.mount(rootfs, "/", None, sc.MS_MOVE)
+        os.chroot(".")
+    else:
+        sc.umount2(".", sc.MNT_DETACH)
+    os.chdir("/")
+
+
+def _remount_readonly(path: str, recursive: bool = False) -> None:
+    flags = sc.MS_BIND | sc.MS_REMOUNT | sc.MS_RDONLY
+    kept = os.statvfs(path).f_flag & (sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC)
+    sc.mount(None, path, None, flags | kept | (sc.MS_REC if recursive else 0))
+
+
+def build_container(container: ContainerSpec, console_path: str | None) -> None:
+    """Namespaces, mounts, devices, root: everything the init child does as root."""
+    sc.unshare(container.namespaces & ~sc.CLONE_NEWPID)
+    sc.mount(None, "/", None, container.rootfs_propagation)
+    rootfs = container.root_path
+    if not os.path.isdir(rootfs):
+        raise LaunchError(f"rootfs {rootfs} does not exist or is not a directory")
+    sc.mount(rootfs, rootfs, None, sc.MS_BIND | sc.MS_REC)
+    needs_devices = True
+    for mount in container.mounts:
+        _mount_one(rootfs, mount)
+        if mount.destination.rstrip("/") == "/dev" and mount.is_bind:
+            needs_devices = False
+    if needs_devices:
+        _create_devices(rootfs, container, console_path)
+    _enter_root(rootfs)
+
+    if container.hostname is not None:
+        sc.sethostname(container.hostname)
+    if container.domainname is not None:
+        _write("/proc/sys/kernel/domainname", container.domainname)
+    for key, value in container.sysctl:
+        _write("/proc/sys/" + key.replace(".", "/"), value)
+    for path in container.masked_paths:
+        if os.path.isdir(path):
+            sc.mount("tmpfs", path, "tmpfs", sc.MS_RDONLY)
+        elif os.path.lexists(path):
+            sc.mount("/dev/null", path, None, sc.MS_BIND)
+    for path in container.readonly_paths:
+        if os.path.lexists(path):
+            sc.mount(path, path, None, sc.MS_BIND | sc.MS_REC)
+            _remount_readonly(path, recursive=True)
+    if container.readonly_root:
+        _remount_readonly("/")
+
+
+def _write(path: str, value: str) -> None:
+    try:
+        with open(path, "w") as file:
+            file.write(value)
+    except OSError as exc:
+        raise LaunchError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+# --- the process -------------------------------------------------------------------------
+
+
+def environment(process: ProcessSpec) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for entry in process.env:
+        key, _, value = entry.partition("=")
+        env[key] = value
+    if "HOME" not in env:  # as runc: the user's home from /etc/passwd, else "/"
+        env["HOME"] = home_of(process.user.uid)
+    return env
+
+
+def home_of(uid: int, passwd: str = "/etc/passwd") -> str:
+    with contextlib.suppress(OSError, UnicodeDecodeError), open(passwd) as file:
+        for line in file:
+            fields = line.rstrip("\n").split(":")
+            if len(fields) >= 6 and fields[2] == str(uid) and fields[5]:
+                return fields[5]
+    return "/"
+
+
+def look_path(name: str, env_path: str | None) -> str:
+    """The program to exec, with Go's exec.LookPath errors, as runc reports them."""
+
+    def executable(path: str) -> bool:
+        try:
+            mode = os.stat(path).st_mode
+        except OSError:
+            return False
+        return not stat.S_ISDIR(mode) and bool(mode & 0o111)
+
+    if "/" in name:
+        try:
+            mode = os.stat(name).st_mode
+        except OSError as exc:
+            raise LaunchError(f'exec: "{name}": stat {name}: {os.strerror(exc.errno or 0).lower()}') from None
+        if stat.S_ISDIR(mode) or not mode & 0o111:
+            raise LaunchError(f'exec: "{name}": permission denied')
+        return name
+    for directory in (env_path or "").split(":") if env_path else []:
+        candidate = os.path.join(directory or ".", name)
+        if executable(candidate):
+            return candidate
+    raise LaunchError(f'exec: "{name}": executable file not found in $PATH')
+
+
+def _capability_mask(numbers: frozenset[int]) -> int:
+    mask = 0
+    for number in numbers:
+        mask |= 1 << number
+    return mask
+
+
+def last_capability() -> int:
+    try:
+        with open("/proc/sys/kernel/cap_last_cap") as file:
+            return int(file.read())
+    except (OSError, ValueError):
+        return len(CAPABILITIES) - 1
+
+
+def prepare_process(process: ProcessSpec) -> str:
+    """rlimits, user, capabilities, cwd; returns the program to exec."""
+    for rlimit in process.rlimits:
+        resource.setrlimit(rlimit.resource, (rlimit.soft, rlimit.hard))
+    if process.oom_score_adj is not None:
+        _write("/proc/self/oom_score_adj", str(process.oom_score_adj))
+    caps = process.capabilities
+    last_cap = last_capability()
+    if caps is not None:
+        for number in range(last_cap + 1):
+            if number not in caps.bounding:
+                sc.prctl(sc.PR_CAPBSET_DROP, number)
+        sc.prctl(sc.PR_SET_KEEPCAPS, 1)
+    user = process.user
+    try:
+        os.setgroups(list(user.additional_gids))
+        os.setgid(user.gid)
+        os.setuid(user.uid)
+    except OSError as exc:
+        raise LaunchError(f"cannot switch to user {user.uid}:{user.gid}: {exc.strerror or exc}") from None
+    if caps is not None:
+        sc.prctl(sc.PR_SET_KEEPCAPS, 0)
+        valid = frozenset(range(last_cap + 1))
+        sc.capset(
+            _capability_mask(caps.effective & valid),
+            _capability_mask(caps.permitted & valid),
+            _capability_mask(caps.inheritable & valid),
+        )
+        sc.prctl(sc.PR_CAP_AMBIENT, sc.PR_CAP_AMBIENT_CLEAR_ALL)
+        # The kernel refuses ambient capabilities missing from permitted or inheritable;
+        # runc goes on without them, and so do we.
+        for number in sorted(caps.ambient & caps.permitted & caps.inheritable & valid):
+            sc.prctl(sc.PR_CAP_AMBIENT, sc.PR_CAP_AMBIENT_RAISE, number)
+    if user.umask is not None:
+        os.umask(user.umask)
+    try:
+        os.chdir(process.cwd)
+    except OSError as exc:
+        raise LaunchError(
+            f"cannot change to the working directory {process.cwd}: {exc.strerror or exc}"
+        ) from None
+    return look_path(process.args[0], environment(process).get("PATH"))

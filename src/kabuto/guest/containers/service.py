@@ -1,0 +1,901 @@
+"""ContainerService: sandboxes, containers and their processes, as the host asks.
+
+Every size, id and path from a request is checked before use. Calls that wait
+(WaitProcess, ReadStdout/ReadStderr, WriteStdin) give up shortly before the caller's
+ttrpc deadline with DEADLINE_EXCEEDED, having consumed nothing, so the host can call again
+without losing a byte or an exit status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import signal
+import stat
+import struct
+import termios
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from kabuto.guest.containers import syscalls as sc
+from kabuto.guest.containers.launcher import Launch, run_monitor
+from kabuto.guest.containers.pipes import MessagePipe
+from kabuto.guest.containers.spec import (
+    MAX_ID_LENGTH,
+    MAX_PATH_LENGTH,
+    ContainerSpec,
+    ProcessSpec,
+    SpecError,
+    check_id,
+    parse_mount_options,
+    parse_process_json,
+    parse_spec,
+)
+from kabuto.guest.containers.streams import InputStream, OutputStream, StreamClosed
+from kabuto.protos import containers_pb2 as pb
+from kabuto.ttrpc import Code, Method, RpcError, current_call, unary_method
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "kabuto.agent.v1.ContainerService"
+MAX_CONTAINERS = 256
+MAX_PROCESSES_PER_CONTAINER = 1024
+MAX_STORAGES = 64
+MAX_IO_LENGTH = 1 << 20  # per ReadStdout/WriteStdin/CopyFile call: well below ttrpc's 4 MiB
+MAX_TTY_SIZE = 0xFFFF
+# Fork to "ready" (mounts, lookups) and kill to reported exit, when the caller gives more.
+SETUP_TIMEOUT = 60.0
+KILL_TIMEOUT = 10.0
+DEVICE_WAIT = 10.0
+DEVICE_POLL = 0.02
+# A long poll answers this long before the caller's deadline (at most a tenth of the wait).
+POLL_MARGIN = 1.0
+CGROUP_PARENT = "kabuto"
+CGROUP_CONTROLLERS = ("cpu", "cpuset", "memory", "pids")
+NAMESPACE_FILES = (  # joined by an exec in this order: mount last, it changes the root
+    (sc.CLONE_NEWIPC, "ipc"),
+    (sc.CLONE_NEWUTS, "uts"),
+    (sc.CLONE_NEWCGROUP, "cgroup"),
+    (sc.CLONE_NEWNS, "mnt"),
+)
+
+R = TypeVar("R")
+
+
+def exit_status(wait_status: int) -> int:
+    """A wait status as a shell reports it: the exit code, or 128+N for signal N."""
+    code = os.waitstatus_to_exitcode(wait_status)
+    return 128 - code if code < 0 else code
+
+
+def check_path(value: str, what: str) -> str:
+    if not value.startswith("/") or len(value) > MAX_PATH_LENGTH or "\0" in value:
+        raise RpcError(Code.INVALID_ARGUMENT, f"{what} {value[:100]!r} must be an absolute path")
+    if ".." in value.split("/"):
+        raise RpcError(Code.INVALID_ARGUMENT, f"{what} {value[:100]!r} must not contain '..'")
+    return value
+
+
+def _ids(container_id: str, exec_id: str = "") -> None:
+    try:
+        check_id(container_id, "container id")
+        if exec_id:
+            check_id(exec_id, "exec id")
+    except SpecError as exc:
+        raise RpcError(Code.INVALID_ARGUMENT, str(exc)) from None
+
+
+def poll_deadline() -> float | None:
+    """When a long poll must answer: a little before the caller gives up."""
+    deadline = current_call.get().deadline
+    if deadline is None:
+        return None
+    remaining = deadline - asyncio.get_running_loop().time()
+    return deadline - min(POLL_MARGIN, max(remaining, 0) / 10)
+
+
+async def until_poll_deadline(awaitable: Awaitable[R], what: str) -> R:
+    try:
+        async with asyncio.timeout_at(poll_deadline()):
+            return await awaitable
+    except TimeoutError:
+        raise RpcError(Code.DEADLINE_EXCEEDED, f"{what}: nothing yet, call again") from None
+
+
+def setup_deadline() -> float:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + SETUP_TIMEOUT
+    call_deadline = poll_deadline()
+    return deadline if call_deadline is None else min(deadline, call_deadline)
+
+
+@dataclass
+class Process:
+    exec_id: str
+    spec: ProcessSpec
+    monitor_pid: int
+    stdin: InputStream | None
+    stdout: OutputStream
+    stderr: OutputStream
+    tty_fd: int | None  # the pty master (a dup) for window sizes
+    exit_status: asyncio.Future[int]
+    report: MessagePipe
+    pid: int = 0
+    waited: bool = False
+
+    @property
+    def exited(self) -> bool:
+        return self.exit_status.done()
+
+    def close(self) -> None:
+        if self.stdin is not None:
+            self.stdin.close()
+        self.stdout.close()
+        self.stderr.close()
+        self.report.close()
+        if self.tty_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.tty_fd)
+            self.tty_fd = None
+
+    def signal(self, number: int) -> None:
+        if self.exited:
+            raise RpcError(Code.FAILED_PRECONDITION, f"process {self.exec_id or 'init'} has already exited")
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, number)
+
+
+@dataclass
+class Container:
+    id: str
+    spec: ContainerSpec
+    init: Process
+    start_fd: int | None
+    mnt_namespace: str
+    cgroup_dir: Path | None
+    rootfs_mount: str | None  # a storage this container mounted, unmounted on removal
+    processes: dict[str, Process] = field(default_factory=dict)
+    started: bool = False
+
+    @property
+    def status(self) -> str:
+        if self.init.exited:
+            return "stopped"
+        return "running" if self.started else "created"
+
+
+class ContainerService:
+    """Handlers of kabuto.agent.v1.ContainerService."""
+
+    def __init__(self, cgroup_root: Path = Path("/sys/fs/cgroup")) -> None:
+        self.cgroup_root = cgroup_root
+        self.containers: dict[str, Container] = {}
+        self.storages: list[str] = []  # mount points, in mount order
+        self.sandbox_created = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._lock = asyncio.Lock()  # create/remove of containers and the sandbox
+
+    def methods(self) -> dict[str, Method]:
+        handlers: dict[str, tuple[Any, Callable[..., Awaitable[Any]]]] = {
+            "CreateSandbox": (pb.CreateSandboxRequest, self.create_sandbox),
+            "DestroySandbox": (pb.DestroySandboxRequest, self.destroy_sandbox),
+            "CreateContainer": (pb.CreateContainerRequest, self.create_container),
+            "StartContainer": (pb.StartContainerRequest, self.start_container),
+            "RemoveContainer": (pb.RemoveContainerRequest, self.remove_container),
+            "ExecProcess": (pb.ExecProcessRequest, self.exec_process),
+            "WaitProcess": (pb.WaitProcessRequest, self.wait_process),
+            "SignalProcess": (pb.SignalProcessRequest, self.signal_process),
+            "WriteStdin": (pb.WriteStdinRequest, self.write_stdin),
+            "CloseStdin": (pb.CloseStdinRequest, self.close_stdin),
+            "ReadStdout": (pb.ReadStreamRequest, self.read_stdout),
+            "ReadStderr": (pb.ReadStreamRequest, self.read_stderr),
+            "TtyWinResize": (pb.TtyWinResizeRequest, self.tty_win_resize),
+            "ListProcesses": (pb.ListProcessesRequest, self.list_processes),
+            "StatsContainer": (pb.StatsContainerRequest, self.stats_container),
+            "CopyFileIn": (pb.CopyFileInRequest, self.copy_file_in),
+            "CopyFileOut": (pb.CopyFileOutRequest, self.copy_file_out),
+        }
+        return {name: unary_method(request, handler) for name, (request, handler) in handlers.items()}
+
+    # --- lookups ----------------------------------------------------------------------
+
+    def _container(self, container_id: str) -> Container:
+        _ids(container_id)
+        container = self.containers.get(container_id)
+        if container is None:
+            raise RpcError(Code.NOT_FOUND, f"container {container_id!r} does not exist")
+        return container
+
+    def _process(self, container_id: str, exec_id: str) -> tuple[Container, Process]:
+        _ids(container_id, exec_id)
+        container = self._container(container_id)
+        if not exec_id:
+            return container, container.init
+        process = container.processes.get(exec_id)
+        if process is None:
+            raise RpcError(
+                Code.NOT_FOUND, f"process {exec_id!r} does not exist in container {container_id!r}"
+            )
+        return container, process
+
+    def _forget_if_done(self, container: Container, process: Process) -> None:
+        """An exec'd process is forgotten once it was waited for and its output read to the end."""
+        if process.exec_id and process.waited and process.stdout.drained and process.stderr.drained:
+            if container.processes.get(process.exec_id) is process:
+                del container.processes[process.exec_id]
+                process.close()
+
+    # --- storages ---------------------------------------------------------------------
+
+    async def _mount_storage(self, storage: pb.Storage, mount_point: str) -> None:
+        if not storage.source or len(storage.source) > MAX_PATH_LENGTH or "\0" in storage.source:
+            raise RpcError(Code.INVALID_ARGUMENT, f"storage for {mount_point}: source must be set")
+        if not storage.fstype.isalnum() or len(storage.fstype) > 16:
+            raise RpcError(
+                Code.INVALID_ARGUMENT, f"storage for {mount_point}: bad fstype {storage.fstype[:20]!r}"
+            )
+        if len(storage.options) > 64:
+            raise RpcError(Code.INVALID_ARGUMENT, f"storage for {mount_point}: too many options")
+        try:
+            flags, propagation, data = parse_mount_options(list(storage.options), f"{mount_point} options")
+        except SpecError as exc:
+            raise RpcError(Code.INVALID_ARGUMENT, str(exc)) from None
+        if storage.source.startswith("/dev/"):
+            await self._wait_for_device(storage.source)
+        try:
+            os.makedirs(mount_point, exist_ok=True)
+            sc.mount(storage.source, mount_point, storage.fstype, flags, data or None)
+            if propagation:
+                sc.mount(None, mount_point, None, propagation)
+        except OSError as exc:
+            raise RpcError(
+                Code.INVALID_ARGUMENT,
+                f"cannot mount {storage.source} ({storage.fstype}) on {mount_point}: {exc.strerror or exc}",
+            ) from None
+
+    async def _wait_for_device(self, path: str) -> None:
+        """A hot-plugged disk's node appears once the guest has probed it; not forever."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + DEVICE_WAIT
+        while not _exists(path):
+            if loop.time() >= deadline:
+                raise RpcError(Code.NOT_FOUND, f"block device {path} did not appear within {DEVICE_WAIT:g}s")
+            await asyncio.sleep(DEVICE_POLL)
+
+    @staticmethod
+    def _unmount(path: str) -> None:
+        try:
+            sc.umount2(path, sc.MNT_DETACH)
+        except OSError as exc:
+            log.warning("cannot unmount %s: %s", path, exc)
+
+    # --- sandbox ----------------------------------------------------------------------
+
+    async def create_sandbox(self, request: pb.CreateSandboxRequest) -> pb.CreateSandboxResponse:
+        async with self._lock:
+            if self.sandbox_created:
+                raise RpcError(Code.ALREADY_EXISTS, "the sandbox already exists")
+            if len(request.storages) > MAX_STORAGES:
+                raise RpcError(Code.INVALID_ARGUMENT, f"more than {MAX_STORAGES} storages")
+            if len(request.hostname) > 64 or "\0" in request.hostname:
+                raise RpcError(Code.INVALID_ARGUMENT, "hostname longer than 64 characters")
+            mount_points = [check_path(s.mount_point, "storage mount point") for s in request.storages]
+            mounted: list[str] = []
+            try:
+                for storage, mount_point in zip(request.storages, mount_points, strict=True):
+                    await self._mount_storage(storage, mount_point)
+                    mounted.append(mount_point)
+                if request.hostname:
+                    sc.sethostname(request.hostname)
+            except BaseException:
+                for mount_point in reversed(mounted):
+                    self._unmount(mount_point)
+                raise
+            self.storages = mounted
+            self.sandbox_created = True
+            log.info("sandbox %s created with %d storages", request.sandbox_id or "-", len(mounted))
+            return pb.CreateSandboxResponse()
+
+    async def destroy_sandbox(self, request: pb.DestroySandboxRequest) -> pb.DestroySandboxResponse:
+        async with self._lock:
+            for container in list(self.containers.values()):
+                await self._remove(container)
+            for mount_point in reversed(self.storages):
+                self._unmount(mount_point)
+            self.storages = []
+            self.sandbox_created = False
+            return pb.DestroySandboxResponse()
+
+    # --- containers -------------------------------------------------------------------
+
+    async def create_container(self, request: pb.CreateContainerRequest) -> pb.CreateContainerResponse:
+        _ids(request.container_id)
+        async with self._lock:
+            if request.container_id in self.containers:
+                raise RpcError(Code.ALREADY_EXISTS, f"container {request.container_id!r} already exists")
+            if len(self.containers) >= MAX_CONTAINERS:
+                raise RpcError(Code.RESOURCE_EXHAUSTED, f"at most {MAX_CONTAINERS} containers per sandbox")
+            try:
+                spec = parse_spec(request.oci_spec_json)
+            except SpecError as exc:
+                raise RpcError(Code.INVALID_ARGUMENT, f"config.json: {exc}") from None
+            rootfs_mount = None
+            if request.HasField("rootfs") and request.rootfs.source:
+                mount_point = check_path(request.rootfs.mount_point or spec.root_path, "rootfs mount point")
+                if mount_point != spec.root_path:
+                    raise RpcError(
+                        Code.INVALID_ARGUMENT,
+                        f"rootfs mount point {mount_point} differs from root.path {spec.root_path}",
+                    )
+                await self._mount_storage(request.rootfs, mount_point)
+                rootfs_mount = mount_point
+            elif not _is_dir(spec.root_path):
+                raise RpcError(Code.NOT_FOUND, f"rootfs {spec.root_path} does not exist in the guest")
+            cgroup_dir = None
+            try:
+                cgroup_dir = self._create_cgroup(request.container_id, spec)
+                container = await self._create(request.container_id, spec, cgroup_dir, rootfs_mount)
+            except BaseException:
+                self._remove_cgroup(cgroup_dir)
+                if rootfs_mount is not None:
+                    self._unmount(rootfs_mount)
+                raise
+            self.containers[container.id] = container
+            log.info("container %s created, init pid %d", container.id, container.init.pid)
+            return pb.CreateContainerResponse(pid=container.init.pid)
+
+    async def _create(
+        self, container_id: str, spec: ContainerSpec, cgroup_dir: Path | None, rootfs_mount: str | None
+    ) -> Container:
+        start_r, start_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            process = await self._spawn(
+                "",
+                spec.process,
+                container=spec,
+                start_fd=start_r,
+                cgroup_dir=cgroup_dir,
+                namespace_fds=(),
+                pid_namespace_fd=None,
+            )
+        except BaseException:
+            os.close(start_w)
+            raise
+        finally:
+            os.close(start_r)
+        try:
+            mnt_namespace = os.readlink(f"/proc/{process.pid}/ns/mnt")
+        except OSError as exc:
+            os.close(start_w)
+            await self._kill_and_reap([process])
+            process.close()
+            raise RpcError(Code.INTERNAL, f"the container's init vanished before its start: {exc}") from None
+        return Container(container_id, spec, process, start_w, mnt_namespace, cgroup_dir, rootfs_mount)
+
+    async def start_container(self, request: pb.StartContainerRequest) -> pb.StartContainerResponse:
+        container = self._container(request.container_id)
+        if container.status != "created" or container.start_fd is None:
+            raise RpcError(
+                Code.FAILED_PRECONDITION, f"container {container.id!r} is {container.status}, not created"
+            )
+        start_fd, container.start_fd = container.start_fd, None
+        try:
+            os.write(start_fd, b"1")
+        except OSError as exc:
+            raise RpcError(
+                Code.FAILED_PRECONDITION, f"container {container.id!r} init is gone: {exc}"
+            ) from None
+        finally:
+            os.close(start_fd)
+        container.started = True
+        await self._await_exec(container.init)
+        return pb.StartContainerResponse(pid=container.init.pid)
+
+    async def remove_container(self, request: pb.RemoveContainerRequest) -> pb.RemoveContainerResponse:
+        async with self._lock:
+            await self._remove(self._container(request.container_id))
+        return pb.RemoveContainerResponse()
+
+    async def _remove(self, container: Container) -> None:
+        if container.start_fd is not None:
+            os.close(container.start_fd)
+            container.start_fd = None
+        processes = [container.init, *container.processes.values()]
+        if not container.spec.namespaces & sc.CLONE_NEWPID:
+            # No PID namespace whose end takes every process with it: find them by mount namespace.
+            for pid in self._pids_of(container):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        await self._kill_and_reap(processes)
+        for process in processes:
+            process.close()
+        self._remove_cgroup(container.cgroup_dir)
+        if container.rootfs_mount is not None:
+            self._unmount(container.rootfs_mount)
+        self.containers.pop(container.id, None)
+        log.info("container %s removed", container.id)
+
+    async def _kill_and_reap(self, processes: list[Process]) -> None:
+        for process in processes:
+            if not process.exited and process.pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process.pid, signal.SIGKILL)
+        pending = [asyncio.shield(p.exit_status) for p in processes if not p.exited]
+        if pending:
+            _, still = await asyncio.wait(pending, timeout=KILL_TIMEOUT)
+            if still:
+                log.warning("%d processes did not report their exit within %gs", len(still), KILL_TIMEOUT)
+
+    # --- processes ----------------------------------------------------------------------
+
+    async def exec_process(self, request: pb.ExecProcessRequest) -> pb.ExecProcessResponse:
+        _ids(request.container_id)
+        if not request.exec_id:
+            raise RpcError(Code.INVALID_ARGUMENT, 'exec id must not be empty (the init process has "")')
+        _ids(request.container_id, request.exec_id)
+        container = self._container(request.container_id)
+        if request.exec_id in container.processes:
+            raise RpcError(
+                Code.ALREADY_EXISTS, f"process {request.exec_id!r} already exists in {container.id!r}"
+            )
+        if len(container.processes) >= MAX_PROCESSES_PER_CONTAINER:
+            raise RpcError(
+                Code.RESOURCE_EXHAUSTED, f"at most {MAX_PROCESSES_PER_CONTAINER} processes per container"
+            )
+        if container.status != "running":
+            raise RpcError(Code.FAILED_PRECONDITION, f"cannot exec in a {container.status} container")
+        try:
+            spec = parse_process_json(request.process_json)
+        except SpecError as exc:
+            raise RpcError(Code.INVALID_ARGUMENT, f"process: {exc}") from None
+        opened: list[int] = []
+        try:
+            namespace_fds = []
+            for ns_type, name in NAMESPACE_FILES:
+                if container.spec.namespaces & ns_type:
+                    opened.append(
+                        os.open(f"/proc/{container.init.pid}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC)
+                    )
+                    namespace_fds.append((ns_type, opened[-1]))
+            pid_namespace_fd = None
+            if container.spec.namespaces & sc.CLONE_NEWPID:
+                pid_namespace_fd = os.open(f"/proc/{container.init.pid}/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+                opened.append(pid_namespace_fd)
+        except OSError:
+            for fd in opened:
+                os.close(fd)
+            raise RpcError(Code.FAILED_PRECONDITION, f"container {container.id!r} is not running") from None
+        try:
+            process = await self._spawn(
+                request.exec_id,
+                spec,
+                container=None,
+                start_fd=None,
+                cgroup_dir=container.cgroup_dir,
+                namespace_fds=tuple(namespace_fds),
+                pid_namespace_fd=pid_namespace_fd,
+            )
+        finally:
+            for fd in opened:
+                os.close(fd)
+        container.processes[request.exec_id] = process
+        await self._await_exec(process, container)
+        return pb.ExecProcessResponse(pid=process.pid)
+
+    async def _spawn(
+        self,
+        exec_id: str,
+        spec: ProcessSpec,
+        *,
+        container: ContainerSpec | None,
+        start_fd: int | None,
+        cgroup_dir: Path | None,
+        namespace_fds: tuple[tuple[int, int], ...],
+        pid_namespace_fd: int | None,
+    ) -> Process:
+        """Fork the monitor and wait until the child reports ready (or fails)."""
+        child_fds: list[int] = []
+        agent_fds: list[int] = []
+        try:
+            console_path = None
+            if spec.terminal:
+                master, slave = os.openpty()
+                agent_fds.append(master)
+                child_fds.append(slave)
+                if spec.console_size is not None:
+                    _set_window_size(master, *spec.console_size)
+                console_path = os.ttyname(slave)
+                stdio = (slave, slave, slave)
+                stdin_fd, stdout_fd, stderr_fd, tty_fd = os.dup(master), master, None, os.dup(master)
+                agent_fds += [stdin_fd, tty_fd]
+            else:
+                stdin_r, stdin_w = os.pipe2(os.O_CLOEXEC)
+                stdout_r, stdout_w = os.pipe2(os.O_CLOEXEC)
+                stderr_r, stderr_w = os.pipe2(os.O_CLOEXEC)
+                child_fds += [stdin_r, stdout_w, stderr_w]
+                agent_fds += [stdin_w, stdout_r, stderr_r]
+                stdio = (stdin_r, stdout_w, stderr_w)
+                stdin_fd, stdout_fd, stderr_fd, tty_fd = stdin_w, stdout_r, stderr_r, None
+            monitor_r, monitor_w = os.pipe2(os.O_CLOEXEC)
+            report_r, report_w = os.pipe2(os.O_CLOEXEC)
+            agent_fds += [monitor_r, report_r]
+            child_fds += [monitor_w, report_w]
+            launch = Launch(
+                process=spec,
+                stdio=stdio,
+                tty=spec.terminal,
+                monitor_fd=monitor_w,
+                report_fd=report_w,
+                start_fd=start_fd,
+                container=container,
+                namespace_fds=namespace_fds,
+                pid_namespace_fd=pid_namespace_fd,
+                cgroup_procs=None if cgroup_dir is None else str(cgroup_dir / "cgroup.procs"),
+                console_path=console_path,
+            )
+            monitor_pid = os.fork()
+            if monitor_pid == 0:
+                run_monitor(launch)  # never returns
+        except OSError as exc:
+            for fd in child_fds + agent_fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            raise RpcError(Code.RESOURCE_EXHAUSTED, f"cannot start a process: {exc}") from None
+        for fd in child_fds:
+            os.close(fd)
+        for fd in (stdin_fd, stdout_fd, stderr_fd):
+            if fd is not None:
+                os.set_blocking(fd, False)
+        monitor = MessagePipe(monitor_r)
+        process = Process(
+            exec_id=exec_id,
+            spec=spec,
+            monitor_pid=monitor_pid,
+            stdin=InputStream(stdin_fd, tty=spec.terminal),
+            stdout=OutputStream(stdout_fd),
+            stderr=OutputStream(stderr_fd),
+            tty_fd=tty_fd,
+            exit_status=asyncio.get_running_loop().create_future(),
+            report=MessagePipe(report_r),
+        )
+        try:
+            async with asyncio.timeout_at(setup_deadline()):
+                first = await monitor.next()
+                if first is None or "pid" not in first:
+                    reason = (first or {}).get("error", "the launcher died")
+                    raise RpcError(Code.INTERNAL, f"cannot start the process: {reason}")
+                process.pid = int(first["pid"])
+                self._watch(monitor, process)
+                report = await process.report.next()
+        except TimeoutError:
+            await self._fail_spawn(process, monitor)
+            raise RpcError(Code.DEADLINE_EXCEEDED, "the process was not set up in time") from None
+        except BaseException:
+            await self._fail_spawn(process, monitor)
+            raise
+        if report is None or "ready" not in report:
+            reason = (report or {}).get("error") or "the process died while being set up"
+            await self._fail_spawn(process, monitor)
+            raise RpcError(Code.FAILED_PRECONDITION, f"unable to start container process: {reason}")
+        return process
+
+    async def _fail_spawn(self, process: Process, monitor: MessagePipe) -> None:
+        if process.pid:
+            await self._kill_and_reap([process])
+        else:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.monitor_pid, signal.SIGKILL)
+            monitor.close()
+        process.close()
+
+    def _watch(self, monitor: MessagePipe, process: Process) -> None:
+        async def report_exit() -> None:
+            try:
+                message = await monitor.next()
+            finally:
+                monitor.close()
+            status = (message or {}).get("status")
+            # A monitor that vanished without a report: the process is lost, report it as killed.
+            code = exit_status(int(status)) if isinstance(status, int) else 128 + signal.SIGKILL
+            if not process.exit_status.done():
+                process.exit_status.set_result(code)
+            if process.stdin is not None and not process.spec.terminal:
+                process.stdin.close()
+
+        task = asyncio.create_task(report_exit(), name=f"exit of pid {process.pid}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _await_exec(self, process: Process, container: Container | None = None) -> None:
+        """After ready: end of file on the report pipe means the exec succeeded."""
+        try:
+            async with asyncio.timeout_at(setup_deadline()):
+                report = await process.report.next()
+        except TimeoutError:
+            report = {"error": "the process did not exec in time"}
+        process.report.close()
+        if report is not None:
+            await self._kill_and_reap([process])
+            if container is not None:
+                container.processes.pop(process.exec_id, None)
+                process.close()
+            reason = report.get("error", "unexpected report")
+            raise RpcError(Code.FAILED_PRECONDITION, f"unable to start container process: {reason}")
+
+    async def wait_process(self, request: pb.WaitProcessRequest) -> pb.WaitProcessResponse:
+        container, process = self._process(request.container_id, request.exec_id)
+        status = await until_poll_deadline(asyncio.shield(process.exit_status), "WaitProcess")
+        process.waited = True
+        self._forget_if_done(container, process)
+        return pb.WaitProcessResponse(exit_status=status)
+
+    async def signal_process(self, request: pb.SignalProcessRequest) -> pb.SignalProcessResponse:
+        if not 1 <= request.signal < signal.NSIG:
+            raise RpcError(Code.INVALID_ARGUMENT, f"signal {request.signal} is not a signal number")
+        if request.all:
+            container = self._container(request.container_id)
+            for pid in self._pids_of(container):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, request.signal)
+        else:
+            _, process = self._process(request.container_id, request.exec_id)
+            process.signal(request.signal)
+        return pb.SignalProcessResponse()
+
+    # --- stdio ----------------------------------------------------------------------------
+
+    async def write_stdin(self, request: pb.WriteStdinRequest) -> pb.WriteStdinResponse:
+        _, process = self._process(request.container_id, request.exec_id)
+        if len(request.data) > MAX_IO_LENGTH:
+            raise RpcError(Code.INVALID_ARGUMENT, f"at most {MAX_IO_LENGTH} bytes per WriteStdin")
+        if process.stdin is None:
+            raise RpcError(Code.FAILED_PRECONDITION, "stdin is closed")
+        try:
+            written = await process.stdin.write(request.data, poll_deadline())
+        except StreamClosed as exc:
+            raise RpcError(Code.FAILED_PRECONDITION, str(exc)) from None
+        return pb.WriteStdinResponse(written=written)
+
+    async def close_stdin(self, request: pb.CloseStdinRequest) -> pb.CloseStdinResponse:
+        _, process = self._process(request.container_id, request.exec_id)
+        if process.stdin is not None:
+            process.stdin.close()
+        return pb.CloseStdinResponse()
+
+    async def read_stdout(self, request: pb.ReadStreamRequest) -> pb.ReadStreamResponse:
+        return await self._read(request, "stdout")
+
+    async def read_stderr(self, request: pb.ReadStreamRequest) -> pb.ReadStreamResponse:
+        return await self._read(request, "stderr")
+
+    async def _read(self, request: pb.ReadStreamRequest, which: str) -> pb.ReadStreamResponse:
+        container, process = self._process(request.container_id, request.exec_id)
+        max_len = min(request.max_len or MAX_IO_LENGTH, MAX_IO_LENGTH)
+        stream: OutputStream = getattr(process, which)
+        data = await until_poll_deadline(stream.read(max_len), f"Read{which.capitalize()}")
+        if not data:
+            self._forget_if_done(container, process)
+        return pb.ReadStreamResponse(data=data)
+
+    async def tty_win_resize(self, request: pb.TtyWinResizeRequest) -> pb.TtyWinResizeResponse:
+        _, process = self._process(request.container_id, request.exec_id)
+        if process.tty_fd is None:
+            raise RpcError(
+                Code.FAILED_PRECONDITION, "the process has no terminal (process.terminal is false)"
+            )
+        if request.rows > MAX_TTY_SIZE or request.cols > MAX_TTY_SIZE:
+            raise RpcError(Code.INVALID_ARGUMENT, f"terminal size {request.rows}x{request.cols} is too large")
+        _set_window_size(process.tty_fd, request.rows, request.cols)
+        return pb.TtyWinResizeResponse()
+
+    # --- inspection ---------------------------------------------------------------------------
+
+    def _pids_of(self, container: Container) -> list[int]:
+        """Processes in the container's mount namespace (seen from the agent's PID namespace)."""
+        pids = []
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{entry.name}/ns/mnt") == container.mnt_namespace:
+                    pids.append(int(entry.name))
+        return sorted(pids)
+
+    async def list_processes(self, request: pb.ListProcessesRequest) -> pb.ListProcessesResponse:
+        container = self._container(request.container_id)
+        return pb.ListProcessesResponse(pids=self._pids_of(container))
+
+    async def stats_container(self, request: pb.StatsContainerRequest) -> pb.StatsContainerResponse:
+        container = self._container(request.container_id)
+        response = pb.StatsContainerResponse()
+        if container.cgroup_dir is None:
+            return response
+        values = _read_flat_keyed(container.cgroup_dir / "cpu.stat")
+        for key in ("usage_usec", "user_usec", "system_usec"):
+            if key in values:
+                setattr(response, f"cpu_{key}", values[key])
+        for field_name, file_name in (
+            ("memory_usage_bytes", "memory.current"),
+            ("memory_limit_bytes", "memory.max"),
+            ("pids_current", "pids.current"),
+            ("pids_limit", "pids.max"),
+        ):
+            value = _read_number(container.cgroup_dir / file_name)
+            if value is not None:
+                setattr(response, field_name, value)
+        return response
+
+    # --- cgroups --------------------------------------------------------------------------------
+
+    def _create_cgroup(self, container_id: str, spec: ContainerSpec) -> Path | None:
+        """The container's cgroup v2 directory with its limits; None without cgroup v2."""
+        files = dict(spec.resources.files)
+        available = _read_words(self.cgroup_root / "cgroup.controllers")
+        if available is None:
+            if files:
+                raise RpcError(
+                    Code.INVALID_ARGUMENT,
+                    f"config.json: linux.resources sets {', '.join(files)} but the guest has no cgroup v2",
+                )
+            return None
+        parent = self.cgroup_root / CGROUP_PARENT
+        wanted = [c for c in CGROUP_CONTROLLERS if c in available]
+        try:
+            parent.mkdir(exist_ok=True)
+            for directory in (self.cgroup_root, parent):
+                for controller in wanted:
+                    with contextlib.suppress(OSError):  # one missing controller must not stop the others
+                        (directory / "cgroup.subtree_control").write_text(f"+{controller}")
+            cgroup = parent / container_id
+            cgroup.mkdir()
+        except OSError as exc:
+            if files:
+                raise RpcError(Code.INTERNAL, f"cannot create the container's cgroup: {exc}") from None
+            log.warning("no cgroup for container %s: %s", container_id, exc)
+            return None
+        try:
+            enabled = _read_words(cgroup / "cgroup.controllers") or set()
+            for name, value in files.items():
+                controller = name.partition(".")[0]
+                if controller not in enabled:
+                    raise RpcError(
+                        Code.INVALID_ARGUMENT,
+                        f"config.json: linux.resources needs the {controller} cgroup controller, "
+                        "which the guest kernel does not offer",
+                    )
+                try:
+                    (cgroup / name).write_text(value)
+                except OSError as exc:
+                    raise RpcError(
+                        Code.INVALID_ARGUMENT,
+                        f"config.json: cannot set {name} to {value!r}: {exc.strerror or exc}",
+                    ) from None
+        except BaseException:
+            self._remove_cgroup(cgroup)
+            raise
+        return cgroup
+
+    @staticmethod
+    def _remove_cgroup(cgroup: Path | None) -> None:
+        if cgroup is None:
+            return
+        try:
+            cgroup.rmdir()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("cannot remove cgroup %s: %s", cgroup, exc)
+
+    # --- files ------------------------------------------------------------------------------------
+
+    def _open_file(self, container_id: str, path: str, flags: int, mode: int = 0) -> int:
+        check_path(path, "path")
+        if not container_id:
+            return os.open(path, flags | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
+        container = self._container(container_id)
+        if container.init.exited:
+            raise RpcError(Code.FAILED_PRECONDITION, f"container {container_id!r} is stopped")
+        root = os.open(f"/proc/{container.init.pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            return sc.openat2(
+                root,
+                path.lstrip("/") or ".",
+                flags | os.O_CLOEXEC,
+                mode,
+                sc.RESOLVE_IN_ROOT | sc.RESOLVE_NO_MAGICLINKS,
+            )
+        finally:
+            os.close(root)
+
+    async def copy_file_in(self, request: pb.CopyFileInRequest) -> pb.CopyFileInResponse:
+        if len(request.data) > MAX_IO_LENGTH:
+            raise RpcError(Code.INVALID_ARGUMENT, f"at most {MAX_IO_LENGTH} bytes per CopyFileIn")
+        if request.mode > 0o7777:
+            raise RpcError(Code.INVALID_ARGUMENT, f"mode {request.mode:o} is not a permission mode")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK | (os.O_TRUNC if request.offset == 0 else 0)
+        try:
+            fd = self._open_file(request.container_id, request.path, flags, request.mode or 0o644)
+            try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise RpcError(Code.INVALID_ARGUMENT, f"{request.path} is not a regular file")
+                if request.offset == 0 and request.mode:
+                    os.fchmod(fd, request.mode)
+                view = memoryview(request.data)
+                offset = request.offset
+                while view:
+                    written = os.pwrite(fd, view, offset)
+                    view, offset = view[written:], offset + written
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise RpcError(_errno_code(exc), f"cannot write {request.path}: {exc.strerror or exc}") from None
+        return pb.CopyFileInResponse()
+
+    async def copy_file_out(self, request: pb.CopyFileOutRequest) -> pb.CopyFileOutResponse:
+        max_len = min(request.max_len or MAX_IO_LENGTH, MAX_IO_LENGTH)
+        try:
+            fd = self._open_file(request.container_id, request.path, os.O_RDONLY | os.O_NONBLOCK)
+            try:
+                info = os.fstat(fd)
+                if not stat.S_ISREG(info.st_mode):
+                    raise RpcError(Code.INVALID_ARGUMENT, f"{request.path} is not a regular file")
+                data = os.pread(fd, max_len, request.offset)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise RpcError(_errno_code(exc), f"cannot read {request.path}: {exc.strerror or exc}") from None
+        return pb.CopyFileOutResponse(data=data, size=info.st_size, mode=stat.S_IMODE(info.st_mode))
+
+
+def _exists(path: str) -> bool:
+    return os.path.exists(path)
+
+
+def _is_dir(path: str) -> bool:
+    return os.path.isdir(path)
+
+
+def _errno_code(exc: OSError) -> Code:
+    if exc.errno == errno.ENOENT:
+        return Code.NOT_FOUND
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return Code.PERMISSION_DENIED
+    return Code.INVALID_ARGUMENT
+
+
+def _set_window_size(fd: int, rows: int, cols: int) -> None:
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+def _read_words(path: Path) -> set[str] | None:
+    try:
+        return set(path.read_text().split())
+    except OSError:
+        return None
+
+
+def _read_number(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _read_flat_keyed(path: Path) -> dict[str, int]:
+    values = {}
+    with contextlib.suppress(OSError):
+        for line in path.read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if value.strip().isdigit():
+                values[key] = int(value)
+    return values
+
+
+__all__ = ["MAX_ID_LENGTH", "SERVICE_NAME", "ContainerService"]
