@@ -19,7 +19,7 @@ import pytest
 
 from kabuto.agent.client import SERVICE_NAME as CLIENT_SERVICE_NAME
 from kabuto.errors import KabutoError
-from kabuto.guest import channel
+from kabuto.guest import channel, service
 from kabuto.guest.service import SERVICE_NAME, AgentService, count_cpu_list
 from kabuto.protos import agent_pb2
 from kabuto.ttrpc import Client, Server
@@ -28,6 +28,24 @@ from kabuto.ttrpc import Client, Server
 @pytest.mark.parametrize(("text", "count"), [("0\n", 1), ("0-3\n", 4), ("0-1,4,6-7\n", 5), ("", 0)])
 def test_count_cpu_list(text: str, count: int) -> None:
     assert count_cpu_list(text) == count
+
+
+def test_init_handover_is_read_from_kernel_log_records(tmp_path: Path) -> None:
+    # A FIFO stands in for /dev/kmsg: one record per read, then no more (EAGAIN).
+    kmsg = tmp_path / "kmsg"
+    os.mkfifo(kmsg)
+    writer = os.open(kmsg, os.O_RDWR | os.O_NONBLOCK)
+    try:
+        os.write(writer, b"6,100,1500000,-;Freeing unused kernel image memory: 2048K\n")
+        assert service.read_init_handover_uptime(kmsg) == 0.0  # the record is not there
+        os.write(writer, b"6,101,2345678,-;Run /init as init process\n")
+        assert service.read_init_handover_uptime(kmsg) == pytest.approx(2.345678)
+    finally:
+        os.close(writer)
+
+
+def test_process_start_is_read_from_proc() -> None:
+    assert 0 < service.read_process_start_uptime() <= service.read_uptime()
 
 
 def test_client_and_agent_agree_on_the_service_name() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 from pathlib import Path
 
@@ -23,6 +24,11 @@ def read_uptime(proc: Path = Path("/proc")) -> float:
         return 0.0
 
 
+# The kernel logs this when it hands over to /init, at the end of its own boot.
+INIT_HANDOVER_MESSAGE = "Run /init as init process"
+MAX_KMSG_RECORDS = 10000
+
+
 def read_process_start_uptime(proc: Path = Path("/proc")) -> float:
     """When the kernel started this process, in seconds since boot; 0.0 if unknown."""
     try:
@@ -32,6 +38,41 @@ def read_process_start_uptime(proc: Path = Path("/proc")) -> float:
         return start_ticks / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
         return 0.0
+
+
+def read_init_handover_uptime(kmsg: Path = Path("/dev/kmsg")) -> float:
+    """When the kernel ran /init, from its log records; 0.0 if the record is gone.
+
+    PID 1 exists from the start of boot (as a kernel thread that later execs /init),
+    so its own start time says nothing; the kernel's log does.
+    """
+    try:
+        fd = os.open(kmsg, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return 0.0
+    try:
+        for _ in range(MAX_KMSG_RECORDS):
+            try:
+                record = os.read(fd, 8192).decode("utf-8", "replace")
+            except BlockingIOError:
+                break  # no more records
+            except OSError as exc:
+                if exc.errno == errno.EPIPE:
+                    continue  # records overwritten while reading: go on with the next
+                break
+            header, _, text = record.partition(";")
+            if text.startswith(INIT_HANDOVER_MESSAGE):
+                return int(header.split(",")[2]) / 1e6
+    except (ValueError, IndexError):
+        pass
+    finally:
+        os.close(fd)
+    return 0.0
+
+
+def read_init_started_uptime() -> float:
+    """When the guest's init (this agent's process, or /init that exec'd it) started."""
+    return read_init_handover_uptime() if os.getpid() == 1 else read_process_start_uptime()
 
 
 def read_mem_total(proc: Path = Path("/proc")) -> int:
@@ -67,7 +108,6 @@ class AgentService:
 
     def __init__(self, started_uptime: float) -> None:
         self.started_uptime = started_uptime
-        self.init_started_uptime = read_process_start_uptime()
         self.serving_uptime = 0.0  # set by whoever opens the channel
         self.shutdown_requested = asyncio.Event()
 
@@ -92,7 +132,7 @@ class AgentService:
             mem_total_bytes=read_mem_total(),
             online_cpus=read_online_cpus(),
             agent_version=kabuto.__version__,
-            init_started_uptime_seconds=self.init_started_uptime,
+            init_started_uptime_seconds=read_init_started_uptime(),
             agent_started_uptime_seconds=self.started_uptime,
             agent_serving_uptime_seconds=self.serving_uptime,
             uptime_seconds=read_uptime(),
