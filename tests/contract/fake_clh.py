@@ -190,7 +190,13 @@ class FakeCloudHypervisor:
         source = _file_url(body, "source_url")
         if source is None or not (source / "config.json").is_file():
             return fail(500, "Could not restore the VM", f"Cannot open snapshot config in {body!r}")
-        self.config = json.loads((source / "config.json").read_text())
+        config = json.loads((source / "config.json").read_text())
+        for fs in config.get("fs") or []:
+            if not self._connect_fs(fs):
+                return fail(
+                    500, "Could not restore the VM", f"Failed to connect to vhost-user socket {fs['socket']}"
+                )
+        self.config = config
         self.bdfs = json.loads((source / "state.json").read_text())["bdfs"]
         self._power_on()
         self.state = "Running" if body.get("resume") else "Paused"

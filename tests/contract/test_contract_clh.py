@@ -133,12 +133,19 @@ async def test_full_lifecycle(
 
 
 async def test_snapshot_restores_into_a_fresh_vmm(recorder: Recorder, jailer_root: Path, boot_files) -> None:
-    config = make_config(boot_files, shared_fs="none", virtio_fs_daemon="")
+    config = make_config(boot_files)
+
+    def share() -> SharedFsDevice:
+        return SharedFsDevice(
+            id="share0", fs=SharedFsKind.VIRTIO_FS, host_path=boot_files["share"], mount_tag="s"
+        )
+
     first = CloudHypervisor(config, jailer_root=jailer_root)
     await first.prepare_vm("snap1")
+    await first.add_device(share())
     await first.start_vm(START_TIMEOUT)
-    await first.pause_vm()
-    snapshot = await first.save_vm()
+    snapshot = await first.save_vm()  # pauses a running VM first
+    assert first.status == VmStatus.PAUSED
     kept = jailer_root / "kept-snapshot"
     snapshot.rename(kept)
     await first.stop_vm()
@@ -146,14 +153,25 @@ async def test_snapshot_restores_into_a_fresh_vmm(recorder: Recorder, jailer_roo
 
     second = CloudHypervisor(config, jailer_root=jailer_root)
     await second.prepare_vm("snap2")
-    await second.restore_vm(kept, START_TIMEOUT)
-    assert second.status == VmStatus.PAUSED
-    await second.resume_vm()
-    assert (await second.info())["state"] == "Running"
+    with pytest.raises(HypervisorError, match="add the same shared-fs device before restoring"):
+        await second.start_vm(START_TIMEOUT, restore_from=kept)
+    assert await second.get_pids() == []
+
+    third = CloudHypervisor(config, jailer_root=jailer_root)
+    await third.prepare_vm("snap3")
+    await third.add_device(share())
+    await third.start_vm(START_TIMEOUT, restore_from=kept)
+    assert third.status == VmStatus.RUNNING
+    assert (await third.info())["state"] == "Running"
+    assert len(await third.get_pids()) == 2  # the VMM and the share's new virtiofsd
+    ok, _ = await hvsock_roundtrip(await third.get_agent_socket(), b"x")
+    assert ok.startswith("OK ")
+    assert sent(recorder)[-5:] == ["vmm.ping", "vm.restore", "vm.resume", "vm.info", "vm.info"]
     restore = next(r for r in recorder.requests() if r["path"].endswith("vm.restore"))
     assert restore["body"]["source_url"] == f"file://{kept}"
-    await second.stop_vm()
+    await third.stop_vm()
     await second.cleanup()
+    await third.cleanup()
     assert leftovers(jailer_root) == [
         str(kept),
         *(str(kept / n) for n in ("config.json", "memory-ranges", "state.json")),

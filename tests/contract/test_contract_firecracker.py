@@ -145,7 +145,6 @@ async def test_snapshot_loads_into_a_fresh_vmm(
     first = Firecracker(config, jailer_root=jailer_root)
     await first.prepare_vm("snap1")
     await first.start_vm(START_TIMEOUT)
-    await first.pause_vm()
     kept = jailer_root / "kept"
     (await first.save_vm()).rename(kept)
     await first.stop_vm()
@@ -153,12 +152,12 @@ async def test_snapshot_loads_into_a_fresh_vmm(
 
     second = Firecracker(config, jailer_root=jailer_root)
     await second.prepare_vm("snap2")
-    await second.restore_vm(kept, START_TIMEOUT)
-    assert second.status == VmStatus.PAUSED
+    await second.start_vm(START_TIMEOUT, restore_from=kept)
+    assert second.status == VmStatus.RUNNING
+    assert (await second.instance_info())["state"] == "Running"
     load = body_of(recorder, "/snapshot/load")
-    assert load["resume_vm"] is False and load["mem_backend"]["backend_type"] == "File"
+    assert load["resume_vm"] is True and load["mem_backend"]["backend_type"] == "File"
     assert load["vsock_override"]["uds_path"] == ("/fc-vm.sock" if jailed else str(second.vsock_socket))
-    await second.resume_vm()
     ok, _ = await hvsock_roundtrip(await second.get_agent_socket(), b"x")
     assert ok.startswith("OK ")
     await second.stop_vm()

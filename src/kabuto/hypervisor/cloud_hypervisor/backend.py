@@ -116,16 +116,25 @@ class CloudHypervisor(Hypervisor):
             raise self._unsupported(f"shared fs {device.fs.value}")
         return await super().add_device(device)
 
-    async def start_vm(self, timeout: float) -> None:
+    async def start_vm(self, timeout: float, restore_from: Path | None = None) -> None:
+        """Boot, or with ``restore_from`` (a ``save_vm`` snapshot) restore into this fresh VMM and
+        resume; within ``timeout``. A failure stops every process and removes the VM directory."""
         self._require(VmStatus.PREPARED, operation="start the VM")
+        if restore_from is not None:
+            self._point_snapshot_here(restore_from)
         deadline = time.monotonic() + timeout
         try:
             await self._launch(deadline)
             for device in self.pending_devices:
                 if isinstance(device, SharedFsDevice):
                     await self._start_virtiofsd(device, deadline)
-            await self._call("PUT", "vm.create", self._vm_config())
-            await self._call("PUT", "vm.boot")
+            if restore_from is not None:
+                restore = {"source_url": f"file://{restore_from}", "prefault": False}
+                await self._call("PUT", "vm.restore", restore)
+                await self._call("PUT", "vm.resume")  # a restored VM starts paused
+            else:
+                await self._call("PUT", "vm.create", self._vm_config())
+                await self._call("PUT", "vm.boot")
             self.devices, self.pending_devices = self.pending_devices, []
             await self._learn_guest_addresses()
         except BaseException:
@@ -133,28 +142,26 @@ class CloudHypervisor(Hypervisor):
             raise
         self.status = VmStatus.RUNNING
 
-    async def restore_vm(self, snapshot: Path, timeout: float) -> None:
-        """Start a fresh VMM from a ``save_vm`` snapshot; the VM comes back paused."""
-        self._require(VmStatus.PREPARED, operation="restore the VM from a snapshot")
-        if not (snapshot / "config.json").is_file():
-            raise self._error(f"{snapshot} is not a Cloud Hypervisor snapshot (no config.json)")
-        self._point_snapshot_here(snapshot)
-        deadline = time.monotonic() + timeout
-        try:
-            await self._launch(deadline)
-            await self._call("PUT", "vm.restore", {"source_url": f"file://{snapshot}", "prefault": False})
-        except BaseException:
-            await self.cleanup()
-            raise
-        self.status = VmStatus.PAUSED
-
     def _point_snapshot_here(self, snapshot: Path) -> None:
-        """The saved config names the old VM's sockets and console: make them this VM's."""
+        """The saved config names the old VM's sockets and console: make them this VM's.
+
+        Each virtio-fs share in the snapshot needs a daemon again: the caller re-adds the same
+        SharedFsDevice (same id) before restoring, and its new virtiofsd socket goes in here.
+        """
         config_file = snapshot / "config.json"
         try:
             config = json.loads(config_file.read_text())
         except (OSError, ValueError) as exc:
-            raise self._error(f"cannot read snapshot config {config_file}: {exc}") from exc
+            raise self._error(f"{snapshot} is not a Cloud Hypervisor snapshot: {exc}") from exc
+        shares = {d.id: d for d in self.pending_devices if isinstance(d, SharedFsDevice)}
+        for fs in config.get("fs") or []:
+            device = shares.get(fs.get("id", ""))
+            if device is None:
+                raise self._error(
+                    f"the snapshot shares a directory as {fs.get('id')!r} (tag {fs.get('tag')!r}): "
+                    "add the same shared-fs device before restoring"
+                )
+            fs["socket"] = str(self._fs_socket(device))
         if isinstance(config.get("vsock"), dict):
             config["vsock"]["socket"] = str(self.vsock_socket)
         if isinstance(config.get("serial"), dict) and config["serial"].get("mode") == "File":
@@ -285,8 +292,11 @@ class CloudHypervisor(Hypervisor):
         self.status = VmStatus.RUNNING
 
     async def save_vm(self) -> Path:
-        """Snapshot the paused VM into ``<vm dir>/snapshot`` (config.json, state.json, memory)."""
-        self._require(VmStatus.PAUSED, operation="snapshot")
+        """Pause the VM and snapshot it into ``<vm dir>/snapshot`` (config.json, state.json,
+        memory-ranges); the VM stays paused."""
+        self._require(VmStatus.RUNNING, VmStatus.PAUSED, operation="snapshot")
+        if self.status == VmStatus.RUNNING:
+            await self.pause_vm()
         if self.snapshot_dir.exists():
             shutil.rmtree(self.snapshot_dir)
         self.snapshot_dir.mkdir(mode=0o700)

@@ -153,46 +153,40 @@ class Firecracker(Hypervisor):
             raise self._unsupported(f"a {device.kind.value} device")
         return await super().add_device(device)
 
-    async def start_vm(self, timeout: float) -> None:
+    async def start_vm(self, timeout: float, restore_from: Path | None = None) -> None:
+        """Configure and boot, or with ``restore_from`` (a ``save_vm`` snapshot) load it into this
+        fresh Firecracker and resume; within ``timeout``. A failure kills the VMM and removes the
+        VM directory."""
         self._require(VmStatus.PREPARED, operation="start the VM")
+        if restore_from is not None:
+            for name in ("vmstate", "memory"):
+                if not (restore_from / name).is_file():
+                    raise self._error(f"{restore_from} is not a Firecracker snapshot (no {name})")
         deadline = time.monotonic() + timeout
         try:
             await self._launch(deadline)
-            await self._configure()
-            await self._call("PUT", "/actions", {"action_type": "InstanceStart"})
+            if restore_from is not None:
+                await self._call("PUT", "/snapshot/load", self._snapshot_load(restore_from))
+            else:
+                await self._configure()
+                await self._call("PUT", "/actions", {"action_type": "InstanceStart"})
         except BaseException:
             await self.cleanup()
             raise
         self.devices, self.pending_devices = self.pending_devices, []
         self.status = VmStatus.RUNNING
 
-    async def restore_vm(self, snapshot: Path, timeout: float) -> None:
-        """Load a ``save_vm`` snapshot into a fresh Firecracker; the VM comes back paused."""
-        self._require(VmStatus.PREPARED, operation="restore the VM from a snapshot")
-        state_file, mem_file = snapshot / "vmstate", snapshot / "memory"
-        for path in (state_file, mem_file):
-            if not path.is_file():
-                raise self._error(f"{snapshot} is not a Firecracker snapshot (no {path.name})")
-        deadline = time.monotonic() + timeout
-        try:
-            if self.jailed:
-                (self.jail_root / "snapshot").mkdir(exist_ok=True)
-            body = {
-                "snapshot_path": self._expose(state_file, "snapshot/vmstate"),
-                "mem_backend": {
-                    "backend_type": "File",
-                    "backend_path": self._expose(mem_file, "snapshot/memory"),
-                },
-                "resume_vm": False,
-                "vsock_override": {"uds_path": self._vmm_view(self.vsock_socket)},
-            }
-            await self._launch(deadline)
-            await self._call("PUT", "/snapshot/load", body)
-        except BaseException:
-            await self.cleanup()
-            raise
-        self.devices, self.pending_devices = self.pending_devices, []
-        self.status = VmStatus.PAUSED
+    def _snapshot_load(self, snapshot: Path) -> dict[str, Any]:
+        if self.jailed:
+            (self.jail_root / "snapshot").mkdir(exist_ok=True)
+        memory = self._expose(snapshot / "memory", "snapshot/memory")
+        return {
+            "snapshot_path": self._expose(snapshot / "vmstate", "snapshot/vmstate"),
+            "mem_backend": {"backend_type": "File", "backend_path": memory},
+            "resume_vm": True,
+            # the snapshot names the old VM's vsock socket; this VM has its own
+            "vsock_override": {"uds_path": self._vmm_view(self.vsock_socket)},
+        }
 
     async def _launch(self, deadline: float) -> None:
         fc_args = ["--api-sock", JAILED_API_SOCKET if self.jailed else str(self.api_socket)]
@@ -307,8 +301,11 @@ class Firecracker(Hypervisor):
         self.status = VmStatus.RUNNING
 
     async def save_vm(self) -> Path:
-        """Snapshot the paused VM: ``<snapshot dir>/vmstate`` and ``/memory``; returns the dir."""
-        self._require(VmStatus.PAUSED, operation="snapshot")
+        """Pause the VM and snapshot it: ``<snapshot dir>/vmstate`` and ``/memory``; returns the
+        dir. The VM stays paused."""
+        self._require(VmStatus.RUNNING, VmStatus.PAUSED, operation="snapshot")
+        if self.status == VmStatus.RUNNING:
+            await self.pause_vm()
         if self.snapshot_dir.exists():
             shutil.rmtree(self.snapshot_dir)
         self.snapshot_dir.mkdir(mode=0o700)
