@@ -1,0 +1,526 @@
+"""Assemble the guest image: a Debian kernel and an initramfs holding busybox, Python and the agent.
+
+The image lives in ``<cache>/image/<key>/`` where the key hashes every input (package
+versions, this builder's code, the guest code, the protobuf version, the options), so a
+changed input gives a new directory and an unchanged one is reused. A build happens in a
+temporary directory beside it and is renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import fcntl
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import kabuto
+from kabuto.errors import ImageError
+from kabuto.image import debian, elf, modules
+from kabuto.image.cpio import DeviceNode, write_newc
+
+DEFAULT_CACHE_DIR = Path("/var/cache/kabuto")
+CACHE_ENV = "KABUTO_CACHE_DIR"
+CURRENT_RECORD = "current.json"
+MANIFEST = "manifest.json"
+KERNEL_NAME = "vmlinuz"
+INITRD_NAME = "initrd.img"
+
+# Debian kernel flavours: the metapackage that tracks each one.
+KERNEL_PACKAGES = {"generic": "linux-image-amd64", "cloud": "linux-image-cloud-amd64"}
+DEFAULT_FLAVOUR = "generic"  # the cloud kernel has no 9p, which container rootfs sharing needs
+COMPRESSIONS = ("gzip", "zstd", "none")
+DEFAULT_COMPRESSION = "gzip"
+USERLAND_PACKAGES = (
+    "busybox-static",
+    "python3.11-minimal",
+    "libpython3.11-minimal",
+    "libpython3.11-stdlib",
+    # shared libraries of the interpreter and of the extension modules kept
+    "libc6",
+    "zlib1g",
+    "libexpat1",
+    "libffi8",
+)
+PYTHON_VERSION = "3.11"
+
+# Guest-side parts of Kabuto, relative to the kabuto package; nothing else is copied.
+GUEST_CODE = ("__init__.py", "errors.py", "ttrpc", "protos", "guest")
+GUEST_PYTHONPATH = "usr/lib/kabuto"
+# The builder's own files that decide the image's bytes (the others only find or fetch things).
+BUILDER_FILES = ("builder.py", "modules.py", "cpio.py", "elf.py", "init.sh")
+
+# Stdlib parts the agent never imports: dropping them keeps the initramfs small.
+STDLIB_DROP = (
+    "test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3", "pydoc_data", "distutils",
+    "sqlite3", "dbm", "curses", "venv", "wsgiref", "xmlrpc", "unittest", "html", "http", "email",
+    "xml", "__phello__", "tomllib", "zoneinfo", "msilib",
+    "turtle.py", "pydoc.py", "doctest.py", "_pydecimal.py", "pdb.py", "mailbox.py", "imaplib.py",
+    "smtplib.py", "nntplib.py", "ftplib.py", "poplib.py", "telnetlib.py", "tabnanny.py", "cgi.py",
+    "cgitb.py", "webbrowser.py", "pickletools.py", "_pyio.py", "difflib.py", "EXTERNALLY-MANAGED",
+    "LICENSE.txt",
+)
+LIB_DYNLOAD_DROP_PREFIXES = (
+    "_test", "_xxtestfuzz", "xxlimited", "_ctypes_test", "_xxsubinterpreters", "ossaudiodev", "audioop",
+    "nis", "_codecs_", "_multibytecodec", "readline", "_curses", "_dbm", "_sqlite3", "_lzma", "_bz2",
+    "_ssl", "_hashlib", "_crypt", "_uuid", "_decimal", "_lsprof", "_zoneinfo",
+)
+# Codecs Python itself needs; the hundreds of legacy ones go.
+ENCODINGS_KEEP = (
+    "__init__.py", "aliases.py", "ascii.py", "latin_1.py", "utf_8.py", "utf_8_sig.py", "utf_16.py",
+    "utf_16_le.py", "utf_16_be.py", "utf_32.py", "utf_32_le.py", "utf_32_be.py", "raw_unicode_escape.py",
+    "unicode_escape.py", "idna.py", "punycode.py", "hex_codec.py", "base64_codec.py",
+)
+PROTOBUF_DROP = ("compiler", "testdata", "pyext", "__pycache__")
+
+COMPILE_TIMEOUT = 600.0
+COMPRESS_TIMEOUT = 600.0
+LOCK_TIMEOUT = 1800.0  # another build holds the lock at most this long
+# What the image's probe mode (kabuto_probe=1) checks: the agent and protobuf import.
+PROBE_CODE = "import sys, kabuto.guest.__main__, google.protobuf; print('python', sys.version.split()[0])"
+
+STEPS = (
+    "resolving packages",
+    "downloading packages",
+    "extracting packages",
+    "kernel and modules",
+    "busybox, python and libraries",
+    "agent and protobuf",
+    "compiling python",
+    "writing the initramfs",
+    "installing into the cache",
+)
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class GuestImage:
+    """A built guest image: the kernel and the initramfs to boot it with."""
+
+    kernel: Path
+    initrd: Path
+    key: str = ""
+    kernel_version: str = ""
+    flavour: str = ""
+    compression: str = ""
+    guest_code_hash: str = ""
+    missing_modules: tuple[str, ...] = ()
+    built_at: str = ""
+
+    @property
+    def guest_code_current(self) -> bool:
+        """False when Kabuto's guest code changed since this image was built."""
+        return self.guest_code_hash == guest_code_hash()
+
+    def to_record(self) -> dict[str, object]:
+        record = asdict(self)
+        record.update(kernel=str(self.kernel), initrd=str(self.initrd),
+                      missing_modules=list(self.missing_modules))
+        return record
+
+    @classmethod
+    def from_record(cls, record: dict[str, object]) -> GuestImage:
+        fields = {**record}
+        fields["kernel"] = Path(str(record["kernel"]))
+        fields["initrd"] = Path(str(record["initrd"]))
+        fields["missing_modules"] = tuple(record.get("missing_modules") or ())  # type: ignore[call-overload]
+        known = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in fields.items() if k in known})  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class BuildInputs:
+    """Everything the image's bytes depend on; its key names the cache directory."""
+
+    flavour: str
+    compression: str
+    packages: tuple[debian.Package, ...]
+    builder_hash: str
+    guest_code_hash: str
+    protobuf_version: str
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def key(self) -> str:
+        canonical = json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:20]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE_DIR)
+
+
+def image_root() -> Path:
+    return cache_dir() / "image"
+
+
+def hash_files(root: Path, entries: Iterable[str], suffixes: tuple[str, ...]) -> str:
+    """A hash of the relative paths and contents of the files under ``root``/``entries``."""
+    digest = hashlib.sha256()
+    for entry in entries:
+        base = root / entry
+        files = [base] if base.is_file() else sorted(p for p in base.rglob("*") if p.is_file())
+        for path in files:
+            if path.suffix not in suffixes or "__pycache__" in path.parts:
+                continue
+            digest.update(str(path.relative_to(root)).encode() + b"\0")
+            digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def package_dir() -> Path:
+    return Path(kabuto.__file__).parent
+
+
+def guest_code_hash() -> str:
+    return hash_files(package_dir(), GUEST_CODE, (".py",))
+
+
+def builder_hash() -> str:
+    return hash_files(Path(__file__).parent, BUILDER_FILES, (".py", ".sh"))
+
+
+def protobuf_dir() -> tuple[Path, str]:
+    import google.protobuf
+
+    return Path(google.protobuf.__file__).parent, google.protobuf.__version__
+
+
+async def gather_inputs(
+    flavour: str = DEFAULT_FLAVOUR, compression: str = DEFAULT_COMPRESSION
+) -> BuildInputs:
+    """Resolve package versions against apt's lists (no download) and hash the local inputs."""
+    if flavour not in KERNEL_PACKAGES:
+        raise ImageError(f"unknown kernel flavour {flavour!r}: choose one of {', '.join(KERNEL_PACKAGES)}")
+    if compression not in COMPRESSIONS:
+        raise ImageError(
+            f"unknown initramfs compression {compression!r}: choose one of {', '.join(COMPRESSIONS)}"
+        )
+    meta, *userland = await debian.resolve([KERNEL_PACKAGES[flavour], *USERLAND_PACKAGES])
+    kernel_name = await debian.dependency_of(meta, "linux-image-")
+    kernel, = await debian.resolve([kernel_name])
+    return BuildInputs(
+        flavour=flavour,
+        compression=compression,
+        packages=(kernel, *userland),
+        builder_hash=builder_hash(),
+        guest_code_hash=guest_code_hash(),
+        protobuf_version=protobuf_dir()[1],
+    )
+
+
+def installed_image() -> GuestImage | None:
+    """The image the cache records as current, or None; never builds and never goes online."""
+    try:
+        record = json.loads((image_root() / CURRENT_RECORD).read_text())
+        image = GuestImage.from_record(record)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not (image.kernel.is_file() and image.initrd.is_file()):
+        return None
+    return image
+
+
+async def build_image(
+    force: bool = False,
+    flavour: str = DEFAULT_FLAVOUR,
+    compression: str = DEFAULT_COMPRESSION,
+    progress: Progress | None = None,
+) -> GuestImage:
+    """The image for the current inputs, built only if the cache does not hold it yet (or ``force``)."""
+    report = progress or (lambda step: None)
+    report(STEPS[0])
+    inputs = await gather_inputs(flavour, compression)
+    root = image_root()
+    root.mkdir(parents=True, exist_ok=True)
+    async with _build_lock(root):
+        target = root / inputs.key()
+        cached = _read_manifest(target)
+        if cached is not None and not force:
+            _set_current(root, cached)
+            return cached
+        image = await _build(inputs, root, report)
+        _set_current(root, image)
+        _prune(root, keep=target.name, debs=[p.deb_name() for p in inputs.packages])
+        return image
+
+
+async def _build(inputs: BuildInputs, root: Path, report: Progress) -> GuestImage:
+    key = inputs.key()
+    staging = Path(tempfile.mkdtemp(prefix=f".build-{key}-", dir=root))
+    try:
+        report(STEPS[1])
+        debs = await debian.download(list(inputs.packages), cache_dir() / "debs")
+        report(STEPS[2])
+        debroot = staging / "debroot"
+        for deb in debs:
+            await debian.extract(deb, debroot)
+        rootfs = staging / "rootfs"
+        out = staging / key
+        out.mkdir()
+        report(STEPS[3])
+        kernel_version, missing = await asyncio.to_thread(_install_kernel, debroot, rootfs, out / KERNEL_NAME)
+        report(STEPS[4])
+        await asyncio.to_thread(_install_userland, debroot, rootfs)
+        report(STEPS[5])
+        await asyncio.to_thread(_install_guest_code, rootfs)
+        _write_init(rootfs)
+        report(STEPS[6])
+        await _compile_python(rootfs)
+        report(STEPS[7])
+        await _write_initramfs(rootfs, out / INITRD_NAME, inputs.compression, staging)
+        report(STEPS[8])
+        image = GuestImage(
+            kernel=root / key / KERNEL_NAME,
+            initrd=root / key / INITRD_NAME,
+            key=key,
+            kernel_version=kernel_version,
+            flavour=inputs.flavour,
+            compression=inputs.compression,
+            guest_code_hash=inputs.guest_code_hash,
+            missing_modules=tuple(missing),
+            built_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        )
+        manifest = {"image": image.to_record(), "inputs": asdict(inputs)}
+        (out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        _replace_dir(out, root / key)
+        return image
+    finally:
+        await asyncio.to_thread(shutil.rmtree, staging, True)
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Put ``new`` at ``target`` by rename; an existing ``target`` (a forced rebuild) is swapped out."""
+    if target.exists():
+        old = target.with_name(f".old-{target.name}-{os.getpid()}")
+        target.rename(old)
+        new.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        new.rename(target)
+
+
+def _read_manifest(target: Path) -> GuestImage | None:
+    try:
+        image = GuestImage.from_record(json.loads((target / MANIFEST).read_text())["image"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return image if image.kernel.is_file() and image.initrd.is_file() else None
+
+
+def _set_current(root: Path, image: GuestImage) -> None:
+    tmp = root / f".{CURRENT_RECORD}.{os.getpid()}"
+    tmp.write_text(json.dumps(image.to_record(), indent=2, sort_keys=True) + "\n")
+    tmp.replace(root / CURRENT_RECORD)
+
+
+def _prune(root: Path, keep: str, debs: list[str]) -> None:
+    """Drop older images and unused packages so the cache does not grow with every change.
+
+    The previous image stays: a VM being started from it right now must still find its files.
+    """
+    others = [e for e in root.iterdir() if e.is_dir() and not e.name.startswith(".") and e.name != keep]
+    for entry in sorted(others, key=lambda e: e.stat().st_mtime, reverse=True)[1:]:
+        shutil.rmtree(entry, ignore_errors=True)
+    deb_dir = cache_dir() / "debs"
+    for deb in deb_dir.glob("*.deb"):
+        if deb.name not in debs:
+            deb.unlink(missing_ok=True)
+
+
+@contextlib.asynccontextmanager
+async def _build_lock(root: Path):  # type: ignore[no-untyped-def]
+    """One build at a time per cache; a second one waits (bounded), then finds the result cached."""
+    with (root / ".lock").open("w") as lock:
+        deadline = time.monotonic() + LOCK_TIMEOUT
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise ImageError(
+                        f"another image build held {root / '.lock'} for {LOCK_TIMEOUT:.0f} s"
+                    ) from None
+                await asyncio.sleep(0.5)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+# --- assembling the root filesystem ------------------------------------------------------------
+
+
+def _install_kernel(debroot: Path, rootfs: Path, kernel_out: Path) -> tuple[str, list[str]]:
+    vmlinuz = sorted((debroot / "boot").glob("vmlinuz-*"))
+    if len(vmlinuz) != 1:
+        raise ImageError(f"expected one kernel in the kernel package, found {[p.name for p in vmlinuz]}")
+    version = vmlinuz[0].name.removeprefix("vmlinuz-")
+    shutil.copy2(vmlinuz[0], kernel_out)
+    kernel_dir = debroot / "lib" / "modules" / version
+    available = modules.index_modules(kernel_dir).keys() | modules.builtin_modules(kernel_dir)
+    missing = [m for m in modules.OPTIONAL_MODULES if m not in available]
+    wanted = [m for m in (*modules.BOOT_MODULES, *modules.ON_DEMAND_MODULES) if m not in missing]
+    boot = [m for m in modules.BOOT_MODULES if m not in missing]
+    guest_dir = rootfs / "lib" / "modules" / version
+    modules.copy_modules(modules.load_order(tuple(wanted), kernel_dir), kernel_dir, guest_dir)
+    boot_order = modules.load_order(tuple(boot), kernel_dir)
+    (rootfs / "lib" / "modules" / "boot-modules").write_text(
+        "".join(f"/lib/modules/{version}/{ko.relative_to(kernel_dir)}\n" for ko in boot_order)
+    )
+    return version, missing
+
+
+def _install_userland(debroot: Path, rootfs: Path) -> None:
+    for name in ("proc", "sys", "dev", "run", "tmp", "root", "mnt", "etc", "sbin", "usr/sbin"):
+        (rootfs / name).mkdir(parents=True, exist_ok=True)
+    (rootfs / "etc" / "hostname").write_text("kabuto\n")
+    _install_busybox(debroot, rootfs)
+    _install_python(debroot, rootfs)
+
+
+def _install_busybox(debroot: Path, rootfs: Path) -> None:
+    busybox = rootfs / "bin" / "busybox"
+    busybox.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(debroot / "bin" / "busybox", busybox)
+    # Debian's busybox-static is a static binary, so it runs on the build host to list its applets.
+    import subprocess
+
+    listing = subprocess.run([str(busybox), "--list-full"], capture_output=True, text=True, timeout=30,
+                             check=True)
+    for applet in listing.stdout.split():
+        link = rootfs / applet
+        if link.name == "busybox" or link.exists():
+            continue
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(busybox, link.parent))
+
+
+def _install_python(debroot: Path, rootfs: Path) -> None:
+    interpreter = rootfs / "usr" / "bin" / f"python{PYTHON_VERSION}"
+    interpreter.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(debroot / "usr" / "bin" / interpreter.name, interpreter)
+    (interpreter.parent / "python3").symlink_to(interpreter.name)
+
+    stdlib_src = debroot / "usr" / "lib" / f"python{PYTHON_VERSION}"
+    stdlib = rootfs / "usr" / "lib" / f"python{PYTHON_VERSION}"
+    shutil.copytree(stdlib_src, stdlib, symlinks=True,
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "config-*", "*-packages"))
+    for name in STDLIB_DROP:
+        victim = stdlib / name
+        if victim.is_dir():
+            shutil.rmtree(victim)
+        else:
+            victim.unlink(missing_ok=True)
+    for codec in (stdlib / "encodings").iterdir():
+        if codec.name not in ENCODINGS_KEEP:
+            codec.unlink()
+    dynload = stdlib / "lib-dynload"
+    for extension in dynload.iterdir():
+        if extension.name.startswith(LIB_DYNLOAD_DROP_PREFIXES):
+            extension.unlink()
+
+    lib_dirs = [debroot / "lib" / "x86_64-linux-gnu", debroot / "usr" / "lib" / "x86_64-linux-gnu"]
+    libraries = _library_closure([interpreter, *dynload.iterdir()], lib_dirs)
+    target_dir = rootfs / "lib" / "x86_64-linux-gnu"
+    target_dir.mkdir(parents=True, exist_ok=True)
+    for soname, path in libraries.items():
+        shutil.copy2(path, target_dir / soname)
+    loader = debroot / "lib64" / "ld-linux-x86-64.so.2"
+    (rootfs / "lib64").mkdir(exist_ok=True)
+    shutil.copy2(loader, rootfs / "lib64" / loader.name)
+
+
+def _library_closure(binaries: list[Path], lib_dirs: list[Path]) -> dict[str, Path]:
+    """Soname -> file for every shared library the binaries need, transitively."""
+    found: dict[str, Path] = {}
+    pending = [lib for binary in binaries for lib in elf.needed_libraries(binary)]
+    while pending:
+        soname = pending.pop()
+        if soname in found:
+            continue
+        path = next((d / soname for d in lib_dirs if (d / soname).exists()), None)
+        if path is None:
+            needers = [b.name for b in binaries if soname in elf.needed_libraries(b)]
+            raise ImageError(f"shared library {soname} (needed by {', '.join(needers) or 'a library'}) "
+                             "is in none of the guest's packages")
+        found[soname] = path.resolve()
+        pending.extend(elf.needed_libraries(found[soname]))
+    return found
+
+
+def _install_guest_code(rootfs: Path) -> None:
+    site = rootfs / GUEST_PYTHONPATH
+    source = package_dir()
+    for entry in GUEST_CODE:
+        src = source / entry
+        dest = site / "kabuto" / entry
+        if src.is_dir():
+            shutil.copytree(src, dest,
+                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.pyi", "*.proto"))
+        else:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest)
+    protobuf, _ = protobuf_dir()
+    shutil.copytree(protobuf, site / "google" / "protobuf",
+                    ignore=shutil.ignore_patterns(*PROTOBUF_DROP, "*.pyc", "*.pyi", "*_test.py"))
+
+
+def _write_init(rootfs: Path) -> None:
+    template = (Path(__file__).parent / "init.sh").read_text()
+    # The C extension of protobuf (upb) is not shipped: it would pull in libstdc++.
+    text = template.replace("@PYTHON_ENV@", "export PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION=python")
+    text = text.replace("@PROBE@", PROBE_CODE)
+    init = rootfs / "init"
+    init.write_text(text)
+    init.chmod(0o755)
+
+
+async def _compile_python(rootfs: Path) -> None:
+    """Precompile every kept module with the guest's own interpreter, so the agent starts fast.
+
+    unchecked-hash .pyc files are used without looking at the source's mtime, which the
+    initramfs does not keep.
+    """
+    stdlib = rootfs / "usr" / "lib" / f"python{PYTHON_VERSION}"
+    env = {"PYTHONHOME": str(rootfs / "usr"), "PYTHONDONTWRITEBYTECODE": "1", "LC_ALL": "C.UTF-8"}
+    await debian.run(
+        [str(rootfs / "lib64" / "ld-linux-x86-64.so.2"),
+         "--library-path", str(rootfs / "lib" / "x86_64-linux-gnu"),
+         str(rootfs / "usr" / "bin" / f"python{PYTHON_VERSION}"), "-S", "-m", "compileall", "-q", "-j0",
+         "--invalidation-mode", "unchecked-hash", "-s", str(rootfs), "-p", "/",
+         "-x", r"lib2to3|/test/|bad_coding|badsyntax",
+         str(stdlib), str(rootfs / GUEST_PYTHONPATH)],
+        COMPILE_TIMEOUT, env=env,
+    )
+
+
+async def _write_initramfs(rootfs: Path, dest: Path, compression: str, scratch: Path) -> None:
+    devices = (DeviceNode("dev/console", 5, 1), DeviceNode("dev/null", 1, 3, 0o666))
+    if compression == "gzip":
+        def write_gzip() -> None:
+            with dest.open("wb") as raw, \
+                    gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=9, mtime=0) as out:
+                write_newc(rootfs, out, devices)  # type: ignore[arg-type]
+        await asyncio.to_thread(write_gzip)
+        return
+    plain = dest if compression == "none" else scratch / "initrd.cpio"
+
+    def write_plain() -> None:
+        with plain.open("wb") as out:
+            write_newc(rootfs, out, devices)
+    await asyncio.to_thread(write_plain)
+    if compression == "zstd":
+        zstd = shutil.which("zstd")
+        if zstd is None:
+            raise ImageError("zstd compression needs the zstd command (apt-get install zstd)")
+        await debian.run([zstd, "-q", "-19", "-T0", "-f", "-o", str(dest), str(plain)], COMPRESS_TIMEOUT)
