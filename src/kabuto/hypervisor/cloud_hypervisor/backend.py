@@ -43,6 +43,7 @@ API = "/api/v1"
 AGENT_PORT = 1024
 GUEST_CID = 3
 MIB = 1 << 20
+VIRTIO_BLK_SERIAL_MAX = 20
 #: how long a guest gets to power off after vm.shutdown before the VMM is stopped
 SHUTDOWN_GRACE = 5.0
 _VCPU_THREAD = re.compile(r"vcpu(\d+)")
@@ -136,7 +137,6 @@ class CloudHypervisor(Hypervisor):
                 await self._call("PUT", "vm.create", self._vm_config())
                 await self._call("PUT", "vm.boot")
             self.devices, self.pending_devices = self.pending_devices, []
-            await self._learn_guest_addresses()
         except BaseException:
             await self.cleanup()
             raise
@@ -257,15 +257,6 @@ class CloudHypervisor(Hypervisor):
             "queue_size": self.config.virtio_fs_queue_size or 1024,
         }
 
-    async def _learn_guest_addresses(self) -> None:
-        """Cold-plugged disks get their PCI address from vm.info's device tree."""
-        info = (await self._call("GET", "vm.info")).json()
-        tree = info.get("device_tree") or {}
-        for device in self.devices:
-            node = tree.get(device.id)
-            if isinstance(device, BlockDevice) and isinstance(node, dict) and node.get("pci_bdf"):
-                device.guest_address = str(node["pci_bdf"])
-
     async def stop_vm(self) -> None:
         if self.status not in (VmStatus.RUNNING, VmStatus.PAUSED):
             await self._teardown()
@@ -306,8 +297,7 @@ class CloudHypervisor(Hypervisor):
     # -- hot-plug ---------------------------------------------------------------------------
     async def _hotplug_add(self, device: AnyDevice) -> None:
         if isinstance(device, BlockDevice):
-            info = await self._call("PUT", "vm.add-disk", _disk(device))
-            device.guest_address = _bdf(info)
+            await self._call("PUT", "vm.add-disk", _disk(device))
         elif isinstance(device, NetworkDevice):
             await self._call("PUT", "vm.add-net", _net(device))
         elif isinstance(device, SharedFsDevice):
@@ -442,7 +432,15 @@ class CloudHypervisor(Hypervisor):
 
 
 def _disk(device: BlockDevice) -> dict[str, Any]:
-    disk: dict[str, Any] = {"id": device.id, "path": str(device.path), "readonly": device.read_only}
+    """The guest finds the disk by its virtio serial (the device id), cold- or hot-plugged."""
+    serial = device.id[:VIRTIO_BLK_SERIAL_MAX]
+    device.guest_address = f"serial:{serial}"
+    disk: dict[str, Any] = {
+        "id": device.id,
+        "path": str(device.path),
+        "readonly": device.read_only,
+        "serial": serial,
+    }
     if device.format == "qcow2":
         disk["image_type"] = "Qcow2"
     return disk
@@ -453,15 +451,6 @@ def _net(device: NetworkDevice) -> dict[str, Any]:
     if device.mac:
         net["mac"] = device.mac
     return net
-
-
-def _bdf(response: httpx.Response) -> str:
-    # 200 + PciDeviceInfo when the VM runs; a 204 carries nothing.
-    if response.status_code != 200 or not response.content:
-        return ""
-    with contextlib.suppress(ValueError, AttributeError):
-        return str(response.json().get("bdf", ""))
-    return ""
 
 
 def _proc_state(proc: VmmProcess | None) -> dict[str, Any] | None:
