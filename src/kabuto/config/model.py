@@ -275,6 +275,7 @@ class RuntimeConfig(_Table):
     use_passfd_io: bool = False
     passfd_listener_port: int = 1027
     pod_resource_api_sock: str = ""
+    kubelet_root_dir: str = ""
     #: seconds (Kabuto's own; Kata keeps it in [agent.kata])
     create_container_timeout: int = 60
 
