@@ -239,6 +239,8 @@ def build_command(
         "-append", kernel_append(table),
         "-device", f"virtio-serial-pci,id={VIRTIO_SERIAL_BUS}",
     ]
+    if table.firmware:
+        args += ["-bios", table.firmware]
     if table.initrd:
         args += ["-initrd", table.initrd]
     if table.image:
