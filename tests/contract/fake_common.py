@@ -3,7 +3,8 @@
 Environment the fakes read:
   FAKE_VMM_RECORD   file to append one JSON line per request (and one for argv)
   FAKE_VMM_FAULT    "exit" (die at once), "hang" (never open the API socket),
-                    "error:<path-suffix>" (answer that request with a 500/400 error)
+                    "error:<path-suffix>" (answer that request with a 500/400 error),
+                    "stall:<path-suffix>" (never answer that request)
   FAKE_AGENT_SOCKET Unix socket of a fake agent; hybrid vsock connections are proxied to it
 """
 
@@ -48,6 +49,11 @@ def injected_error(path: str) -> bool:
     return FAULT.startswith("error:") and path.endswith(FAULT.removeprefix("error:"))
 
 
+def stall_if_asked(path: str) -> None:
+    if FAULT.startswith("stall:") and path.endswith(FAULT.removeprefix("stall:")):
+        time.sleep(3600)
+
+
 Reply = tuple[int, Any]  # status, JSON-able body (None: no body)
 
 
@@ -60,6 +66,7 @@ def serve(socket_path: str, handle: Callable[[str, str, bytes], Reply]) -> socke
         def _dispatch(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)
             raw = self.rfile.read(length) if length else b""
+            stall_if_asked(self.path)
             try:
                 status, body = handle(self.command, self.path, raw)
             except Exception as exc:  # a fake's own failure still answers, as a 500

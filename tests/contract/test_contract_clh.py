@@ -309,3 +309,13 @@ async def test_vmm_dying_under_us_is_named(recorder: Recorder, jailer_root: Path
         await vm.pause_vm()
     await vm.cleanup()
     assert leftovers(jailer_root) == []
+
+
+async def test_a_stalled_api_call_is_bounded(
+    recorder: Recorder, jailer_root: Path, boot_files, monkeypatch
+) -> None:
+    monkeypatch.setenv("FAKE_VMM_FAULT", "stall:vm.boot")
+    error = await start_failure(make_config(boot_files, shared_fs="none"), jailer_root, timeout=1.5)
+    assert isinstance(error, VmTimeout)
+    assert "did not start within 1.5s (waiting for PUT vm.boot)" in str(error)
+    assert not any(alive(p) for p in recorder.pids())

@@ -284,3 +284,13 @@ async def test_jailer_refuses_a_binary_not_named_firecracker(
 ) -> None:
     error = await start_failure(make_config(boot_files, jailed=True, path=str(FAKE_JAILER)), jailer_root)
     assert "jailer exited with status 1" in str(error) and "must contain 'firecracker'" in str(error)
+
+
+async def test_a_stalled_api_call_is_bounded(
+    recorder: Recorder, jailer_root: Path, boot_files, monkeypatch
+) -> None:
+    monkeypatch.setenv("FAKE_VMM_FAULT", "stall:/machine-config")
+    error = await start_failure(make_config(boot_files, jailed=True), jailer_root, timeout=1.5)
+    assert isinstance(error, VmTimeout)
+    assert "did not start within 1.5s (waiting for PUT /machine-config)" in str(error)
+    assert not any(alive(p) for p in recorder.pids())

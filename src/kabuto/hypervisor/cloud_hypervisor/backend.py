@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import math
@@ -14,7 +15,7 @@ from typing import Any, Self
 import httpx
 
 from kabuto.config.model import HypervisorConfig
-from kabuto.errors import HypervisorError, HypervisorUnavailable
+from kabuto.errors import HypervisorError, HypervisorUnavailable, VmTimeout
 from kabuto.hypervisor.base import DEFAULT_JAILER_ROOT, Hypervisor, HypervisorState, VcpuThreadIds, VmStatus
 from kabuto.hypervisor.cloud_hypervisor.plugin import CAPABILITIES
 from kabuto.hypervisor.devices import (
@@ -69,6 +70,8 @@ class CloudHypervisor(Hypervisor):
         super().__init__(config, jailer_root)
         self._vmm: VmmProcess | None = None
         self._api: ApiClient | None = None
+        # what start_vm was doing, for a timeout's message
+        self._stage = "not started"
         # device id -> the virtiofsd serving it
         self._virtiofsd: dict[str, VmmProcess] = {}
 
@@ -125,18 +128,24 @@ class CloudHypervisor(Hypervisor):
             self._point_snapshot_here(restore_from)
         deadline = time.monotonic() + timeout
         try:
-            await self._launch(deadline)
-            for device in self.pending_devices:
-                if isinstance(device, SharedFsDevice):
-                    await self._start_virtiofsd(device, deadline)
-            if restore_from is not None:
-                restore = {"source_url": f"file://{restore_from}", "prefault": False}
-                await self._call("PUT", "vm.restore", restore)
-                await self._call("PUT", "vm.resume")  # a restored VM starts paused
-            else:
-                await self._call("PUT", "vm.create", self._vm_config())
-                await self._call("PUT", "vm.boot")
-            self.devices, self.pending_devices = self.pending_devices, []
+            async with asyncio.timeout(timeout):
+                await self._launch(deadline)
+                for device in self.pending_devices:
+                    if isinstance(device, SharedFsDevice):
+                        await self._start_virtiofsd(device, deadline)
+                if restore_from is not None:
+                    restore = {"source_url": f"file://{restore_from}", "prefault": False}
+                    await self._call("PUT", "vm.restore", restore)
+                    await self._call("PUT", "vm.resume")  # a restored VM starts paused
+                else:
+                    await self._call("PUT", "vm.create", self._vm_config())
+                    await self._call("PUT", "vm.boot")
+                self.devices, self.pending_devices = self.pending_devices, []
+        except TimeoutError:
+            await self.cleanup()
+            raise VmTimeout(
+                f"{self.name}: VM {self.id} did not start within {timeout:g}s ({self._stage})"
+            ) from None
         except BaseException:
             await self.cleanup()
             raise
@@ -176,6 +185,7 @@ class CloudHypervisor(Hypervisor):
             argv.append("-v")
         self._vmm = VmmProcess(self.name, "cloud-hypervisor", self.vm_path / "cloud-hypervisor.log")
         await self._vmm.spawn(argv, cwd=self.vm_path)
+        self._stage = f"waiting for the API socket {self.api_socket}"
         await self._vmm.wait_for_socket(self.api_socket, deadline - time.monotonic())
         self._api = ApiClient(self.name, self.api_socket, describe_error)
         await self._call("GET", "vmm.ping")
@@ -196,6 +206,7 @@ class CloudHypervisor(Hypervisor):
         daemon = VmmProcess(self.name, "virtiofsd", self.vm_path / f"virtiofsd-{device.id}.log")
         self._virtiofsd[device.id] = daemon
         await daemon.spawn(argv, cwd=self.vm_path)
+        self._stage = f"waiting for virtiofsd's socket {sock}"
         await daemon.wait_for_socket(sock, deadline - time.monotonic(), probe=False)
         device.daemon_socket = sock
 
@@ -423,6 +434,7 @@ class CloudHypervisor(Hypervisor):
     async def _call(self, method: str, action: str, body: Any = None) -> httpx.Response:
         if self._api is None:
             raise self._error(f"{action}: no connection to the VMM (VM is {self.status.value})")
+        self._stage = f"waiting for {method} {action}"
         try:
             return await self._api.request(method, f"{API}/{action}", body)
         except HypervisorError:

@@ -6,6 +6,7 @@ InstanceStart, and the runtime hands the container rootfs over as a block device
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import json
@@ -20,7 +21,7 @@ from typing import Any, Self
 import httpx
 
 from kabuto.config.model import HypervisorConfig
-from kabuto.errors import HypervisorError, HypervisorUnavailable
+from kabuto.errors import HypervisorError, HypervisorUnavailable, VmTimeout
 from kabuto.hypervisor.base import DEFAULT_JAILER_ROOT, Hypervisor, HypervisorState, VcpuThreadIds, VmStatus
 from kabuto.hypervisor.devices import (
     AgentChannel,
@@ -79,6 +80,8 @@ class Firecracker(Hypervisor):
         super().__init__(config, jailer_root)
         self._vmm: VmmProcess | None = None
         self._api: ApiClient | None = None
+        # what start_vm was doing, for a timeout's message
+        self._stage = "not started"
 
     # -- paths: the host's view, and the VMM's (inside the jail when jailed) ------------------
     @property
@@ -164,12 +167,18 @@ class Firecracker(Hypervisor):
                     raise self._error(f"{restore_from} is not a Firecracker snapshot (no {name})")
         deadline = time.monotonic() + timeout
         try:
-            await self._launch(deadline)
-            if restore_from is not None:
-                await self._call("PUT", "/snapshot/load", self._snapshot_load(restore_from))
-            else:
-                await self._configure()
-                await self._call("PUT", "/actions", {"action_type": "InstanceStart"})
+            async with asyncio.timeout(timeout):
+                await self._launch(deadline)
+                if restore_from is not None:
+                    await self._call("PUT", "/snapshot/load", self._snapshot_load(restore_from))
+                else:
+                    await self._configure()
+                    await self._call("PUT", "/actions", {"action_type": "InstanceStart"})
+        except TimeoutError:
+            await self.cleanup()
+            raise VmTimeout(
+                f"{self.name}: VM {self.id} did not start within {timeout:g}s ({self._stage})"
+            ) from None
         except BaseException:
             await self.cleanup()
             raise
@@ -210,6 +219,7 @@ class Firecracker(Hypervisor):
             self.name, "jailer" if self.jailed else "firecracker", self.vm_path / "firecracker.log"
         )
         await self._vmm.spawn(argv, cwd=self.vm_path)
+        self._stage = f"waiting for the API socket {self.api_socket}"
         await self._vmm.wait_for_socket(self.api_socket, deadline - time.monotonic())
         self._api = ApiClient(self.name, self.api_socket, describe_error)
 
@@ -411,6 +421,7 @@ class Firecracker(Hypervisor):
     async def _call(self, method: str, path: str, body: Any = None) -> httpx.Response:
         if self._api is None:
             raise self._error(f"{method} {path}: no connection to the VMM (VM is {self.status.value})")
+        self._stage = f"waiting for {method} {path}"
         try:
             return await self._api.request(method, path, body)
         except HypervisorError:
