@@ -37,7 +37,6 @@ from kabuto.runtime.state import SandboxRecord, StateStore
 T = TypeVar("T")
 # The container's first process only keeps the container alive; commands are execs.
 KEEPALIVE = ["sh", "-c", "trap 'exit 0' TERM; while :; do sleep 3600 & wait $!; done"]
-COPY_CHUNK = 1024 * 1024
 # The host keeps what a `run` collects in memory: bound it (stream() has no bound).
 MAX_CAPTURE_BYTES = 256 * 1024 * 1024
 
@@ -198,27 +197,11 @@ class AsyncSandbox:
         """Write ``data`` (bytes, or the contents of a host file) to ``path`` in the container."""
         if not isinstance(data, bytes):
             data = await asyncio.to_thread(Path(data).read_bytes)
-        containers = self.sandbox.containers
-        offset = 0
-        while True:
-            chunk = data[offset:offset + COPY_CHUNK]
-            await containers.copy_file_in(path, chunk, mode=mode, offset=offset, container_id=self.id)
-            offset += len(chunk)
-            if offset >= len(data):
-                return
+        await self.sandbox.containers.copy_file_in(path, data, mode, container_id=self.id)
 
     async def copy_out(self, path: str, max_bytes: int = MAX_CAPTURE_BYTES) -> bytes:
-        """The contents of ``path`` in the container (refused above ``max_bytes``)."""
-        containers = self.sandbox.containers
-        data = bytearray()
-        while True:
-            chunk, size, _mode = await containers.copy_file_out(path, offset=len(data), max_len=COPY_CHUNK,
-                                                                container_id=self.id)
-            if size > max_bytes:
-                raise KabutoError(f"{path} is {size} bytes, more than the {max_bytes} allowed")
-            data += chunk
-            if not chunk or len(data) >= size:
-                return bytes(data)
+        """The contents of ``path`` in the container (an error above ``max_bytes``)."""
+        return await self.sandbox.containers.copy_file_out(path, container_id=self.id, max_size=max_bytes)
 
     async def spawn(self, args: list[str], *, env: list[str] | None = None,
                     cwd: str | None = None) -> Process:

@@ -24,8 +24,9 @@ from typing import Any, Self
 import psutil
 import pytest
 
+from kabuto.agent.containers import ContainerCallError
 from kabuto.config import loader
-from kabuto.errors import KabutoError
+from kabuto.errors import AgentError, KabutoError
 from kabuto.hypervisor import registry
 from kabuto.hypervisor.base import DEFAULT_JAILER_ROOT, Hypervisor, HypervisorState, VcpuThreadIds, VmStatus
 from kabuto.hypervisor.capabilities import Capabilities
@@ -36,7 +37,7 @@ from kabuto.runtime import sandbox as sandbox_module
 from kabuto.runtime.bundle import BundleError, ContainerIdError, default_spec
 from kabuto.runtime.sandbox import SandboxError
 from kabuto.runtime.state import StateStore
-from kabuto.ttrpc.status import Code, RpcError
+from kabuto.ttrpc.status import Code
 
 GUESTS: dict[str, FakeGuest] = {}
 
@@ -153,7 +154,7 @@ class FakeGuest:
         try:
             return self.containers[cid]["processes"][eid]
         except KeyError:
-            raise RpcError(Code.NOT_FOUND, f"no process {cid}/{eid}") from None
+            raise ContainerCallError("fake", "call", Code.NOT_FOUND, f"no process {cid}/{eid}") from None
 
 
 def behave(process: FakeProcess) -> None:
@@ -165,27 +166,28 @@ def behave(process: FakeProcess) -> None:
         process.exit_status = int(process.args[1])
 
 
-async def until(condition: Any) -> None:
-    for _ in range(1000):
+async def until(condition: Any, timeout: float = 10.0) -> None:
+    for _ in range(int(timeout / 0.01) + 1):
         if condition():
             return
         await asyncio.sleep(0.01)
-    raise RpcError(Code.DEADLINE_EXCEEDED, "fake long poll ran out")
+    raise ContainerCallError("fake", "poll", Code.DEADLINE_EXCEEDED, "fake long poll ran out")
 
 
 class FakeContainers:
     def __init__(self, guest: FakeGuest) -> None:
         self.guest = guest
 
-    async def create_sandbox(self, hostname: str, storages: list[Any]) -> None:
+    async def create_sandbox(self, *, hostname: str, storages: list[Any], sandbox_id: str) -> None:
         self.guest.sandbox_created = True
 
-    async def create_container(self, cid: str, spec_json: bytes, rootfs: Any) -> int:
+    async def create_container(self, cid: str, spec_json: bytes, *, rootfs: Any) -> int:
         if cid in self.guest.containers:
-            raise RpcError(Code.ALREADY_EXISTS, f"container {cid} exists")
+            raise ContainerCallError("fake", "CreateContainer", Code.ALREADY_EXISTS, f"{cid} exists")
         spec = json.loads(spec_json)
         if spec["process"]["args"][0] == "missing-binary":
-            raise RpcError(Code.INVALID_ARGUMENT, "executable file not found")
+            raise ContainerCallError("fake", "CreateContainer", Code.INVALID_ARGUMENT,
+                                     "executable file not found")
         self.guest.containers[cid] = {"spec": spec, "rootfs": rootfs, "started": False,
                                       "processes": {"": FakeProcess(spec["process"]["args"])}}
         return 1
@@ -201,34 +203,38 @@ class FakeContainers:
         behave(process)
         return 2
 
-    async def wait_process(self, cid: str, eid: str, timeout: float) -> int:
+    async def wait_process(self, cid: str, eid: str, timeout: float | None = None) -> int:
         process = self.guest.process(cid, eid)
-        if process.exit_status is None:
-            await asyncio.sleep(min(timeout, 0.05))
-            raise RpcError(Code.DEADLINE_EXCEEDED, "still running")
+        if timeout is not None:
+            try:
+                await until(lambda: process.exit_status is not None, timeout)
+            except ContainerCallError:
+                raise AgentError(f"WaitProcess: no answer within {timeout:g}s") from None
+        await until(lambda: process.exit_status is not None)
+        assert process.exit_status is not None
         return process.exit_status
 
-    async def signal_process(self, cid: str, eid: str, number: int, all: bool = False) -> None:
+    async def signal_process(self, cid: str, eid: str, number: int, *, all_processes: bool = False) -> None:
         process = self.guest.process(cid, eid)
         if process.exit_status is not None:
-            raise RpcError(Code.NOT_FOUND, "process exited")
+            raise ContainerCallError("fake", "SignalProcess", Code.NOT_FOUND, "process exited")
         # PID 1 of the container ignores signals it has no handler for, except SIGKILL
         if eid or number == signal.SIGKILL:
             process.exit_status = 128 + number
 
-    async def read_stdout(self, cid: str, eid: str, max_len: int, timeout: float) -> bytes:
+    async def read_stdout(self, cid: str, eid: str, max_len: int) -> bytes:
         process = self.guest.process(cid, eid)
         await until(lambda: bool(process.stdout) or process.exit_status is not None)
         data = bytes(process.stdout[:max_len])
         del process.stdout[:max_len]
         return data
 
-    async def read_stderr(self, cid: str, eid: str, max_len: int, timeout: float) -> bytes:
+    async def read_stderr(self, cid: str, eid: str, max_len: int) -> bytes:
         process = self.guest.process(cid, eid)
         await until(lambda: process.exit_status is not None)
         return b""
 
-    async def write_stdin(self, cid: str, eid: str, data: bytes, timeout: float) -> int:
+    async def write_stdin(self, cid: str, eid: str, data: bytes) -> int:
         self.guest.process(cid, eid).stdin += data
         return len(data)
 
@@ -252,6 +258,7 @@ class FakeContainers:
 class FakeAgent:
     def __init__(self, address: str) -> None:
         self.address = address
+        self.closed = False
 
     async def close(self) -> None: ...
 
@@ -310,6 +317,9 @@ def store() -> Iterator[StateStore]:
         leftovers = runtime_leftovers(root)
         assert not leftovers, "left behind:\n  " + "\n  ".join(leftovers)
     finally:
+        for process in psutil.process_iter(["cmdline"]):
+            if any(str(root) in arg for arg in process.info.get("cmdline") or []):
+                process.kill()
         subprocess.run(["umount", "-R", "--lazy", str(root)], capture_output=True, check=False)
         shutil.rmtree(root, ignore_errors=True)
 
@@ -439,7 +449,7 @@ async def test_bad_bundle_leaves_nothing(store: StateStore, tmp_path: Path) -> N
 
 
 async def test_agent_refusal_stops_the_vm(store: StateStore, tmp_path: Path) -> None:
-    with pytest.raises(RpcError, match="executable file not found"):
+    with pytest.raises(ContainerCallError, match="executable file not found"):
         await commands.create("c1", str(make_bundle(tmp_path / "b", ["missing-binary"])), options(store))
     assert not GUESTS["c1"].containers
 

@@ -19,8 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from kabuto.agent.client import AgentClient, wait_for_agent
+from kabuto.agent.containers import ContainerCallError, ContainerClient
+from kabuto.agent.containers import Storage as AgentStorage
 from kabuto.config import load_config
-from kabuto.errors import HypervisorError, KabutoError
+from kabuto.errors import AgentError, HypervisorError, KabutoError
 from kabuto.hypervisor import new_hypervisor
 from kabuto.hypervisor.base import Hypervisor, HypervisorState, VmStatus
 from kabuto.hypervisor.devices import BlockDevice, DeviceKind, SharedFsDevice
@@ -29,7 +31,6 @@ from kabuto.runtime import rootfs as rootfs_delivery
 from kabuto.runtime.bundle import Bundle, ContainerIdError, check_container_id
 from kabuto.runtime.rootfs import RootfsError, Storage
 from kabuto.runtime.state import ContainerRecord, SandboxRecord, StateStore, now_rfc3339
-from kabuto.ttrpc.status import Code, RpcError
 
 log = logging.getLogger(__name__)
 
@@ -37,30 +38,22 @@ DEFAULT_BOOT_TIMEOUT = 120.0
 AGENT_CALL_TIMEOUT = 30.0
 SHARED_FS_DEVICE_ID = "kabuto-shared"
 INIT_EXEC_ID = ""
-# Long polls (wait, read, write) are answered by the agent shortly before this deadline.
-LONG_POLL = 10.0
-MIN_POLL = 0.5
 # `state`/`list` ask whether the init process has exited; this long a "no" means running.
-STATUS_POLL = 0.5
+STATUS_POLL = 1.0
 READ_CHUNK = 1024 * 1024
-WRITE_CHUNK = 1024 * 1024
 
 
 class SandboxError(KabutoError):
     """A sandbox or container operation failed; the message says which and why."""
 
 
-def _agent_storage(storage: Storage) -> Any:
-    from kabuto.agent.containers import Storage as AgentStorage
-
+def _agent_storage(storage: Storage) -> AgentStorage:
     return AgentStorage(source=storage.source, mount_point=storage.mount_point, fstype=storage.fstype,
                         options=list(storage.options))
 
 
-def container_client(agent: AgentClient) -> Any:
+def container_client(agent: AgentClient) -> ContainerClient:
     """The ContainerService client on an agent connection (a seam the unit tests replace)."""
-    from kabuto.agent.containers import ContainerClient
-
     return ContainerClient(agent)
 
 
@@ -129,8 +122,8 @@ class VirtSandbox:
             await hypervisor.start_vm(timeout=boot_timeout)
             await sandbox._persist_hypervisor()
             await sandbox.connect(boot_timeout)
-            await sandbox._agent_call("CreateSandbox", sandbox._containers.create_sandbox(
-                hostname, [_agent_storage(s) for s in storages]))
+            await sandbox._agent_call("CreateSandbox", sandbox.containers.create_sandbox(
+                hostname=hostname, storages=[_agent_storage(s) for s in storages], sandbox_id=sandbox_id))
             record.status = "ready"
             store.save(record)
             return sandbox
@@ -247,7 +240,7 @@ class VirtSandbox:
             self.store.save(self.record)
             spec = bundle.guest_spec(guest_root)
             await self._agent_call("CreateContainer", self.containers.create_container(
-                container_id, json.dumps(spec).encode(), _agent_storage(storage) if storage else None))
+                container_id, json.dumps(spec).encode(), rootfs=_agent_storage(storage) if storage else None))
         except BaseException:
             await self._release_rootfs(container)
             self.record.containers.pop(container_id, None)
@@ -287,7 +280,7 @@ class VirtSandbox:
         if container.status == "stopped":
             raise SandboxError(f"container {container_id!r} is not running")
         await self._agent_call("SignalProcess", self.containers.signal_process(
-            container_id, exec_id, signal_number, all=all_processes))
+            container_id, exec_id, signal_number, all_processes=all_processes))
 
     async def remove_container(self, container_id: str) -> None:
         container = self.container(container_id)
@@ -321,46 +314,29 @@ class VirtSandbox:
                            timeout: float | None = None) -> int | None:
         """The exit status (128+N for signal N); None if still running after ``timeout`` seconds.
 
-        Without a timeout it waits as long as the process runs: the agent answers each long poll
-        before its deadline, and every poll also checks that the VM is still there.
+        Without a timeout it waits as long as the process runs: each of the client's long polls
+        is bounded, and a dead VM or channel fails the next one.
         """
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
-        while True:
-            poll = LONG_POLL if deadline is None else min(LONG_POLL, max(deadline - loop.time(), MIN_POLL))
-            try:
-                return await self._agent_call("WaitProcess", self.containers.wait_process(
-                    container_id, exec_id, timeout=poll))
-            except KabutoError as exc:
-                if not _deadline_exceeded(exc):
-                    raise
-            if deadline is not None and loop.time() >= deadline:
-                return None
+        try:
+            return await self._agent_call("WaitProcess", self.containers.wait_process(
+                container_id, exec_id, timeout=timeout))
+        except ContainerCallError:
+            raise
+        except AgentError:
+            # the client's "no answer within the timeout" (the process still runs), unless
+            # the channel or the VM is what failed
+            if timeout is None or self.agent is None or self.agent.closed or not await self._vmm_alive():
+                raise
+            return None
 
     async def read_output(self, container_id: str, exec_id: str, stream: str,
                           max_len: int = READ_CHUNK) -> bytes:
         """The next chunk of ``stream`` ("stdout" or "stderr"); b"" at end of file."""
         read = self.containers.read_stdout if stream == "stdout" else self.containers.read_stderr
-        while True:
-            try:
-                return await self._agent_call(f"Read{stream.capitalize()}", read(
-                    container_id, exec_id, max_len, timeout=LONG_POLL))
-            except KabutoError as exc:
-                if not _deadline_exceeded(exc):
-                    raise
+        return await self._agent_call(f"Read{stream.capitalize()}", read(container_id, exec_id, max_len))
 
     async def write_stdin(self, container_id: str, exec_id: str, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            chunk = view[:WRITE_CHUNK]
-            try:
-                written = await self._agent_call("WriteStdin", self.containers.write_stdin(
-                    container_id, exec_id, bytes(chunk), timeout=LONG_POLL))
-            except KabutoError as exc:
-                if not _deadline_exceeded(exc):
-                    raise
-                continue
-            view = view[written:]
+        await self._agent_call("WriteStdin", self.containers.write_stdin(container_id, exec_id, data))
 
     async def close_stdin(self, container_id: str, exec_id: str) -> None:
         await self._agent_call("CloseStdin", self.containers.close_stdin(container_id, exec_id))
@@ -409,16 +385,6 @@ class VirtSandbox:
         self.store.remove(self.id)
         if errors:
             raise SandboxError(f"sandbox {self.id!r} removed, but: " + "; ".join(errors))
-
-
-def _deadline_exceeded(exc: BaseException) -> bool:
-    """An agent long poll that simply ran out of time (call again), anywhere in the cause chain."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, RpcError) and seen.code == Code.DEADLINE_EXCEEDED:
-            return True
-        seen = seen.__cause__
-    return False
 
 
 def new_sandbox_id(prefix: str = "sb") -> str:
