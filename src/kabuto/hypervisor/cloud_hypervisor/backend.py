@@ -47,6 +47,8 @@ MIB = 1 << 20
 VIRTIO_BLK_SERIAL_MAX = 20
 #: how long a guest gets to power off after vm.shutdown before the VMM is stopped
 SHUTDOWN_GRACE = 5.0
+#: bound on a virtiofsd started for a hot-plugged share to open its socket
+DAEMON_START_TIMEOUT = 10.0
 _VCPU_THREAD = re.compile(r"vcpu(\d+)")
 _ID_OK = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
@@ -312,7 +314,7 @@ class CloudHypervisor(Hypervisor):
         elif isinstance(device, NetworkDevice):
             await self._call("PUT", "vm.add-net", _net(device))
         elif isinstance(device, SharedFsDevice):
-            await self._start_virtiofsd(device, time.monotonic() + 10.0)
+            await self._start_virtiofsd(device, time.monotonic() + DAEMON_START_TIMEOUT)
             try:
                 await self._call("PUT", "vm.add-fs", self._fs(device))
             except BaseException:
