@@ -208,9 +208,14 @@ class Client:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
+    def _closed_error(self) -> ProtocolError:
+        # A fresh exception each time: re-raising one instance would pile up tracebacks.
+        assert self._closed is not None
+        return type(self._closed)(str(self._closed))
+
     def _allocate_stream_id(self) -> int:
         if self._closed is not None:
-            raise self._closed
+            raise self._closed_error()
         stream_id = self._next_stream_id
         if stream_id > MAX_STREAM_ID:
             raise ProtocolError(f"ttrpc stream ids exhausted on the connection to {self.name}")
@@ -238,7 +243,7 @@ class Client:
 
     async def _send(self, frame: bytes, timeout: float | None = None) -> None:
         if self._closed is not None:
-            raise self._closed
+            raise self._closed_error()
         try:
             async with asyncio.timeout(timeout), self._write_lock:
                 self._writer.write(frame)
