@@ -499,6 +499,8 @@ async def test_copy_files_in_and_out_of_a_container(
         escape = f"/tmp/kabuto-escape-{os.getpid()}"  # named so on this host: it must not appear here
         await client.copy_file_in("/tmp/in.bin", payload, 0o640, container_id="c1")
         assert await client.copy_file_out("/tmp/in.bin", container_id="c1") == payload
+        await client.copy_file_in("/tmp/new/dir/file.txt", b"deep\n", container_id="c1")
+        assert await client.copy_file_out("/tmp/new/dir/file.txt", container_id="c1") == b"deep\n"
         pid = await client.exec_process(
             "c1",
             "e1",

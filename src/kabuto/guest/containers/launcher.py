@@ -308,15 +308,16 @@ def build_container(container: ContainerSpec, console_path: str | None) -> None:
         _write("/proc/sys/kernel/domainname", container.domainname)
     for key, value in container.sysctl:
         _write("/proc/sys/" + key.replace(".", "/"), value)
+    # In runc's order: read-only paths, then masked ones.
+    for path in container.readonly_paths:
+        if os.path.lexists(path):
+            sc.mount(path, path, None, sc.MS_BIND | sc.MS_REC)
+            _remount_readonly(path, recursive=True)
     for path in container.masked_paths:
         if os.path.isdir(path):
             sc.mount("tmpfs", path, "tmpfs", sc.MS_RDONLY)
         elif os.path.lexists(path):
             sc.mount("/dev/null", path, None, sc.MS_BIND)
-    for path in container.readonly_paths:
-        if os.path.lexists(path):
-            sc.mount(path, path, None, sc.MS_BIND | sc.MS_REC)
-            _remount_readonly(path, recursive=True)
     if container.readonly_root:
         _remount_readonly("/")
 

@@ -794,22 +794,24 @@ class ContainerService:
 
     # --- files ------------------------------------------------------------------------------------
 
-    def _open_file(self, container_id: str, path: str, flags: int, mode: int = 0) -> int:
+    def _open_file(
+        self, container_id: str, path: str, flags: int, mode: int = 0, *, make_parents: bool = False
+    ) -> int:
+        """Open a guest path, or one inside a container's root that no symlink can leave."""
         check_path(path, "path")
-        if not container_id:
-            return os.open(path, flags | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
-        container = self._container(container_id)
-        if container.init.exited:
-            raise RpcError(Code.FAILED_PRECONDITION, f"container {container_id!r} is stopped")
-        root = os.open(f"/proc/{container.init.pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        root_path, resolve = "/", 0
+        if container_id:
+            container = self._container(container_id)
+            if container.init.exited:
+                raise RpcError(Code.FAILED_PRECONDITION, f"container {container_id!r} is stopped")
+            root_path = f"/proc/{container.init.pid}/root"
+            resolve = sc.RESOLVE_IN_ROOT | sc.RESOLVE_NO_MAGICLINKS
+        root = os.open(root_path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            return sc.openat2(
-                root,
-                path.lstrip("/") or ".",
-                flags | os.O_CLOEXEC,
-                mode,
-                sc.RESOLVE_IN_ROOT | sc.RESOLVE_NO_MAGICLINKS,
-            )
+            relative = path.lstrip("/") or "."
+            if make_parents:
+                _make_parents(root, relative, resolve)
+            return sc.openat2(root, relative, flags | os.O_CLOEXEC, mode, resolve)
         finally:
             os.close(root)
 
@@ -820,7 +822,9 @@ class ContainerService:
             raise RpcError(Code.INVALID_ARGUMENT, f"mode {request.mode:o} is not a permission mode")
         flags = os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK | (os.O_TRUNC if request.offset == 0 else 0)
         try:
-            fd = self._open_file(request.container_id, request.path, flags, request.mode or 0o644)
+            fd = self._open_file(
+                request.container_id, request.path, flags, request.mode or 0o644, make_parents=True
+            )
             try:
                 if not stat.S_ISREG(os.fstat(fd).st_mode):
                     raise RpcError(Code.INVALID_ARGUMENT, f"{request.path} is not a regular file")
@@ -859,6 +863,25 @@ def _exists(path: str) -> bool:
 
 def _is_dir(path: str) -> bool:
     return os.path.isdir(path)
+
+
+def _make_parents(root: int, relative: str, resolve: int) -> None:
+    """Create the missing directories (0755) of ``relative`` under ``root``, as Kata's CopyFile."""
+    parts = [part for part in relative.split("/")[:-1] if part]
+    directory_flags = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
+    for index in range(len(parts)):
+        try:
+            os.close(sc.openat2(root, "/".join(parts[: index + 1]), directory_flags, 0, resolve))
+            continue
+        except FileNotFoundError:
+            pass
+        parent = sc.openat2(root, "/".join(parts[:index]) or ".", directory_flags, 0, resolve)
+        try:
+            os.mkdir(parts[index], 0o755, dir_fd=parent)
+        except FileExistsError:
+            pass
+        finally:
+            os.close(parent)
 
 
 def _errno_code(exc: OSError) -> Code:
