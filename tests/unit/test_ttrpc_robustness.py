@@ -276,3 +276,55 @@ def test_server_survives_arbitrary_garbage(garbage: bytes) -> None:
         writer.close()
 
     asyncio.run(asyncio.wait_for(scenario(), 10))
+
+
+async def test_client_memory_stays_flat_under_a_flood_of_stray_responses() -> None:
+    (client_reader, client_writer), (fake_reader, fake_writer) = await stream_pair()
+    async with Client(client_reader, client_writer) as client:
+        call = asyncio.create_task(client.call(SERVICE, "Echo", KV(), KV, timeout=30))
+        await fake_reader.readexactly(10)
+        stray = response_frame(99, b"x" * 1000)
+        tracemalloc.start()
+        try:
+            for _ in range(5000):  # 5 MB of answers to nothing
+                fake_writer.write(stray)
+                await fake_writer.drain()
+            fake_writer.write(response_frame(1, KV(value="right").SerializeToString()))
+            assert (await call).value == "right"
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert peak < 1 << 20
+
+
+async def test_server_flooded_with_requests_runs_a_bounded_number_at_once() -> None:
+    running = 0
+    most_running = 0
+    release = asyncio.Event()
+    limit_reached = asyncio.Event()
+
+    async def hold(request: KV) -> KV:
+        nonlocal running, most_running
+        running += 1
+        most_running = max(most_running, running)
+        if running == 4:
+            limit_reached.set()
+        await release.wait()
+        running -= 1
+        return request
+
+    server = Server(max_concurrent_calls=4)
+    server.register(SERVICE, {"Hold": (KV, hold)})
+    (server_reader, server_writer), (reader, writer) = await stream_pair()
+    serving = asyncio.create_task(server.serve(server_reader, server_writer))
+    for stream_id in range(1, 2001, 2):  # 1000 requests, written without waiting for answers
+        writer.write(request_frame(stream_id, "Hold"))
+    await asyncio.wait_for(limit_reached.wait(), 10)
+    await asyncio.sleep(0.1)  # room for any call beyond the limit to start (none may)
+    assert most_running == 4
+    release.set()
+    answered = {(await read_response(reader))[0] for _ in range(1000)}
+    assert answered == set(range(1, 2001, 2))
+    assert most_running == 4
+    writer.close()
+    await asyncio.wait_for(serving, 5)
