@@ -15,6 +15,7 @@ import pytest
 from kabuto.agent import AgentAddress, AgentClient, parse_agent_address, wait_for_agent
 from kabuto.errors import AgentError
 from kabuto.guest.service import SERVICE_NAME, AgentService
+from kabuto.protos import agent_pb2
 from kabuto.ttrpc import Server
 
 AGENT_START_TIMEOUT = 30.0
@@ -93,6 +94,11 @@ async def test_client_against_the_guest_agent(tmp_path: Path) -> None:
             async with await AgentClient.connect(address, 5) as second:
                 assert await second.check()
             assert await client.check()
+            # Other services of the agent share the connection.
+            shared = await client.ttrpc.call(
+                SERVICE_NAME, "Check", agent_pb2.CheckRequest(), agent_pb2.CheckResponse, timeout=5
+            )
+            assert shared.status == agent_pb2.CheckResponse.SERVING
             await client.shutdown()
         assert await asyncio.wait_for(process.wait(), 10) == 0
 

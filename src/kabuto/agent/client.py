@@ -164,6 +164,11 @@ class AgentClient:
         await self.call("Shutdown", agent_pb2.ShutdownRequest(), agent_pb2.ShutdownResponse, timeout)
 
     @property
+    def ttrpc(self) -> Client:
+        """The ttrpc connection, for the agent's other services (ContainerService) to share."""
+        return self._ttrpc
+
+    @property
     def closed(self) -> bool:
         return self._ttrpc.closed
 
