@@ -8,20 +8,16 @@ from kabuto.image.builder import installed_image
 
 
 def boot_paths(table: HypervisorConfig | None = None) -> dict[str, str]:
-    """``{"kernel": ..., "initrd": ...}`` or ``{"kernel": ..., "image": ...}``.
+    """``{"kernel": ..., "initrd": ...}`` (or ``"image"``) of what a VM boots.
 
-    A hypervisor table's ``kernel``, ``image`` or ``initrd`` wins over the built image; the
-    built one fills only what the table leaves empty, and is needed only then.
+    As in the hypervisor plugins' ``adjust``: a table that names any of ``kernel``, ``initrd``
+    or ``image`` boots exactly those; only a table naming none boots the built image.
     """
-    kernel = table.kernel if table else ""
-    image = table.image if table else ""
-    initrd = table.initrd if table else ""
-    if not kernel or not (image or initrd):
-        built = installed_image()
-        if built is None:
-            raise ImageError("no guest image is built yet: run `kabuto image build` (or `make image`), "
-                             "or set kernel and initrd/image in the hypervisor's configuration")
-        kernel = kernel or str(built.kernel)
-        if not (image or initrd):
-            initrd = str(built.initrd)
-    return {"kernel": kernel, "image": image} if image else {"kernel": kernel, "initrd": initrd}
+    if table is not None and (table.kernel or table.initrd or table.image):
+        named = {"kernel": table.kernel, "initrd": table.initrd, "image": table.image}
+        return {"kernel": table.kernel} | {name: value for name, value in named.items() if value}
+    built = installed_image()
+    if built is None:
+        raise ImageError("no guest image is built yet: run `kabuto image build` (or `make image`), "
+                         "or set kernel and initrd (or image) in the hypervisor's configuration")
+    return {"kernel": str(built.kernel), "initrd": str(built.initrd)}

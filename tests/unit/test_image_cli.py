@@ -1,0 +1,78 @@
+"""`kabuto image path`: the built image, or the configuration's own boot media."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from kabuto.cli.main import cli
+from kabuto.errors import ImageError
+from kabuto.image import builder
+from kabuto.image.builder import GuestImage
+
+
+@pytest.fixture
+def cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    monkeypatch.setenv(builder.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.delenv("KABUTO_CONFIG", raising=False)
+    return tmp_path / "cache"
+
+
+def install_fake_image(cache: Path) -> GuestImage:
+    image_dir = cache / "image" / "k1"
+    image_dir.mkdir(parents=True)
+    image = GuestImage(kernel=image_dir / "vmlinuz", initrd=image_dir / "initrd.img", key="k1",
+                       kernel_version="6.1.0-1-amd64", flavour="generic", compression="gzip")
+    image.kernel.write_bytes(b"k")
+    image.initrd.write_bytes(b"i")
+    builder._set_current(cache / "image", image)
+    return image
+
+
+def run(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(cli, list(args))
+    return result.exit_code, result.output
+
+
+def test_path_json_names_the_built_image(cache: Path) -> None:
+    image = install_fake_image(cache)
+    code, output = run("image", "path", "--format", "json")
+    assert code == 0, output
+    assert json.loads(output) == {"kernel": str(image.kernel), "initrd": str(image.initrd)}
+
+
+def test_path_text(cache: Path) -> None:
+    image = install_fake_image(cache)
+    code, output = run("image", "path")
+    assert code == 0, output
+    assert output.splitlines() == [f"kernel {image.kernel}", f"initrd {image.initrd}"]
+
+
+def test_the_configuration_s_boot_media_win_over_the_built_image(cache: Path, tmp_path: Path) -> None:
+    install_fake_image(cache)
+    config = tmp_path / "configuration.toml"
+    config.write_text(textwrap.dedent("""
+        [hypervisor.qemu]
+        kernel = "/opt/guest/vmlinuz"
+        image = "/opt/guest/rootfs.img"
+    """))
+    code, output = run("--config", str(config), "image", "path", "--format", "json")
+    assert code == 0, output
+    assert json.loads(output) == {"kernel": "/opt/guest/vmlinuz", "image": "/opt/guest/rootfs.img"}
+
+
+def test_without_any_image_the_error_says_how_to_build_one(cache: Path) -> None:
+    result = CliRunner().invoke(cli, ["image", "path", "--format", "json"])
+    assert isinstance(result.exception, ImageError)  # kabuto's main() prints it as "kabuto: ..."
+    assert "kabuto image build" in str(result.exception)
+
+
+def test_installed_image_reads_the_record(cache: Path) -> None:
+    image = install_fake_image(cache)
+    found = builder.installed_image()
+    assert found == image
+    assert found.kernel_version == "6.1.0-1-amd64" and found.flavour == "generic"
