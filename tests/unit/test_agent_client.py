@@ -139,7 +139,7 @@ async def test_vsock_connect_errors_are_agent_errors() -> None:
         pytest.skip("this Python has no AF_VSOCK")
     # CID 1 is the local loopback; nothing listens on this port here.
     with pytest.raises(AgentError, match=r"agent at vsock://1:4294967295"):
-        await AgentClient.connect("vsock://1:4294967295", 2)
+        await AgentClient.connect("vsock://1:4294967295", 0.5)
 
 
 # -- hybrid vsock --------------------------------------------------------------------------
