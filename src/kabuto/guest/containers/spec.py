@@ -305,7 +305,7 @@ def parse_process(process: Any, where: str = "process") -> ProcessSpec:
         for i, entry in enumerate(_list(process.get("env"), f"{where}.env", MAX_ENV))
     )
     for i, entry in enumerate(env):
-        if "=" not in entry:
+        if not entry.partition("=")[0] or "=" not in entry:
             raise SpecError(f"{where}.env[{i}] = {entry[:64]!r} is not NAME=VALUE")
     if sum(len(a) + 1 for a in args) + sum(len(e) + 1 for e in env) > 2 * MAX_STRING * 8:
         raise SpecError(f"{where}.args and env are too large together")
