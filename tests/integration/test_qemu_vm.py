@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
+import subprocess
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import psutil
@@ -22,7 +24,7 @@ from kabuto.config.model import HypervisorConfig
 from kabuto.errors import AgentError, HypervisorError, VmTimeout
 from kabuto.hypervisor import new_hypervisor
 from kabuto.hypervisor.base import HypervisorState, VmStatus
-from kabuto.hypervisor.devices import BlockDevice
+from kabuto.hypervisor.devices import BlockDevice, NetworkDevice
 from kabuto.hypervisor.qemu.backend import QemuHypervisor
 
 pytestmark = [pytest.mark.vm, pytest.mark.asyncio(loop_scope="module")]
@@ -140,6 +142,31 @@ async def test_hotplug_block_device_appears_and_goes(vm: QemuHypervisor, tmp_pat
     # the slot is free again
     await vm.add_device(disk)
     await vm.remove_device(disk)
+
+
+@pytest.fixture
+def tap() -> Iterator[str]:
+    name = f"kbt{secrets.token_hex(4)}"
+    subprocess.run(["ip", "tuntap", "add", "dev", name, "mode", "tap"], check=True, timeout=10)
+    try:
+        yield name
+    finally:
+        subprocess.run(["ip", "link", "del", name], check=False, timeout=10)
+
+
+async def test_hotplug_network_device_appears_and_goes(vm: QemuHypervisor, tap: str) -> None:
+    nic = NetworkDevice("hpnet0", tap_name=tap, mac="02:6b:62:00:00:01")
+    await vm.add_device(nic)
+    async with asyncio.timeout(30):
+        while True:
+            if await _virtio_driver_ready(vm, "hpnet0"):
+                break
+            await asyncio.sleep(0.2)
+    network = await vm.qmp("human-monitor-command", {"command-line": "info network"})
+    assert f"ifname={tap}" in network and "02:6b:62:00:00:01" in network
+    await vm.remove_device(nic)
+    assert "/machine/peripheral/hpnet0/virtio-backend" not in await _virtio_paths(vm)
+    assert tap not in await vm.qmp("human-monitor-command", {"command-line": "info network"})
 
 
 async def test_save_restore_round_trip_and_state_for_another_process(

@@ -48,6 +48,7 @@ from kabuto.hypervisor.qemu.cmdline import (
     net_device_args,
     netdev_args,
     root_port_count,
+    use_vhost_net,
 )
 from kabuto.hypervisor.qemu.plugin import CAPABILITIES
 
@@ -56,6 +57,7 @@ log = logging.getLogger(__name__)
 AGENT_PORT_NAME = "agent.channel.0"
 AGENT_DEVICE_ID = "agent"
 DEV_VHOST_VSOCK = Path("/dev/vhost-vsock")
+DEV_VHOST_NET = Path("/dev/vhost-net")
 VM_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 # sun_path holds 108 bytes including the terminating NUL
 UNIX_PATH_MAX = 107
@@ -91,6 +93,7 @@ class QemuHypervisor(Hypervisor):
         self._console: _ConsoleReader | None = None
         self._agent: AgentChannel | None = None
         self._hotplug_slots: dict[str, str] = {}
+        self._vhost_net = False
 
     @property
     def paths(self) -> VmPaths:
@@ -133,8 +136,9 @@ class QemuHypervisor(Hypervisor):
         if restore_from is not None and not _is_file(restore_from):
             raise self._error(f"saved VM state {restore_from} does not exist")
         self.accelerator = choose_accelerator(self.config.accel)
+        self._vhost_net = use_vhost_net(self.config, self.accelerator, _exists(DEV_VHOST_NET))
         command = build_command(self.config, self.accelerator, self.paths, self.pending_devices, self.id,
-                                incoming=restore_from is not None)
+                                incoming=restore_from is not None, vhost_net=self._vhost_net)
         if self.netns:
             command = ["nsenter", f"--net={_netns_path(self.netns)}", *command]
         log.debug("qemu command: %s", command)
@@ -312,8 +316,7 @@ class QemuHypervisor(Hypervisor):
         elif isinstance(device, NetworkDevice):
             bus = self._take_slot(device.id)
             try:
-                vhost = not self.config.disable_vhost_net
-                await self._qmp_call("netdev_add", netdev_args(device, vhost=vhost))
+                await self._qmp_call("netdev_add", netdev_args(device, vhost=self._vhost_net))
                 try:
                     await self._qmp_call("device_add", net_device_args(device, bus))
                 except BaseException:
@@ -435,6 +438,7 @@ class QemuHypervisor(Hypervisor):
                 "qmp_socket": str(self.paths.qmp_socket),
                 "accelerator": self.accelerator.name if self.accelerator else "",
                 "hotplug_slots": dict(self._hotplug_slots),
+                "vhost_net": self._vhost_net,
                 "devices": [_device_to_dict(d) for d in self.devices],
                 "agent": _device_to_dict(self._agent) if self._agent else None,
             },
@@ -455,6 +459,7 @@ class QemuHypervisor(Hypervisor):
         self._pid = state.pids[0] if state.pids else 0
         self._pid_create_time = float(extra.get("pid_create_time", 0.0))
         self._hotplug_slots = dict(extra.get("hotplug_slots", {}))
+        self._vhost_net = bool(extra.get("vhost_net", False))
         self.devices = [_device_from_dict(d) for d in extra.get("devices", [])]
         agent = _device_from_dict(extra["agent"]) if extra.get("agent") else None
         self._agent = agent if isinstance(agent, AgentChannel) else None

@@ -78,6 +78,11 @@ def hotplug_bus(machine_type: str, index: int) -> str:
     return "pci.0"
 
 
+def use_vhost_net(table: HypervisorConfig, accel: Accelerator, vhost_net_present: bool) -> bool:
+    """vhost-net moves packets in the host kernel, but needs KVM's irqfd and /dev/vhost-net."""
+    return not table.disable_vhost_net and accel.name == "kvm" and vhost_net_present
+
+
 def root_port_count(table: HypervisorConfig) -> int:
     return table.pcie_root_port if table.pcie_root_port > 0 else DEFAULT_ROOT_PORTS
 
@@ -172,7 +177,7 @@ def _path_opt(path: Path) -> str:
     return str(path).replace(",", ",,")
 
 
-def device_cmdline(device: AnyDevice, table: HypervisorConfig) -> list[str]:
+def device_cmdline(device: AnyDevice, table: HypervisorConfig, vhost_net: bool = False) -> list[str]:
     """The cold-plug arguments for one pending device."""
     if isinstance(device, AgentChannel):
         if device.channel == ChannelKind.VIRTIO_SERIAL:
@@ -194,7 +199,7 @@ def device_cmdline(device: AnyDevice, table: HypervisorConfig) -> list[str]:
         return ["-blockdev", json.dumps(blockdev_args(device)),
                 "-device", _device_opt(block_device_args(device, driver, None))]
     if isinstance(device, NetworkDevice):
-        return ["-netdev", _netdev_opt(netdev_args(device, vhost=not table.disable_vhost_net)),
+        return ["-netdev", _netdev_opt(netdev_args(device, vhost=vhost_net)),
                 "-device", _device_opt(net_device_args(device, None))]
     if isinstance(device, SharedFsDevice):
         if device.fs != SharedFsKind.VIRTIO_9P:
@@ -217,6 +222,7 @@ def build_command(
     devices: list[AnyDevice],
     name: str,
     incoming: bool = False,
+    vhost_net: bool = False,
 ) -> list[str]:
     """The whole QEMU command line. QEMU starts paused (-S) so QMP listeners are in place before boot."""
     if not table.kernel:
@@ -253,7 +259,7 @@ def build_command(
     if table.block_device_driver == "virtio-scsi":
         args += ["-device", f"virtio-scsi-pci,id={SCSI_BUS}"]
     for device in devices:
-        args += device_cmdline(device, table)
+        args += device_cmdline(device, table, vhost_net)
     if table.seccomp_sandbox:
         args += ["-sandbox", table.seccomp_sandbox]
     if incoming:
