@@ -1,4 +1,4 @@
-"""The process plumbing both REST backends share: netns entry, SIGTERM -> SIGKILL, adoption."""
+"""The process plumbing both REST backends share: capped logs, netns entry, SIGTERM -> SIGKILL, adoption."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from vmm_fakes import FAKE_CLH, Recorder, alive
 
 from kabuto.config.model import HypervisorConfig
 from kabuto.errors import HypervisorError
+from kabuto.hypervisor import vmm_process
 from kabuto.hypervisor.cloud_hypervisor.backend import CloudHypervisor
 from kabuto.hypervisor.vmm_process import VmmProcess
 
@@ -33,6 +34,19 @@ async def test_stop_escalates_to_sigkill(tmp_path: Path) -> None:
     await stubborn.stop(grace=0.5)
     assert pid is not None and not alive(pid)
     assert "killed by signal 9" in stubborn.exit_description()
+
+
+async def test_log_is_capped_and_the_pipe_kept_drained(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(vmm_process, "LOG_CAP_BYTES", 64 << 10)
+    chatty = VmmProcess("test", "chatty", tmp_path / "chatty.log")
+    # 4 MiB is far more than a pipe buffers: a writer that nobody drains would block
+    script = "import sys; sys.stdout.write('x' * (4 << 20)); print('done', flush=True)"
+    await chatty.spawn([sys.executable, "-c", script])
+    assert await chatty.wait_exit(30)
+    await chatty.stop()
+    log = (tmp_path / "chatty.log").read_bytes()
+    assert log.startswith(b"x" * (64 << 10)) and log.endswith(b"[kabuto: log capped at 65536 bytes]\n")
+    assert chatty.log_tail().endswith("done")
 
 
 async def test_adopt_refuses_a_recycled_pid(tmp_path: Path) -> None:

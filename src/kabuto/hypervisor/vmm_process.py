@@ -37,11 +37,15 @@ from kabuto.hypervisor.devices import (
 MAX_UNIX_PATH = 107
 #: how much of a VMM's log an error message quotes
 LOG_TAIL_BYTES = 2048
+#: a VMM's output includes the guest's serial console, which the guest controls: cap the log
+LOG_CAP_BYTES = 4 << 20
 #: bound on every API call; a VMM that does not answer in this time is treated as hung
 API_TIMEOUT = 10.0
 #: after SIGTERM, how long a process gets before SIGKILL
 TERM_GRACE = 3.0
 _POLL = 0.02
+#: after an exit, how long the output copier gets to read what is left in the pipe
+OUTPUT_DRAIN_TIMEOUT = 1.0
 
 
 def check_socket_path(backend: str, path: Path) -> None:
@@ -72,6 +76,9 @@ class VmmProcess:
         self.log_path = log_path
         self._proc: asyncio.subprocess.Process | None = None
         self._adopted: psutil.Process | None = None
+        self._pump: asyncio.Task[None] | None = None
+        # the end of the output, for error messages
+        self._tail = b""
 
     @property
     def pid(self) -> int | None:
@@ -91,12 +98,11 @@ class VmmProcess:
             return 0.0
 
     async def spawn(self, argv: list[str], cwd: Path | None = None) -> None:
-        log = _open_log(self.log_path) if self.log_path else None
         try:
             self._proc = await asyncio.create_subprocess_exec(
                 *argv,
                 stdin=asyncio.subprocess.DEVNULL,
-                stdout=log or asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
                 cwd=cwd,
                 start_new_session=True,  # a Ctrl-C aimed at kabuto must not kill the VM
@@ -109,9 +115,31 @@ class VmmProcess:
             ) from exc
         except OSError as exc:
             raise HypervisorError(f"{self.backend}: cannot run {self.what} {argv[0]}: {exc}") from exc
+        assert self._proc.stdout is not None
+        self._pump = asyncio.create_task(self._copy_output(self._proc.stdout))
+
+    async def _copy_output(self, output: asyncio.StreamReader) -> None:
+        """Copy the process's output into the capped log; keep draining past the cap so the
+        VMM never blocks on a full pipe."""
+        log = CappedLog(self.log_path) if self.log_path else None
+        try:
+            while chunk := await output.read(65536):
+                self._tail = (self._tail + chunk)[-LOG_TAIL_BYTES:]
+                if log is not None:
+                    log.write(chunk)
         finally:
-            if log:
+            if log is not None:
                 log.close()
+
+    async def _output_done(self) -> None:
+        """Give the output copier a moment to reach EOF after an exit, then stop it."""
+        if self._pump is None:
+            return
+        with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+            await asyncio.wait_for(asyncio.shield(self._pump), OUTPUT_DRAIN_TIMEOUT)
+        self._pump.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._pump
 
     def adopt(self, pid: int, start_time: float) -> None:
         """Take over a process another kabuto process spawned; refuse a recycled pid."""
@@ -145,15 +173,7 @@ class VmmProcess:
         return f"{self.what} {status}" + (f"; its output ends with: {tail}" if tail else "")
 
     def log_tail(self) -> str:
-        if not self.log_path:
-            return ""
-        try:
-            with open(self.log_path, "rb") as f:
-                f.seek(0, os.SEEK_END)
-                f.seek(max(0, f.tell() - LOG_TAIL_BYTES))
-                return f.read().decode(errors="replace").strip()
-        except OSError:
-            return ""
+        return self._tail.decode(errors="replace").strip()
 
     async def wait_for_socket(self, path: Path, timeout: float, probe: bool = True) -> None:
         """Wait until ``path`` accepts connections; fail early if the process dies.
@@ -166,6 +186,7 @@ class VmmProcess:
             if self._proc is not None:
                 await asyncio.sleep(0)  # let the child watcher record an exit
             if not self.alive():
+                await self._output_done()
                 raise HypervisorError(f"{self.backend}: {self.exit_description()} before opening {path}")
             if (await _connectable(path)) if probe else _is_socket(path):
                 return
@@ -197,11 +218,29 @@ class VmmProcess:
                 os.kill(pid, sig)
             if await self.wait_exit(wait):
                 break
+        await self._output_done()
         self._adopted = None
 
 
-def _open_log(path: Path) -> BinaryIO:
-    return open(path, "ab")  # the child writes to it; we close our copy after spawning
+class CappedLog:
+    """A log file that stops growing at LOG_CAP_BYTES and says so."""
+
+    def __init__(self, path: Path) -> None:
+        self._file: BinaryIO = open(path, "ab")
+        self._room = LOG_CAP_BYTES
+
+    def write(self, chunk: bytes) -> None:
+        if self._room <= 0:
+            return
+        kept = chunk[: self._room]
+        self._room -= len(kept)
+        self._file.write(kept)
+        if self._room <= 0:
+            self._file.write(f"\n[kabuto: log capped at {LOG_CAP_BYTES} bytes]\n".encode())
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
 
 
 def _is_socket(path: Path) -> bool:

@@ -154,7 +154,7 @@ class CloudHypervisor(Hypervisor):
         self.status = VmStatus.RUNNING
 
     def _point_snapshot_here(self, snapshot: Path) -> None:
-        """The saved config names the old VM's sockets and console: make them this VM's.
+        """The saved config names the old VM's sockets: make them this VM's.
 
         Each virtio-fs share in the snapshot needs a daemon again: the caller re-adds the same
         SharedFsDevice (same id) before restoring, and its new virtiofsd socket goes in here.
@@ -175,8 +175,6 @@ class CloudHypervisor(Hypervisor):
             fs["socket"] = str(self._fs_socket(device))
         if isinstance(config.get("vsock"), dict):
             config["vsock"]["socket"] = str(self.vsock_socket)
-        if isinstance(config.get("serial"), dict) and config["serial"].get("mode") == "File":
-            config["serial"]["file"] = str(self.vm_path / "console.log")
         config_file.write_text(json.dumps(config))
 
     async def _launch(self, deadline: float) -> None:
@@ -234,7 +232,8 @@ class CloudHypervisor(Hypervisor):
             "cpus": {"boot_vcpus": vcpus, "max_vcpus": max(vcpus, cfg.default_maxvcpus)},
             "memory": memory,
             "payload": payload,
-            "serial": {"mode": "File", "file": str(self.vm_path / "console.log")},
+            # the serial console goes to the VMM's stdout, which lands in its capped log
+            "serial": {"mode": "Tty"},
             "console": {"mode": "Off"},
         }
         if cfg.entropy_source:
