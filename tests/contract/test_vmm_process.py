@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import subprocess
@@ -16,7 +17,7 @@ from kabuto.config.model import HypervisorConfig
 from kabuto.errors import HypervisorError
 from kabuto.hypervisor import vmm_process
 from kabuto.hypervisor.cloud_hypervisor.backend import CloudHypervisor
-from kabuto.hypervisor.vmm_process import VmmProcess
+from kabuto.hypervisor.vmm_process import ApiClient, VmmProcess
 
 
 async def test_stop_escalates_to_sigkill(tmp_path: Path) -> None:
@@ -88,3 +89,25 @@ async def test_vmm_runs_in_the_given_netns(
     await vm.stop_vm()
     await vm.cleanup()
     assert not alive(pid)
+
+
+async def test_an_oversized_api_answer_is_refused(jailer_root: Path) -> None:
+    sock = jailer_root / "api.sock"
+    body = b"[" + b'"x",' * (300 << 10) + b'"x"]'
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_unix_server(answer, str(sock))
+    client = ApiClient("test", sock, describe_error=lambda r: r.text)
+    try:
+        with pytest.raises(HypervisorError, match="answer exceeds 1048576 bytes"):
+            await client.request("GET", "/api/v1/vm.info")
+    finally:
+        await client.aclose()
+        server.close()
+        await server.wait_closed()
+        sock.unlink()

@@ -41,6 +41,8 @@ LOG_TAIL_BYTES = 2048
 LOG_CAP_BYTES = 4 << 20
 #: bound on every API call; a VMM that does not answer in this time is treated as hung
 API_TIMEOUT = 10.0
+#: bound on an API answer's body (vm.info is a few KiB)
+MAX_API_ANSWER_BYTES = 1 << 20
 #: after SIGTERM, how long a process gets before SIGKILL
 TERM_GRACE = 3.0
 _POLL = 0.02
@@ -282,7 +284,20 @@ class ApiClient:
 
     async def request(self, method: str, path: str, body: Any = None) -> httpx.Response:
         try:
-            response = await self._client.request(method, path, json=body)
+            async with self._client.stream(method, path, json=body) as streamed:
+                content = bytearray()
+                async for chunk in streamed.aiter_bytes():
+                    content += chunk
+                    if len(content) > MAX_API_ANSWER_BYTES:
+                        raise HypervisorError(
+                            f"{self.backend}: {method} {path}: answer exceeds {MAX_API_ANSWER_BYTES} bytes"
+                        )
+            response = httpx.Response(
+                streamed.status_code,
+                headers=streamed.headers,
+                content=bytes(content),
+                request=streamed.request,
+            )
         except httpx.TimeoutException as exc:
             raise VmTimeout(f"{self.backend}: {method} {path} got no answer within the API timeout") from exc
         except httpx.HTTPError as exc:
