@@ -21,7 +21,10 @@ CAPABILITIES = Capabilities(
     shared_fs=frozenset({SharedFsKind.VIRTIO_FS}),
     agent_channels=(ChannelKind.HYBRID_VSOCK,),
     jailer=False,
-    notes=("REST API on a Unix socket; tested against the API contract only (binary not installable here)",),
+    notes=(
+        "REST API on a Unix socket; virtio-fs through a virtiofsd per share; agent over hybrid vsock",
+        "verified against its API contract only (tests/contract), never a real binary",
+    ),
 )
 
 

@@ -24,7 +24,7 @@ CAPABILITIES = Capabilities(
     jailer=True,
     notes=(
         "no hot-plug, no shared fs: devices are cold-plugged, the rootfs goes in as a block device",
-        "tested against the API contract only (binary not installable here)",
+        "verified against its API contract only (tests/contract), never a real binary",
     ),
 )
 
