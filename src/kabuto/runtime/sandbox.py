@@ -31,6 +31,7 @@ from kabuto.runtime import rootfs as rootfs_delivery
 from kabuto.runtime.bundle import Bundle, ContainerIdError, check_container_id
 from kabuto.runtime.rootfs import RootfsError, Storage
 from kabuto.runtime.state import ContainerRecord, SandboxRecord, StateStore, now_rfc3339
+from kabuto.ttrpc.status import Code
 
 log = logging.getLogger(__name__)
 
@@ -333,7 +334,14 @@ class VirtSandbox:
                           max_len: int = READ_CHUNK) -> bytes:
         """The next chunk of ``stream`` ("stdout" or "stderr"); b"" at end of file."""
         read = self.containers.read_stdout if stream == "stdout" else self.containers.read_stderr
-        return await self._agent_call(f"Read{stream.capitalize()}", read(container_id, exec_id, max_len))
+        try:
+            return await self._agent_call(f"Read{stream.capitalize()}", read(container_id, exec_id, max_len))
+        except ContainerCallError as exc:
+            # The agent forgets an exec'd process once it was waited for and its last bytes were
+            # handed out, possibly before this read could see the end of file: gone means ended.
+            if exc.code == Code.NOT_FOUND and exec_id:
+                return b""
+            raise
 
     async def write_stdin(self, container_id: str, exec_id: str, data: bytes) -> None:
         await self._agent_call("WriteStdin", self.containers.write_stdin(container_id, exec_id, data))
