@@ -100,6 +100,7 @@ async def test_full_lifecycle(
     ok, reply = await hvsock_roundtrip(url, b"ping")
     assert ok.startswith("OK ") and reply == b"pong:ping\n"
 
+    await vm.disconnect()  # drops the API client only: the next call reconnects
     await vm.pause_vm()
     snapshot = await vm.save_vm()
     assert {p.name for p in snapshot.iterdir()} == {"config.json", "state.json", "memory-ranges"}

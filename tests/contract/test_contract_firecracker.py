@@ -112,6 +112,7 @@ async def test_full_lifecycle(
     ok, reply = await hvsock_roundtrip(url, b"hello")
     assert ok.startswith("OK ") and reply == b"pong:hello\n"
 
+    await vm.disconnect()  # drops the API client only: the next call reconnects
     await vm.pause_vm()
     assert (await vm.instance_info())["state"] == "Paused"
     ok, _ = await hvsock_roundtrip(url, b"hello")

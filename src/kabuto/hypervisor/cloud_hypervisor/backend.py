@@ -434,7 +434,10 @@ class CloudHypervisor(Hypervisor):
     # -- API --------------------------------------------------------------------------------
     async def _call(self, method: str, action: str, body: Any = None) -> httpx.Response:
         if self._api is None:
-            raise self._error(f"{action}: no connection to the VMM (VM is {self.status.value})")
+            # after disconnect() the VMM still runs: reconnect on demand
+            if self._vmm is None or not self._vmm.alive():
+                raise self._error(f"{action}: no VMM is running (VM is {self.status.value})")
+            self._api = ApiClient(self.name, self.api_socket, describe_error)
         self._stage = f"waiting for {method} {action}"
         try:
             return await self._api.request(method, f"{API}/{action}", body)

@@ -420,7 +420,10 @@ class Firecracker(Hypervisor):
     # -- API --------------------------------------------------------------------------------
     async def _call(self, method: str, path: str, body: Any = None) -> httpx.Response:
         if self._api is None:
-            raise self._error(f"{method} {path}: no connection to the VMM (VM is {self.status.value})")
+            # after disconnect() the VMM still runs: reconnect on demand
+            if self._vmm is None or not self._vmm.alive():
+                raise self._error(f"{method} {path}: no VMM is running (VM is {self.status.value})")
+            self._api = ApiClient(self.name, self.api_socket, describe_error)
         self._stage = f"waiting for {method} {path}"
         try:
             return await self._api.request(method, path, body)
