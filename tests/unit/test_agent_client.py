@@ -14,9 +14,10 @@ import pytest
 
 from kabuto.agent import AgentAddress, AgentClient, parse_agent_address, wait_for_agent
 from kabuto.errors import AgentError
+from kabuto.guest.__main__ import CONTAINER_SERVICE_NAME
 from kabuto.guest.service import SERVICE_NAME, AgentService
 from kabuto.protos import agent_pb2
-from kabuto.ttrpc import Server
+from kabuto.ttrpc import Code, RpcError, Server
 
 AGENT_START_TIMEOUT = 30.0
 
@@ -99,6 +100,17 @@ async def test_client_against_the_guest_agent(tmp_path: Path) -> None:
                 SERVICE_NAME, "Check", agent_pb2.CheckRequest(), agent_pb2.CheckResponse, timeout=5
             )
             assert shared.status == agent_pb2.CheckResponse.SERVING
+            # ContainerService loads in the background; once there, it knows its methods.
+            with pytest.raises(RpcError) as caught:
+                await client.ttrpc.call(
+                    CONTAINER_SERVICE_NAME,
+                    "NoSuchMethod",
+                    agent_pb2.CheckRequest(),
+                    agent_pb2.CheckResponse,
+                    timeout=30,
+                )
+            assert caught.value.code == Code.UNIMPLEMENTED
+            assert "method" in caught.value.message
             await client.shutdown()
         assert await asyncio.wait_for(process.wait(), 10) == 0
 

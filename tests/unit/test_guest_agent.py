@@ -19,7 +19,8 @@ import pytest
 
 from kabuto.agent.client import SERVICE_NAME as CLIENT_SERVICE_NAME
 from kabuto.errors import KabutoError
-from kabuto.guest import channel, service
+from kabuto.guest import channel, containers, service
+from kabuto.guest.__main__ import CONTAINER_SERVICE_NAME
 from kabuto.guest.service import SERVICE_NAME, AgentService, count_cpu_list
 from kabuto.protos import agent_pb2
 from kabuto.ttrpc import Client, Server
@@ -48,10 +49,12 @@ def test_process_start_is_read_from_proc() -> None:
     assert 0 < service.read_process_start_uptime() <= service.read_uptime()
 
 
-def test_client_and_agent_agree_on_the_service_name() -> None:
+def test_client_and_agent_agree_on_the_service_names() -> None:
     assert (
         CLIENT_SERVICE_NAME == SERVICE_NAME == agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name
     )
+    # The agent registers ContainerService by name before importing it.
+    assert CONTAINER_SERVICE_NAME == containers.SERVICE_NAME
 
 
 def fake_ports(root: Path, names: dict[str, str]) -> tuple[Path, Path]:

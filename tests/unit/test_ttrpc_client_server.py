@@ -282,3 +282,47 @@ async def test_a_restarted_stream_id_is_a_new_peer_only_when_allowed(peer_may_re
         assert await asyncio.wait_for(read_frame(reader), 5) is None  # closed on us
     await asyncio.wait_for(serving, 5)
     writer.close()
+
+
+async def test_a_service_still_loading_serves_once_loaded_and_others_meanwhile() -> None:
+    loaded: asyncio.Future[dict[str, tuple[type[KV], object]]] = asyncio.get_running_loop().create_future()
+    server = make_server()
+    server.register_loading("test.v1.Late", loaded)
+    async with connected(server) as (client, _):
+        late_call = asyncio.create_task(client.call("test.v1.Late", "Echo", KV(value="late"), KV, timeout=10))
+        # The ready service answers while the other one loads.
+        assert (await client.call(SERVICE, "Echo", KV(value="now"), KV, timeout=5)).value == "NOW"
+        assert not late_call.done()
+        loaded.set_result({"Echo": (KV, echo)})
+        assert (await late_call).value == "LATE"
+        with pytest.raises(ValueError, match="already registered"):
+            server.register("test.v1.Late", {})
+
+
+async def test_a_service_that_fails_to_load_is_unavailable_with_the_reason() -> None:
+    async def broken() -> dict[str, tuple[type[KV], object]]:
+        raise ImportError("no module named 'kabuto.missing'")
+
+    server = make_server()
+    server.register_loading("test.v1.Broken", broken())
+    async with connected(server) as (client, _):
+        for _ in range(2):  # the first call waits for the failure, later ones find it
+            with pytest.raises(RpcError) as caught:
+                await client.call("test.v1.Broken", "Echo", KV(), KV, timeout=5)
+            assert caught.value.code == Code.UNAVAILABLE
+            assert "kabuto.missing" in caught.value.message
+
+
+async def test_a_call_waits_for_a_loading_service_only_until_its_deadline() -> None:
+    server = make_server()
+    never: asyncio.Future[dict[str, tuple[type[KV], object]]] = asyncio.get_running_loop().create_future()
+    server.register_loading("test.v1.Never", never)
+    async with connected(server) as (client, _):
+        stream_id = client._allocate_stream_id()
+        future = asyncio.get_running_loop().create_future()
+        client._pending[stream_id] = future
+        await client._send(client._request_frame(stream_id, "test.v1.Never", "Echo", KV(), 0.05, None))
+        response = await asyncio.wait_for(future, 5)
+    assert response.status.code == Code.DEADLINE_EXCEEDED
+    assert "still loading" in response.status.message
+    never.cancel()

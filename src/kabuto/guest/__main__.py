@@ -9,15 +9,27 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import logging
 import sys
 from pathlib import Path
 
-from kabuto.guest import channel, containers, init
+from kabuto.guest import channel, init
 from kabuto.guest.service import SERVICE_NAME, AgentService, read_uptime
-from kabuto.ttrpc import Server
+from kabuto.ttrpc import Method, Server
 
 log = logging.getLogger("kabuto.guest")
+
+CONTAINER_SERVICE_NAME = "kabuto.agent.v1.ContainerService"
+
+
+async def load_container_service() -> dict[str, Method]:
+    module = await asyncio.to_thread(importlib.import_module, "kabuto.guest.containers")
+    if module.SERVICE_NAME != CONTAINER_SERVICE_NAME:
+        raise RuntimeError(
+            f"kabuto.guest.containers serves {module.SERVICE_NAME}, not {CONTAINER_SERVICE_NAME}"
+        )
+    return module.ContainerService().methods()
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -48,7 +60,9 @@ async def serve(args: argparse.Namespace, started_uptime: float) -> None:
     service = AgentService(started_uptime)
     server = Server()
     server.register(SERVICE_NAME, service.methods())
-    server.register(containers.SERVICE_NAME, containers.ContainerService().methods())
+    # Importing ContainerService takes as long as the rest of the agent: done in a thread
+    # while the agent already answers Check, so the host sees it ready sooner.
+    server.register_loading(CONTAINER_SERVICE_NAME, load_container_service())
 
     if args.listen is None:
         path = await channel.wait_for_port(args.port_name, args.port_timeout)

@@ -63,6 +63,13 @@ def stream_method(request_type: type[Message], handler: StreamHandler) -> Method
     return Method(request_type, handler, streaming=True)
 
 
+Methods = Mapping[str, Method | tuple[type[Message], UnaryHandler]]
+
+
+def _normalize(methods: Methods) -> dict[str, Method]:
+    return {name: m if isinstance(m, Method) else unary_method(*m) for name, m in methods.items()}
+
+
 @dataclass(frozen=True)
 class CallContext:
     service: str
@@ -125,16 +132,46 @@ class Server:
     frame_timeout: float = DEFAULT_FRAME_TIMEOUT
     write_timeout: float = DEFAULT_WRITE_TIMEOUT
     services: dict[str, dict[str, Method]] = field(default_factory=dict)
+    loading: dict[str, asyncio.Future[Methods]] = field(default_factory=dict)
 
-    def register(
-        self, service: str, methods: Mapping[str, Method | tuple[type[Message], UnaryHandler]]
-    ) -> None:
+    def register(self, service: str, methods: Methods) -> None:
         """Add a service: method name -> Method, or (request class, async handler) for unary."""
-        if service in self.services:
+        if service in self.services or service in self.loading:
             raise ValueError(f"ttrpc service {service!r} is already registered")
-        self.services[service] = {
-            name: m if isinstance(m, Method) else unary_method(*m) for name, m in methods.items()
-        }
+        self.services[service] = _normalize(methods)
+
+    def register_loading(self, service: str, methods: Awaitable[Methods]) -> None:
+        """Add a service whose methods are still loading (a slow import, say), so that what
+        is ready can serve meanwhile. Its calls wait for the methods within their deadline
+        (then DEADLINE_EXCEEDED); if loading fails they get UNAVAILABLE with the reason."""
+        if service in self.services or service in self.loading:
+            raise ValueError(f"ttrpc service {service!r} is already registered")
+        future = asyncio.ensure_future(methods)
+        future.add_done_callback(lambda f: self._loaded(service, f))
+        self.loading[service] = future
+
+    def _loaded(self, service: str, future: asyncio.Future[Methods]) -> None:
+        if future.cancelled():
+            return
+        if (error := future.exception()) is not None:
+            log.error("ttrpc service %s failed to load: %s", service, error)
+        else:
+            self.services[service] = _normalize(future.result())
+
+    async def service(self, name: str, deadline: float | None) -> dict[str, Method] | None:
+        """The methods of a service, waiting (until ``deadline``) for one still loading."""
+        loading = self.loading.get(name)
+        if loading is not None and not loading.done():
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await asyncio.shield(loading)
+            except TimeoutError:
+                raise RpcError(Code.DEADLINE_EXCEEDED, f"service {name!r} is still loading") from None
+            except Exception:
+                pass  # reported below, like for every later call
+        if loading is not None and not loading.cancelled() and (error := loading.exception()) is not None:
+            raise RpcError(Code.UNAVAILABLE, f"service {name!r} failed to load: {error}")
+        return self.services.get(name)
 
     async def serve(
         self,
@@ -272,7 +309,9 @@ class _Connection:
         except (DecodeError, ValueError, RecursionError) as exc:
             raise RpcError(Code.INVALID_ARGUMENT, f"undecodable ttrpc request: {exc}") from None
         where = f"{request.service}/{request.method}"
-        service = self.server.services.get(request.service)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + request.timeout_nano / 1e9 if request.timeout_nano > 0 else None
+        service = await self.server.service(request.service, deadline)
         if service is None:
             raise RpcError(Code.UNIMPLEMENTED, f"service {request.service!r} is not served here")
         method = service.get(request.method)
@@ -284,8 +323,6 @@ class _Connection:
         except (DecodeError, ValueError, RecursionError) as exc:
             raise RpcError(Code.INVALID_ARGUMENT, f"{where}: undecodable request: {exc}") from None
 
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + request.timeout_nano / 1e9 if request.timeout_nano > 0 else None
         metadata: dict[str, tuple[str, ...]] = {}
         for pair in request.metadata:
             metadata[pair.key] = (*metadata.get(pair.key, ()), pair.value)
