@@ -328,3 +328,18 @@ async def test_server_flooded_with_requests_runs_a_bounded_number_at_once() -> N
     assert most_running == 4
     writer.close()
     await asyncio.wait_for(serving, 5)
+
+
+async def test_client_stream_keeps_its_data_when_the_connection_then_fails() -> None:
+    (client_reader, client_writer), (fake_reader, fake_writer) = await stream_pair()
+    async with Client(client_reader, client_writer) as client:
+        stream = await client.open_stream(SERVICE, "Watch", KV(), timeout=5, client_sends=False)
+        await fake_reader.readexactly(10)
+        for number in range(70):  # more than a stream queues: the reader waits for us
+            fake_writer.write(encode_frame(1, MessageType.DATA, 0, KV(key=str(number)).SerializeToString()))
+        fake_writer.close()
+        keys = []
+        with pytest.raises(ConnectionClosed):
+            while (message := await stream.recv(KV, timeout=5)) is not None:
+                keys.append(message.key)
+    assert keys == [str(n) for n in range(70)]

@@ -51,7 +51,9 @@ class ClientStream:
     def __init__(self, client: Client, stream_id: int, *, local_closed: bool) -> None:
         self._client = client
         self.stream_id = stream_id
-        self._incoming: asyncio.Queue[Frame | BaseException] = asyncio.Queue(STREAM_QUEUE_FRAMES)
+        # None wakes a reader waiting when the connection fails (see _fail).
+        self._incoming: asyncio.Queue[Frame | None] = asyncio.Queue(STREAM_QUEUE_FRAMES)
+        self._error: ProtocolError | None = None
         self._local_closed = local_closed
         self._finished = False
 
@@ -74,15 +76,18 @@ class ClientStream:
         """The next data message from the server; None once the stream has ended."""
         if self._finished:
             return None
+        if self._error is not None and self._incoming.empty():
+            self._finish()
+            raise self._error
         try:
             async with asyncio.timeout(timeout):
                 item = await self._incoming.get()
         except TimeoutError:
             message = f"no data on stream {self.stream_id} within {timeout:g}s"
             raise RpcError(Code.DEADLINE_EXCEEDED, message) from None
-        if isinstance(item, BaseException):
+        if item is None:
             self._finish()
-            raise item
+            raise self._error or ConnectionClosed(f"stream {self.stream_id} ended")
         if item.type == MessageType.RESPONSE:
             self._finish()
             response = _parse(ttrpc_pb2.Response, item.data, "ttrpc response")
@@ -103,11 +108,11 @@ class ClientStream:
     async def _deliver(self, frame: Frame) -> None:
         await self._incoming.put(frame)
 
-    def _fail(self, error: BaseException) -> None:
-        # Never blocks: the error replaces whatever the reader has not consumed yet.
-        while self._incoming.full():
-            self._incoming.get_nowait()
-        self._incoming.put_nowait(error)
+    def _fail(self, error: ProtocolError) -> None:
+        # Never blocks, loses no data: frames already queued are read before the error.
+        self._error = error
+        if not self._incoming.full():
+            self._incoming.put_nowait(None)
 
 
 class Client:
