@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -295,3 +296,43 @@ async def test_a_stalled_api_call_is_bounded(
     assert isinstance(error, VmTimeout)
     assert "did not start within 1.5s (waiting for PUT /machine-config)" in str(error)
     assert not any(alive(p) for p in recorder.pids())
+
+
+@pytest.fixture
+def other_fs_disk(jailer_root: Path) -> Path:
+    """A disk on another filesystem than the jailer root (tmpfs at /dev/shm), or skip."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shm.stat().st_dev == jailer_root.stat().st_dev:
+        pytest.skip("no second filesystem (/dev/shm) next to the jailer root")
+    disk = shm / f"kbt-disk-{jailer_root.name}.img"
+    disk.write_bytes(b"\0" * 4096)
+    yield disk
+    disk.unlink(missing_ok=True)
+
+
+def is_copy(path: Path, of: Path) -> bool:
+    """Same bytes, different file."""
+    return path.read_bytes() == of.read_bytes() and not os.path.samefile(path, of)
+
+
+async def test_jail_copies_read_only_files_across_filesystems(
+    recorder: Recorder, jailer_root: Path, boot_files, other_fs_disk: Path
+) -> None:
+    vm = Firecracker(make_config(boot_files, jailed=True), jailer_root=jailer_root)
+    await vm.prepare_vm("xfs-ro")
+    await vm.add_device(BlockDevice(id="ro", path=other_fs_disk, read_only=True))
+    await vm.start_vm(START_TIMEOUT)
+    assert is_copy(vm.jail_root / "drive-ro", of=other_fs_disk)
+    await vm.stop_vm()
+    await vm.cleanup()
+
+
+async def test_jail_refuses_to_copy_a_writable_disk(
+    recorder: Recorder, jailer_root: Path, boot_files, other_fs_disk: Path
+) -> None:
+    vm = Firecracker(make_config(boot_files, jailed=True), jailer_root=jailer_root)
+    await vm.prepare_vm("xfs-rw")
+    await vm.add_device(BlockDevice(id="rw", path=other_fs_disk))
+    with pytest.raises(HypervisorError, match=r"cannot hard-link the writable disk .* a copy would not"):
+        await vm.start_vm(START_TIMEOUT)
+    assert leftovers(jailer_root) == []

@@ -113,8 +113,12 @@ class Firecracker(Hypervisor):
             return "/" + str(host_path.relative_to(self.jail_root))
         return str(host_path)
 
-    def _expose(self, source: Path, name: str) -> str:
-        """Make ``source`` visible to the VMM; in a jail, hard-link (or copy) it inside."""
+    async def _expose(self, source: Path, name: str, writable: bool = False) -> str:
+        """Make ``source`` visible to the VMM; in a jail, hard-link it inside.
+
+        Where a hard link is impossible (another filesystem), a read-only file is copied; a
+        writable one is refused, since the guest's writes would land in the copy.
+        """
         if not self.jailed:
             return str(source)
         target = self.jail_root / name
@@ -124,7 +128,13 @@ class Firecracker(Hypervisor):
         except OSError as exc:
             if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
                 raise self._error(f"cannot place {source} in the jail: {exc}") from exc
-            shutil.copy2(source, target)  # another filesystem: a copy is the only way in
+            if writable:
+                raise self._error(
+                    f"cannot hard-link the writable disk {source} into the jail {self.jail_root} "
+                    f"({exc.strerror}); a copy would not receive the guest's writes: "
+                    "keep the jailer root on the disk's filesystem"
+                ) from exc
+            await asyncio.to_thread(shutil.copy2, source, target)
         return self._vmm_view(target)
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -170,7 +180,7 @@ class Firecracker(Hypervisor):
             async with asyncio.timeout(timeout):
                 await self._launch(deadline)
                 if restore_from is not None:
-                    await self._call("PUT", "/snapshot/load", self._snapshot_load(restore_from))
+                    await self._call("PUT", "/snapshot/load", await self._snapshot_load(restore_from))
                 else:
                     await self._configure()
                     await self._call("PUT", "/actions", {"action_type": "InstanceStart"})
@@ -185,12 +195,12 @@ class Firecracker(Hypervisor):
         self.devices, self.pending_devices = self.pending_devices, []
         self.status = VmStatus.RUNNING
 
-    def _snapshot_load(self, snapshot: Path) -> dict[str, Any]:
+    async def _snapshot_load(self, snapshot: Path) -> dict[str, Any]:
         if self.jailed:
             (self.jail_root / "snapshot").mkdir(exist_ok=True)
-        memory = self._expose(snapshot / "memory", "snapshot/memory")
+        memory = await self._expose(snapshot / "memory", "snapshot/memory")
         return {
-            "snapshot_path": self._expose(snapshot / "vmstate", "snapshot/vmstate"),
+            "snapshot_path": await self._expose(snapshot / "vmstate", "snapshot/vmstate"),
             "mem_backend": {"backend_type": "File", "backend_path": memory},
             "resume_vm": True,
             # the snapshot names the old VM's vsock socket; this VM has its own
@@ -226,11 +236,11 @@ class Firecracker(Hypervisor):
     async def _configure(self) -> None:
         cfg = self.config
         boot: dict[str, Any] = {
-            "kernel_image_path": self._expose(Path(cfg.kernel), "vmlinux"),
+            "kernel_image_path": await self._expose(Path(cfg.kernel), "vmlinux"),
             "boot_args": self._boot_args(),
         }
         if cfg.initrd:
-            boot["initrd_path"] = self._expose(Path(cfg.initrd), "initrd")
+            boot["initrd_path"] = await self._expose(Path(cfg.initrd), "initrd")
         await self._call("PUT", "/boot-source", boot)
         machine = {
             "vcpu_count": max(1, math.ceil(cfg.default_vcpus)),
@@ -242,7 +252,7 @@ class Firecracker(Hypervisor):
         letters = iter("abcdefghijklmnopqrstuvwxyz")
         if cfg.image:
             next(letters)
-            path = self._expose(Path(cfg.image), "rootfs")
+            path = await self._expose(Path(cfg.image), "rootfs")
             await self._put_drive(
                 "rootfs", {"path_on_host": path, "is_root_device": False, "is_read_only": True}
             )
@@ -250,7 +260,7 @@ class Firecracker(Hypervisor):
         for device in self.pending_devices:
             if isinstance(device, BlockDevice):
                 drive_id = self._unique(resource_id(device.id), seen, device)
-                path = self._expose(device.path, f"drive-{drive_id}")
+                path = await self._expose(device.path, f"drive-{drive_id}", writable=not device.read_only)
                 await self._put_drive(
                     drive_id,
                     {"path_on_host": path, "is_root_device": False, "is_read_only": device.read_only},
