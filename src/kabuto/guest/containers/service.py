@@ -57,6 +57,8 @@ DEVICE_POLL = 0.02
 # A long poll answers this long before the caller's deadline (at most a tenth of the wait).
 POLL_MARGIN = 1.0
 CGROUP_PARENT = "kabuto"
+F_SETPIPE_SZ = 1031
+PIPE_SIZE = 1 << 20
 CGROUP_CONTROLLERS = ("cpu", "cpuset", "memory", "pids")
 NAMESPACE_FILES = (  # joined by an exec in this order: mount last, it changes the root
     (sc.CLONE_NEWIPC, "ipc"),
@@ -522,6 +524,10 @@ class ContainerService:
                 agent_fds += [stdin_w, stdout_r, stderr_r]
                 stdio = (stdin_r, stdout_w, stderr_w)
                 stdin_fd, stdout_fd, stderr_fd, tty_fd = stdin_w, stdout_r, stderr_r, None
+                for fd in (stdout_r, stderr_r):
+                    # Bigger pipes: fewer wake-ups per megabyte (the kernel may refuse; then 64 KiB).
+                    with contextlib.suppress(OSError):
+                        fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_SIZE)
             monitor_r, monitor_w = os.pipe2(os.O_CLOEXEC)
             report_r, report_w = os.pipe2(os.O_CLOEXEC)
             agent_fds += [monitor_r, report_r]

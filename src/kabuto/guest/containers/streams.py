@@ -13,7 +13,7 @@ import errno
 import os
 
 OUTPUT_BUFFER_LIMIT = 1 << 20
-READ_CHUNK = 64 * 1024
+READ_CHUNK = 1 << 20
 
 
 class StreamClosed(Exception):
