@@ -244,12 +244,12 @@ async def test_container_init_is_pid_1_with_the_spec_hostname_env_and_cwd(
     client: ContainerClient, rootfs: Path
 ) -> None:
     spec = sh(rootfs, "echo $$; hostname; pwd; env | sort")
-    spec["process"]["cwd"] = "/tmp"
+    spec["process"]["cwd"] = "/work/deep"  # made as runc makes it, read-only root or not
     spec["process"]["env"].append("GREETING=hello world")
     status, out, _ = await run(client, spec)
     lines = out.decode().splitlines()
     assert status == 0
-    assert lines[:3] == ["1", "runc", "/tmp"]
+    assert lines[:3] == ["1", "runc", "/work/deep"]
     env = set(lines[3:])
     # The spec's variables, HOME added as runc adds it, and what sh itself sets.
     assert {*ENV, "GREETING=hello world", "HOME=/root"} <= env
@@ -257,11 +257,13 @@ async def test_container_init_is_pid_1_with_the_spec_hostname_env_and_cwd(
 
 
 async def test_user_groups_and_home(client: ContainerClient, rootfs: Path) -> None:
-    spec = sh(rootfs, "id -u; id -g; id -G; echo $HOME")
+    spec = sh(rootfs, "id -u; id -g; id -G; echo $HOME; umask")
     spec["process"]["user"] = {"uid": 1000, "gid": 1000, "additionalGids": [5, 44]}
     status, out, err = await run(client, spec)
     assert (status, err) == (0, b"")
-    assert out.decode().splitlines() == ["1000", "1000", "1000 5 44", "/home/guest"]
+    assert out.decode().splitlines() == ["1000", "1000", "1000 5 44", "/home/guest", "0022"]
+    spec["process"]["user"]["umask"] = 0o077
+    assert (await run(client, spec))[1].decode().splitlines()[-1] == "0077"
 
 
 async def test_rlimits_and_readonly_root(client: ContainerClient, rootfs: Path) -> None:

@@ -51,6 +51,7 @@ DEV_SYMLINKS = (
     ("stdout", "/proc/self/fd/1"),
     ("stderr", "/proc/self/fd/2"),
 )
+DEFAULT_UMASK = 0o022  # runc's, whatever the agent's own is
 EXIT_SETUP_FAILED = 1
 EXIT_EXEC_FAILED = 127
 
@@ -300,6 +301,10 @@ def build_container(container: ContainerSpec, console_path: str | None) -> None:
             needs_devices = False
     if needs_devices:
         _create_devices(rootfs, container, console_path)
+    # As runc: a missing working directory is made (before a read-only root forbids it);
+    # where it cannot be, the chdir later says why.
+    with contextlib.suppress(OSError):
+        os.makedirs(secure_join(rootfs, container.process.cwd), 0o755, exist_ok=True)
     _enter_root(rootfs)
 
     if container.hostname is not None:
@@ -425,8 +430,7 @@ def prepare_process(process: ProcessSpec) -> str:
         # runc goes on without them, and so do we.
         for number in sorted(caps.ambient & caps.permitted & caps.inheritable & valid):
             sc.prctl(sc.PR_CAP_AMBIENT, sc.PR_CAP_AMBIENT_RAISE, number)
-    if user.umask is not None:
-        os.umask(user.umask)
+    os.umask(DEFAULT_UMASK if user.umask is None else user.umask)
     try:
         os.chdir(process.cwd)
     except OSError as exc:
