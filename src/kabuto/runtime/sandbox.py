@@ -231,10 +231,8 @@ class VirtSandbox:
         check_container_id(container_id)
         container = ContainerRecord(id=container_id, bundle=str(bundle.path), created=now_rfc3339(),
                                     annotations=bundle.annotations, process=bundle.spec["process"])
-        if container_id not in self.record.containers:
-            self.record = self.store.add_container(self.id, container)
-        else:
-            self.record.containers[container_id] = container
+        # refuses an id in use anywhere under the state root, before anything is made for it
+        self.record = self.store.add_container(self.id, container)
         try:
             guest_root, storage, container.rootfs = await self._deliver_rootfs(container_id, bundle)
             self.record.containers[container_id] = container
