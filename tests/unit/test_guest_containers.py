@@ -27,6 +27,8 @@ import pytest
 from kabuto.agent import AgentClient
 from kabuto.agent.containers import ContainerCallError, ContainerClient, Storage
 from kabuto.errors import AgentError
+from kabuto.guest.containers import launcher
+from kabuto.guest.containers import syscalls as sc
 from kabuto.ttrpc import Code
 
 BUSYBOX = shutil.which("busybox")
@@ -591,3 +593,36 @@ async def test_long_polls_come_back_without_losing_data(client: ContainerClient,
         await polling.remove_container("c1")
     with contextlib.suppress(Exception):
         await polling.remove_container("c1")
+
+
+# --- the initramfs fallback ------------------------------------------------------------------
+
+
+def test_without_pivot_root_the_agents_mounts_are_detached(tmp_path: Path) -> None:
+    """In the guest the agent's root is the initramfs, which pivot_root refuses: the rootfs is
+    moved over "/" instead, and every mount of the agent must leave the container's namespace
+    (they would hang below its root, for a chroot escape to find). Checked here in a forked
+    child with a mount namespace of its own: the host's mounts play the agent's."""
+    agent_mount, rootfs = tmp_path / "agent-mount", tmp_path / "rootfs"
+    agent_mount.mkdir()
+    rootfs.mkdir()
+    pid = os.fork()
+    if pid == 0:
+        code = 3
+        try:
+            sc.unshare(sc.CLONE_NEWNS)
+            sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
+            sc.mount("tmpfs", str(agent_mount), "tmpfs")
+            (agent_mount / "secret").write_text("another container's file")
+            sc.mount("tmpfs", str(rootfs), "tmpfs")
+            (rootfs / "in-rootfs").write_text("")
+            os.chdir(rootfs)
+            sc.mount(str(rootfs), "/", None, sc.MS_MOVE)
+            launcher._detach_agent_mounts()
+            gone = not os.path.exists(agent_mount / "secret")
+            os.chroot(".")
+            code = 0 if gone and os.path.exists("/in-rootfs") else 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

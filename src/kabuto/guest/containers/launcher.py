@@ -25,6 +25,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import resource
 import signal
 import stat
@@ -37,6 +38,7 @@ from kabuto.guest.containers.spec import CAPABILITIES, ContainerSpec, MountSpec,
 
 MAX_MESSAGE = 4000  # below PIPE_BUF: each message is one atomic write
 MAX_SYMLINKS = 40
+MAX_STACKED_MOUNTS = 16
 DEFAULT_DEVICES = (
     ("null", 1, 3),
     ("zero", 1, 5),
@@ -274,10 +276,33 @@ def _enter_root(rootfs: str) -> None:
         if exc.errno != errno.EINVAL:
             raise
         sc.mount(rootfs, "/", None, sc.MS_MOVE)
+        _detach_agent_mounts()
         os.chroot(".")
     else:
         sc.umount2(".", sc.MNT_DETACH)
     os.chdir("/")
+
+
+def _detach_agent_mounts() -> None:
+    """Without pivot_root the agent's mounts (/proc, /run with every container's rootfs...)
+    stay in the container's namespace, hanging off the initramfs below its root, where a
+    chroot escape would find them. Detach them all; the rootfs, moved over "/", stays."""
+    with open("/proc/self/mountinfo") as mountinfo:
+        entries = [line.split()[:5] for line in mountinfo]
+    for entry in entries:  # the kernel writes a space as \040, a backslash as \134...
+        entry[4] = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), entry[4])
+    ids = {entry[0] for entry in entries}
+    root_ids = {entry[0] for entry in entries if entry[1] == entry[0] or entry[1] not in ids}
+    # Paths resolve from our root, still the initramfs: "/proc" is the agent's, not the rootfs's.
+    paths = {entry[4] for entry in entries if entry[1] in root_ids and entry[4] != "/"}
+    for path in sorted(
+        paths, key=lambda p: (p == "/proc", p)
+    ):  # /proc last: read above, needed by none after
+        for _ in range(MAX_STACKED_MOUNTS):
+            try:
+                sc.umount2(path, sc.MNT_DETACH)
+            except OSError:
+                break
 
 
 def _remount_readonly(path: str, recursive: bool = False) -> None:
