@@ -374,6 +374,12 @@ async def test_exec_sees_the_container_and_stdin_passes_through(
             "c1", "e3", {"args": ["sh", "-c", "kill -9 $$"], "env": ENV, "cwd": "/"}
         )
         assert await collect(client, "c1", "e3") == (137, b"", b"")
+        # Waited for and read to the end: the exec'd process is forgotten, its id free again.
+        with pytest.raises(ContainerCallError) as info:
+            await client.wait_process("c1", "e3", timeout=5)
+        assert info.value.code == Code.NOT_FOUND
+        await client.exec_process("c1", "e3", {"args": ["true"], "env": ENV, "cwd": "/"})
+        assert await client.wait_process("c1", "e3", timeout=30) == 0
     finally:
         await client.remove_container("c1")
 
@@ -436,6 +442,26 @@ async def test_remove_kills_every_process(client: ContainerClient, rootfs: Path)
             break
         await asyncio.sleep(0.05)
     assert len(pids) == 4
+    await client.remove_container("c1")
+    assert not [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
+
+
+async def test_without_a_pid_namespace_remove_still_finds_every_process(
+    client: ContainerClient, rootfs: Path
+) -> None:
+    spec = sh(rootfs, "sleep 1000 & echo $$; wait")
+    del spec["hostname"]
+    spec["linux"]["namespaces"] = [{"type": "mount"}]
+    await client.create_container("c1", spec)
+    await client.start_container("c1")
+    init_pid = int(await client.read_stdout("c1", timeout=30))
+    assert init_pid != 1  # the guest's PID namespace, as runc without "pid"
+    for _ in range(100):
+        pids = await client.list_processes("c1")
+        if len(pids) == 2:
+            break
+        await asyncio.sleep(0.05)
+    assert init_pid in pids and len(pids) == 2
     await client.remove_container("c1")
     assert not [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
 
