@@ -34,6 +34,8 @@ AGENT_TIMEOUT = 60.0
 # a paused guest must not answer within this
 PAUSED_CHECK_TIMEOUT = 1.0
 PAUSE_SECONDS = 3.0
+# Kata's default seccompsandbox
+KATA_SECCOMP_SANDBOX = "on,obsolete=deny,spawn=deny,resourcecontrol=deny"
 
 
 def qemu_table() -> HypervisorConfig:
@@ -177,7 +179,10 @@ async def test_save_restore_round_trip_and_state_for_another_process(
     assert vm.status == VmStatus.PAUSED
     assert saved.parent == vm.vm_path and saved.stat().st_size > 0
 
-    clone = QemuHypervisor(vm.config, jailer_root=module_vm_root)
+    # the clone runs under QEMU's seccomp sandbox, which forbids spawning: the state comes in
+    # through a passed fd, not an `exec:` helper
+    sandboxed = vm.config.model_copy(update={"seccomp_sandbox": KATA_SECCOMP_SANDBOX})
+    clone = QemuHypervisor(sandboxed, jailer_root=module_vm_root)
     await clone.prepare_vm("clone")
     try:
         await clone.start_vm(BOOT_TIMEOUT, restore_from=saved)
@@ -191,6 +196,7 @@ async def test_save_restore_round_trip_and_state_for_another_process(
         # another process finds the clone from the saved state, drives and stops it
         state = HypervisorState.from_dict(json.loads(json.dumps((await clone.save_state()).to_dict())))
         (clone_pid,) = state.pids
+        assert KATA_SECCOMP_SANDBOX in psutil.Process(clone_pid).cmdline()
         await clone.disconnect()
         again = await QemuHypervisor.restore(clone.config, state)
         assert again.status == VmStatus.RUNNING
