@@ -759,6 +759,8 @@ class ContainerService:
                     with contextlib.suppress(OSError):  # one missing controller must not stop the others
                         (directory / "cgroup.subtree_control").write_text(f"+{controller}")
             cgroup = parent / container_id
+            with contextlib.suppress(OSError):  # an empty one left by an earlier container of that id
+                cgroup.rmdir()
             cgroup.mkdir()
         except OSError as exc:
             if files:

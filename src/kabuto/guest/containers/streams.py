@@ -10,7 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import logging
 import os
+
+log = logging.getLogger(__name__)
 
 OUTPUT_BUFFER_LIMIT = 1 << 20
 READ_CHUNK = 1 << 20
@@ -55,9 +58,10 @@ class OutputStream:
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
-            # A pty master reports the last close of its slave as EIO: end of file.
+            # A pty master reports the last close of its slave as EIO: end of file. Any
+            # other error ends the stream too (raising here would only repeat forever).
             if exc.errno != errno.EIO:
-                raise
+                log.warning("reading a process's output failed: %s", exc)
             data = b""
         if data:
             self._buffer += data
