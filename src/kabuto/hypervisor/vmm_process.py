@@ -46,6 +46,8 @@ MAX_API_ANSWER_BYTES = 1 << 20
 #: after SIGTERM, how long a process gets before SIGKILL
 TERM_GRACE = 3.0
 _POLL = 0.02
+#: after an API connection failure, how long to wait for the VMM's exit to show
+EXIT_NOTICE = 0.5
 #: after an exit, how long the output copier gets to read what is left in the pipe
 OUTPUT_DRAIN_TIMEOUT = 1.0
 
@@ -196,6 +198,12 @@ class VmmProcess:
                 raise VmTimeout(f"{self.backend}: {self.what} did not open {path} within {timeout:g}s")
             await asyncio.sleep(_POLL)
 
+    async def died(self, error: HypervisorError) -> bool:
+        """Whether the process is gone; after a failed connection, give its exit a moment to show."""
+        if isinstance(error, ApiTransportError):
+            return await self.wait_exit(EXIT_NOTICE)
+        return not self.alive()
+
     async def wait_exit(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         while self.alive():
@@ -263,6 +271,10 @@ async def _connectable(path: Path) -> bool:
     return True
 
 
+class ApiTransportError(HypervisorError):
+    """The API socket failed (refused, reset): the VMM may have just died."""
+
+
 class ApiClient:
     """HTTP/1.1 over a Unix socket; every non-2xx answer becomes a HypervisorError with the body."""
 
@@ -300,6 +312,10 @@ class ApiClient:
             )
         except httpx.TimeoutException as exc:
             raise VmTimeout(f"{self.backend}: {method} {path} got no answer within the API timeout") from exc
+        except httpx.TransportError as exc:
+            raise ApiTransportError(
+                f"{self.backend}: {method} {path} failed: {exc or type(exc).__name__}"
+            ) from exc
         except httpx.HTTPError as exc:
             raise HypervisorError(
                 f"{self.backend}: {method} {path} failed: {exc or type(exc).__name__}"

@@ -441,8 +441,8 @@ class CloudHypervisor(Hypervisor):
         self._stage = f"waiting for {method} {action}"
         try:
             return await self._api.request(method, f"{API}/{action}", body)
-        except HypervisorError:
-            if self._vmm is not None and not self._vmm.alive():
+        except HypervisorError as exc:
+            if self._vmm is not None and await self._vmm.died(exc):
                 raise self._error(f"{action}: {self._vmm.exit_description()}") from None
             raise
 

@@ -437,7 +437,7 @@ class Firecracker(Hypervisor):
         self._stage = f"waiting for {method} {path}"
         try:
             return await self._api.request(method, path, body)
-        except HypervisorError:
-            if self._vmm is not None and not self._vmm.alive():
+        except HypervisorError as exc:
+            if self._vmm is not None and await self._vmm.died(exc):
                 raise self._error(f"{method} {path}: {self._vmm.exit_description()}") from None
             raise
