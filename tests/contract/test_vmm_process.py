@@ -27,10 +27,11 @@ async def test_stop_escalates_to_sigkill(tmp_path: Path) -> None:
         "print('up', flush=True); time.sleep(60)"
     )
     await stubborn.spawn([sys.executable, "-c", script])
-    for _ in range(100):
+    for _ in range(600):  # a loaded machine can take seconds to start Python
         if "up" in stubborn.log_tail():
             break
         await stubborn.wait_exit(0.05)
+    assert "up" in stubborn.log_tail(), "the child never got to ignore SIGTERM"
     pid = stubborn.pid
     await stubborn.stop(grace=0.5)
     assert pid is not None and not alive(pid)
