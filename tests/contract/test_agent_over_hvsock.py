@@ -52,8 +52,8 @@ async def test_agent_reachable(
     )
     vm = backend(config, jailer_root=jailer_root)
     await vm.prepare_vm("agent1")
-    await vm.start_vm(10)
-    client = await wait_for_agent(await vm.get_agent_socket(), 10)
+    await vm.start_vm(30)
+    client = await wait_for_agent(await vm.get_agent_socket(), 30)
     try:
         assert await client.check()
         details = await client.guest_details()

@@ -84,7 +84,7 @@ async def test_vmm_runs_in_the_given_netns(
     )
     vm = CloudHypervisor(config, jailer_root=jailer_root)
     await vm.prepare_vm("netns1", netns=netns)
-    await vm.start_vm(10)
+    await vm.start_vm(30)
     (pid,) = await vm.get_pids()
     assert os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat(f"/run/netns/{netns}").st_ino
     await vm.stop_vm()
