@@ -81,7 +81,9 @@ class FakeBuild:
         monkeypatch.setattr(builder, "_install_kernel", self.install_kernel)
         monkeypatch.setattr(builder, "_install_userland", self.step("userland"))
         monkeypatch.setattr(builder, "_install_guest_code", self.step("guest code"))
+        monkeypatch.setattr(builder, "_install_libraries", self.install_libraries)
         monkeypatch.setattr(builder, "_compile_python", self.compile_python)
+        monkeypatch.setattr(builder, "_check_imports", self.check_imports)
 
     async def gather_inputs(self, flavour: str, compression: str) -> BuildInputs:
         return self.inputs
@@ -104,8 +106,15 @@ class FakeBuild:
                 raise ImageError(f"{name} failed on purpose")
         return run
 
+    def install_libraries(self, debroot: Path, rootfs: Path) -> list[str]:
+        self.step("libraries")()
+        return ["_ssl"]
+
     async def compile_python(self, rootfs: Path) -> None:
         self.step("compile")()
+
+    async def check_imports(self, rootfs: Path) -> None:
+        self.step("imports")()
 
 
 @pytest.fixture
@@ -125,6 +134,7 @@ async def test_first_build_is_recorded_as_current(fake: FakeBuild) -> None:
     assert image.kernel.read_bytes() == b"kernel"
     assert gzip.decompress(image.initrd.read_bytes()).startswith(b"070701")
     assert image.missing_modules == ("9p",)
+    assert image.dropped_extensions == ("_ssl",)
     assert installed_image() == image
     manifest = json.loads((image.kernel.parent / builder.MANIFEST).read_text())
     assert manifest["inputs"]["guest_code_hash"] == BASE.guest_code_hash
@@ -156,7 +166,7 @@ async def test_a_changed_input_builds_a_new_image_and_keeps_one_previous(fake: F
     assert image_dirs() == sorted(keys[1:])
 
 
-@pytest.mark.parametrize("failing_step", ["userland", "guest code", "compile"])
+@pytest.mark.parametrize("failing_step", ["userland", "guest code", "libraries", "compile", "imports"])
 async def test_a_failed_build_leaves_nothing_behind(fake: FakeBuild, failing_step: str) -> None:
     fake.fail_in = failing_step
     with pytest.raises(ImageError, match="failed on purpose"):

@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterable
@@ -38,8 +39,10 @@ INITRD_NAME = "initrd.img"
 # Debian kernel flavours: the metapackage that tracks each one.
 KERNEL_PACKAGES = {"generic": "linux-image-amd64", "cloud": "linux-image-cloud-amd64"}
 DEFAULT_FLAVOUR = "generic"  # the cloud kernel has no 9p, which container rootfs sharing needs
-COMPRESSIONS = ("gzip", "zstd", "none")
-DEFAULT_COMPRESSION = "gzip"
+COMPRESSIONS = ("none", "lz4", "gzip", "zstd")
+# Uncompressed reaches /init ~1 CPU-second sooner than gzip under TCG, as fast as lz4 and
+# without a tool to depend on (docs/guest-image.md); the cost is ~20 MB more read into the VM.
+DEFAULT_COMPRESSION = "none"
 USERLAND_PACKAGES = (
     "busybox-static",
     "python3.11-minimal",
@@ -50,6 +53,10 @@ USERLAND_PACKAGES = (
     "zlib1g",
     "libexpat1",
     "libffi8",
+    # protobuf's C extension (upb) is C++: it imports the agent's messages ~20% faster than
+    # protobuf's pure-Python implementation under TCG (see docs/guest-image.md)
+    "libstdc++6",
+    "libgcc-s1",
 )
 PYTHON_VERSION = "3.11"
 
@@ -69,10 +76,11 @@ STDLIB_DROP = (
     "cgitb.py", "webbrowser.py", "pickletools.py", "_pyio.py", "difflib.py", "EXTERNALLY-MANAGED",
     "LICENSE.txt",
 )
+# Extensions dropped although their libraries would be there; those whose library is in none of
+# the packages (_ssl, _sqlite3, _lzma, readline ...) are dropped by _install_libraries.
 LIB_DYNLOAD_DROP_PREFIXES = (
     "_test", "_xxtestfuzz", "xxlimited", "_ctypes_test", "_xxsubinterpreters", "ossaudiodev", "audioop",
-    "nis", "_codecs_", "_multibytecodec", "readline", "_curses", "_dbm", "_sqlite3", "_lzma", "_bz2",
-    "_ssl", "_hashlib", "_crypt", "_uuid", "_decimal", "_lsprof", "_zoneinfo",
+    "_codecs_", "_multibytecodec", "_lsprof", "_zoneinfo",
 )
 # Codecs Python itself needs; the hundreds of legacy ones go.
 ENCODINGS_KEEP = (
@@ -80,7 +88,7 @@ ENCODINGS_KEEP = (
     "utf_16_le.py", "utf_16_be.py", "utf_32.py", "utf_32_le.py", "utf_32_be.py", "raw_unicode_escape.py",
     "unicode_escape.py", "idna.py", "punycode.py", "hex_codec.py", "base64_codec.py",
 )
-PROTOBUF_DROP = ("compiler", "testdata", "pyext", "__pycache__")
+PROTOBUF_DROP = ("compiler", "testdata", "__pycache__")
 
 COMPILE_TIMEOUT = 600.0
 COMPRESS_TIMEOUT = 600.0
@@ -114,6 +122,7 @@ class GuestImage:
     compression: str = ""
     guest_code_hash: str = ""
     missing_modules: tuple[str, ...] = ()
+    dropped_extensions: tuple[str, ...] = ()
     built_at: str = ""
 
     @property
@@ -123,8 +132,9 @@ class GuestImage:
 
     def to_record(self) -> dict[str, object]:
         record = asdict(self)
-        record.update(kernel=str(self.kernel), initrd=str(self.initrd),
-                      missing_modules=list(self.missing_modules))
+        record.update(kernel=str(self.kernel), initrd=str(self.initrd))
+        for name in ("missing_modules", "dropped_extensions"):
+            record[name] = list(record[name])
         return record
 
     @classmethod
@@ -132,7 +142,8 @@ class GuestImage:
         fields = {**record}
         fields["kernel"] = Path(str(record["kernel"]))
         fields["initrd"] = Path(str(record["initrd"]))
-        fields["missing_modules"] = tuple(record.get("missing_modules") or ())  # type: ignore[call-overload]
+        for name in ("missing_modules", "dropped_extensions"):
+            fields[name] = tuple(record.get(name) or ())  # type: ignore[call-overload]
         known = cls.__dataclass_fields__
         return cls(**{k: v for k, v in fields.items() if k in known})  # type: ignore[arg-type]
 
@@ -272,9 +283,12 @@ async def _build(inputs: BuildInputs, root: Path, report: Progress) -> GuestImag
         await asyncio.to_thread(_install_userland, debroot, rootfs)
         report(STEPS[5])
         await asyncio.to_thread(_install_guest_code, rootfs)
+        dropped = await asyncio.to_thread(_install_libraries, debroot, rootfs)
         _write_init(rootfs)
         report(STEPS[6])
         await _compile_python(rootfs)
+        await asyncio.to_thread(_drop_sources, rootfs)
+        await _check_imports(rootfs)
         report(STEPS[7])
         await _write_initramfs(rootfs, out / INITRD_NAME, inputs.compression, staging)
         report(STEPS[8])
@@ -287,6 +301,7 @@ async def _build(inputs: BuildInputs, root: Path, report: Progress) -> GuestImag
             compression=inputs.compression,
             guest_code_hash=inputs.guest_code_hash,
             missing_modules=tuple(missing),
+            dropped_extensions=tuple(dropped),
             built_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         )
         manifest = {"image": image.to_record(), "inputs": asdict(inputs)}
@@ -393,8 +408,6 @@ def _install_busybox(debroot: Path, rootfs: Path) -> None:
     busybox.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy2(debroot / "bin" / "busybox", busybox)
     # Debian's busybox-static is a static binary, so it runs on the build host to list its applets.
-    import subprocess
-
     listing = subprocess.run([str(busybox), "--list-full"], capture_output=True, text=True, timeout=30,
                              check=True)
     for applet in listing.stdout.split():
@@ -424,13 +437,31 @@ def _install_python(debroot: Path, rootfs: Path) -> None:
     for codec in (stdlib / "encodings").iterdir():
         if codec.name not in ENCODINGS_KEEP:
             codec.unlink()
-    dynload = stdlib / "lib-dynload"
-    for extension in dynload.iterdir():
+    for extension in (stdlib / "lib-dynload").iterdir():
         if extension.name.startswith(LIB_DYNLOAD_DROP_PREFIXES):
             extension.unlink()
 
+
+def _install_libraries(debroot: Path, rootfs: Path) -> list[str]:
+    """Copy in the shared libraries every binary needs; returns the extension modules dropped.
+
+    An optional stdlib extension whose library is in none of the packages (_ssl, _sqlite3 ...)
+    is dropped, so its import fails cleanly; any other unmet need fails the build.
+    """
     lib_dirs = [debroot / "lib" / "x86_64-linux-gnu", debroot / "usr" / "lib" / "x86_64-linux-gnu"]
-    libraries = _library_closure([interpreter, *dynload.iterdir()], lib_dirs)
+    dynload = rootfs / "usr" / "lib" / f"python{PYTHON_VERSION}" / "lib-dynload"
+    files = (p for p in (rootfs / "usr").rglob("*") if not p.is_symlink() and p.is_file())
+    binaries = [p for p in files if elf.is_elf(p)]
+    libraries: dict[str, Path] = {}
+    dropped = []
+    for binary in binaries:
+        try:
+            libraries |= _library_closure(binary, lib_dirs)
+        except ImageError:
+            if binary.parent != dynload:
+                raise
+            binary.unlink()
+            dropped.append(binary.name.split(".")[0])
     target_dir = rootfs / "lib" / "x86_64-linux-gnu"
     target_dir.mkdir(parents=True, exist_ok=True)
     for soname, path in libraries.items():
@@ -438,23 +469,22 @@ def _install_python(debroot: Path, rootfs: Path) -> None:
     loader = debroot / "lib64" / "ld-linux-x86-64.so.2"
     (rootfs / "lib64").mkdir(exist_ok=True)
     shutil.copy2(loader, rootfs / "lib64" / loader.name)
+    return sorted(dropped)
 
 
-def _library_closure(binaries: list[Path], lib_dirs: list[Path]) -> dict[str, Path]:
-    """Soname -> file for every shared library the binaries need, transitively."""
+def _library_closure(binary: Path, lib_dirs: list[Path]) -> dict[str, Path]:
+    """Soname -> file for every shared library ``binary`` needs, transitively."""
     found: dict[str, Path] = {}
-    pending = [lib for binary in binaries for lib in elf.needed_libraries(binary)]
+    pending = [(lib, binary.name) for lib in elf.needed_libraries(binary)]
     while pending:
-        soname = pending.pop()
+        soname, needer = pending.pop()
         if soname in found:
             continue
         path = next((d / soname for d in lib_dirs if (d / soname).exists()), None)
         if path is None:
-            needers = [b.name for b in binaries if soname in elf.needed_libraries(b)]
-            raise ImageError(f"shared library {soname} (needed by {', '.join(needers) or 'a library'}) "
-                             "is in none of the guest's packages")
+            raise ImageError(f"shared library {soname} (needed by {needer}) is in no guest package")
         found[soname] = path.resolve()
-        pending.extend(elf.needed_libraries(found[soname]))
+        pending.extend((lib, soname) for lib in elf.needed_libraries(found[soname]))
     return found
 
 
@@ -473,16 +503,56 @@ def _install_guest_code(rootfs: Path) -> None:
     protobuf, _ = protobuf_dir()
     shutil.copytree(protobuf, site / "google" / "protobuf",
                     ignore=shutil.ignore_patterns(*PROTOBUF_DROP, "*.pyc", "*.pyi", "*_test.py"))
+    upb = protobuf.parent / "_upb"
+    if upb.is_dir():
+        shutil.copytree(upb, site / "google" / "_upb", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+
+
+def _python_env(rootfs: Path) -> dict[str, str]:
+    """Environment the guest's Python needs: protobuf's pure-Python code where upb is absent."""
+    if (rootfs / GUEST_PYTHONPATH / "google" / "_upb").is_dir():
+        return {}
+    return {"PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION": "python"}
 
 
 def _write_init(rootfs: Path) -> None:
     template = (Path(__file__).parent / "init.sh").read_text()
-    # The C extension of protobuf (upb) is not shipped: it would pull in libstdc++.
-    text = template.replace("@PYTHON_ENV@", "export PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION=python")
+    exports = "".join(f"export {name}={value}\n" for name, value in _python_env(rootfs).items())
+    text = template.replace("@PYTHON_ENV@", exports)
     text = text.replace("@PROBE@", PROBE_CODE)
     init = rootfs / "init"
     init.write_text(text)
     init.chmod(0o755)
+
+
+# Imports every guest module with the guest's interpreter: a stdlib part the agent needs but the
+# image dropped fails the build here rather than the VM's boot.
+IMPORT_CHECK = """
+import importlib, pkgutil, sys
+import kabuto
+for info in pkgutil.walk_packages(kabuto.__path__, "kabuto."):
+    if not info.name.endswith(".generate"):
+        importlib.import_module(info.name)
+"""
+
+
+def _guest_python(rootfs: Path, *args: str) -> list[str]:
+    """A command running the guest's interpreter on the build host, with the guest's own libraries."""
+    return [str(rootfs / "lib64" / "ld-linux-x86-64.so.2"),
+            "--library-path", str(rootfs / "lib" / "x86_64-linux-gnu"),
+            str(rootfs / "usr" / "bin" / f"python{PYTHON_VERSION}"), "-S", *args]
+
+
+def _guest_env(rootfs: Path) -> dict[str, str]:
+    return {"PYTHONHOME": str(rootfs / "usr"), "PYTHONPATH": str(rootfs / GUEST_PYTHONPATH),
+            "PYTHONDONTWRITEBYTECODE": "1", "LC_ALL": "C.UTF-8", **_python_env(rootfs)}
+
+
+async def _check_imports(rootfs: Path) -> None:
+    try:
+        await debian.run(_guest_python(rootfs, "-c", IMPORT_CHECK), COMPILE_TIMEOUT, env=_guest_env(rootfs))
+    except ImageError as exc:
+        raise ImageError(f"the guest code does not import with the image's Python: {exc}") from None
 
 
 async def _compile_python(rootfs: Path) -> None:
@@ -492,16 +562,29 @@ async def _compile_python(rootfs: Path) -> None:
     initramfs does not keep.
     """
     stdlib = rootfs / "usr" / "lib" / f"python{PYTHON_VERSION}"
-    env = {"PYTHONHOME": str(rootfs / "usr"), "PYTHONDONTWRITEBYTECODE": "1", "LC_ALL": "C.UTF-8"}
     await debian.run(
-        [str(rootfs / "lib64" / "ld-linux-x86-64.so.2"),
-         "--library-path", str(rootfs / "lib" / "x86_64-linux-gnu"),
-         str(rootfs / "usr" / "bin" / f"python{PYTHON_VERSION}"), "-S", "-m", "compileall", "-q", "-j0",
-         "--invalidation-mode", "unchecked-hash", "-s", str(rootfs), "-p", "/",
-         "-x", r"lib2to3|/test/|bad_coding|badsyntax",
-         str(stdlib), str(rootfs / GUEST_PYTHONPATH)],
-        COMPILE_TIMEOUT, env=env,
+        _guest_python(rootfs, "-m", "compileall", "-q", "-j0", "--invalidation-mode", "unchecked-hash",
+                      "-s", str(rootfs), "-p", "/", "-x", r"lib2to3|/test/|bad_coding|badsyntax",
+                      str(stdlib), str(rootfs / GUEST_PYTHONPATH)),
+        COMPILE_TIMEOUT, env=_guest_env(rootfs),
     )
+
+
+def _drop_sources(rootfs: Path) -> None:
+    """Keep only bytecode for the stdlib and protobuf (a third of the initramfs otherwise).
+
+    A module.pyc beside where module.py was is imported without its source; Kabuto's own
+    code keeps its sources so that the agent's tracebacks show the lines.
+    """
+    for tree in (rootfs / "usr" / "lib" / f"python{PYTHON_VERSION}", rootfs / GUEST_PYTHONPATH / "google"):
+        for cached in list(tree.rglob(f"__pycache__/*.cpython-{PYTHON_VERSION.replace('.', '')}.pyc")):
+            source = cached.parent.parent / (cached.name.split(".")[0] + ".py")
+            if source.is_file():
+                cached.replace(source.with_suffix(".pyc"))
+                source.unlink()
+        for cache in list(tree.rglob("__pycache__")):
+            if not any(cache.iterdir()):
+                cache.rmdir()
 
 
 async def _write_initramfs(rootfs: Path, dest: Path, compression: str, scratch: Path) -> None:
@@ -519,8 +602,12 @@ async def _write_initramfs(rootfs: Path, dest: Path, compression: str, scratch: 
         with plain.open("wb") as out:
             write_newc(rootfs, out, devices)
     await asyncio.to_thread(write_plain)
-    if compression == "zstd":
-        zstd = shutil.which("zstd")
-        if zstd is None:
-            raise ImageError("zstd compression needs the zstd command (apt-get install zstd)")
-        await debian.run([zstd, "-q", "-19", "-T0", "-f", "-o", str(dest), str(plain)], COMPRESS_TIMEOUT)
+    compressors = {"zstd": ["zstd", "-q", "-19", "-T0", "-f", "-o", str(dest), str(plain)],
+                   # the kernel reads only lz4's legacy frame format (-l)
+                   "lz4": ["lz4", "-q", "-l", "-9", "-f", str(plain), str(dest)]}
+    if compression in compressors:
+        command = compressors[compression]
+        if shutil.which(command[0]) is None:
+            raise ImageError(f"{compression} compression needs the {command[0]} command "
+                             f"(apt-get install {command[0]})")
+        await debian.run(command, COMPRESS_TIMEOUT)
