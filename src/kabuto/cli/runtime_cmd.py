@@ -25,11 +25,13 @@ import click
 
 from kabuto.runtime import commands
 from kabuto.runtime.bundle import default_spec
+from kabuto.runtime.busybox import make_busybox_rootfs
 from kabuto.runtime.sandbox import DEFAULT_BOOT_TIMEOUT
 from kabuto.runtime.state import STATE_ROOT_ENV, StateStore, default_state_root
 
+# SIGWINCH resizes the container's terminal instead of being forwarded
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
-                     signal.SIGUSR2)
+                     signal.SIGUSR2, signal.SIGWINCH)
 STDIN_CHUNK = 64 * 1024
 # Chunks read from our stdin wait here for the agent; a bounded queue gives back-pressure.
 STDIN_QUEUE_CHUNKS = 16
@@ -96,13 +98,20 @@ async def _stdin_chunks() -> AsyncIterator[bytes]:
         yield data
 
 
-def _stdio() -> commands.ProcessIO:
+def _stdio(terminal: bool) -> commands.ProcessIO:
     stdin_open = True
     try:
         os.fstat(0)
     except OSError:
         stdin_open = False
-    return commands.ProcessIO(stdout=_sink(1), stderr=_sink(2), stdin=_stdin_chunks() if stdin_open else None)
+    terminal_size = _terminal_size if terminal and os.isatty(0) else None
+    return commands.ProcessIO(stdout=_sink(1), stderr=_sink(2), stdin=_stdin_chunks() if stdin_open else None,
+                              terminal_size=terminal_size)
+
+
+def _terminal_size() -> tuple[int, int]:
+    size = os.get_terminal_size(0)
+    return size.lines, size.columns
 
 
 def _signal_forwarding(forward: Callable[[int], None]) -> None:
@@ -136,41 +145,44 @@ def _exit_with(ctx: click.Context, status: int) -> None:
               help="Bundle directory holding config.json (default: the current directory).")
 @click.option("--rootfs", type=click.Path(exists=True, file_okay=False), default=None,
               help="Run ARGS in this root filesystem with a spec like `runc spec` makes (no bundle needed).")
+@click.option("--busybox", is_flag=True,
+              help="Like --rootfs, with a throw-away rootfs made from the host's busybox-static.")
 @click.option("--name", default=None, help="Container id with --rootfs (default: a random one).")
 @_root_option
 @_boot_timeout_option
 @click.argument("args", nargs=-1, required=True)
 @click.pass_context
-def run_command(ctx: click.Context, bundle: str | None, rootfs: str | None, name: str | None,
+def run_command(ctx: click.Context, bundle: str | None, rootfs: str | None, busybox: bool, name: str | None,
                 root: Path | None, boot_timeout: float, args: tuple[str, ...]) -> None:
     """Create and start a container, stream its stdio, and exit with its exit code.
 
     \b
     kabuto run --bundle DIR ID
     kabuto run --rootfs DIR -- CMD [ARGS...]
+    kabuto run --busybox -- CMD [ARGS...]
     """
     options = _options(ctx, root, boot_timeout)
-    temporary: str | None = None
-    if rootfs is not None:
-        if bundle is not None:
-            raise click.UsageError("give either --bundle or --rootfs, not both")
-        container_id = name or f"run-{secrets.token_hex(4)}"
-        temporary = tempfile.mkdtemp(prefix="kabuto-bundle-")
-        spec = default_spec(list(args), str(Path(rootfs).absolute()), terminal=False)
-        Path(temporary, "config.json").write_text(json.dumps(spec, indent=2))
-        bundle = temporary
-    else:
-        if len(args) != 1:
-            raise click.UsageError("expected exactly one container id (or --rootfs DIR -- CMD ARGS...)")
-        container_id = args[0]
-    bundle_dir = bundle or os.getcwd()
-    terminal = _spec_terminal(bundle_dir)
+    if sum((bundle is not None, rootfs is not None, busybox)) > 1:
+        raise click.UsageError("give one of --bundle, --rootfs and --busybox")
+    if rootfs is None and not busybox and len(args) != 1:
+        raise click.UsageError("expected exactly one container id (or --rootfs DIR -- CMD ARGS...)")
+    temporary = tempfile.mkdtemp(prefix="kabuto-bundle-") if rootfs is not None or busybox else None
     try:
+        if temporary is not None:
+            container_id = name or f"run-{secrets.token_hex(4)}"
+            root_dir = make_busybox_rootfs(Path(temporary, "rootfs")) if busybox else Path(str(rootfs))
+            spec = default_spec(list(args), str(root_dir.absolute()), terminal=False)
+            Path(temporary, "config.json").write_text(json.dumps(spec, indent=2))
+            bundle = temporary
+        else:
+            container_id = args[0]
+        bundle_dir = bundle or os.getcwd()
+        terminal = _spec_terminal(bundle_dir)
         with _raw_terminal(terminal):
             status = asyncio.run(
-                commands.run(container_id, bundle_dir, options, _stdio(), _signal_forwarding))
+                commands.run(container_id, bundle_dir, options, _stdio(terminal), _signal_forwarding))
     finally:
-        if temporary:
+        if temporary is not None:
             shutil.rmtree(temporary, ignore_errors=True)
     _exit_with(ctx, status)
 
@@ -259,8 +271,8 @@ def exec_command(ctx: click.Context, terminal: bool, env: tuple[str, ...], cwd: 
                  container_id: str, command: tuple[str, ...]) -> None:
     """Run COMMAND in a running container; exit with its exit code."""
     with _raw_terminal(terminal):
-        status = asyncio.run(commands.exec_in(container_id, list(command), _options(ctx, root), _stdio(),
-                                              env=list(env), cwd=cwd, terminal=terminal,
+        status = asyncio.run(commands.exec_in(container_id, list(command), _options(ctx, root),
+                                              _stdio(terminal), env=list(env), cwd=cwd, terminal=terminal,
                                               on_signal=_signal_forwarding))
     _exit_with(ctx, status)
 

@@ -48,6 +48,8 @@ class ProcessIO:
     stdout: Sink | None = None
     stderr: Sink | None = None
     stdin: AsyncIterator[bytes] | None = None
+    #: (rows, cols) of the local terminal, for a process with a terminal (sent again on SIGWINCH)
+    terminal_size: Callable[[], tuple[int, int]] | None = None
 
 
 def parse_signal(value: str | int) -> int:
@@ -238,12 +240,21 @@ async def run_process(sandbox: VirtSandbox, container_id: str, exec_id: str, io:
     forwarded: set[asyncio.Task[None]] = set()
 
     def forward(number: int) -> None:
-        task = loop.create_task(_signal_quietly(sandbox, container_id, exec_id, number))
+        if number == signal.SIGWINCH:
+            # a window change resizes the container's terminal, as runc does; never a signal
+            if io.terminal_size is None:
+                return
+            rows, cols = io.terminal_size()
+            task = loop.create_task(_resize_quietly(sandbox, container_id, exec_id, rows, cols))
+        else:
+            task = loop.create_task(_signal_quietly(sandbox, container_id, exec_id, number))
         forwarded.add(task)
         task.add_done_callback(forwarded.discard)
 
     if on_signal is not None:
         on_signal(forward)
+    if io.terminal_size is not None:
+        forward(signal.SIGWINCH)
 
     async def pump(stream: str, sink: Sink | None) -> None:
         while chunk := await sandbox.read_output(container_id, exec_id, stream):
@@ -274,6 +285,12 @@ async def _signal_quietly(sandbox: VirtSandbox, container_id: str, exec_id: str,
     # a process that just exited cannot be signalled: nothing to report
     with contextlib.suppress(KabutoError):
         await sandbox.kill(container_id, number, exec_id=exec_id)
+
+
+async def _resize_quietly(sandbox: VirtSandbox, container_id: str, exec_id: str, rows: int,
+                          cols: int) -> None:
+    with contextlib.suppress(KabutoError):
+        await sandbox.resize_terminal(container_id, exec_id, rows, cols)
 
 
 async def exec_in(container_id: str, args: list[str], options: RuntimeOptions, io: ProcessIO, *,

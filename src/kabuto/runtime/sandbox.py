@@ -344,6 +344,10 @@ class VirtSandbox:
     async def write_stdin(self, container_id: str, exec_id: str, data: bytes) -> None:
         await self._agent_call("WriteStdin", self.containers.write_stdin(container_id, exec_id, data))
 
+    async def resize_terminal(self, container_id: str, exec_id: str, rows: int, cols: int) -> None:
+        await self._agent_call("TtyWinResize",
+                               self.containers.tty_win_resize(container_id, exec_id, rows, cols))
+
     async def close_stdin(self, container_id: str, exec_id: str) -> None:
         await self._agent_call("CloseStdin", self.containers.close_stdin(container_id, exec_id))
 
