@@ -167,28 +167,52 @@ def test_same_as_runc(case: Case, rootfs: Path, runc_root: Path, pod: Path, tmp_
     assert f"{container_id}" not in kabuto(pod, "list", "-q", check=True).stdout.decode().split()
 
 
-def test_forwarded_sigterm(rootfs: Path, runc_root: Path, pod: Path, tmp_path: Path) -> None:
-    """SIGTERM to the runtime process reaches the container's handler (as Ctrl-C would)."""
-    args = ["sh", "-c", "trap 'echo got TERM; exit 3' TERM; echo ready; while :; do sleep 0.2; done"]
-    runc_bundle, kabuto_bundle = make_bundles(tmp_path, rootfs, args, None)
+def _interrupted_runs(runc_root: Path, pod: Path, bundles: tuple[Path, Path], container_id: str,
+                      interrupt: Callable[[subprocess.Popen[bytes], list[str]], None]) -> list[Outcome]:
+    """Start the same bundle under runc and Kabuto; once it printed its first line, call
+    ``interrupt(process, runtime_command)``; collect what each run gave."""
     outcomes = []
-    for command in (["runc", "--root", str(runc_root), "run", "--bundle", str(runc_bundle), "diff-term"],
-                    [str(KABUTO), "run", "--bundle", str(kabuto_bundle), "diff-term"]):
-        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, env={**os.environ, "KABUTO_STATE_ROOT": str(pod)})
+    runtimes = (["runc", "--root", str(runc_root)], [str(KABUTO)])
+    for runtime, bundle in zip(runtimes, bundles, strict=True):
+        process = subprocess.Popen([*runtime, "run", "--bundle", str(bundle), container_id],
+                                   stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   env={**os.environ, "KABUTO_STATE_ROOT": str(pod)})
         try:
-            assert process.stdout is not None
             first = _readline_within(process, SIGNAL_READY_TIMEOUT)
-            process.send_signal(signal.SIGTERM)
+            interrupt(process, runtime)
             rest, stderr = process.communicate(timeout=RUN_TIMEOUT)
             outcomes.append(Outcome(first + rest, stderr, process.returncode))
         finally:
             if process.poll() is None:
                 process.kill()
                 process.wait()
-    subprocess.run(["runc", "--root", str(runc_root), "delete", "--force", "diff-term"], capture_output=True)
-    expected, got = outcomes
+    subprocess.run(["runc", "--root", str(runc_root), "delete", "--force", container_id], capture_output=True)
+    return outcomes
+
+
+def test_forwarded_sigterm(rootfs: Path, runc_root: Path, pod: Path, tmp_path: Path) -> None:
+    """SIGTERM to the runtime process reaches the container's handler (as Ctrl-C would)."""
+    args = ["sh", "-c", "trap 'echo got TERM; exit 3' TERM; echo ready; while :; do sleep 0.2; done"]
+    bundles = make_bundles(tmp_path, rootfs, args, None)
+    expected, got = _interrupted_runs(runc_root, pod, bundles, "diff-term",
+                                      lambda process, runtime: process.send_signal(signal.SIGTERM))
     assert expected == Outcome(b"ready\ngot TERM\n", b"", 3)
+    assert got == expected
+
+
+def test_kill_during_run(rootfs: Path, runc_root: Path, pod: Path, tmp_path: Path) -> None:
+    """`kill ID TERM` is ignored by a PID 1 without handler; `kill ID KILL` ends the run with 137."""
+    args = ["sh", "-c", "echo ready; while :; do sleep 0.2; done"]
+    bundles = make_bundles(tmp_path, rootfs, args, None)
+
+    def kill_twice(process: subprocess.Popen[bytes], runtime: list[str]) -> None:
+        env = {**os.environ, "KABUTO_STATE_ROOT": str(pod)}
+        for name in ("TERM", "KILL"):
+            subprocess.run([*runtime, "kill", "diff-kill", name], env=env, check=True, capture_output=True,
+                           timeout=RUN_TIMEOUT)
+
+    expected, got = _interrupted_runs(runc_root, pod, bundles, "diff-kill", kill_twice)
+    assert expected == Outcome(b"ready\n", b"", 128 + signal.SIGKILL)
     assert got == expected
 
 

@@ -522,3 +522,26 @@ def test_parse_signal() -> None:
     for bad in ("SIGBOGUS", "0", "999", "-1"):
         with pytest.raises(KabutoError, match="invalid signal"):
             commands.parse_signal(bad)
+
+
+async def test_kill_reaches_a_running_run_through_its_owner(store: StateStore, tmp_path: Path) -> None:
+    """While `run` holds the sandbox (and its one agent connection), `kill` asks it to signal."""
+    opts = options(store)
+    run = asyncio.create_task(commands.run("r1", str(make_bundle(tmp_path / "b", ["sleep"])), opts,
+                                           Output().io()))
+    control = store.sandbox_dir("r1") / commands.CONTROL_SOCKET
+    await until_exists(control)
+    await commands.kill("r1", "TERM", opts)  # PID 1 ignores it, as under runc
+    assert not run.done()
+    with pytest.raises(SandboxError, match="'nobody' does not exist"):
+        await commands.kill_via_owner(control, "nobody", signal.SIGKILL, False)
+    await commands.kill("r1", "KILL", opts)
+    assert await run == 128 + signal.SIGKILL
+
+
+async def until_exists(path: Path) -> None:
+    for _ in range(1000):
+        if exists(path):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{path} never appeared")

@@ -13,22 +13,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import secrets
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from kabuto.errors import KabutoError
 from kabuto.runtime.bundle import Bundle, ContainerIdError, check_container_id, load_bundle, process_spec
 from kabuto.runtime.sandbox import DEFAULT_BOOT_TIMEOUT, INIT_EXEC_ID, SandboxError, VirtSandbox
-from kabuto.runtime.state import SandboxRecord, StateStore
+from kabuto.runtime.state import SandboxRecord, StateError, StateStore
 
 CONTAINER_TYPE_ANNOTATION = "io.kubernetes.cri.container-type"
 SANDBOX_ID_ANNOTATION = "io.kubernetes.cri.sandbox-id"
 OCI_VERSION = "1.0.2"
 # After the process exits, its remaining output drains within this bound.
 OUTPUT_DRAIN_TIMEOUT = 30.0
+# A sandbox whose lock is held this long is busy streaming: `kill` goes through its owner.
+BUSY_LOCK_TIMEOUT = 2.0
+CONTROL_SOCKET = "control.sock"
+CONTROL_TIMEOUT = 30.0
+CONTROL_LINE_LIMIT = 4096
 
 Sink = Callable[[bytes], Awaitable[None]]
 
@@ -202,10 +209,70 @@ async def ps(container_id: str, options: RuntimeOptions) -> list[int]:
 async def kill(container_id: str, signal_value: str | int, options: RuntimeOptions, *,
                all_processes: bool = False) -> None:
     number = parse_signal(signal_value)
-    async with attached(container_id, options) as sandbox:
-        await _require_vm(sandbox, container_id)
-        await sandbox.refresh_status(container_id)
-        await sandbox.kill(container_id, number, all_processes=all_processes)
+    try:
+        async with attached(container_id, options, lock_timeout=BUSY_LOCK_TIMEOUT) as sandbox:
+            await _require_vm(sandbox, container_id)
+            await sandbox.refresh_status(container_id)
+            await sandbox.kill(container_id, number, all_processes=all_processes)
+    except StateError:
+        # the sandbox is busy streaming a `run` or `exec`: ask that process to signal for us
+        record = options.store.find_container(container_id)
+        await kill_via_owner(options.store.sandbox_dir(record.id) / CONTROL_SOCKET, container_id, number,
+                              all_processes)
+
+
+@contextlib.asynccontextmanager
+async def _control_socket(sandbox: VirtSandbox) -> AsyncIterator[None]:
+    """While this process holds the sandbox (and its one agent connection), other `kabuto kill`
+    calls reach the containers through it: one JSON line in, one line out."""
+    path = sandbox.directory / CONTROL_SOCKET
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(CONTROL_TIMEOUT):
+                request = json.loads(await reader.readuntil(b"\n"))
+                await sandbox.kill(str(request["container"]), parse_signal(int(request["signal"])),
+                                   all_processes=bool(request.get("all")))
+            answer = "ok"
+        except (KabutoError, ValueError, KeyError, TypeError, asyncio.IncompleteReadError,
+                asyncio.LimitOverrunError, TimeoutError) as exc:
+            answer = f"error: {exc}"
+        with contextlib.suppress(OSError):
+            writer.write(answer.encode()[:CONTROL_LINE_LIMIT] + b"\n")
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_unix_server(serve, path=str(path), limit=CONTROL_LINE_LIMIT)
+    try:
+        yield
+    finally:
+        server.close()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CONTROL_TIMEOUT):
+                await server.wait_closed()
+        _unlink(path)
+
+
+def _unlink(path: Path) -> None:
+    path.unlink(missing_ok=True)
+
+
+async def kill_via_owner(path: Path, container_id: str, number: int, all_processes: bool) -> None:
+    request = json.dumps({"container": container_id, "signal": number, "all": all_processes})
+    try:
+        async with asyncio.timeout(CONTROL_TIMEOUT):
+            reader, writer = await asyncio.open_unix_connection(str(path), limit=CONTROL_LINE_LIMIT)
+            try:
+                writer.write(request.encode() + b"\n")
+                await writer.drain()
+                answer = (await reader.readline()).decode(errors="replace").strip()
+            finally:
+                writer.close()
+    except (OSError, TimeoutError, ValueError) as exc:
+        raise SandboxError(f"container {container_id!r}: its sandbox is busy and its owner cannot be "
+                           f"reached ({exc})") from None
+    if answer != "ok":
+        raise SandboxError(answer.removeprefix("error: ") or f"container {container_id!r}: no answer")
 
 
 async def delete(container_id: str, options: RuntimeOptions, *, force: bool = False) -> None:
@@ -303,7 +370,8 @@ async def exec_in(container_id: str, args: list[str], options: RuntimeOptions, i
         process = process_spec(args, container.process, env=env, cwd=cwd, terminal=terminal)
         exec_id = f"exec-{secrets.token_hex(4)}"
         await sandbox.exec_process(container_id, exec_id, process)
-        return await run_process(sandbox, container_id, exec_id, io, on_signal)
+        async with _control_socket(sandbox):
+            return await run_process(sandbox, container_id, exec_id, io, on_signal)
 
 
 async def run(container_id: str, bundle_dir: str, options: RuntimeOptions, io: ProcessIO,
@@ -312,14 +380,17 @@ async def run(container_id: str, bundle_dir: str, options: RuntimeOptions, io: P
     sandbox = await create(container_id, bundle_dir, options)
     try:
         with options.store.sandbox_lock(sandbox.id):
-            await sandbox.start_container(container_id)
-            status = await run_process(sandbox, container_id, INIT_EXEC_ID, io, on_signal)
-    except BaseException:
-        await sandbox.destroy()
-        raise
-    if container_id == sandbox.id:
-        await sandbox.destroy()
-    else:
-        await sandbox.remove_container(container_id)
-        await sandbox.disconnect()
+            async with _control_socket(sandbox):
+                await sandbox.start_container(container_id)
+                status = await run_process(sandbox, container_id, INIT_EXEC_ID, io, on_signal)
+    finally:
+        # its own sandbox goes with it; a pod loses only this container
+        if container_id == sandbox.id:
+            await sandbox.destroy()
+        else:
+            with options.store.sandbox_lock(sandbox.id):
+                try:
+                    await sandbox.remove_container(container_id)
+                finally:
+                    await sandbox.disconnect()
     return status
