@@ -18,6 +18,7 @@ from typing import Any
 
 import psutil
 import pytest
+import pytest_asyncio
 from conformance_targets import Lifecycle, find_leftovers
 
 from kabuto.agent import AgentClient
@@ -46,6 +47,7 @@ CALL_TIMEOUT = 60.0
 # a paused guest must not answer within this
 PAUSED_CHECK_TIMEOUT = 2.0
 PROCESS_EXIT_TIMEOUT = 30.0
+HOTPLUG_SEEN_TIMEOUT = 30.0
 # how the agent address of each declared channel kind is written
 CHANNEL_SCHEMES = {
     ChannelKind.VIRTIO_SERIAL: "unix",
@@ -89,13 +91,13 @@ def alive(pid: int) -> bool:
         return False
 
 
-def echo_spec(rootfs: str, message: str) -> dict[str, Any]:
+def container_spec(rootfs: str, args: list[str], *extra_mounts: dict[str, Any]) -> dict[str, Any]:
     return {
         "ociVersion": "1.0.2",
         "process": {
             "terminal": False,
             "user": {"uid": 0, "gid": 0},
-            "args": ["/bin/busybox", "echo", message],
+            "args": args,
             "env": ["PATH=/bin"],
             "cwd": "/",
         },
@@ -104,6 +106,7 @@ def echo_spec(rootfs: str, message: str) -> dict[str, Any]:
         "mounts": [
             {"destination": "/proc", "type": "proc", "source": "proc"},
             {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "mode=755"]},
+            *extra_mounts,
         ],
         "linux": {"namespaces": [{"type": t} for t in ("pid", "ipc", "uts", "mount")]},
     }
@@ -114,6 +117,56 @@ async def read_to_end(read: Any, container_id: str) -> bytes:
     while chunk := await read(container_id, timeout=PROCESS_EXIT_TIMEOUT):
         data += chunk
     return bytes(data)
+
+
+async def run_container(
+    lifecycle: Lifecycle, container_id: str, args: list[str], *extra_mounts: dict[str, Any]
+) -> tuple[int, bytes, bytes]:
+    """Run a busybox command as a container in the guest; its exit status, stdout and stderr.
+
+    The busybox binary is copied into the guest through the agent, so this works whatever
+    shared filesystem (if any) the backend declares.
+    """
+    rootfs = f"{lifecycle.guest_scratch}/rootfs"
+    async with agent_of(lifecycle.vm) as agent:
+        containers = ContainerClient(agent, poll_interval=5.0)
+        if not lifecycle.observed.get("busybox copied"):
+            await containers.copy_file_in(f"{rootfs}/bin/busybox", find_busybox().read_bytes(), 0o755)
+            lifecycle.observed["busybox copied"] = True
+        spec = container_spec(rootfs, ["/bin/busybox", *args], *extra_mounts)
+        await containers.create_container(container_id, spec, timeout=CALL_TIMEOUT)
+        try:
+            await containers.start_container(container_id, timeout=CALL_TIMEOUT)
+            status, out, err = await asyncio.gather(
+                containers.wait_process(container_id, timeout=PROCESS_EXIT_TIMEOUT),
+                read_to_end(containers.read_stdout, container_id),
+                read_to_end(containers.read_stderr, container_id),
+            )
+        finally:
+            await containers.remove_container(container_id, timeout=CALL_TIMEOUT)
+        with pytest.raises(ContainerCallError):
+            await containers.list_processes(container_id)
+    return status, out, err
+
+
+async def guest_disk_serials(lifecycle: Lifecycle) -> set[str]:
+    """The serial numbers of the guest's block devices, read from its sysfs in a container."""
+    sysfs = {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["ro", "nosuid", "nodev"]}
+    status, out, err = await run_container(
+        lifecycle, "conformance-disks", ["sh", "-c", "cat /sys/block/*/serial 2>/dev/null; true"], sysfs
+    )
+    assert (status, err) == (0, b""), err
+    return set(out.decode().split())
+
+
+async def until_guest_sees(lifecycle: Lifecycle, serial: str) -> set[str]:
+    """Poll (bounded) until the guest lists a disk with ``serial``; hot-plug is asynchronous."""
+    deadline = asyncio.get_running_loop().time() + HOTPLUG_SEEN_TIMEOUT
+    while serial not in (serials := await guest_disk_serials(lifecycle)):
+        if asyncio.get_running_loop().time() > deadline:
+            break
+        await asyncio.sleep(0.5)
+    return serials
 
 
 def sample_devices(lifecycle: Lifecycle) -> dict[DeviceKind, AnyDevice]:
@@ -136,6 +189,14 @@ def sample_devices(lifecycle: Lifecycle) -> dict[DeviceKind, AnyDevice]:
             socket_path=lifecycle.host_scratch / "refused-channel.sock",
         ),
     }
+
+
+@pytest_asyncio.fixture(autouse=True, loop_scope="module")
+async def running_again(lifecycle: Lifecycle) -> AsyncIterator[None]:
+    """A scenario that failed while the VM was paused must not fail the ones after it."""
+    yield
+    if lifecycle.vm.status == VmStatus.PAUSED:
+        await asyncio.wait_for(lifecycle.vm.resume_vm(), CALL_TIMEOUT)
 
 
 # --- the lifecycle, in order -------------------------------------------------------------------
@@ -173,26 +234,11 @@ async def test_agent_reachable_over_a_declared_channel(lifecycle: Lifecycle) -> 
 
 
 async def test_run_a_container(lifecycle: Lifecycle) -> None:
-    vm = lifecycle.vm
-    rootfs = f"{lifecycle.guest_scratch}/rootfs"
-    container_id = "conformance-echo"
     message = f"hello from {lifecycle.target.id}"
-    async with agent_of(vm) as agent:
-        containers = ContainerClient(agent, poll_interval=5.0)
-        await containers.copy_file_in(f"{rootfs}/bin/busybox", find_busybox().read_bytes(), 0o755)
-        await containers.create_container(container_id, echo_spec(rootfs, message), timeout=CALL_TIMEOUT)
-        try:
-            await containers.start_container(container_id, timeout=CALL_TIMEOUT)
-            status, out, err = await asyncio.gather(
-                containers.wait_process(container_id, timeout=PROCESS_EXIT_TIMEOUT),
-                read_to_end(containers.read_stdout, container_id),
-                read_to_end(containers.read_stderr, container_id),
-            )
-        finally:
-            await containers.remove_container(container_id, timeout=CALL_TIMEOUT)
-        assert (status, out, err) == (0, f"{message}\n".encode(), b"")
-        with pytest.raises(ContainerCallError):
-            await containers.list_processes(container_id)
+    result = await run_container(lifecycle, "conformance-echo", ["echo", message])
+    assert result == (0, f"{message}\n".encode(), b"")
+    status, _, _ = await run_container(lifecycle, "conformance-exit", ["sh", "-c", "exit 7"])
+    assert status == 7
 
 
 async def test_pause_and_resume_as_declared(lifecycle: Lifecycle) -> None:
@@ -249,8 +295,14 @@ async def test_block_hotplug_as_declared(lifecycle: Lifecycle) -> None:
         return
     assert await vm.add_device(disk) is disk
     assert disk in vm.devices and disk.guest_address
+    # An API fake plugs nothing into a guest: its "guest" is this host, whose disks are its own.
+    guest_is_real = lifecycle.target.fake_vmm is None
+    if guest_is_real:
+        assert disk.id in await until_guest_sees(lifecycle, disk.id)
     await vm.remove_device(disk)
     assert disk not in vm.devices
+    if guest_is_real:
+        assert disk.id not in await guest_disk_serials(lifecycle)
     async with agent_of(vm) as agent:
         assert await agent.check()
 
