@@ -58,7 +58,7 @@ def test_guest_spec_rewrites_root_and_drops_cgroups_path(tmp_path: Path) -> None
 
 
 def test_missing_config_json(tmp_path: Path) -> None:
-    with pytest.raises(BundleError, match="config.json not found"):
+    with pytest.raises(BundleError, match=r"config\.json not found"):
         load_bundle(tmp_path)
 
 
