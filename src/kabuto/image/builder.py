@@ -392,6 +392,11 @@ def _install_kernel(debroot: Path, rootfs: Path, kernel_out: Path) -> tuple[str,
     (rootfs / "lib" / "modules" / "boot-modules").write_text(
         "".join(f"/lib/modules/{version}/{ko.relative_to(kernel_dir)}\n" for ko in boot_order)
     )
+    # what probe mode checks modprobe can load, as the kernel will ask for it
+    shipped = modules.index_modules(guest_dir)
+    (rootfs / "lib" / "modules" / "demand-aliases").write_text(
+        "".join(f"{alias}\n" for name, alias in modules.ON_DEMAND_ALIASES.items() if name in shipped)
+    )
     return version, missing
 
 
@@ -401,6 +406,11 @@ def _install_userland(debroot: Path, rootfs: Path) -> None:
     (rootfs / "etc" / "hostname").write_text("kabuto\n")
     _install_busybox(debroot, rootfs)
     _install_python(debroot, rootfs)
+    # modules.dep and modules.alias for the guest's modprobe, written by the guest's own busybox
+    for kernel_dir in (rootfs / "lib" / "modules").iterdir():
+        if kernel_dir.is_dir():
+            subprocess.run([str(rootfs / "bin" / "busybox"), "depmod", "-b", str(rootfs), kernel_dir.name],
+                           capture_output=True, timeout=60, check=True)
 
 
 def _install_busybox(debroot: Path, rootfs: Path) -> None:

@@ -28,6 +28,9 @@ echo kabuto > /proc/sys/kernel/hostname
 
 if [ -n "$kabuto_probe" ]; then
     echo "KABUTO-INIT-UP $(uname -r)"
+    while read -r alias; do
+        modprobe "$alias" || echo "kabuto-init: cannot load $alias"
+    done < /lib/modules/demand-aliases
     python3 -S -c "@PROBE@" && echo KABUTO-PROBE-OK || echo KABUTO-PROBE-FAILED
     poweroff -f
 fi

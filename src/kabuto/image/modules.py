@@ -21,8 +21,15 @@ BOOT_MODULES = (
     "vmw_vsock_virtio_transport",  # vsock agent channel where the host has vhost-vsock
     "virtio_rng",
 )
-# Loaded on demand by the kernel through /sbin/modprobe (aliases fs-9p, fs-ext4, fs-overlay...).
-ON_DEMAND_MODULES = ("9p", "ext4", "crc32c_generic", "overlay")
+# Loaded on demand by the kernel through /sbin/modprobe, under these aliases (a mount of type
+# 9p asks for fs-9p; ext4's checksums ask for crypto-crc32c).
+ON_DEMAND_ALIASES = {
+    "9p": "fs-9p",
+    "ext4": "fs-ext4",
+    "crc32c_generic": "crypto-crc32c",
+    "overlay": "fs-overlay",
+}
+ON_DEMAND_MODULES = tuple(ON_DEMAND_ALIASES)
 # Features a kernel flavour may lack (Debian's cloud kernel has no 9p): the image records them
 # as missing instead of failing, and the runtime picks another way (a block device rootfs).
 OPTIONAL_MODULES = ("9pnet_virtio", "9p", "vmw_vsock_virtio_transport", "virtio_rng")
