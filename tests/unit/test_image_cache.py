@@ -175,6 +175,15 @@ async def test_a_failed_build_leaves_nothing_behind(fake: FakeBuild, failing_ste
     assert sorted(p.name for p in builder.image_root().iterdir()) == [".lock"]
 
 
+async def test_leftovers_of_a_killed_build_are_removed_by_the_next(fake: FakeBuild) -> None:
+    root = builder.image_root()
+    (root / ".build-abc-123/rootfs").mkdir(parents=True)
+    (builder.cache_dir() / "debs/.partial-99").mkdir(parents=True)
+    image = await build_image()
+    assert sorted(p.name for p in root.iterdir()) == sorted([".lock", builder.CURRENT_RECORD, image.key])
+    assert not (builder.cache_dir() / "debs/.partial-99").exists()
+
+
 async def test_a_failed_rebuild_keeps_the_previous_image(fake: FakeBuild) -> None:
     good = await build_image()
     fake.inputs = dataclasses.replace(BASE, guest_code_hash="new" * 16)

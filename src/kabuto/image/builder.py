@@ -253,6 +253,7 @@ async def build_image(
     root = image_root()
     root.mkdir(parents=True, exist_ok=True)
     async with _build_lock(root):
+        _remove_abandoned(root)
         target = root / inputs.key()
         cached = _read_manifest(target)
         if cached is not None and not force:
@@ -329,6 +330,16 @@ def _read_manifest(target: Path) -> GuestImage | None:
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return image if image.kernel.is_file() and image.initrd.is_file() else None
+
+
+def _remove_abandoned(root: Path) -> None:
+    """Remove what a killed build left (its temporary directories); the lock says none is running."""
+    debs = cache_dir() / "debs"
+    leftovers = [*root.glob(".build-*"), *root.glob(".old-*")]
+    if debs.is_dir():
+        leftovers += debs.glob(".partial-*")
+    for leftover in leftovers:
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _set_current(root: Path, image: GuestImage) -> None:
