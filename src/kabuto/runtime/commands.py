@@ -212,7 +212,7 @@ async def kill(container_id: str, signal_value: str | int, options: RuntimeOptio
     try:
         async with attached(container_id, options, lock_timeout=BUSY_LOCK_TIMEOUT) as sandbox:
             await _require_vm(sandbox, container_id)
-            await sandbox.refresh_status(container_id)
+            # no status poll first: the agent itself refuses a process that has exited
             await sandbox.kill(container_id, number, all_processes=all_processes)
     except StateError:
         # the sandbox is busy streaming a `run` or `exec`: ask that process to signal for us
@@ -365,7 +365,6 @@ async def exec_in(container_id: str, args: list[str], options: RuntimeOptions, i
                   on_signal: Callable[[Callable[[int], None]], None] | None = None) -> int:
     async with attached(container_id, options) as sandbox:
         await _require_vm(sandbox, container_id)
-        await sandbox.refresh_status(container_id)
         container = sandbox.container(container_id)
         process = process_spec(args, container.process, env=env, cwd=cwd, terminal=terminal)
         exec_id = f"exec-{secrets.token_hex(4)}"

@@ -40,7 +40,7 @@ AGENT_CALL_TIMEOUT = 30.0
 SHARED_FS_DEVICE_ID = "kabuto-shared"
 INIT_EXEC_ID = ""
 # `state`/`list` ask whether the init process has exited; this long a "no" means running.
-STATUS_POLL = 1.0
+STATUS_POLL = 0.5
 READ_CHUNK = 1024 * 1024
 
 
