@@ -309,6 +309,11 @@ def runtime_leftovers(root: Path) -> list[str]:
     return found
 
 
+def mounts_below(root: Path) -> list[str]:
+    with open("/proc/self/mountinfo") as mountinfo:
+        return [line.split()[4] for line in mountinfo if line.split()[4].startswith(f"{root}/")]
+
+
 @pytest.fixture
 def store() -> Iterator[StateStore]:
     root = Path(tempfile.mkdtemp(prefix="kbr-", dir="/tmp"))
@@ -320,7 +325,8 @@ def store() -> Iterator[StateStore]:
         for process in psutil.process_iter(["cmdline"]):
             if any(str(root) in arg for arg in process.info.get("cmdline") or []):
                 process.kill()
-        subprocess.run(["umount", "-R", "--lazy", str(root)], capture_output=True, check=False)
+        for mount_point in sorted(mounts_below(root), reverse=True):
+            subprocess.run(["umount", "--lazy", mount_point], capture_output=True, check=False)
         shutil.rmtree(root, ignore_errors=True)
 
 
