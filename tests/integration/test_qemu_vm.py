@@ -254,7 +254,7 @@ async def test_panicking_guest_fails_with_its_console(vm_root: Path, tmp_path: P
     table.initrd = str(initrd)
     vm = QemuHypervisor(table, jailer_root=vm_root)
     await vm.prepare_vm("panic")
-    with pytest.raises(HypervisorError, match=r"(?s)QEMU exited before the guest agent.*Kernel panic"):
+    with pytest.raises(HypervisorError, match=r"(?s)QEMU exited.*before the guest agent.*Kernel panic"):
         await vm.start_vm(timeout=BOOT_TIMEOUT)
     leftover_check(vm_root)
 

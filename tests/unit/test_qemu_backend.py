@@ -86,7 +86,7 @@ def test_command_line_tcg(table: HypervisorConfig, tmp_path: Path) -> None:
     assert {"-nodefaults", "-no-user-config", "-nographic", "-S", "-no-reboot"} <= set(args)
     assert _option(args, "-accel") == ["tcg,thread=multi"]
     assert _option(args, "-cpu") == ["max"]
-    assert _option(args, "-machine") == ["q35"]
+    assert _option(args, "-machine") == ["q35,sata=off,smbus=off,vmport=off,smm=off"]
     assert _option(args, "-m") == ["512M"]
     assert _option(args, "-qmp") == [f"unix:{paths.qmp_socket},server=on,wait=off"]
     assert _option(args, "-kernel") == [table.kernel]

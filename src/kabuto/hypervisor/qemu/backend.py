@@ -211,7 +211,8 @@ class QemuHypervisor(Hypervisor):
             await asyncio.gather(task, exited, return_exceptions=True)
         if task in done and not task.cancelled():
             return task.result()
-        raise self._error(f"QEMU exited {what}")
+        status = self._process.returncode if self._process is not None else None
+        raise self._error(f"QEMU exited{'' if status is None else f' (status {status})'} {what}")
 
     async def _wait_exit(self) -> None:
         if self._process is not None:
