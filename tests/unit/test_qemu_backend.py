@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import stat
@@ -24,7 +25,14 @@ from kabuto.hypervisor.devices import (
 )
 from kabuto.hypervisor.host import Accelerator
 from kabuto.hypervisor.qemu import plugin
-from kabuto.hypervisor.qemu.backend import QemuHypervisor, _device_from_dict, _device_to_dict
+from kabuto.hypervisor.qemu.backend import (
+    CONSOLE_LOG_MAX_BYTES,
+    CONSOLE_TAIL_BYTES,
+    QemuHypervisor,
+    _ConsoleReader,
+    _device_from_dict,
+    _device_to_dict,
+)
 from kabuto.hypervisor.qemu.cmdline import VmPaths, build_command, kernel_append
 
 TCG = Accelerator("tcg", "test")
@@ -223,3 +231,37 @@ async def test_restore_of_a_vanished_vm_is_stopped(table: HypervisorConfig, vm_r
     await vm.cleanup()
     with pytest.raises(HypervisorError, match="cannot restore"):
         await QemuHypervisor.restore(table, HypervisorState("firecracker", "x", "running", "", str(vm_root)))
+
+
+async def test_console_from_a_flooding_guest_stays_bounded(vm_root: Path) -> None:
+    socket_path = vm_root / "console.sock"
+    log_path = vm_root / "console.log"
+    flood = b"x" * 4096
+    total = CONSOLE_LOG_MAX_BYTES + 512 * 1024
+
+    async def guest(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for _ in range(total // len(flood)):
+            writer.write(flood)
+            await writer.drain()
+        writer.write(b"\nlast line\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_unix_server(guest, str(socket_path))
+    console = _ConsoleReader(socket_path, log_path)
+    try:
+        await console.start()
+        async with asyncio.timeout(30):
+            while True:
+                if console.tail().endswith(b"last line\n"):
+                    break
+                await asyncio.sleep(0.01)
+    finally:
+        await console.stop()
+        server.close()
+        await server.wait_closed()
+    assert len(console.tail()) <= CONSOLE_TAIL_BYTES
+    log_size = os.stat(log_path).st_size
+    assert CONSOLE_LOG_MAX_BYTES <= log_size < CONSOLE_LOG_MAX_BYTES + 100
+    socket_path.unlink()
+    log_path.unlink()
