@@ -34,6 +34,8 @@ image: deps
 demo: deps image
 	$(KABUTO) hypervisors
 	$(KABUTO) vm boot
+	@echo "host  kernel release: $$(uname -r)"
+	@echo "guest kernel release: $$($(KABUTO) run --busybox -- uname -r)"
 
 test: deps image
 	$(VENV)/bin/ruff check src tests
