@@ -24,7 +24,7 @@ from kabuto.config.model import HypervisorConfig
 from kabuto.errors import AgentError, HypervisorError, VmTimeout
 from kabuto.hypervisor import new_hypervisor
 from kabuto.hypervisor.base import HypervisorState, VmStatus
-from kabuto.hypervisor.devices import BlockDevice, NetworkDevice
+from kabuto.hypervisor.devices import BlockDevice, NetworkDevice, SharedFsDevice, SharedFsKind
 from kabuto.hypervisor.qemu.backend import QemuHypervisor
 
 pytestmark = [pytest.mark.vm, pytest.mark.asyncio(loop_scope="module")]
@@ -43,17 +43,23 @@ def qemu_table() -> HypervisorConfig:
     return load_config(None, hypervisor_name="qemu").active_hypervisor.model_copy(deep=True)
 
 
+def share_device(root: Path) -> SharedFsDevice:
+    """A cold-plugged virtio-9p export (the saved state carries it, so a clone needs it too)."""
+    return SharedFsDevice("share0", SharedFsKind.VIRTIO_9P, root, "kabuto-share", read_only=True)
+
+
 async def guest_details(vm: QemuHypervisor) -> GuestDetails:
     async with await wait_for_agent(await vm.get_agent_socket(), AGENT_TIMEOUT) as agent:
         return await agent.guest_details()
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def vm(module_vm_root: Path) -> AsyncIterator[QemuHypervisor]:
+async def vm(module_vm_root: Path, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[QemuHypervisor]:
     config = load_config(None, hypervisor_name="qemu")
     hypervisor = new_hypervisor(config, jailer_root=module_vm_root)
     assert isinstance(hypervisor, QemuHypervisor)
     await hypervisor.prepare_vm("shared")
+    await hypervisor.add_device(share_device(tmp_path_factory.mktemp("share")))
     try:
         await hypervisor.start_vm(BOOT_TIMEOUT)
         yield hypervisor
@@ -121,6 +127,12 @@ async def _virtio_paths(vm: QemuHypervisor) -> list[str]:
     return [d["path"] for d in await vm.qmp("x-query-virtio")]
 
 
+async def test_cold_plugged_9p_share_is_bound_by_the_guest(vm: QemuHypervisor) -> None:
+    assert [d.id for d in vm.devices if isinstance(d, SharedFsDevice)] == ["share0"]
+    assert not vm.pending_devices
+    assert await _virtio_driver_ready(vm, "share0")
+
+
 async def test_hotplug_block_device_appears_and_goes(vm: QemuHypervisor, tmp_path: Path) -> None:
     image = tmp_path / "hotplug.img"
     image.write_bytes(b"\0" * (8 * 2**20))
@@ -184,6 +196,8 @@ async def test_save_restore_round_trip_and_state_for_another_process(
     sandboxed = vm.config.model_copy(update={"seccomp_sandbox": KATA_SECCOMP_SANDBOX})
     clone = QemuHypervisor(sandboxed, jailer_root=module_vm_root)
     await clone.prepare_vm("clone")
+    (share,) = (d for d in vm.devices if isinstance(d, SharedFsDevice))
+    await clone.add_device(share_device(share.host_path))
     try:
         await clone.start_vm(BOOT_TIMEOUT, restore_from=saved)
         assert clone.status == VmStatus.RUNNING

@@ -106,7 +106,8 @@ def test_command_line_tcg(table: HypervisorConfig, tmp_path: Path) -> None:
     assert sum(d.startswith("pcie-root-port") for d in devices) == 4
     blockdev = json.loads(_option(args, "-blockdev")[0])
     assert blockdev["read-only"] is True and blockdev["file"]["filename"] == str(tmp_path / "disk.img")
-    assert _option(args, "-fsdev") == [f"local,id=fs-share0,path={tmp_path / 'share'},security_model=none"]
+    assert _option(args, "-fsdev") == [
+        f"local,id=fs-share0,path={tmp_path / 'share'},security_model=none,multidevs=remap"]
     assert "-incoming" not in args and "-sandbox" not in args
 
 

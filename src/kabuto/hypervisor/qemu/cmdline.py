@@ -210,7 +210,9 @@ def device_cmdline(device: AnyDevice, table: HypervisorConfig, vhost_net: bool =
     if isinstance(device, SharedFsDevice):
         if device.fs != SharedFsKind.VIRTIO_9P:
             raise HypervisorError(f"qemu: shared fs {device.fs.value} is not supported (needs virtiofsd)")
-        fsdev = f"local,id=fs-{device.id},path={_path_opt(device.host_path)},security_model=none"
+        # multidevs=remap: a share spanning several host filesystems keeps inode numbers unique
+        fsdev = (f"local,id=fs-{device.id},path={_path_opt(device.host_path)},security_model=none,"
+                 "multidevs=remap")
         if device.read_only:
             fsdev += ",readonly=on"
         return ["-fsdev", fsdev,
