@@ -33,7 +33,6 @@ CAPABILITIES = Capabilities(
 
 
 class QemuPlugin(BasePlugin):
-    aliases = ("qemu-system-x86_64",)
     default_binary = "qemu-system-x86_64"
     # Kata defaults to 2048 MiB; the guest here is an initrd plus the agent, and every MiB
     # is host RAM on a small machine, so 512 leaves room for containers without waste.
