@@ -49,7 +49,7 @@ async def boot_once(
         async with agent:
             details = await agent.guest_details(timeout=max(deadline - loop.time(), 0.001))
         report.guest = asdict(details)
-        report.phases = _phases(getattr(hypervisor, "boot_timings", {}), vm_started, agent_ready, details)
+        report.phases = _phases(hypervisor.boot_timings, vm_started, agent_ready, details)
         await hypervisor.stop_vm()
     finally:
         await hypervisor.cleanup()

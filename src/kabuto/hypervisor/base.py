@@ -67,6 +67,8 @@ class Hypervisor(abc.ABC):
         self.status = VmStatus.NEW
         self.pending_devices: list[AnyDevice] = []
         self.devices: list[AnyDevice] = []
+        #: phase -> seconds since start_vm began, for backends that can tell (shown by `vm boot`)
+        self.boot_timings: dict[str, float] = {}
 
     # -- helpers shared by the backends ---------------------------------------------------
     @property
@@ -125,8 +127,12 @@ class Hypervisor(abc.ABC):
         """Create the VM directory and sockets; put the agent channel on the pending list."""
 
     @abc.abstractmethod
-    async def start_vm(self, timeout: float) -> None:
-        """Launch the VMM, plug pending devices and boot, all within ``timeout`` seconds."""
+    async def start_vm(self, timeout: float, restore_from: Path | None = None) -> None:
+        """Launch the VMM, plug pending devices and boot, all within ``timeout`` seconds.
+
+        With ``restore_from`` (what ``save_vm`` returned) the VM resumes from that state
+        instead of booting; backends without snapshots raise UnsupportedOperation.
+        """
 
     @abc.abstractmethod
     async def stop_vm(self) -> None:

@@ -76,7 +76,9 @@ class Dragonball(Hypervisor):
         )
         self.status = VmStatus.PREPARED
 
-    async def start_vm(self, timeout: float) -> None:
+    async def start_vm(self, timeout: float, restore_from: Path | None = None) -> None:
+        if restore_from is not None:
+            raise self._unsupported("starting from a saved VM")
         self._require(VmStatus.PREPARED, operation="start the VM")
         cfg = self.config
         vm_config = {

@@ -85,7 +85,6 @@ class QemuHypervisor(Hypervisor):
         super().__init__(config, jailer_root)
         self.accelerator: Accelerator | None = None
         #: phase -> seconds since spawn, filled by start_vm ("qmp_ready", "guest_port_open", ...)
-        self.boot_timings: dict[str, float] = {}
         self._process: asyncio.subprocess.Process | None = None
         self._pid = 0
         self._pid_create_time = 0.0
