@@ -259,9 +259,11 @@ async def build_image(
         if cached is not None and not force:
             _set_current(root, cached)
             return cached
+        previous = installed_image()
         image = await _build(inputs, root, report)
         _set_current(root, image)
-        _prune(root, keep=target.name, debs=[p.deb_name() for p in inputs.packages])
+        keep = {target.name} | ({previous.key} if previous else set())
+        _prune(root, keep, debs=[p.deb_name() for p in inputs.packages])
         return image
 
 
@@ -348,14 +350,15 @@ def _set_current(root: Path, image: GuestImage) -> None:
     tmp.replace(root / CURRENT_RECORD)
 
 
-def _prune(root: Path, keep: str, debs: list[str]) -> None:
+def _prune(root: Path, keep: set[str], debs: list[str]) -> None:
     """Drop older images and unused packages so the cache does not grow with every change.
 
-    The previous image stays: a VM being started from it right now must still find its files.
+    The image that was current until now stays: a VM being started from it must still find
+    its files.
     """
-    others = [e for e in root.iterdir() if e.is_dir() and not e.name.startswith(".") and e.name != keep]
-    for entry in sorted(others, key=lambda e: e.stat().st_mtime, reverse=True)[1:]:
-        shutil.rmtree(entry, ignore_errors=True)
+    for entry in root.iterdir():
+        if entry.is_dir() and not entry.name.startswith(".") and entry.name not in keep:
+            shutil.rmtree(entry, ignore_errors=True)
     deb_dir = cache_dir() / "debs"
     for deb in deb_dir.glob("*.deb"):
         if deb.name not in debs:
