@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Self
 
 from kabuto.config.model import HypervisorConfig
-from kabuto.errors import HypervisorError, UnsupportedOperation
+from kabuto.errors import HypervisorError, HypervisorUnavailable, UnsupportedOperation
 from kabuto.hypervisor.capabilities import Capabilities
 from kabuto.hypervisor.devices import AnyDevice
 
@@ -167,9 +167,20 @@ class Hypervisor(abc.ABC):
     async def cleanup(self) -> None:
         """Remove everything this backend made on the host; safe to call twice."""
 
-    @abc.abstractmethod
     async def check(self) -> None:
         """Raise HypervisorUnavailable naming the reason if this host cannot run the VMM."""
+        reasons = self._unavailability_reasons()
+        if reasons:
+            raise HypervisorUnavailable(f"{self.name}: " + "; ".join(reasons))
+
+    def _unavailability_reasons(self) -> list[str]:
+        from kabuto.hypervisor.registry import get_plugin  # the registry imports this module
+
+        availability = get_plugin(self.name).availability(self.config)
+        reasons = [] if availability.available else list(availability.reasons)
+        if self.config.kernel and not Path(self.config.kernel).is_file():
+            reasons.append(f"guest kernel {self.config.kernel} does not exist")
+        return reasons
 
     @abc.abstractmethod
     async def save_state(self) -> HypervisorState: ...

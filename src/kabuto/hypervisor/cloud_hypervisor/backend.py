@@ -15,7 +15,7 @@ from typing import Any, Self
 import httpx
 
 from kabuto.config.model import HypervisorConfig
-from kabuto.errors import HypervisorError, HypervisorUnavailable, VmTimeout
+from kabuto.errors import HypervisorError, VmTimeout
 from kabuto.hypervisor.base import DEFAULT_JAILER_ROOT, Hypervisor, HypervisorState, VcpuThreadIds, VmStatus
 from kabuto.hypervisor.cloud_hypervisor.plugin import CAPABILITIES
 from kabuto.hypervisor.devices import (
@@ -360,13 +360,6 @@ class CloudHypervisor(Hypervisor):
         return (await self._call("GET", "vmm.ping")).json()
 
     # -- host side --------------------------------------------------------------------------
-    async def check(self) -> None:
-        from kabuto.hypervisor.cloud_hypervisor import plugin
-
-        availability = plugin.availability(self.config)
-        if not availability.available:
-            raise HypervisorUnavailable(f"{self.name}: " + "; ".join(availability.reasons))
-
     async def cleanup(self) -> None:
         await self._teardown()
         if self.id:

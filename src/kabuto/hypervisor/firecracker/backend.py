@@ -21,7 +21,7 @@ from typing import Any, Self
 import httpx
 
 from kabuto.config.model import HypervisorConfig
-from kabuto.errors import HypervisorError, HypervisorUnavailable, VmTimeout
+from kabuto.errors import HypervisorError, VmTimeout
 from kabuto.hypervisor.base import DEFAULT_JAILER_ROOT, Hypervisor, HypervisorState, VcpuThreadIds, VmStatus
 from kabuto.hypervisor.devices import (
     AgentChannel,
@@ -362,13 +362,6 @@ class Firecracker(Hypervisor):
         return (await self._call("GET", "/")).json()
 
     # -- host side --------------------------------------------------------------------------
-    async def check(self) -> None:
-        from kabuto.hypervisor.firecracker import plugin
-
-        availability = plugin.availability(self.config)
-        if not availability.available:
-            raise HypervisorUnavailable(f"{self.name}: " + "; ".join(availability.reasons))
-
     async def cleanup(self) -> None:
         await self._teardown()
         if self.id:

@@ -20,7 +20,7 @@ import psutil
 from qemu.qmp import EventListener, QMPClient, QMPError
 
 from kabuto.config.model import HypervisorConfig
-from kabuto.errors import HypervisorError, HypervisorUnavailable, VmTimeout
+from kabuto.errors import HypervisorError, VmTimeout
 from kabuto.hypervisor.base import (
     DEFAULT_JAILER_ROOT,
     Hypervisor,
@@ -38,7 +38,7 @@ from kabuto.hypervisor.devices import (
     SharedFsKind,
     VfioDevice,
 )
-from kabuto.hypervisor.host import Accelerator, choose_accelerator, find_binary
+from kabuto.hypervisor.host import Accelerator, choose_accelerator
 from kabuto.hypervisor.qemu.cmdline import (
     VmPaths,
     block_device_args,
@@ -380,14 +380,6 @@ class QemuHypervisor(Hypervisor):
 
     async def get_pids(self) -> list[int]:
         return [self._pid] if self._pid and _alive(self._pid, self._pid_create_time) else []
-
-    async def check(self) -> None:
-        binary = find_binary(self.config.path) if self.config.path else find_binary("", "qemu-system-x86_64")
-        if not binary:
-            raise HypervisorUnavailable(
-                f"qemu: binary {self.config.path or 'qemu-system-x86_64'!r} not found or not executable")
-        if self.config.kernel and not _is_file(self.config.kernel):
-            raise HypervisorUnavailable(f"qemu: guest kernel {self.config.kernel} does not exist")
 
     # -- teardown -----------------------------------------------------------------------------
     async def disconnect(self) -> None:
