@@ -87,3 +87,29 @@ def module_info(path: Path) -> dict[str, list[str]]:
             if sep:
                 info.setdefault(key, []).append(value)
     return info
+
+
+PT_NOTE = 4
+XEN_ELFNOTE_PHYS32_ENTRY = 18
+
+
+def has_pvh_entry(data: bytes) -> bool:
+    """Whether a kernel ELF carries the PVH entry note QEMU needs to boot it directly."""
+    if data[:4] != ELF_MAGIC or data[4] != ELFCLASS64 or data[5] != ELFDATA2LSB:
+        return False
+    phoff, = struct.unpack_from("<Q", data, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", data, 0x36)
+    for index in range(phnum):
+        p_type, _flags, offset, _vaddr, _paddr, size = struct.unpack_from(
+            "<IIQQQQ", data, phoff + index * phentsize
+        )
+        if p_type != PT_NOTE:
+            continue
+        pos, end = offset, offset + size
+        while pos + 12 <= end:
+            namesz, descsz, note_type = struct.unpack_from("<III", data, pos)
+            name = data[pos + 12:pos + 12 + namesz].rstrip(b"\0")
+            if name == b"Xen" and note_type == XEN_ELFNOTE_PHYS32_ENTRY:
+                return True
+            pos += 12 + (namesz + 3) // 4 * 4 + (descsz + 3) // 4 * 4
+    return False
