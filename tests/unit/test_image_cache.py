@@ -209,7 +209,8 @@ def test_installed_image_ignores_a_corrupt_record(fake: FakeBuild) -> None:
 async def test_progress_reports_every_step_in_order(fake: FakeBuild) -> None:
     seen: list[str] = []
     await build_image(progress=seen.append)
-    assert seen == list(builder.STEPS)
+    # a Debian kernel skips building the custom one
+    assert seen == [step for step in builder.STEPS if step != builder.STEPS[3]]
 
 
 async def test_unknown_flavour_and_compression_are_refused() -> None:

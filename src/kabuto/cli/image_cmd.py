@@ -30,7 +30,8 @@ def image_group() -> None:
 @image_group.command("build")
 @click.option("--force", is_flag=True, help="Rebuild even when the cache holds an image for the same inputs.")
 @click.option("--kernel", "flavour", type=click.Choice(sorted(KERNEL_PACKAGES)), default=DEFAULT_FLAVOUR,
-              show_default=True, help="Debian kernel flavour (cloud boots faster but has no virtio-9p).")
+              show_default=True, help="Kernel flavour: Debian's generic or cloud (no virtio-9p), "
+                   "or custom (built once per machine from linux-source).")
 @click.option("--compression", type=click.Choice(COMPRESSIONS), default=DEFAULT_COMPRESSION,
               show_default=True, help="Initramfs compression.")
 def build_command(force: bool, flavour: str, compression: str) -> None:

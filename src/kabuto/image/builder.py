@@ -27,7 +27,7 @@ from pathlib import Path
 
 import kabuto
 from kabuto.errors import ImageError
-from kabuto.image import debian, elf, modules
+from kabuto.image import debian, elf, kernel, modules
 from kabuto.image.cpio import DeviceNode, write_newc
 
 DEFAULT_CACHE_DIR = Path("/var/cache/kabuto")
@@ -40,8 +40,11 @@ KERNEL_NAME = "vmlinux"
 XZ_MAGIC = b"\xfd7zXZ\x00"
 INITRD_NAME = "initrd.img"
 
-# Debian kernel flavours: the metapackage that tracks each one.
-KERNEL_PACKAGES = {"generic": "linux-image-amd64", "cloud": "linux-image-cloud-amd64"}
+# Kernel flavours: the package each one's kernel comes from (a metapackage tracking Debian's
+# build, or for "custom" the source Kabuto builds its own kernel from, see kernel.py).
+KERNEL_PACKAGES = {"generic": "linux-image-amd64", "cloud": "linux-image-cloud-amd64",
+                   "custom": kernel.SOURCE_PACKAGE}
+CUSTOM_FLAVOUR = "custom"
 DEFAULT_FLAVOUR = "generic"  # the cloud kernel has no 9p, which container rootfs sharing needs
 COMPRESSIONS = ("none", "lz4", "gzip", "zstd")
 # Uncompressed reaches /init ~1 CPU-second sooner than gzip under TCG, as fast as lz4 and
@@ -68,7 +71,7 @@ PYTHON_VERSION = "3.11"
 GUEST_CODE = ("__init__.py", "errors.py", "ttrpc", "protos", "guest")
 GUEST_PYTHONPATH = "usr/lib/kabuto"
 # The builder's own files that decide the image's bytes (the others only find or fetch things).
-BUILDER_FILES = ("builder.py", "modules.py", "cpio.py", "elf.py", "init.sh")
+BUILDER_FILES = ("builder.py", "modules.py", "cpio.py", "elf.py", "init.sh", "kernel.py")
 
 # Stdlib parts the agent never imports: dropping them keeps the initramfs small.
 STDLIB_DROP = (
@@ -96,7 +99,8 @@ PROTOBUF_DROP = ("compiler", "testdata", "__pycache__")
 
 COMPILE_TIMEOUT = 600.0
 COMPRESS_TIMEOUT = 600.0
-LOCK_TIMEOUT = 1800.0  # another build holds the lock at most this long
+# another build holds the lock at most this long (a custom kernel build included)
+LOCK_TIMEOUT = 1800.0 + kernel.MAKE_TIMEOUT
 # What the image's probe mode (kabuto_probe=1) checks: the agent and protobuf import.
 PROBE_CODE = "import sys, kabuto.guest.__main__, google.protobuf; print('python', sys.version.split()[0])"
 
@@ -104,6 +108,7 @@ STEPS = (
     "resolving packages",
     "downloading packages",
     "extracting packages",
+    "building the custom kernel (once per machine, ~10 min)",
     "kernel and modules",
     "busybox, python and libraries",
     "agent and protobuf",
@@ -220,15 +225,20 @@ async def gather_inputs(
             f"unknown initramfs compression {compression!r}: choose one of {', '.join(COMPRESSIONS)}"
         )
     meta, *userland = await debian.resolve([KERNEL_PACKAGES[flavour], *USERLAND_PACKAGES])
-    kernel_name = await debian.dependency_of(meta, "linux-image-")
-    kernel, = await debian.resolve([kernel_name])
+    extra = {}
+    if flavour == CUSTOM_FLAVOUR:
+        kernel_package = meta
+        extra["kernel"] = kernel.kernel_key(meta, kernel.fragment_options())
+    else:
+        kernel_package, = await debian.resolve([await debian.dependency_of(meta, "linux-image-")])
     return BuildInputs(
         flavour=flavour,
         compression=compression,
-        packages=(kernel, *userland),
+        packages=(kernel_package, *userland),
         builder_hash=builder_hash(),
         guest_code_hash=guest_code_hash(),
         protobuf_version=protobuf_dir()[1],
+        extra=extra,
     )
 
 
@@ -267,7 +277,7 @@ async def build_image(
         image = await _build(inputs, root, report)
         _set_current(root, image)
         keep = {target.name} | ({previous.key} if previous else set())
-        _prune(root, keep, debs=[p.deb_name() for p in inputs.packages])
+        _prune(root, keep, deb_prefixes=[p.deb_prefix() for p in inputs.packages])
         return image
 
 
@@ -275,8 +285,11 @@ async def _build(inputs: BuildInputs, root: Path, report: Progress) -> GuestImag
     key = inputs.key()
     staging = Path(tempfile.mkdtemp(prefix=f".build-{key}-", dir=root))
     try:
+        # the kernel source is not unpacked with the guest's packages: kernel.py builds from it
+        source = inputs.packages[0] if inputs.flavour == CUSTOM_FLAVOUR else None
+        packages = list(inputs.packages[1:] if source else inputs.packages)
         report(STEPS[1])
-        debs = await debian.download(list(inputs.packages), cache_dir() / "debs")
+        debs = await debian.download(packages, cache_dir() / "debs")
         report(STEPS[2])
         debroot = staging / "debroot"
         for deb in debs:
@@ -284,21 +297,29 @@ async def _build(inputs: BuildInputs, root: Path, report: Progress) -> GuestImag
         rootfs = staging / "rootfs"
         out = staging / key
         out.mkdir()
-        report(STEPS[3])
-        kernel_version, missing = await asyncio.to_thread(_install_kernel, debroot, rootfs, out / KERNEL_NAME)
-        report(STEPS[4])
-        await asyncio.to_thread(_install_userland, debroot, rootfs)
+        if source is not None:
+            report(STEPS[3])
+            built = await kernel.build_kernel(source, cache_dir(), kernel.fragment_options())
+            report(STEPS[4])
+            kernel_version, missing = await asyncio.to_thread(_install_custom_kernel, built, rootfs,
+                                                              out / KERNEL_NAME)
+        else:
+            report(STEPS[4])
+            kernel_version, missing = await asyncio.to_thread(_install_kernel, debroot, rootfs,
+                                                              out / KERNEL_NAME)
         report(STEPS[5])
+        await asyncio.to_thread(_install_userland, debroot, rootfs)
+        report(STEPS[6])
         await asyncio.to_thread(_install_guest_code, rootfs)
         dropped = await asyncio.to_thread(_install_libraries, debroot, rootfs)
         _write_init(rootfs)
-        report(STEPS[6])
+        report(STEPS[7])
         await _compile_python(rootfs)
         await asyncio.to_thread(_drop_sources, rootfs)
         await _check_imports(rootfs)
-        report(STEPS[7])
-        await _write_initramfs(rootfs, out / INITRD_NAME, inputs.compression, staging)
         report(STEPS[8])
+        await _write_initramfs(rootfs, out / INITRD_NAME, inputs.compression, staging)
+        report(STEPS[9])
         image = GuestImage(
             kernel=root / key / KERNEL_NAME,
             initrd=root / key / INITRD_NAME,
@@ -354,7 +375,7 @@ def _set_current(root: Path, image: GuestImage) -> None:
     tmp.replace(root / CURRENT_RECORD)
 
 
-def _prune(root: Path, keep: set[str], debs: list[str]) -> None:
+def _prune(root: Path, keep: set[str], deb_prefixes: list[str]) -> None:
     """Drop older images and unused packages so the cache does not grow with every change.
 
     The image that was current until now stays: a VM being started from it must still find
@@ -365,7 +386,7 @@ def _prune(root: Path, keep: set[str], debs: list[str]) -> None:
             shutil.rmtree(entry, ignore_errors=True)
     deb_dir = cache_dir() / "debs"
     for deb in deb_dir.glob("*.deb"):
-        if deb.name not in debs:
+        if not deb.name.startswith(tuple(deb_prefixes)):
             deb.unlink(missing_ok=True)
 
 
@@ -416,6 +437,18 @@ def _install_kernel(debroot: Path, rootfs: Path, kernel_out: Path) -> tuple[str,
         "".join(f"{alias}\n" for name, alias in modules.ON_DEMAND_ALIASES.items() if name in shipped)
     )
     return version, missing
+
+
+def _install_custom_kernel(
+    built: kernel.CustomKernel, rootfs: Path, kernel_out: Path
+) -> tuple[str, list[str]]:
+    """The custom kernel has every driver built in: /init's module lists stay empty."""
+    shutil.copy2(built.vmlinux, kernel_out)
+    module_dir = rootfs / "lib" / "modules"
+    module_dir.mkdir(parents=True, exist_ok=True)
+    (module_dir / "boot-modules").write_text("")
+    (module_dir / "demand-aliases").write_text("")
+    return built.release, []
 
 
 def extract_vmlinux(bzimage: bytes) -> bytes:

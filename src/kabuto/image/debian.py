@@ -33,7 +33,15 @@ class Package:
 
     def deb_name(self) -> str:
         """The file name apt-get download gives it (an epoch's colon is written %3a)."""
-        return f"{self.name}_{self.version.replace(':', '%3a')}_amd64.deb"
+        return f"{self.deb_prefix()}amd64.deb"
+
+    def deb_prefix(self) -> str:
+        """The file name up to its architecture, which is ``all`` for linux-source."""
+        return f"{self.name}_{self.version.replace(':', '%3a')}_"
+
+    def find_deb(self, deb_dir: Path) -> Path | None:
+        found = sorted(deb_dir.glob(f"{self.deb_prefix()}*.deb"))
+        return found[0] if found else None
 
 
 async def run(args: list[str], timeout: float, cwd: Path | None = None,
@@ -104,8 +112,7 @@ async def dependency_of(package: Package, prefix: str) -> str:
 async def download(packages: list[Package], deb_dir: Path) -> list[Path]:
     """The .deb of each package in ``deb_dir``, downloading only those not there yet."""
     os.makedirs(deb_dir, exist_ok=True)
-    wanted = {p: deb_dir / p.deb_name() for p in packages}
-    missing = [p.spec for p, path in wanted.items() if not path.is_file()]
+    missing = [p.spec for p in packages if p.find_deb(deb_dir) is None]
     if missing:
         # A private partial dir: a download that dies half-way never shows up as a .deb.
         partial = deb_dir / f".partial-{os.getpid()}"
@@ -119,10 +126,11 @@ async def download(packages: list[Package], deb_dir: Path) -> list[Path]:
             for leftover in partial.iterdir():
                 leftover.unlink()
             partial.rmdir()
-    absent = [p.spec for p, path in wanted.items() if not path.is_file()]
+    found = {p: p.find_deb(deb_dir) for p in packages}
+    absent = [p.spec for p, path in found.items() if path is None]
     if absent:
         raise ImageError(f"apt-get download did not produce {', '.join(absent)} in {deb_dir}")
-    return [wanted[p] for p in packages]
+    return [path for path in found.values() if path is not None]
 
 
 async def extract(deb: Path, dest: Path) -> None:
