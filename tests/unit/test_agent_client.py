@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from kabuto.agent import AgentAddress, AgentClient, parse_agent_address, wait_for_agent
+from kabuto.agent.client import claim_port
 from kabuto.errors import AgentError
 from kabuto.guest.__main__ import CONTAINER_SERVICE_NAME
 from kabuto.guest.service import SERVICE_NAME, AgentService
@@ -221,3 +222,50 @@ async def test_hybrid_vsock_silent_peer_hits_the_connect_timeout(tmp_path: Path)
     async with hybrid_vsock(path, stall):
         with pytest.raises(AgentError, match=r"no connection within 0\.2s"):
             await AgentClient.connect(f"hvsock://{path}:1024", 0.2)
+
+
+@contextlib.asynccontextmanager
+async def agent_ports(directory: Path, count: int) -> AsyncIterator[list[str]]:
+    """``count`` Unix sockets served by one in-process agent, as a VMM's virtio-serial ports are."""
+    server = Server()
+    server.register(SERVICE_NAME, AgentService(started_uptime=0.0).methods())
+    listeners = [await asyncio.start_unix_server(server.serve, path=str(directory / f"agent-{i}.sock"))
+                 for i in range(count)]
+    try:
+        yield [f"unix://{directory}/agent-{i}.sock" for i in range(count)]
+    finally:
+        for listener in listeners:
+            listener.close()
+
+
+async def test_each_client_claims_a_port_of_its_own(tmp_path: Path) -> None:
+    async with agent_ports(tmp_path, 2) as addresses:
+        first = await wait_for_agent(addresses, 5)
+        second = await wait_for_agent(addresses, 5)
+        assert (str(first.address), str(second.address)) == (addresses[0], addresses[1])
+        # every port taken: a third waits, bounded, and says so
+        with pytest.raises(AgentError, match=r"all 2 agent ports stayed busy for 0\.2s"):
+            await wait_for_agent(addresses, 0.2)
+        waiting = asyncio.create_task(wait_for_agent(addresses, 5))
+        await asyncio.sleep(0.2)
+        assert not waiting.done()
+        await first.close()  # its port is free again
+        third = await waiting
+        assert str(third.address) == addresses[0] and await third.check()
+        await second.close()
+        await third.close()
+
+
+async def test_a_failed_connection_releases_its_claim(tmp_path: Path) -> None:
+    address = f"unix://{tmp_path}/nothing.sock"
+    with pytest.raises(AgentError, match=r"not ready within 0\.2s"):
+        await wait_for_agent([address], 0.2)
+    async with agent_ports(tmp_path, 1):
+        (tmp_path / "nothing.sock").symlink_to(tmp_path / "agent-0.sock")
+        async with await wait_for_agent([address], 5) as client:
+            assert await client.check()
+
+
+async def test_channels_taking_many_connections_need_no_claim() -> None:
+    assert await claim_port(["vsock://3:1024"], 1) == ("vsock://3:1024", None)
+    assert await claim_port(["hvsock:///run/fc/v.sock:1024"], 1) == ("hvsock:///run/fc/v.sock:1024", None)

@@ -84,6 +84,16 @@ def test_find_port_prefers_the_udev_link(tmp_path: Path) -> None:
     assert channel.find_port("agent.channel.0", dev, sys_root) == dev / "virtio-ports/agent.channel.0"
 
 
+def test_find_ports_lists_every_agent_port(tmp_path: Path) -> None:
+    dev, sys_root = fake_ports(tmp_path, {"vport0p1": "org.qemu.guest_agent.0", "vport0p2": "agent.channel.0",
+                                          "vport0p3": "agent.channel.1", "vport0p4": "agent.channel.2"})
+    for node in ("vport0p1", "vport0p2", "vport0p3", "vport0p4"):
+        (dev / node).touch()
+    assert channel.find_ports(channel.PORT_NAME_PREFIX, dev, sys_root) == {
+        "agent.channel.0": dev / "vport0p2", "agent.channel.1": dev / "vport0p3",
+        "agent.channel.2": dev / "vport0p4"}
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="mknod of a character device needs root")
 def test_find_port_creates_a_missing_device_node(tmp_path: Path) -> None:
     dev, sys_root = fake_ports(tmp_path, {"vport1p1": "agent.channel.0"})
@@ -101,28 +111,39 @@ async def test_waiting_for_a_missing_port_is_bounded() -> None:
 
 
 @contextlib.asynccontextmanager
-async def agent_on_pty() -> AsyncIterator[str]:
-    """The agent serving a pty master; yields the slave's path, where "the host" connects.
+async def agent_on_ptys(count: int) -> AsyncIterator[list[str]]:
+    """The agent serving ``count`` pty masters with one set of services, as it serves each
+    agent.channel.N port; yields the slaves' paths, where "the host" connects.
 
-    Like a virtio-serial port, the master reports a hang-up while no slave is open, and
+    Like a virtio-serial port, a master reports a hang-up while no slave is open, and
     the agent keeps it open across host connections.
     """
-    master, slave = pty.openpty()
-    slave_path = os.ttyname(slave)
-    tty.setraw(slave)  # binary-clean; the setting outlives this first opening
-    os.close(slave)  # no host connected yet
-    os.set_blocking(master, False)
-    port = channel.VirtioSerialChannel(master, "pty")
     server = Server()
     server.register(SERVICE_NAME, AgentService(started_uptime=0.0).methods())
-    serving = asyncio.create_task(port.serve_forever(server.serve))
+    ports: list[channel.VirtioSerialChannel] = []
+    slave_paths: list[str] = []
+    for index in range(count):
+        master, slave = pty.openpty()
+        slave_paths.append(os.ttyname(slave))
+        tty.setraw(slave)  # binary-clean; the setting outlives this first opening
+        os.close(slave)  # no host connected yet
+        os.set_blocking(master, False)
+        ports.append(channel.VirtioSerialChannel(master, f"pty{index}"))
+    serving = [asyncio.create_task(port.serve_forever(server.serve)) for port in ports]
     try:
-        yield slave_path
+        yield slave_paths
     finally:
-        serving.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await serving
-        port.close()
+        for task in serving:
+            task.cancel()
+        await asyncio.gather(*serving, return_exceptions=True)
+        for port in ports:
+            port.close()
+
+
+@contextlib.asynccontextmanager
+async def agent_on_pty() -> AsyncIterator[str]:
+    async with agent_on_ptys(1) as (slave_path,):
+        yield slave_path
 
 
 @contextlib.asynccontextmanager
@@ -201,6 +222,18 @@ async def test_agent_serves_each_host_connection_in_turn(session_ends: SessionEn
                 )
                 assert details.kernel_release == os.uname().release
             await session_ends.wait_for(session)
+
+
+async def test_every_port_serves_its_own_host_at_the_same_time(session_ends: SessionEnds) -> None:
+    async with agent_on_ptys(3) as slave_paths, contextlib.AsyncExitStack() as hosts:
+        clients = [await hosts.enter_async_context(host_connection(path)) for path in slave_paths]
+        statuses = await asyncio.gather(*(check(client) for client in clients))
+        assert statuses == [agent_pb2.CheckResponse.SERVING] * 3
+        # one host leaving its port disturbs neither the others nor a new host on that port
+        await hosts.aclose()
+        await session_ends.wait_for(3)
+        async with host_connection(slave_paths[1]) as again, host_connection(slave_paths[2]) as other:
+            assert await check(again) == await check(other) == agent_pb2.CheckResponse.SERVING
 
 
 async def test_a_host_reconnecting_at_once_is_served_too() -> None:

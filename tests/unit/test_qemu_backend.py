@@ -26,6 +26,7 @@ from kabuto.hypervisor.devices import (
 from kabuto.hypervisor.host import Accelerator
 from kabuto.hypervisor.qemu import plugin
 from kabuto.hypervisor.qemu.backend import (
+    AGENT_PORT_COUNT,
     CONSOLE_LOG_MAX_BYTES,
     CONSOLE_TAIL_BYTES,
     QemuHypervisor,
@@ -142,9 +143,16 @@ async def test_prepare_creates_dir_and_agent_channel(table: HypervisorConfig, vm
     await vm.prepare_vm("sandbox-1")
     assert vm.status == VmStatus.PREPARED
     assert stat.S_ISDIR(os.stat(vm_root / "sandbox-1").st_mode)
-    (agent,) = vm.pending_devices
-    assert isinstance(agent, AgentChannel) and agent.name == "agent.channel.0"
+    ports = vm.pending_devices
+    assert all(isinstance(port, AgentChannel) for port in ports)
+    assert [port.name for port in ports] == [f"agent.channel.{i}" for i in range(AGENT_PORT_COUNT)]
+    assert len({port.id for port in ports}) == AGENT_PORT_COUNT
     assert await vm.get_agent_socket() == f"unix://{vm_root}/sandbox-1/agent.sock"
+    assert await vm.get_agent_sockets() == [f"unix://{vm_root}/sandbox-1/agent.sock"] + [
+        f"unix://{vm_root}/sandbox-1/agent-{i}.sock" for i in range(1, AGENT_PORT_COUNT)]
+    # another process finds every port again
+    restored = await QemuHypervisor.restore(table, await vm.save_state(), jailer_root=vm_root)
+    assert await restored.get_agent_sockets() == await vm.get_agent_sockets()
     with pytest.raises(HypervisorError, match="needs new"):
         await vm.prepare_vm("sandbox-1")
     await vm.cleanup()

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import os
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -24,6 +27,9 @@ DEFAULT_CALL_TIMEOUT = 10.0
 # The hybrid-vsock answer is one short line ("OK <host port>\n"); more is a broken peer.
 MAX_HANDSHAKE_LINE = 128
 RETRY_INTERVAL = 0.05
+# A unix:// agent address is a virtio-serial port: one host connection at a time. A process
+# claims a port with an flock on this file beside its socket and keeps it while connected.
+PORT_LOCK_SUFFIX = ".lock"
 
 M = TypeVar("M", bound=Message)
 
@@ -113,6 +119,48 @@ async def open_agent_stream(address: AgentAddress) -> tuple[asyncio.StreamReader
     return await _open_hybrid_vsock(address.path, address.port)
 
 
+def _try_claim(address: AgentAddress) -> int | None:
+    """The locked fd claiming ``address``'s port, or None while another connection holds it."""
+    lock_path = address.path + PORT_LOCK_SUFFIX
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise AgentError(f"agent at {address}: cannot open port lock {lock_path}: {exc}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except OSError as exc:
+        os.close(fd)
+        raise AgentError(f"agent at {address}: cannot lock {lock_path}: {exc}") from None
+    return fd
+
+
+async def claim_port(addresses: Sequence[str], timeout: float) -> tuple[str, int | None]:
+    """Choose the agent address to connect to: (address, fd of the claim to release, or None).
+
+    Unix sockets (virtio-serial ports) take one connection each: the first port no other
+    connection has claimed is taken, waiting at most ``timeout`` seconds for one to free.
+    Other transports accept many connections and need no claim.
+    """
+    if not addresses:
+        raise AgentError("no agent address to connect to")
+    parsed = [parse_agent_address(address) for address in addresses]
+    if any(address.scheme != "unix" for address in parsed):
+        return addresses[0], None
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        for address, text in zip(parsed, addresses, strict=True):
+            if (fd := _try_claim(address)) is not None:
+                return text, fd
+        if loop.time() >= deadline:
+            raise AgentError(f"agent at {addresses[0]}: all {len(addresses)} agent ports stayed busy "
+                             f"for {timeout:g}s")
+        await asyncio.sleep(RETRY_INTERVAL)
+
+
 class AgentClient:
     """A connection to the guest agent. Use ``await AgentClient.connect(address, timeout)``."""
 
@@ -120,6 +168,8 @@ class AgentClient:
         self.address = address
         self._ttrpc = ttrpc
         self.call_timeout = call_timeout
+        #: the flock claiming this connection's port (see claim_port), released on close
+        self.port_claim: int | None = None
 
     @classmethod
     async def connect(
@@ -173,7 +223,11 @@ class AgentClient:
         return self._ttrpc.closed
 
     async def close(self) -> None:
-        await self._ttrpc.close()
+        try:
+            await self._ttrpc.close()
+        finally:
+            _release(self.port_claim)
+            self.port_claim = None
 
     async def __aenter__(self) -> AgentClient:
         return self
@@ -182,32 +236,43 @@ class AgentClient:
         await self.close()
 
 
+def _release(claim: int | None) -> None:
+    if claim is not None:
+        os.close(claim)  # closing the only fd of the lock file drops the flock
+
+
 async def wait_for_agent(
-    address: str, timeout: float, *, call_timeout: float = DEFAULT_CALL_TIMEOUT
+    addresses: str | Sequence[str], timeout: float, *, call_timeout: float = DEFAULT_CALL_TIMEOUT
 ) -> AgentClient:
-    """Connect and Check until the agent answers SERVING, for at most ``timeout`` seconds.
+    """Claim a free agent port of ``addresses`` (see claim_port), then connect and Check until
+    the agent answers SERVING, all within ``timeout`` seconds.
 
     The agent starts after the guest boots. Until then a vsock or hybrid-vsock connect is
     refused and is retried; QEMU's virtio-serial socket accepts at once and holds the
     Check until the guest opens its port, so one long Check covers the boot.
     Returns the connected client; raises AgentError with the last cause.
     """
-    parse_agent_address(address)  # a bad address fails now, not at the deadline
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
+    # a bad address fails now, not at the deadline
+    address, claim = await claim_port([addresses] if isinstance(addresses, str) else addresses, timeout)
     last_error: Exception | None = None
-    while (remaining := deadline - loop.time()) > 0:
-        client: AgentClient | None = None
-        try:
-            client = await AgentClient.connect(address, remaining, call_timeout=call_timeout)
-            if await client.check(timeout=max(deadline - loop.time(), 0.001)):
-                return client
-            last_error = AgentError(f"agent at {address} answers but is not serving")
-        except AgentError as exc:
-            last_error = exc
-        if client is not None:
-            await client.close()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout_at(deadline):
-                await asyncio.sleep(RETRY_INTERVAL)
+    try:
+        while (remaining := deadline - loop.time()) > 0:
+            client: AgentClient | None = None
+            try:
+                client = await AgentClient.connect(address, remaining, call_timeout=call_timeout)
+                if await client.check(timeout=max(deadline - loop.time(), 0.001)):
+                    client.port_claim, claim = claim, None
+                    return client
+                last_error = AgentError(f"agent at {address} answers but is not serving")
+            except AgentError as exc:
+                last_error = exc
+            if client is not None:
+                await client.close()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout_at(deadline):
+                    await asyncio.sleep(RETRY_INTERVAL)
+    finally:
+        _release(claim)
     raise AgentError(f"agent at {address} not ready within {timeout:g}s: {last_error or 'no attempt made'}")

@@ -1,8 +1,9 @@
 """Entry point: ``python3 -m kabuto.guest [--listen ADDRESS]``.
 
 In the VM the image's /init mounts /proc, /sys, /dev and execs this as PID 1; it then
-serves the virtio-serial port named agent.channel.0. On a host (tests) it listens on
-``unix:///path`` or ``vsock://PORT`` instead.
+serves the virtio-serial port named agent.channel.0 and every other agent.channel.N port,
+each to its own host connection, all with the same services and container state. On a host
+(tests) it listens on ``unix:///path`` or ``vsock://PORT`` instead.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from kabuto.ttrpc import Method, Server
 log = logging.getLogger("kabuto.guest")
 
 CONTAINER_SERVICE_NAME = "kabuto.agent.v1.ContainerService"
+PORT_DISCOVERY_INTERVAL = 0.1
 
 
 async def load_container_service() -> dict[str, Method]:
@@ -65,10 +67,8 @@ async def serve(args: argparse.Namespace, started_uptime: float) -> None:
     server.register_loading(CONTAINER_SERVICE_NAME, load_container_service())
 
     if args.listen is None:
-        path = await channel.wait_for_port(args.port_name, args.port_timeout)
-        port = channel.VirtioSerialChannel.open(path)
-        log.info("serving on virtio-serial port %s (%s)", args.port_name, path)
-        serving = asyncio.create_task(port.serve_forever(server.serve))
+        primary = await channel.wait_for_port(args.port_name, args.port_timeout)
+        serving = asyncio.create_task(_serve_ports({args.port_name: primary}, server, args.port_timeout))
     elif args.listen.startswith("unix://"):
         listener = await channel.listen_unix(Path(args.listen.removeprefix("unix://")), server.serve)
         log.info("serving on %s", args.listen)
@@ -94,6 +94,28 @@ async def serve(args: argparse.Namespace, started_uptime: float) -> None:
         raise channel.ChannelError("the agent channel stopped serving")
     log.info("shutdown requested")
     serving.cancel()
+
+
+async def _serve_ports(first: dict[str, Path], server: Server, discovery_time: float) -> None:
+    """Serve the primary port now and every other agent.channel.N port as the guest probes it
+    (for ``discovery_time`` seconds), all at once; a port that stops serving ends the agent."""
+    loop = asyncio.get_running_loop()
+    served: set[str] = set()
+    async with asyncio.TaskGroup() as group:
+
+        def serve_new(ports: dict[str, Path]) -> None:
+            for name, path in ports.items():
+                if name not in served:
+                    served.add(name)
+                    port = channel.VirtioSerialChannel.open(path)
+                    log.info("serving on virtio-serial port %s (%s)", name, path)
+                    group.create_task(port.serve_forever(server.serve))
+
+        serve_new(first)
+        deadline = loop.time() + discovery_time
+        while loop.time() < deadline:
+            serve_new(channel.find_ports(channel.PORT_NAME_PREFIX))
+            await asyncio.sleep(PORT_DISCOVERY_INTERVAL)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,6 +27,9 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT_NAME = "agent.channel.0"
+# A virtio-serial port takes one host connection at a time: the host gets several ports named
+# agent.channel.N so that several host processes can talk to the agent at once.
+PORT_NAME_PREFIX = "agent.channel."
 PORT_POLL_INTERVAL = 0.02
 # SIGIO announces a host (dis)connection; this poll only backs it up.
 HOST_POLL_INTERVAL = 0.1
@@ -60,6 +63,19 @@ def find_port(name: str, dev: Path = Path("/dev"), sys_root: Path = Path("/sys")
             except (OSError, ValueError):
                 continue
     return None
+
+
+def find_ports(prefix: str, dev: Path = Path("/dev"), sys_root: Path = Path("/sys")) -> dict[str, Path]:
+    """Every virtio-serial port whose name starts with ``prefix``: name -> device node."""
+    names: set[str] = set()
+    with contextlib.suppress(OSError):
+        names.update(link.name for link in (dev / "virtio-ports").iterdir())
+    with contextlib.suppress(OSError):
+        for port in (sys_root / "class" / "virtio-ports").iterdir():
+            with contextlib.suppress(OSError):
+                names.add((port / "name").read_text().strip())
+    found = {name: find_port(name, dev, sys_root) for name in sorted(names) if name.startswith(prefix)}
+    return {name: path for name, path in found.items() if path is not None}
 
 
 async def wait_for_port(name: str, timeout: float) -> Path:
@@ -189,6 +205,15 @@ class _PortTransport(asyncio.Transport):
         return default
 
 
+# Every open port asks for SIGIO, but a signal has one handler: it wakes all the ports' waiters.
+_sigio_listeners: set[asyncio.Event] = set()
+
+
+def _on_sigio() -> None:
+    for event in _sigio_listeners:
+        event.set()
+
+
 class VirtioSerialChannel:
     """Serves one ttrpc session per host connection on a virtio-serial port."""
 
@@ -213,10 +238,13 @@ class VirtioSerialChannel:
         loop = asyncio.get_running_loop()
         try:
             # The handler comes before O_ASYNC: SIGIO's default action kills.
-            loop.add_signal_handler(signal.SIGIO, self._host_event.set)
+            if not _sigio_listeners:
+                loop.add_signal_handler(signal.SIGIO, _on_sigio)
+            _sigio_listeners.add(self._host_event)
             fcntl.fcntl(self.fd, fcntl.F_SETOWN, os.getpid())
             fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) | os.O_ASYNC)
         except (OSError, RuntimeError, ValueError) as exc:
+            _sigio_listeners.discard(self._host_event)
             log.info("no SIGIO on %s (%s); polling for the host", self.path, exc)
             return False
         return True
@@ -278,8 +306,10 @@ class VirtioSerialChannel:
         with contextlib.suppress(OSError):
             os.close(self.fd)
         if self._sigio:
-            # Only after the fd is gone: with SIGIO back at its default, one more would kill us.
-            asyncio.get_running_loop().remove_signal_handler(signal.SIGIO)
+            _sigio_listeners.discard(self._host_event)
+            if not _sigio_listeners:
+                # Only after every port's fd is gone: with SIGIO back at its default, one more would kill us.
+                asyncio.get_running_loop().remove_signal_handler(signal.SIGIO)
 
 
 def remove_stale_socket(path: Path) -> None:

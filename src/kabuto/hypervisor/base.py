@@ -152,6 +152,12 @@ class Hypervisor(abc.ABC):
     async def get_agent_socket(self) -> str:
         """``unix:///path``, ``vsock://CID:PORT`` or ``hvsock:///path:PORT``."""
 
+    async def get_agent_sockets(self) -> list[str]:
+        """Every address of the agent, the primary one first. A channel that takes one host
+        connection at a time (virtio-serial) comes as several, so that several host processes
+        reach the agent at once; a vsock or hybrid-vsock channel takes many and is one address."""
+        return [await self.get_agent_socket()]
+
     @abc.abstractmethod
     async def disconnect(self) -> None:
         """Drop control connections (QMP, API client) without stopping the VM."""

@@ -1,8 +1,10 @@
 """runc's operations over persisted sandboxes: create, start, state, kill, delete, exec, list, ps, run.
 
 Each call is one short-lived process's worth of work: find the sandbox on disk, take its lock
-(the agent channel serves one host connection at a time), reconnect to VM and agent, act,
-persist, disconnect. ``run`` keeps everything in one process and removes the sandbox at the end.
+(which serialises changes to its record), reconnect to VM and agent, act, persist, disconnect.
+Each process claims an agent port of its own, so ``run`` and ``exec`` stream without the lock:
+meanwhile other calls (``exec``, ``state``, ``kill``...) reach the same sandbox.
+``run`` keeps everything in one process and removes the sandbox at the end.
 
 A container joins an existing sandbox (a pod) when its annotations say so, as CRI does:
 ``io.kubernetes.cri.container-type=container`` and ``io.kubernetes.cri.sandbox-id=<id>``.
@@ -116,8 +118,11 @@ async def create(container_id: str, bundle_dir: str, options: RuntimeOptions) ->
 
 @contextlib.asynccontextmanager
 async def attached(container_id: str, options: RuntimeOptions, *, connect: bool = True,
-                   lock_timeout: float | None = None) -> AsyncIterator[VirtSandbox]:
-    """The sandbox holding ``container_id``, locked and reconnected; disconnected afterwards."""
+                   lock_timeout: float | None = None, keep_agent: bool = False
+                   ) -> AsyncIterator[VirtSandbox]:
+    """The sandbox holding ``container_id``, locked and reconnected; disconnected afterwards.
+    With ``keep_agent`` a body that succeeded leaves the agent connection to the caller (who
+    closes it), so it can stream after the lock is released."""
     store = options.store
     record = store.find_container(container_id)
     with store.sandbox_lock(record.id, *(() if lock_timeout is None else (lock_timeout,))):
@@ -126,8 +131,15 @@ async def attached(container_id: str, options: RuntimeOptions, *, connect: bool 
             if connect and sandbox.vm_alive:
                 await sandbox.connect()
             yield sandbox
-        finally:
+        except BaseException:
             if store.sandbox_dir(record.id).is_dir():
+                await sandbox.disconnect()
+            raise
+        if store.sandbox_dir(record.id).is_dir():
+            if keep_agent:
+                await sandbox.save()
+                await sandbox.release_vmm_control()
+            else:
                 await sandbox.disconnect()
 
 
@@ -215,7 +227,7 @@ async def kill(container_id: str, signal_value: str | int, options: RuntimeOptio
             # no status poll first: the agent itself refuses a process that has exited
             await sandbox.kill(container_id, number, all_processes=all_processes)
     except StateError:
-        # the sandbox is busy streaming a `run` or `exec`: ask that process to signal for us
+        # another call holds the sandbox's lock too long: ask the `run` that owns it to signal for us
         record = options.store.find_container(container_id)
         await kill_via_owner(options.store.sandbox_dir(record.id) / CONTROL_SOCKET, container_id, number,
                               all_processes)
@@ -223,8 +235,8 @@ async def kill(container_id: str, signal_value: str | int, options: RuntimeOptio
 
 @contextlib.asynccontextmanager
 async def _control_socket(sandbox: VirtSandbox) -> AsyncIterator[None]:
-    """While this process holds the sandbox (and its one agent connection), other `kabuto kill`
-    calls reach the containers through it: one JSON line in, one line out."""
+    """While this `run` lasts, a `kabuto kill` that cannot take the sandbox's lock reaches the
+    containers through it: one JSON line in, one line out."""
     path = sandbox.directory / CONTROL_SOCKET
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -363,33 +375,55 @@ async def _resize_quietly(sandbox: VirtSandbox, container_id: str, exec_id: str,
 async def exec_in(container_id: str, args: list[str], options: RuntimeOptions, io: ProcessIO, *,
                   env: list[str] | None = None, cwd: str | None = None, terminal: bool = False,
                   on_signal: Callable[[Callable[[int], None]], None] | None = None) -> int:
-    async with attached(container_id, options) as sandbox:
+    async with attached(container_id, options, keep_agent=True) as sandbox:
         await _require_vm(sandbox, container_id)
         container = sandbox.container(container_id)
         process = process_spec(args, container.process, env=env, cwd=cwd, terminal=terminal)
         exec_id = f"exec-{secrets.token_hex(4)}"
         await sandbox.exec_process(container_id, exec_id, process)
-        async with _control_socket(sandbox):
-            return await run_process(sandbox, container_id, exec_id, io, on_signal)
+    # streaming changes no record: only this process's own agent port stays in use
+    try:
+        return await run_process(sandbox, container_id, exec_id, io, on_signal)
+    finally:
+        await sandbox.close()
 
 
 async def run(container_id: str, bundle_dir: str, options: RuntimeOptions, io: ProcessIO,
               on_signal: Callable[[Callable[[int], None]], None] | None = None) -> int:
     """``runc run``: create, start, stream until exit, delete; returns the exit status."""
     sandbox = await create(container_id, bundle_dir, options)
+    store = options.store
     try:
-        with options.store.sandbox_lock(sandbox.id):
-            async with _control_socket(sandbox):
-                await sandbox.start_container(container_id)
-                status = await run_process(sandbox, container_id, INIT_EXEC_ID, io, on_signal)
+        with store.sandbox_lock(sandbox.id):
+            await sandbox.start_container(container_id)
+            await sandbox.release_vmm_control()
+        # streaming holds only this process's agent port: other calls reach the sandbox meanwhile
+        async with _control_socket(sandbox):
+            status = await run_process(sandbox, container_id, INIT_EXEC_ID, io, on_signal)
     finally:
-        # its own sandbox goes with it; a pod loses only this container
-        if container_id == sandbox.id:
-            await sandbox.destroy()
-        else:
-            with options.store.sandbox_lock(sandbox.id):
+        await _end_run(sandbox, container_id, store)
+    return status
+
+
+async def _end_run(sandbox: VirtSandbox, container_id: str, store: StateStore) -> None:
+    """Its own sandbox goes with the container; a pod loses only this container."""
+    try:
+        with store.sandbox_lock(sandbox.id):
+            # other processes may have changed the record while this one streamed
+            sandbox.record = store.load(sandbox.id)
+            if container_id == sandbox.id:
+                await sandbox.destroy()
+            else:
                 try:
                     await sandbox.remove_container(container_id)
                 finally:
                     await sandbox.disconnect()
-    return status
+    except ContainerIdError:
+        # another process deleted the sandbox (or this container) meanwhile: only connections remain
+        await sandbox.close()
+    except StateError:
+        # the lock stayed busy: the sandbox made for this run goes all the same
+        if container_id != sandbox.id:
+            await sandbox.close()
+            raise
+        await sandbox.destroy()

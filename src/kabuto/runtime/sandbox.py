@@ -159,7 +159,8 @@ class VirtSandbox:
             return
         if not self.vm_alive:
             raise SandboxError(f"sandbox {self.id!r}: its VM is not running")
-        self.agent = await wait_for_agent(await self.hypervisor.get_agent_socket(), timeout,
+        # claims an agent port of its own: other processes reach the agent through the others
+        self.agent = await wait_for_agent(await self.hypervisor.get_agent_sockets(), timeout,
                                           call_timeout=AGENT_CALL_TIMEOUT)
         self._containers = container_client(self.agent)
 
@@ -167,6 +168,21 @@ class VirtSandbox:
         """Leave the VM running for a later process; drop the agent and control connections."""
         await self._close_agent()
         await self._persist_hypervisor()
+        await self.hypervisor.disconnect()
+
+    async def save(self) -> None:
+        """Persist the record with the hypervisor's current state."""
+        await self._persist_hypervisor()
+
+    async def release_vmm_control(self) -> None:
+        """Keep the agent connection but drop the VMM's control connection (QEMU's QMP takes
+        one client at a time), so other processes can attach while this one streams."""
+        await self.hypervisor.disconnect()
+
+    async def close(self) -> None:
+        """Drop the agent and control connections without saving anything: for a process that
+        left the record to others while it streamed."""
+        await self._close_agent()
         await self.hypervisor.disconnect()
 
     async def _close_agent(self) -> None:

@@ -19,6 +19,7 @@ from typing import Any, BinaryIO, Self
 import psutil
 from qemu.qmp import EventListener, QMPClient, QMPError
 
+from kabuto.agent.client import PORT_LOCK_SUFFIX
 from kabuto.config.model import HypervisorConfig
 from kabuto.errors import HypervisorError, VmTimeout
 from kabuto.hypervisor.base import (
@@ -56,6 +57,9 @@ log = logging.getLogger(__name__)
 
 AGENT_PORT_NAME = "agent.channel.0"
 AGENT_DEVICE_ID = "agent"
+# A virtio-serial port takes one host connection at a time: this many ports let as many host
+# processes (a streaming `run`, an `exec`, a `state`...) talk to the agent at once.
+AGENT_PORT_COUNT = 4
 DEV_VHOST_VSOCK = Path("/dev/vhost-vsock")
 DEV_VHOST_NET = Path("/dev/vhost-net")
 VM_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -91,6 +95,8 @@ class QemuHypervisor(Hypervisor):
         self._qmp: QMPClient | None = None
         self._console: _ConsoleReader | None = None
         self._agent: AgentChannel | None = None
+        #: the virtio-serial agent ports after the primary one (none for vsock)
+        self._extra_agent_ports: list[AgentChannel] = []
         self._hotplug_slots: dict[str, str] = {}
         self._vhost_net = False
 
@@ -104,7 +110,8 @@ class QemuHypervisor(Hypervisor):
         if not VM_ID.fullmatch(id):
             raise self._error(f"VM id {id!r} must be 1-64 characters of letters, digits, '_', '.', '-'")
         self.id = id
-        longest = max((self.paths.qmp_socket, self.paths.console_socket, self.paths.agent_socket),
+        agent_lock = Path(f"{self.paths.agent_port_socket(AGENT_PORT_COUNT - 1)}{PORT_LOCK_SUFFIX}")
+        longest = max((self.paths.qmp_socket, self.paths.console_socket, agent_lock),
                       key=lambda p: len(str(p)))
         if len(os.fsencode(longest)) > UNIX_PATH_MAX:
             raise self._error(f"socket path {longest} is longer than {UNIX_PATH_MAX} bytes; "
@@ -121,8 +128,13 @@ class QemuHypervisor(Hypervisor):
         else:
             agent = AgentChannel(AGENT_DEVICE_ID, ChannelKind.VIRTIO_SERIAL,
                                  socket_path=self.paths.agent_socket, name=AGENT_PORT_NAME)
+            self._extra_agent_ports = [
+                AgentChannel(f"{AGENT_DEVICE_ID}{index}", ChannelKind.VIRTIO_SERIAL,
+                             socket_path=self.paths.agent_port_socket(index), name=f"agent.channel.{index}")
+                for index in range(1, AGENT_PORT_COUNT)
+            ]
         self._agent = agent
-        self.pending_devices.append(agent)
+        self.pending_devices.extend([agent, *self._extra_agent_ports])
         self.status = VmStatus.PREPARED
 
     async def start_vm(self, timeout: float, restore_from: Path | None = None) -> None:
@@ -228,6 +240,9 @@ class QemuHypervisor(Hypervisor):
             return
         # `quit` lets QEMU flush its block devices; the guest itself is disposable.
         with contextlib.suppress(HypervisorError, QMPError, OSError):
+            if self._qmp is None:
+                # dropped by disconnect() so that other processes could use QMP meanwhile
+                await self._connect_qmp(wait_for_socket=False)
             await self._qmp_call("quit", timeout=STOP_GRACE_TIMEOUT)
         try:
             async with asyncio.timeout(STOP_GRACE_TIMEOUT):
@@ -373,6 +388,10 @@ class QemuHypervisor(Hypervisor):
             return f"vsock://{self._agent.guest_cid}:{self._agent.port}"
         return f"unix://{self._agent.socket_path}"
 
+    async def get_agent_sockets(self) -> list[str]:
+        extra = [f"unix://{port.socket_path}" for port in self._extra_agent_ports]
+        return [await self.get_agent_socket(), *extra]
+
     async def get_thread_ids(self) -> VcpuThreadIds:
         self._require(VmStatus.RUNNING, VmStatus.PAUSED, operation="list vCPU threads")
         cpus = await self._qmp_call("query-cpus-fast")
@@ -433,6 +452,7 @@ class QemuHypervisor(Hypervisor):
                 "vhost_net": self._vhost_net,
                 "devices": [_device_to_dict(d) for d in self.devices],
                 "agent": _device_to_dict(self._agent) if self._agent else None,
+                "extra_agent_ports": [_device_to_dict(port) for port in self._extra_agent_ports],
             },
         )
 
@@ -455,6 +475,8 @@ class QemuHypervisor(Hypervisor):
         self.devices = [_device_from_dict(d) for d in extra.get("devices", [])]
         agent = _device_from_dict(extra["agent"]) if extra.get("agent") else None
         self._agent = agent if isinstance(agent, AgentChannel) else None
+        self._extra_agent_ports = [port for port in map(_device_from_dict, extra.get("extra_agent_ports", []))
+                                   if isinstance(port, AgentChannel)]
         if not self._pid or not _alive(self._pid, self._pid_create_time):
             self.status = VmStatus.STOPPED
             return self

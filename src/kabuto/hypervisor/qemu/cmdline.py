@@ -71,6 +71,10 @@ class VmPaths:
     def agent_socket(self) -> Path:
         return self.vm_dir / "agent.sock"
 
+    def agent_port_socket(self, index: int) -> Path:
+        """The socket of virtio-serial agent port ``index`` (0 is the primary agent_socket)."""
+        return self.agent_socket if index == 0 else self.vm_dir / f"agent-{index}.sock"
+
     @property
     def saved_state(self) -> Path:
         """Where save_vm writes the migration stream (RAM and device state)."""
