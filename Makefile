@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 KABUTO := $(VENV)/bin/kabuto
-# the second line builds the small guest kernel (src/kabuto/image/kernel.py)
+# the last line builds the small guest kernel (src/kabuto/image/kernel.py)
 APT_PACKAGES := qemu-system-x86 qemu-utils busybox-static containerd runc iproute2 cpio zstd \
 	e2fsprogs python3-venv \
 	make gcc libc6-dev flex bison bc xz-utils libelf-dev libssl-dev
