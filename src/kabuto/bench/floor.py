@@ -6,55 +6,53 @@ import asyncio
 import contextlib
 import gzip
 import io
+import tempfile
 import time
 from pathlib import Path
 
 from kabuto.config.model import HypervisorConfig
 from kabuto.hypervisor.host import choose_accelerator
+from kabuto.image.cpio import DeviceNode, write_newc
 
 MARKER = b"KABUTO-FLOOR-UP"
 BUSYBOX = "/bin/busybox"
 
 
 def one_line_initrd(dest: Path) -> Path:
-    """A gzip'd newc cpio holding busybox and an /init of one line that prints the marker."""
+    """A gzip'd initramfs holding busybox and an /init of one line that prints the marker."""
     init = f"#!/bin/busybox sh\n/bin/busybox echo {MARKER.decode()}; /bin/busybox reboot -f\n"
-    files = {
-        "init": (init.encode(), 0o755),
-        "bin/busybox": (Path(BUSYBOX).read_bytes(), 0o755),
-    }
-    buf = io.BytesIO()
-    _write_newc(buf, files)
-    dest.write_bytes(gzip.compress(buf.getvalue(), compresslevel=1))
+    return pack_initrd(dest, {"init": init.encode(), "bin/busybox": Path(BUSYBOX).read_bytes()})
+
+
+def pack_initrd(dest: Path, files: dict[str, bytes]) -> Path:
+    """Write ``files`` (all executable) with a /dev/console, which the kernel opens for init's stdio."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        (root / "dev").mkdir()
+        for name, data in files.items():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).write_bytes(data)
+            (root / name).chmod(0o755)
+        archive = io.BytesIO()
+        write_newc(root, archive, (DeviceNode("dev/console", 5, 1),))
+    dest.write_bytes(gzip.compress(archive.getvalue(), compresslevel=1))
     return dest
 
 
-def _write_newc(out: io.BytesIO, files: dict[str, tuple[bytes, int]]) -> None:
-    # No maintained Python library writes cpio; newc is a fixed ASCII header per entry.
-    # /dev/console must exist in the archive: the kernel opens it for init's stdio.
-    entries = [("bin", b"", 0o040755, 0), ("dev", b"", 0o040755, 0), ("dev/console", b"", 0o020600, 1)]
-    entries += [(n, data, 0o100000 | mode, 0) for n, (data, mode) in files.items()]
-    for ino, (name, data, mode, rdev_minor) in enumerate([*entries, ("TRAILER!!!", b"", 0, 0)], start=1):
-        encoded = name.encode() + b"\0"
-        rdev_major = 5 if rdev_minor else 0
-        fields = [ino, mode, 0, 0, 1, 0, len(data), 0, 0, rdev_major, rdev_minor, len(encoded), 0]
-        out.write(b"070701" + b"".join(b"%08X" % f for f in fields) + encoded)
-        out.write(b"\0" * (-(110 + len(encoded)) % 4))
-        out.write(data)
-        out.write(b"\0" * (-len(data) % 4))
+def bare_qemu_args(table: HypervisorConfig, kernel: str, initrd: Path, append: str) -> list[str]:
+    """QEMU with only what the guest needs: same binary, machine, accelerator and memory as Kabuto's."""
+    accel = choose_accelerator(table.accel).name
+    return [
+        table.path, "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+        "-M", table.machine_type or "q35", "-accel", accel, "-cpu", "host" if accel == "kvm" else "max",
+        "-m", str(table.default_memory), "-smp", "1",
+        "-kernel", kernel, "-initrd", str(initrd), "-append", append,
+    ]
 
 
 async def boot_floor(table: HypervisorConfig, kernel: str, initrd: Path, timeout: float = 60.0) -> float:
     """Seconds from spawning QEMU until the one-line init prints its marker."""
-    accel = choose_accelerator(table.accel).name
-    args = [
-        table.path, "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
-        "-M", table.machine_type or "q35", "-accel", accel, "-cpu", "host" if accel == "kvm" else "max",
-        "-m", str(table.default_memory), "-smp", "1",
-        "-kernel", kernel, "-initrd", str(initrd),
-        "-append", "console=ttyS0 quiet panic=-1",
-        "-serial", "stdio",
-    ]
+    args = [*bare_qemu_args(table, kernel, initrd, "console=ttyS0 quiet panic=-1"), "-serial", "stdio"]
     start = time.monotonic()
     proc = await asyncio.create_subprocess_exec(
         *args,

@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gzip
-import io
 import time
 from pathlib import Path
 
-from kabuto.bench.floor import _write_newc
+from kabuto.bench.floor import bare_qemu_args, pack_initrd
 from kabuto.config.model import HypervisorConfig
-from kabuto.hypervisor.host import choose_accelerator
 
 PORT_NAME = "bench.0"
 
@@ -40,11 +37,12 @@ async def _connect(sock: Path) -> tuple[asyncio.StreamReader, asyncio.StreamWrit
 
 
 def bench_initrd(base_initrd: Path, dest: Path, size: int) -> Path:
-    extra = io.BytesIO()
-    _write_newc(extra, {"bench-init": (BENCH_INIT.format(port=PORT_NAME, size=size).encode(), 0o755)})
+    script = BENCH_INIT.format(port=PORT_NAME, size=size).encode()
+    extra = pack_initrd(dest.with_suffix(".extra"), {"bench-init": script})
     # an uncompressed base needs its archive padded to 4 bytes before the next one starts
     base = base_initrd.read_bytes()
-    dest.write_bytes(base + b"\0" * (-len(base) % 4) + gzip.compress(extra.getvalue()))
+    dest.write_bytes(base + b"\0" * (-len(base) % 4) + extra.read_bytes())
+    extra.unlink()
     return dest
 
 
@@ -52,13 +50,8 @@ async def raw_copy_seconds(table: HypervisorConfig, kernel: str, initrd: Path, s
                            timeout: float = 300.0) -> float:
     """Seconds from the first byte to the last of ``size`` bytes read from the port."""
     sock = workdir / "bench.sock"
-    accel = choose_accelerator(table.accel).name
     args = [
-        table.path, "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
-        "-M", table.machine_type or "q35", "-accel", accel, "-cpu", "host" if accel == "kvm" else "max",
-        "-m", str(table.default_memory), "-smp", "1",
-        "-kernel", kernel, "-initrd", str(initrd),
-        "-append", "console=ttyS0 quiet panic=-1 rdinit=/bench-init",
+        *bare_qemu_args(table, kernel, initrd, "console=ttyS0 quiet panic=-1 rdinit=/bench-init"),
         "-serial", "null",
         "-chardev", f"socket,id=bench,path={sock},server=on,wait=on",
         "-device", "virtio-serial-pci,id=vs0",
