@@ -52,11 +52,19 @@ def write_bundle(directory: Path, rootfs: Path, args: list[str], *, change: Any 
 
 def kabuto(root: Path, *args: str, input: bytes | None = None, check: bool = False,
            timeout: float = CLI_TIMEOUT) -> subprocess.CompletedProcess[bytes]:
-    """Run the `kabuto` CLI as a separate process (as OCI tooling would) with state under ``root``."""
+    """Run the `kabuto` CLI as a separate process (as OCI tooling would) with state under ``root``.
+
+    Its output goes to files, not pipes: `create` leaves the container's output pump holding its
+    stdout and stderr (as runc's container process holds them), so pipes would not end with it.
+    """
     env = {**os.environ, "KABUTO_STATE_ROOT": str(root)}
-    result = subprocess.run([str(KABUTO), *args], input=input,
-                            capture_output=True, env=env, timeout=timeout,
-                            stdin=None if input is not None else subprocess.DEVNULL)
+    with tempfile.TemporaryFile() as stdout, tempfile.TemporaryFile() as stderr:
+        finished = subprocess.run([str(KABUTO), *args], input=input, stdout=stdout, stderr=stderr,
+                                  env=env, timeout=timeout,
+                                  stdin=None if input is not None else subprocess.DEVNULL)
+        stdout.seek(0)
+        stderr.seek(0)
+        result = subprocess.CompletedProcess(finished.args, finished.returncode, stdout.read(), stderr.read())
     if check and result.returncode != 0:
         raise AssertionError(f"kabuto {' '.join(args)} exited {result.returncode}: "
                              f"{result.stderr.decode(errors='replace')}")

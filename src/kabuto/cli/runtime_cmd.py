@@ -206,12 +206,15 @@ def _spec_terminal(bundle_dir: str) -> bool:
 @click.pass_context
 def create_command(ctx: click.Context, bundle: str | None, pid_file: str | None, root: Path | None,
                    boot_timeout: float, container_id: str) -> None:
-    """Create a container (its VM boots; its process waits for `start`)."""
+    """Create a container (its VM boots; its process waits for `start`).
+
+    As under runc, the container's stdout and stderr go where this command's went (a terminal,
+    a file, /dev/null), until the container exits: a small output pump keeps them open.
+    """
     options = _options(ctx, root, boot_timeout)
 
     async def create() -> dict[str, Any]:
-        sandbox = await commands.create(container_id, bundle or os.getcwd(), options)
-        await sandbox.disconnect()
+        await commands.create_detached(container_id, bundle or os.getcwd(), options)
         return await commands.state(container_id, options)
 
     state = asyncio.run(create())

@@ -16,17 +16,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import secrets
+import select
 import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from kabuto.errors import KabutoError
 from kabuto.runtime.bundle import Bundle, ContainerIdError, check_container_id, load_bundle, process_spec
 from kabuto.runtime.sandbox import DEFAULT_BOOT_TIMEOUT, INIT_EXEC_ID, SandboxError, VirtSandbox
-from kabuto.runtime.state import SandboxRecord, StateError, StateStore
+from kabuto.runtime.state import ContainerRecord, SandboxRecord, StateError, StateStore
 
 CONTAINER_TYPE_ANNOTATION = "io.kubernetes.cri.container-type"
 SANDBOX_ID_ANNOTATION = "io.kubernetes.cri.sandbox-id"
@@ -38,6 +44,10 @@ BUSY_LOCK_TIMEOUT = 2.0
 CONTROL_SOCKET = "control.sock"
 CONTROL_TIMEOUT = 30.0
 CONTROL_LINE_LIMIT = 4096
+# A detached container's output pump reaches the agent within this, or `create` fails.
+PUMP_READY_TIMEOUT = 60.0
+# Once ended by `delete`, the pump has this long to go before SIGKILL.
+PUMP_EXIT_TIMEOUT = 5.0
 
 Sink = Callable[[bytes], Awaitable[None]]
 
@@ -114,6 +124,79 @@ async def create(container_id: str, bundle_dir: str, options: RuntimeOptions) ->
         await sandbox.destroy()
         raise
     return sandbox
+
+
+async def create_detached(container_id: str, bundle_dir: str, options: RuntimeOptions) -> None:
+    """``runc create`` from the command line: as runc's container process keeps create's stdio,
+    an output pump (kabuto.runtime.iopump) inherits this process's stdout and stderr and copies
+    the container's output there until its process exits. ``run`` streams itself and has none."""
+    sandbox = await create(container_id, bundle_dir, options)
+    try:
+        addresses = await sandbox.hypervisor.get_agent_sockets()
+    finally:
+        await sandbox.disconnect()
+    pump: dict[str, Any] = {}
+    try:
+        pump = await asyncio.to_thread(_spawn_pump, container_id, addresses)
+        with options.store.sandbox_lock(sandbox.id):
+            record = options.store.load(sandbox.id)
+            record.containers[container_id].io_pump = pump
+            options.store.save(record)
+    except BaseException:
+        with contextlib.suppress(KabutoError):
+            await delete(container_id, options, force=True)
+        await asyncio.to_thread(_end_pump, pump, 0.0)
+        raise
+
+
+def _spawn_pump(container_id: str, addresses: list[str]) -> dict[str, Any]:
+    """Start the pump and wait (bounded) until it holds its agent connection."""
+    ready_read, ready_write = os.pipe()
+    try:
+        command = [sys.executable, "-m", "kabuto.runtime.iopump", "--ready-fd", str(ready_write),
+                   "--container", container_id, *(f"--agent={address}" for address in addresses)]
+        # its own session: a Ctrl-C meant for the caller's shell does not end the container's output
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, pass_fds=(ready_write,),
+                                   start_new_session=True, close_fds=True)
+    finally:
+        os.close(ready_write)
+    try:
+        readable, _, _ = select.select([ready_read], [], [], PUMP_READY_TIMEOUT)
+        ready = bool(readable) and os.read(ready_read, 1) == b"1"
+    finally:
+        os.close(ready_read)
+    pump = {"pid": process.pid, "create_time": psutil.Process(process.pid).create_time()}
+    if not ready:
+        _end_pump(pump, grace=0.0)
+        process.wait()
+        raise SandboxError(f"container {container_id!r}: its output pump could not reach the agent "
+                           f"within {PUMP_READY_TIMEOUT:g}s")
+    # never waited for: it outlives this process, as runc's container process outlives runc
+    # (a returncode keeps Popen from warning that it still runs)
+    process.returncode = 0
+    return pump
+
+
+def _end_pump(pump: dict[str, Any], grace: float) -> None:
+    """Let the pump finish within ``grace`` seconds (its container exited, its last output may
+    still be on the way), then end it; a pid reused by another process is left alone."""
+    if not pump:
+        return
+    try:
+        process = psutil.Process(int(pump["pid"]))
+        if abs(process.create_time() - float(pump["create_time"])) > 0.01:
+            return
+        _, alive = psutil.wait_procs([process], timeout=grace)
+        for method, timeout in ((psutil.Process.terminate, PUMP_EXIT_TIMEOUT),
+                                (psutil.Process.kill, PUMP_EXIT_TIMEOUT)):
+            if not alive:
+                return
+            for remaining in alive:
+                with contextlib.suppress(psutil.Error):
+                    method(remaining)
+            _, alive = psutil.wait_procs(alive, timeout=timeout)
+    except (psutil.Error, KeyError, ValueError, TypeError):
+        return
 
 
 @contextlib.asynccontextmanager
@@ -300,12 +383,24 @@ async def delete(container_id: str, options: RuntimeOptions, *, force: bool = Fa
         if container_id == sandbox.id and others and not force:
             raise SandboxError(f"cannot delete sandbox container {container_id}: containers "
                                f"{', '.join(others)} still belong to it (use --force)")
+        await _end_pumps(sandbox, [container_id, *(others if container_id == sandbox.id else [])])
         if container_id == sandbox.id or (not sandbox.vm_alive and not others):
             await sandbox.destroy()
         elif sandbox.vm_alive:
             await sandbox.remove_container(container_id)
         else:
             await sandbox.release_container(container_id)
+
+
+async def _end_pumps(sandbox: VirtSandbox, container_ids: list[str]) -> None:
+    """The output pumps of containers about to go: a stopped container's pump gets the time its
+    last output needs; the others' output ends with their process."""
+    def grace(container: ContainerRecord) -> float:
+        return OUTPUT_DRAIN_TIMEOUT if container.status == "stopped" and sandbox.vm_alive else 0.0
+
+    pumped = [sandbox.record.containers[c] for c in container_ids
+              if c in sandbox.record.containers and sandbox.record.containers[c].io_pump]
+    await asyncio.gather(*(asyncio.to_thread(_end_pump, c.io_pump, grace(c)) for c in pumped))
 
 
 # -- exec / run --------------------------------------------------------------------------------
