@@ -118,6 +118,19 @@ class Hypervisor(abc.ABC):
     async def hypervisor_config(self) -> HypervisorConfig:
         return self.config
 
+    async def _state(self, agent_socket: str, extra: dict[str, Any] | None = None) -> HypervisorState:
+        """What every backend's ``save_state`` records, plus the backend's own ``extra``."""
+        return HypervisorState(
+            hypervisor_name=self.name,
+            id=self.id,
+            status=self.status.value,
+            vm_path=str(self.vm_path),
+            jailer_root=str(self.jailer_root),
+            pids=await self.get_pids(),
+            agent_socket=agent_socket,
+            extra=extra or {},
+        )
+
     def get_jailer_root(self) -> str:
         return str(self.jailer_root)
 

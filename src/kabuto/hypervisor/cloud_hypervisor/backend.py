@@ -381,15 +381,9 @@ class CloudHypervisor(Hypervisor):
 
     async def save_state(self) -> HypervisorState:
         vmm = self._vmm
-        return HypervisorState(
-            hypervisor_name=self.name,
-            id=self.id,
-            status=self.status.value,
-            vm_path=str(self.vm_path),
-            jailer_root=str(self.jailer_root),
-            pids=await self.get_pids(),
-            agent_socket=await self.get_agent_socket() if self.id else "",
-            extra={
+        return await self._state(
+            await self.get_agent_socket() if self.id else "",
+            {
                 "api_socket": str(self.api_socket) if self.id else "",
                 "vmm": _proc_state(vmm),
                 "virtiofsd": {dev: _proc_state(p) for dev, p in self._virtiofsd.items()},

@@ -165,15 +165,7 @@ class Dragonball(Hypervisor):
             raise HypervisorUnavailable(f"{self.name}: {UNAVAILABLE_REASON}")
 
     async def save_state(self) -> HypervisorState:
-        return HypervisorState(
-            hypervisor_name=self.name,
-            id=self.id,
-            status=self.status.value,
-            vm_path=str(self.vm_path),
-            jailer_root=str(self.jailer_root),
-            pids=await self.get_pids(),
-            agent_socket=await self.get_agent_socket() if self.id else "",
-        )
+        return await self._state(await self.get_agent_socket() if self.id else "")
 
     @classmethod
     async def restore(

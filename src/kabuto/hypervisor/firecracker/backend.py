@@ -380,15 +380,9 @@ class Firecracker(Hypervisor):
 
     async def save_state(self) -> HypervisorState:
         vmm = self._vmm
-        return HypervisorState(
-            hypervisor_name=self.name,
-            id=self.id,
-            status=self.status.value,
-            vm_path=str(self.vm_path),
-            jailer_root=str(self.jailer_root),
-            pids=await self.get_pids(),
-            agent_socket=await self.get_agent_socket() if self.id else "",
-            extra={
+        return await self._state(
+            await self.get_agent_socket() if self.id else "",
+            {
                 "api_socket": str(self.api_socket) if self.id else "",
                 "jailed": self.jailed,
                 "vmm": {"pid": vmm.pid, "start_time": vmm.start_time()} if vmm and vmm.pid else None,

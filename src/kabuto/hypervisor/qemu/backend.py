@@ -436,15 +436,9 @@ class QemuHypervisor(Hypervisor):
 
     # -- state for another process ------------------------------------------------------------
     async def save_state(self) -> HypervisorState:
-        return HypervisorState(
-            hypervisor_name=self.name,
-            id=self.id,
-            status=self.status.value,
-            vm_path=str(self.vm_path),
-            jailer_root=str(self.jailer_root),
-            pids=await self.get_pids(),
-            agent_socket=await self.get_agent_socket() if self._agent else "",
-            extra={
+        return await self._state(
+            await self.get_agent_socket() if self._agent else "",
+            {
                 "pid_create_time": self._pid_create_time,
                 "qmp_socket": str(self.paths.qmp_socket),
                 "accelerator": self.accelerator.name if self.accelerator else "",
