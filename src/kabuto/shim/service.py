@@ -1,0 +1,492 @@
+"""The ``containerd.task.v2.Task`` service: containerd's tasks, run in this shim's sandbox VM.
+
+The first task created makes the sandbox (boots the VM); tasks of the same pod join it. Every
+process (a task's init, or an exec) gets its stdio pumped between containerd's FIFOs and the
+agent and a waiter that records its exit and tells containerd (TaskExit). The pid containerd
+sees for a task or exec is the VMM's, as in Kata: guest pids mean nothing on the host; ``Pids``
+lists the guest's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from google.protobuf.any_pb2 import Any as AnyMessage
+from google.protobuf.empty_pb2 import Empty
+from google.protobuf.message import DecodeError, Message
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from kabuto.agent.containers import ContainerCallError
+from kabuto.errors import AnnotationError, ConfigError, KabutoError
+from kabuto.protos import containerd_cgroups_v2_pb2 as cgroups_pb
+from kabuto.protos import containerd_events_pb2 as events_pb
+from kabuto.protos import containerd_runtimeoptions_pb2 as options_pb
+from kabuto.protos import containerd_shim_pb2 as pb
+from kabuto.protos import containerd_task_types_pb2 as types_pb
+from kabuto.runtime.bundle import Bundle, BundleError, ContainerIdError, check_container_id, load_bundle
+from kabuto.runtime.sandbox import INIT_EXEC_ID, VirtSandbox
+from kabuto.runtime.state import SandboxRecord, StateStore
+from kabuto.shim import mounts
+from kabuto.shim.events import Publisher
+from kabuto.shim.stdio import ProcessStdio, StdioError, write_all
+from kabuto.ttrpc import Code, Method, RpcError, unary_method
+
+log = logging.getLogger(__name__)
+
+TASK_SERVICE = "containerd.task.v2.Task"
+RUNTIME_OPTIONS_TYPE = "runtimeoptions.v1.Options"
+SANDBOX_ID_ANNOTATION = "io.kubernetes.cri.sandbox-id"
+CONTAINER_TYPE_ANNOTATION = "io.kubernetes.cri.container-type"
+# a process whose VM or agent channel died is reported with this status (as Kata does)
+LOST_EXIT_STATUS = 255
+OUTPUT_DRAIN_TIMEOUT = 30.0
+MAX_PROCESS_SPEC_BYTES = 1024 * 1024
+
+
+def _now() -> Timestamp:
+    timestamp = Timestamp()
+    timestamp.GetCurrentTime()
+    return timestamp
+
+
+@dataclass
+class Process:
+    """A task's init process (exec_id "") or an exec'd one."""
+
+    container_id: str
+    exec_id: str
+    stdio: ProcessStdio
+    spec: dict[str, Any] | None = None  # an exec's OCI process, until it starts
+    status: int = types_pb.CREATED
+    exit_status: int = 0
+    exited_at: Timestamp | None = None
+    exited: asyncio.Event = field(default_factory=asyncio.Event)
+    tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+
+
+@dataclass
+class Task:
+    id: str
+    bundle: Bundle
+    init: Process
+    mounted_rootfs: Path | None
+    execs: dict[str, Process] = field(default_factory=dict)
+
+
+def _rpc_error(exc: KabutoError) -> RpcError:
+    if isinstance(exc, RpcError):
+        return exc
+    if isinstance(exc, ContainerCallError):
+        return RpcError(exc.code, exc.message)
+    if isinstance(exc, ContainerIdError):
+        return RpcError(Code.NOT_FOUND, str(exc))
+    if isinstance(exc, BundleError | ConfigError | AnnotationError | StdioError):
+        return RpcError(Code.INVALID_ARGUMENT, str(exc))
+    return RpcError(Code.UNKNOWN, str(exc))
+
+
+def _handler(method: Callable[[Any], Awaitable[Message]]) -> Callable[[Any], Awaitable[Message]]:
+    """Runtime errors become ttrpc statuses containerd maps to its own (NotFound, ...)."""
+    async def handle(request: Any) -> Message:
+        try:
+            return await method(request)
+        except KabutoError as exc:
+            log.warning("%s: %s", method.__name__, exc)
+            raise _rpc_error(exc) from None
+    handle.__name__ = method.__name__
+    return handle
+
+
+class TaskService:
+    def __init__(self, store: StateStore, publisher: Publisher, on_idle: Callable[[], None]) -> None:
+        self.store = store
+        self.publisher = publisher
+        self._on_idle = on_idle
+        self.sandbox: VirtSandbox | None = None
+        self.tasks: dict[str, Task] = {}
+        self._lock = asyncio.Lock()
+
+    def methods(self) -> dict[str, Method]:
+        table: dict[str, tuple[type[Message], Callable[[Any], Awaitable[Message]]]] = {
+            "State": (pb.StateRequest, self.state),
+            "Create": (pb.CreateTaskRequest, self.create),
+            "Start": (pb.StartRequest, self.start),
+            "Delete": (pb.DeleteRequest, self.delete),
+            "Pids": (pb.PidsRequest, self.pids),
+            "Pause": (pb.PauseRequest, self.pause),
+            "Resume": (pb.ResumeRequest, self.resume),
+            "Checkpoint": (pb.CheckpointTaskRequest, self.checkpoint),
+            "Kill": (pb.KillRequest, self.kill),
+            "Exec": (pb.ExecProcessRequest, self.exec),
+            "ResizePty": (pb.ResizePtyRequest, self.resize_pty),
+            "CloseIO": (pb.CloseIORequest, self.close_io),
+            "Update": (pb.UpdateTaskRequest, self.update),
+            "Wait": (pb.WaitRequest, self.wait),
+            "Stats": (pb.StatsRequest, self.stats),
+            "Connect": (pb.ConnectRequest, self.connect),
+            "Shutdown": (pb.ShutdownRequest, self.shutdown),
+        }
+        return {name: unary_method(request, _handler(handler)) for name, (request, handler) in table.items()}
+
+    # -- lookups -----------------------------------------------------------------------------
+    def _task(self, task_id: str) -> Task:
+        try:
+            return self.tasks[task_id]
+        except KeyError:
+            raise RpcError(Code.NOT_FOUND, f"task {task_id!r} not found") from None
+
+    def _process(self, task_id: str, exec_id: str) -> Process:
+        task = self._task(task_id)
+        if not exec_id:
+            return task.init
+        try:
+            return task.execs[exec_id]
+        except KeyError:
+            raise RpcError(Code.NOT_FOUND, f"exec {exec_id!r} of task {task_id!r} not found") from None
+
+    def _sandbox(self) -> VirtSandbox:
+        if self.sandbox is None:
+            raise RpcError(Code.FAILED_PRECONDITION, "this shim has no sandbox VM")
+        return self.sandbox
+
+    async def _vmm_pid(self) -> int:
+        if self.sandbox is None:
+            return 0
+        pids = await self.sandbox.hypervisor.get_pids()
+        return pids[0] if pids else 0
+
+    # -- create / start ----------------------------------------------------------------------
+    async def create(self, request: pb.CreateTaskRequest) -> pb.CreateTaskResponse:
+        try:
+            check_container_id(request.id)
+        except ContainerIdError as exc:
+            raise RpcError(Code.INVALID_ARGUMENT, str(exc)) from None
+        if request.checkpoint:
+            raise RpcError(Code.UNIMPLEMENTED, "Kabuto cannot restore a task from a checkpoint")
+        async with self._lock:
+            if request.id in self.tasks:
+                raise RpcError(Code.ALREADY_EXISTS, f"task {request.id!r} already exists")
+            bundle_dir = Path(request.bundle)
+            mounted = await mounts.mount_rootfs(list(request.rootfs), bundle_dir / "rootfs")
+            stdio: ProcessStdio | None = None
+            try:
+                bundle = load_bundle(bundle_dir)
+                stdio = ProcessStdio.open(request.stdin, request.stdout, request.stderr, request.terminal)
+                await self._create_container(request, bundle)
+            except BaseException:
+                if stdio is not None:
+                    stdio.close()
+                if mounted is not None:
+                    await mounts.unmount(mounted)
+                raise
+            task = Task(request.id, bundle, Process(request.id, INIT_EXEC_ID, stdio), mounted)
+            self.tasks[request.id] = task
+        pid = await self._vmm_pid()
+        self.publisher.publish(events_pb.TaskCreate(
+            container_id=request.id, bundle=request.bundle, rootfs=request.rootfs, pid=pid,
+            io=events_pb.TaskIO(stdin=request.stdin, stdout=request.stdout, stderr=request.stderr,
+                                terminal=request.terminal)))
+        return pb.CreateTaskResponse(pid=pid)
+
+    async def _create_container(self, request: pb.CreateTaskRequest, bundle: Bundle) -> None:
+        if self.sandbox is not None:
+            await self.sandbox.create_container(request.id, bundle)
+            return
+        annotations = bundle.annotations
+        if annotations.get(CONTAINER_TYPE_ANNOTATION) == "container":
+            raise RpcError(Code.FAILED_PRECONDITION,
+                           f"container {request.id!r} belongs to sandbox "
+                           f"{annotations.get(SANDBOX_ID_ANNOTATION)!r}, which this shim does not run")
+        config_path = _config_path(request.options)
+        self.store.reserve(SandboxRecord(id=request.id, hypervisor_name="", config_path=config_path),
+                           [request.id])
+        sandbox = await VirtSandbox.create(
+            request.id, self.store, config_path=config_path, annotations=annotations,
+            block_rootfs=[(request.id, bundle)])
+        try:
+            await sandbox.create_container(request.id, bundle)
+        except BaseException:
+            await sandbox.destroy()
+            raise
+        self.sandbox = sandbox
+
+    async def start(self, request: pb.StartRequest) -> pb.StartResponse:
+        process = self._process(request.id, request.exec_id)
+        sandbox = self._sandbox()
+        if process.status != types_pb.CREATED:
+            status = types_pb.Status.Name(process.status).lower()
+            raise RpcError(Code.FAILED_PRECONDITION, f"{_name(process)} cannot start: it is {status}")
+        if process.exec_id:
+            assert process.spec is not None
+            await sandbox.exec_process(process.container_id, process.exec_id, process.spec)
+        else:
+            await sandbox.start_container(process.container_id)
+        process.status = types_pb.RUNNING
+        self._supervise(process)
+        pid = await self._vmm_pid()
+        if process.exec_id:
+            self.publisher.publish(events_pb.TaskExecStarted(container_id=process.container_id,
+                                                             exec_id=process.exec_id, pid=pid))
+        else:
+            self.publisher.publish(events_pb.TaskStart(container_id=process.container_id, pid=pid))
+        return pb.StartResponse(pid=pid)
+
+    def _supervise(self, process: Process) -> None:
+        pumps = [asyncio.create_task(self._pump_output(process, stream)) for stream in ("stdout", "stderr")
+                 if not (stream == "stderr" and process.stdio.terminal)]
+        process.tasks += pumps
+        if process.stdio.stdin_fd is not None:
+            process.tasks.append(asyncio.create_task(self._pump_stdin(process)))
+        process.tasks.append(asyncio.create_task(self._wait_exit(process, pumps)))
+
+    async def _pump_output(self, process: Process, stream: str) -> None:
+        sandbox = self._sandbox()
+        while chunk := await sandbox.read_output(process.container_id, process.exec_id, stream):
+            fd = process.stdio.output_fd(stream)
+            if fd is not None:
+                await write_all(fd, chunk)
+
+    async def _pump_stdin(self, process: Process) -> None:
+        sandbox = self._sandbox()
+        while process.stdio.stdin_fd is not None:
+            data = await process.stdio.read_stdin()
+            if data is None:
+                await process.stdio.wait_stdin()
+                continue
+            await sandbox.write_stdin(process.container_id, process.exec_id, data)
+
+    async def _wait_exit(self, process: Process, pumps: list[asyncio.Task[None]]) -> None:
+        sandbox = self._sandbox()
+        try:
+            status = await sandbox.wait_process(process.container_id, process.exec_id)
+            assert status is not None
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(OUTPUT_DRAIN_TIMEOUT):
+                    await asyncio.gather(*pumps, return_exceptions=True)
+        except KabutoError as exc:
+            log.warning("%s: lost (%s)", _name(process), exc)
+            status = LOST_EXIT_STATUS
+        for pump in pumps:
+            pump.cancel()
+        process.stdio.close_output()
+        process.status, process.exit_status, process.exited_at = types_pb.STOPPED, status, _now()
+        process.exited.set()
+        self.publisher.publish(events_pb.TaskExit(
+            container_id=process.container_id, id=process.exec_id or process.container_id,
+            pid=await self._vmm_pid(), exit_status=status, exited_at=process.exited_at))
+
+    # -- exec --------------------------------------------------------------------------------
+    async def exec(self, request: pb.ExecProcessRequest) -> Empty:
+        task = self._task(request.id)
+        if not request.exec_id:
+            raise RpcError(Code.INVALID_ARGUMENT, "exec id must not be empty")
+        if request.exec_id in task.execs:
+            raise RpcError(Code.ALREADY_EXISTS,
+                           f"exec {request.exec_id!r} of task {request.id!r} already exists")
+        if task.init.status != types_pb.RUNNING:
+            raise RpcError(Code.FAILED_PRECONDITION, f"task {request.id!r} is not running")
+        spec = _process_spec(request.spec)
+        stdio = ProcessStdio.open(request.stdin, request.stdout, request.stderr, request.terminal)
+        task.execs[request.exec_id] = Process(request.id, request.exec_id, stdio, spec=spec)
+        self.publisher.publish(events_pb.TaskExecAdded(container_id=request.id, exec_id=request.exec_id))
+        return Empty()
+
+    # -- signals, terminal, stdin ------------------------------------------------------------
+    async def kill(self, request: pb.KillRequest) -> Empty:
+        process = self._process(request.id, request.exec_id)
+        if process.status == types_pb.STOPPED:
+            raise RpcError(Code.NOT_FOUND, f"{_name(process)}: process already finished")
+        await self._sandbox().kill(process.container_id, request.signal, exec_id=process.exec_id,
+                                   all_processes=request.all)
+        return Empty()
+
+    async def resize_pty(self, request: pb.ResizePtyRequest) -> Empty:
+        process = self._process(request.id, request.exec_id)
+        if process.status == types_pb.RUNNING:
+            await self._sandbox().resize_terminal(process.container_id, process.exec_id,
+                                                  request.height, request.width)
+        return Empty()
+
+    async def close_io(self, request: pb.CloseIORequest) -> Empty:
+        process = self._process(request.id, request.exec_id)
+        if not request.stdin:
+            return Empty()
+        # what containerd wrote before closing is still in the FIFO: hand it over first
+        while (data := await process.stdio.read_stdin()) is not None:
+            await self._sandbox().write_stdin(process.container_id, process.exec_id, data)
+        process.stdio.close_stdin()
+        if process.status == types_pb.RUNNING:
+            await self._sandbox().close_stdin(process.container_id, process.exec_id)
+        return Empty()
+
+    # -- state -------------------------------------------------------------------------------
+    async def state(self, request: pb.StateRequest) -> pb.StateResponse:
+        task = self._task(request.id)
+        process = self._process(request.id, request.exec_id)
+        stdio = process.stdio
+        response = pb.StateResponse(
+            id=request.id, exec_id=request.exec_id, bundle=str(task.bundle.path), pid=await self._vmm_pid(),
+            status=process.status, stdin=stdio.stdin_path, stdout=stdio.stdout_path,
+            stderr=stdio.stderr_path, terminal=stdio.terminal, exit_status=process.exit_status)
+        if process.exited_at is not None:
+            response.exited_at.CopyFrom(process.exited_at)
+        return response
+
+    async def wait(self, request: pb.WaitRequest) -> pb.WaitResponse:
+        process = self._process(request.id, request.exec_id)
+        await process.exited.wait()
+        return pb.WaitResponse(exit_status=process.exit_status, exited_at=process.exited_at)
+
+    async def pids(self, request: pb.PidsRequest) -> pb.PidsResponse:
+        self._task(request.id)
+        pids = await self._sandbox().list_processes(request.id)
+        return pb.PidsResponse(processes=[types_pb.ProcessInfo(pid=pid) for pid in pids])
+
+    async def stats(self, request: pb.StatsRequest) -> pb.StatsResponse:
+        self._task(request.id)
+        stats = await self._sandbox().containers.stats_container(request.id)
+        metrics = cgroups_pb.Metrics(
+            pids=cgroups_pb.PidsStat(current=stats.pids_current or 0, limit=stats.pids_limit or 0),
+            cpu=cgroups_pb.CPUStat(usage_usec=stats.cpu_usage_usec or 0, user_usec=stats.cpu_user_usec or 0,
+                                   system_usec=stats.cpu_system_usec or 0),
+            memory=cgroups_pb.MemoryStat(usage=stats.memory_usage_bytes or 0,
+                                         usage_limit=stats.memory_limit_bytes or 0))
+        return pb.StatsResponse(stats=AnyMessage(type_url=metrics.DESCRIPTOR.full_name,
+                                                 value=metrics.SerializeToString()))
+
+    # -- pause / resume / update / checkpoint -------------------------------------------------
+    async def pause(self, request: pb.PauseRequest) -> Empty:
+        task = self._task(request.id)
+        if task.init.status != types_pb.RUNNING:
+            raise RpcError(Code.FAILED_PRECONDITION, f"task {request.id!r} is not running")
+        await self._sandbox().pause_container(request.id)
+        task.init.status = types_pb.PAUSED
+        self.publisher.publish(events_pb.TaskPaused(container_id=request.id))
+        return Empty()
+
+    async def resume(self, request: pb.ResumeRequest) -> Empty:
+        task = self._task(request.id)
+        if task.init.status != types_pb.PAUSED:
+            raise RpcError(Code.FAILED_PRECONDITION, f"task {request.id!r} is not paused")
+        await self._sandbox().resume_container(request.id)
+        task.init.status = types_pb.RUNNING
+        self.publisher.publish(events_pb.TaskResumed(container_id=request.id))
+        return Empty()
+
+    async def update(self, request: pb.UpdateTaskRequest) -> Empty:
+        self._task(request.id)
+        try:
+            resources = json.loads(request.resources.value or b"{}")
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise RpcError(Code.INVALID_ARGUMENT, f"update: resources are not JSON: {exc}") from None
+        if not isinstance(resources, dict):
+            raise RpcError(Code.INVALID_ARGUMENT, "update: resources must be a JSON object")
+        await self._sandbox().update_container(request.id, resources)
+        return Empty()
+
+    async def checkpoint(self, request: pb.CheckpointTaskRequest) -> Empty:
+        raise RpcError(Code.UNIMPLEMENTED, "checkpoint is not supported by Kabuto (the task runs in a VM)")
+
+    # -- delete / shutdown -------------------------------------------------------------------
+    async def delete(self, request: pb.DeleteRequest) -> pb.DeleteResponse:
+        task = self._task(request.id)
+        process = self._process(request.id, request.exec_id)
+        if process.status in (types_pb.RUNNING, types_pb.PAUSED):
+            raise RpcError(Code.FAILED_PRECONDITION,
+                           f"cannot delete {_name(process)}: it is still running")
+        pid = await self._vmm_pid()
+        if request.exec_id:
+            del task.execs[request.exec_id]
+        else:
+            async with self._lock:
+                await self._remove_task(task)
+        process.stdio.close()
+        exited_at = process.exited_at or _now()
+        self.publisher.publish(events_pb.TaskDelete(
+            container_id=request.id, id=request.exec_id or request.id, pid=pid,
+            exit_status=process.exit_status, exited_at=exited_at))
+        return pb.DeleteResponse(pid=pid, exit_status=process.exit_status, exited_at=exited_at)
+
+    async def _remove_task(self, task: Task) -> None:
+        sandbox = self._sandbox()
+        others = [t for t in self.tasks if t != task.id]
+        if task.id == sandbox.id and others:
+            raise RpcError(Code.FAILED_PRECONDITION, f"cannot delete sandbox task {task.id!r}: "
+                                                     f"tasks {', '.join(others)} still belong to it")
+        for process in (task.init, *task.execs.values()):
+            for running in process.tasks:
+                running.cancel()
+        if task.id == sandbox.id:
+            await sandbox.destroy()
+            self.sandbox = None
+        elif sandbox.vm_alive:
+            await sandbox.remove_container(task.id)
+        else:
+            await sandbox.release_container(task.id)
+        if task.mounted_rootfs is not None:
+            await mounts.unmount(task.mounted_rootfs)
+        del self.tasks[task.id]
+
+    async def connect(self, request: pb.ConnectRequest) -> pb.ConnectResponse:
+        return pb.ConnectResponse(shim_pid=os.getpid(), task_pid=await self._vmm_pid(), version="kabuto")
+
+    async def shutdown(self, request: pb.ShutdownRequest) -> Empty:
+        if not self.tasks:
+            self._on_idle()
+        return Empty()
+
+    async def close(self) -> None:
+        """The shim is going: stop whatever still runs (a VM left without tasks goes too)."""
+        for task in self.tasks.values():
+            for process in (task.init, *task.execs.values()):
+                for running in process.tasks:
+                    running.cancel()
+                process.stdio.close()
+        if self.sandbox is not None:
+            with contextlib.suppress(KabutoError):
+                await self.sandbox.destroy()
+            self.sandbox = None
+        for task in self.tasks.values():
+            if task.mounted_rootfs is not None:
+                with contextlib.suppress(KabutoError):
+                    await mounts.unmount(task.mounted_rootfs)
+        self.tasks.clear()
+
+
+def _name(process: Process) -> str:
+    if process.exec_id:
+        return f"exec {process.exec_id!r} of task {process.container_id!r}"
+    return f"task {process.container_id!r}"
+
+
+def _config_path(options: AnyMessage) -> str | None:
+    """CRI's runtime options name the Kabuto configuration file (``ConfigPath``)."""
+    if not options.type_url.endswith(RUNTIME_OPTIONS_TYPE):
+        return None
+    parsed = options_pb.Options()
+    try:
+        parsed.ParseFromString(options.value)
+    except DecodeError as exc:
+        raise RpcError(Code.INVALID_ARGUMENT, f"runtime options: not {RUNTIME_OPTIONS_TYPE}: {exc}") from None
+    return parsed.config_path or None
+
+
+def _process_spec(spec: AnyMessage) -> dict[str, Any]:
+    if len(spec.value) > MAX_PROCESS_SPEC_BYTES:
+        raise RpcError(Code.INVALID_ARGUMENT,
+                       f"exec: process spec larger than {MAX_PROCESS_SPEC_BYTES} bytes")
+    try:
+        process = json.loads(spec.value)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RpcError(Code.INVALID_ARGUMENT, f"exec: process spec is not JSON: {exc}") from None
+    if not isinstance(process, dict) or not isinstance(process.get("args"), list) or not process["args"]:
+        raise RpcError(Code.INVALID_ARGUMENT, "exec: process spec needs a non-empty args list")
+    return process
