@@ -144,6 +144,21 @@ class ContainerClient:
         request = pb.RemoveContainerRequest(container_id=container_id)
         await self._call("RemoveContainer", request, pb.RemoveContainerResponse, timeout)
 
+    async def pause_container(self, container_id: str, timeout: float | None = None) -> None:
+        """Like ``runc pause``: returns once every process of the container is frozen."""
+        request = pb.PauseContainerRequest(container_id=container_id)
+        await self._call("PauseContainer", request, pb.PauseContainerResponse, timeout)
+
+    async def resume_container(self, container_id: str, timeout: float | None = None) -> None:
+        request = pb.ResumeContainerRequest(container_id=container_id)
+        await self._call("ResumeContainer", request, pb.ResumeContainerResponse, timeout)
+
+    async def update_container(self, container_id: str, resources: bytes | Mapping[str, Any]) -> None:
+        """Like ``runc update -r``; ``resources``: an OCI linux.resources object (or its JSON)."""
+        raw = resources if isinstance(resources, bytes) else json.dumps(resources).encode()
+        request = pb.UpdateContainerRequest(container_id=container_id, resources=raw)
+        await self._call("UpdateContainer", request, pb.UpdateContainerResponse)
+
     async def list_processes(self, container_id: str) -> list[int]:
         request = pb.ListProcessesRequest(container_id=container_id)
         return list((await self._call("ListProcesses", request, pb.ListProcessesResponse)).pids)

@@ -1,4 +1,4 @@
-"""runc's command line: run, create, start, state, kill, delete, exec, list, ps.
+"""runc's command line: run, create, start, state, pause, resume, update, kill, delete, exec, list, ps.
 
 Global ``--config`` and ``--hypervisor`` come from the ``kabuto`` group; ``--root`` (or
 ``$KABUTO_STATE_ROOT``) moves the state directory away from ``/run/kabuto``.
@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -35,6 +36,8 @@ FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUI
 STDIN_CHUNK = 64 * 1024
 # Chunks read from our stdin wait here for the agent; a bounded queue gives back-pressure.
 STDIN_QUEUE_CHUNKS = 16
+# `update -r`: the guest accepts at most 1 MiB of OCI JSON
+MAX_RESOURCES_BYTES = 1 << 20
 
 
 def _options(ctx: click.Context, root: Path | None, boot_timeout: float = DEFAULT_BOOT_TIMEOUT
@@ -240,6 +243,97 @@ def state_command(ctx: click.Context, root: Path | None, container_id: str) -> N
     click.echo(json.dumps(asyncio.run(commands.state(container_id, _options(ctx, root))), indent=2))
 
 
+@click.command("pause")
+@_root_option
+@click.argument("container_id")
+@click.pass_context
+def pause_command(ctx: click.Context, root: Path | None, container_id: str) -> None:
+    """Freeze every process of a running container."""
+    asyncio.run(commands.pause(container_id, _options(ctx, root)))
+
+
+@click.command("resume")
+@_root_option
+@click.argument("container_id")
+@click.pass_context
+def resume_command(ctx: click.Context, root: Path | None, container_id: str) -> None:
+    """Let a paused container run again."""
+    asyncio.run(commands.resume(container_id, _options(ctx, root)))
+
+
+def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    """runc's memory sizes: bytes, or 512k / 64m / 1g (powers of 1024); -1 for no limit."""
+    if value is None:
+        return None
+    match = re.fullmatch(r"\s*(-1|\d+)\s*(?:([kmgt])i?b?|b)?\s*", value, re.IGNORECASE)
+    if match is None or (match[1] == "-1" and match[2]):
+        raise click.BadParameter(f"{value!r} is not a size (like 1048576, 512k, 64m, 1g or -1)")
+    return int(match[1]) * 1024 ** ("kmgt".index(match[2].lower()) + 1 if match[2] else 0)
+
+
+# update's options -> where they go in linux.resources
+UPDATE_OPTIONS = {
+    "memory": ("memory", "limit"),
+    "memory_reservation": ("memory", "reservation"),
+    "memory_swap": ("memory", "swap"),
+    "cpu_period": ("cpu", "period"),
+    "cpu_quota": ("cpu", "quota"),
+    "cpu_share": ("cpu", "shares"),
+    "cpuset_cpus": ("cpu", "cpus"),
+    "cpuset_mems": ("cpu", "mems"),
+    "pids_limit": ("pids", "limit"),
+}
+
+
+def _read_resources(source: str) -> dict[str, Any]:
+    try:
+        with click.open_file(source, "rb") as file:
+            raw = file.read(MAX_RESOURCES_BYTES + 1)
+    except OSError as exc:
+        raise click.BadParameter(f"cannot read {source}: {exc.strerror or exc}", param_hint="-r") from None
+    if len(raw) > MAX_RESOURCES_BYTES:
+        raise click.BadParameter(f"{source} is larger than {MAX_RESOURCES_BYTES} bytes", param_hint="-r")
+    try:
+        resources = json.loads(raw)
+    except ValueError as exc:
+        raise click.BadParameter(f"{source} is not JSON: {exc}", param_hint="-r") from None
+    if not isinstance(resources, dict):
+        raise click.BadParameter(f"{source} must hold a JSON object (linux.resources)", param_hint="-r")
+    return resources
+
+
+@click.command("update")
+@click.option("-r", "--resources", "resources_file", default=None, metavar="FILE",
+              help="JSON of an OCI linux.resources object ('-': standard input); no other option then.")
+@click.option("--memory", callback=_size, help="Memory limit (bytes, or 512k, 64m, 1g; -1: none).")
+@click.option("--memory-reservation", callback=_size, help="Memory soft limit (memory.low).")
+@click.option("--memory-swap", callback=_size, help="Memory plus swap limit, as runc counts it.")
+@click.option("--cpu-period", type=int, help="CPU CFS period in microseconds.")
+@click.option("--cpu-quota", type=int, help="CPU CFS quota in microseconds per period (-1: none).")
+@click.option("--cpu-share", type=int, help="CPU shares (relative weight).")
+@click.option("--cpuset-cpus", help="CPUs to use (0-2, 0,1).")
+@click.option("--cpuset-mems", help="Memory nodes to use.")
+@click.option("--pids-limit", type=int, help="Maximum number of processes (-1: none).")
+@_root_option
+@click.argument("container_id")
+@click.pass_context
+def update_command(ctx: click.Context, resources_file: str | None, root: Path | None, container_id: str,
+                   **limits: Any) -> None:
+    """Change a container's cgroup limits, like `runc update`."""
+    given = {name: value for name, value in limits.items() if value is not None}
+    if resources_file is not None and given:
+        raise click.UsageError("give either -r FILE or limit options, not both")
+    if resources_file is None and not given:
+        raise click.UsageError("nothing to update: give -r FILE or a limit option")
+    resources: dict[str, Any] = {}
+    if resources_file is not None:
+        resources = _read_resources(resources_file)
+    for name, value in given.items():
+        section, key = UPDATE_OPTIONS[name]
+        resources.setdefault(section, {})[key] = value
+    asyncio.run(commands.update(container_id, resources, _options(ctx, root)))
+
+
 @click.command("kill")
 @click.option("-a", "--all", "all_processes", is_flag=True, help="Signal every process of the container.")
 @_root_option
@@ -319,7 +413,7 @@ def ps_command(ctx: click.Context, fmt: str, root: Path | None, container_id: st
 
 
 def register(cli: click.Group) -> None:
-    for command in (run_command, create_command, start_command, state_command, kill_command, delete_command,
-                    exec_command, list_command, ps_command):
+    for command in (run_command, create_command, start_command, state_command, pause_command, resume_command,
+                    update_command, kill_command, delete_command, exec_command, list_command, ps_command):
         cli.add_command(command)
 

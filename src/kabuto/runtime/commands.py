@@ -1,4 +1,5 @@
-"""runc's operations over persisted sandboxes: create, start, state, kill, delete, exec, list, ps, run.
+"""runc's operations over persisted sandboxes: create, start, state, pause, resume, update, kill,
+delete, exec, list, ps, run.
 
 Each call is one short-lived process's worth of work: find the sandbox on disk, take its lock
 (which serialises changes to its record), reconnect to VM and agent, act, persist, disconnect.
@@ -300,6 +301,27 @@ async def ps(container_id: str, options: RuntimeOptions) -> list[int]:
         return await sandbox.list_processes(container_id)
 
 
+# -- pause / resume / update -------------------------------------------------------------------
+async def pause(container_id: str, options: RuntimeOptions) -> None:
+    """``runc pause``: the container's processes freeze (its VM keeps running)."""
+    async with attached(container_id, options) as sandbox:
+        await _require_vm(sandbox, container_id)
+        await sandbox.pause_container(container_id)
+
+
+async def resume(container_id: str, options: RuntimeOptions) -> None:
+    async with attached(container_id, options) as sandbox:
+        await _require_vm(sandbox, container_id)
+        await sandbox.resume_container(container_id)
+
+
+async def update(container_id: str, resources: dict[str, Any], options: RuntimeOptions) -> None:
+    """``runc update -r``: ``resources`` is an OCI linux.resources object."""
+    async with attached(container_id, options) as sandbox:
+        await _require_vm(sandbox, container_id)
+        await sandbox.update_container(container_id, resources)
+
+
 # -- kill / delete -----------------------------------------------------------------------------
 async def kill(container_id: str, signal_value: str | int, options: RuntimeOptions, *,
                all_processes: bool = False) -> None:
@@ -378,8 +400,9 @@ async def delete(container_id: str, options: RuntimeOptions, *, force: bool = Fa
             await sandbox.refresh_status(container_id)
         container = sandbox.container(container_id)
         others = [c for c in sandbox.record.containers if c != container_id]
-        if container.status == "running" and not force:
-            raise SandboxError(f"cannot delete container {container_id} that is not stopped: running")
+        if container.status in ("running", "paused") and not force:
+            raise SandboxError(f"cannot delete container {container_id} that is not stopped: "
+                               f"{container.status}")
         if container_id == sandbox.id and others and not force:
             raise SandboxError(f"cannot delete sandbox container {container_id}: containers "
                                f"{', '.join(others)} still belong to it (use --force)")

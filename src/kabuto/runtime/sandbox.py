@@ -282,7 +282,7 @@ class VirtSandbox:
         container = self.container(container_id)
         if not await self._vmm_alive():
             container.status = "stopped"
-        elif container.status == "running" and self._containers is not None:
+        elif container.status in ("running", "paused") and self._containers is not None:
             status = await self.wait_process(container_id, INIT_EXEC_ID, timeout=STATUS_POLL)
             if status is not None:
                 container.status, container.exit_status = "stopped", status
@@ -296,6 +296,33 @@ class VirtSandbox:
             raise SandboxError(f"container {container_id!r} is not running")
         await self._agent_call("SignalProcess", self.containers.signal_process(
             container_id, exec_id, signal_number, all_processes=all_processes))
+
+    async def pause_container(self, container_id: str) -> None:
+        """``runc pause``: every process of the running container freezes; status "paused"."""
+        container = self.container(container_id)
+        if container.status != "running":
+            raise SandboxError(f"cannot pause container {container_id!r}: it is {container.status}")
+        await self._agent_call("PauseContainer", self.containers.pause_container(container_id))
+        container.status = "paused"
+        self.store.save(self.record)
+
+    async def resume_container(self, container_id: str) -> None:
+        """``runc resume``: a paused container runs again."""
+        container = self.container(container_id)
+        if container.status != "paused":
+            raise SandboxError(f"cannot resume container {container_id!r}: it is {container.status}, "
+                               "not paused")
+        await self._agent_call("ResumeContainer", self.containers.resume_container(container_id))
+        container.status = "running"
+        self.store.save(self.record)
+
+    async def update_container(self, container_id: str, resources: dict[str, Any]) -> None:
+        """``runc update -r``: apply an OCI linux.resources object to the container's cgroup
+        (a limit it leaves out stays; -1 lifts a memory or pids limit)."""
+        container = self.container(container_id)
+        if container.status == "stopped":
+            raise SandboxError(f"cannot update container {container_id!r}: it is stopped")
+        await self._agent_call("UpdateContainer", self.containers.update_container(container_id, resources))
 
     async def remove_container(self, container_id: str) -> None:
         container = self.container(container_id)

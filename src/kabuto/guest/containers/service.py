@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import json
 import logging
 import os
 import signal
@@ -29,12 +30,14 @@ from kabuto.guest.containers.pipes import MessagePipe
 from kabuto.guest.containers.spec import (
     MAX_ID_LENGTH,
     MAX_PATH_LENGTH,
+    MAX_SPEC_BYTES,
     ContainerSpec,
     ProcessSpec,
     SpecError,
     check_id,
     parse_mount_options,
     parse_process_json,
+    parse_resources,
     parse_spec,
 )
 from kabuto.guest.containers.streams import InputStream, OutputStream, StreamClosed
@@ -54,6 +57,9 @@ SETUP_TIMEOUT = 60.0
 KILL_TIMEOUT = 10.0
 DEVICE_WAIT = 10.0
 DEVICE_POLL = 0.02
+# Pause: the kernel reports the whole cgroup frozen within this, or the pause is undone.
+FREEZE_TIMEOUT = 10.0
+FREEZE_POLL = 0.01
 # A long poll answers this long before the caller's deadline (at most a tenth of the wait).
 POLL_MARGIN = 1.0
 CGROUP_PARENT = "kabuto"
@@ -164,11 +170,14 @@ class Container:
     rootfs_mount: str | None  # a storage this container mounted, unmounted on removal
     processes: dict[str, Process] = field(default_factory=dict)
     started: bool = False
+    paused: bool = False
 
     @property
     def status(self) -> str:
         if self.init.exited:
             return "stopped"
+        if self.paused:
+            return "paused"
         return "running" if self.started else "created"
 
 
@@ -202,6 +211,9 @@ class ContainerService:
             "StatsContainer": (pb.StatsContainerRequest, self.stats_container),
             "CopyFileIn": (pb.CopyFileInRequest, self.copy_file_in),
             "CopyFileOut": (pb.CopyFileOutRequest, self.copy_file_out),
+            "PauseContainer": (pb.PauseContainerRequest, self.pause_container),
+            "ResumeContainer": (pb.ResumeContainerRequest, self.resume_container),
+            "UpdateContainer": (pb.UpdateContainerRequest, self.update_container),
         }
         return {name: unary_method(request, handler) for name, (request, handler) in handlers.items()}
 
@@ -409,6 +421,11 @@ class ContainerService:
             os.close(container.start_fd)
             container.start_fd = None
         processes = [container.init, *container.processes.values()]
+        if container.paused and container.cgroup_dir is not None:
+            # as runc: frozen processes run again to take their SIGKILL (a failure is logged,
+            # the kill goes on: cgroup v2 delivers SIGKILL to frozen tasks as well)
+            with contextlib.suppress(RpcError):
+                await self._set_frozen(container, False)
         if not container.spec.namespaces & sc.CLONE_NEWPID:
             # No PID namespace whose end takes every process with it: find them by mount namespace.
             for pid in self._pids_of(container):
@@ -768,22 +785,7 @@ class ContainerService:
             log.warning("no cgroup for container %s: %s", container_id, exc)
             return None
         try:
-            enabled = _read_words(cgroup / "cgroup.controllers") or set()
-            for name, value in files.items():
-                controller = name.partition(".")[0]
-                if controller not in enabled:
-                    raise RpcError(
-                        Code.INVALID_ARGUMENT,
-                        f"config.json: linux.resources needs the {controller} cgroup controller, "
-                        "which the guest kernel does not offer",
-                    )
-                try:
-                    (cgroup / name).write_text(value)
-                except OSError as exc:
-                    raise RpcError(
-                        Code.INVALID_ARGUMENT,
-                        f"config.json: cannot set {name} to {value!r}: {exc.strerror or exc}",
-                    ) from None
+            _write_limits(cgroup, files, "config.json: ")
         except BaseException:
             self._remove_cgroup(cgroup)
             raise
@@ -799,6 +801,95 @@ class ContainerService:
             pass
         except OSError as exc:
             log.warning("cannot remove cgroup %s: %s", cgroup, exc)
+
+    # --- pause, resume, update ---------------------------------------------------------------
+
+    async def pause_container(self, request: pb.PauseContainerRequest) -> pb.PauseContainerResponse:
+        async with self._lock:
+            container = self._container(request.container_id)
+            if container.status != "running":
+                raise RpcError(
+                    Code.FAILED_PRECONDITION,
+                    f"cannot pause container {container.id!r}: it is {container.status}, not running",
+                )
+            try:
+                await self._set_frozen(container, True)
+            except BaseException:
+                # a half-frozen container is neither paused nor running: back to running
+                with contextlib.suppress(RpcError):
+                    await self._set_frozen(container, False)
+                raise
+            container.paused = True
+            log.info("container %s paused", container.id)
+        return pb.PauseContainerResponse()
+
+    async def resume_container(self, request: pb.ResumeContainerRequest) -> pb.ResumeContainerResponse:
+        async with self._lock:
+            container = self._container(request.container_id)
+            if container.status != "paused":
+                raise RpcError(
+                    Code.FAILED_PRECONDITION,
+                    f"cannot resume container {container.id!r}: it is {container.status}, not paused",
+                )
+            await self._set_frozen(container, False)
+            container.paused = False
+            log.info("container %s resumed", container.id)
+        return pb.ResumeContainerResponse()
+
+    async def update_container(self, request: pb.UpdateContainerRequest) -> pb.UpdateContainerResponse:
+        async with self._lock:
+            container = self._container(request.container_id)
+            if container.status == "stopped":
+                raise RpcError(
+                    Code.FAILED_PRECONDITION, f"cannot update container {container.id!r}: it is stopped"
+                )
+            if len(request.resources) > MAX_SPEC_BYTES:
+                raise RpcError(Code.INVALID_ARGUMENT, f"resources: more than {MAX_SPEC_BYTES} bytes")
+            try:
+                raw = json.loads(request.resources or b"{}")
+                files = {**_lifted_limits(raw), **dict(parse_resources(raw).files)}
+            except (ValueError, RecursionError) as exc:
+                raise RpcError(Code.INVALID_ARGUMENT, f"resources: invalid JSON: {exc}") from None
+            except SpecError as exc:
+                raise RpcError(Code.INVALID_ARGUMENT, str(exc)) from None
+            _write_limits(self._cgroup_of(container, "update"), files, "")
+            log.info("container %s updated: %s", container.id, ", ".join(files))
+        return pb.UpdateContainerResponse()
+
+    @staticmethod
+    def _cgroup_of(container: Container, action: str) -> Path:
+        if container.cgroup_dir is None:
+            raise RpcError(
+                Code.FAILED_PRECONDITION,
+                f"cannot {action} container {container.id!r}: it has no cgroup (the guest has no cgroup v2)",
+            )
+        return container.cgroup_dir
+
+    async def _set_frozen(self, container: Container, frozen: bool) -> None:
+        """Write cgroup.freeze, then wait (bounded) until cgroup.events reports the new state."""
+        action = "pause" if frozen else "resume"
+        cgroup = self._cgroup_of(container, action)
+        wanted = int(frozen)
+        try:
+            (cgroup / "cgroup.freeze").write_text(str(wanted))
+        except OSError as exc:
+            raise RpcError(
+                Code.FAILED_PRECONDITION,
+                f"cannot {action} container {container.id!r}: cgroup.freeze: {exc.strerror or exc}",
+            ) from None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + FREEZE_TIMEOUT
+        call_deadline = poll_deadline()
+        if call_deadline is not None:
+            deadline = min(deadline, call_deadline)
+        while _read_flat_keyed(cgroup / "cgroup.events").get("frozen") != wanted:
+            if loop.time() >= deadline:
+                raise RpcError(
+                    Code.UNAVAILABLE,
+                    f"cannot {action} container {container.id!r}: its cgroup did not report "
+                    f"frozen {wanted} within {FREEZE_TIMEOUT:g}s",
+                )
+            await asyncio.sleep(FREEZE_POLL)
 
     # --- files ------------------------------------------------------------------------------------
 
@@ -863,6 +954,37 @@ class ContainerService:
         except OSError as exc:
             raise RpcError(_errno_code(exc), f"cannot read {request.path}: {exc.strerror or exc}") from None
         return pb.CopyFileOutResponse(data=data, size=info.st_size, mode=stat.S_IMODE(info.st_mode))
+
+
+def _write_limits(cgroup: Path, files: dict[str, str], context: str) -> None:
+    """Write linux.resources' cgroup v2 files (parse_resources' mapping) into ``cgroup``."""
+    enabled = _read_words(cgroup / "cgroup.controllers") or set()
+    for name, value in files.items():
+        controller = name.partition(".")[0]
+        if controller not in enabled:
+            raise RpcError(
+                Code.INVALID_ARGUMENT,
+                f"{context}linux.resources needs the {controller} cgroup controller, "
+                "which the guest kernel does not offer",
+            )
+        try:
+            (cgroup / name).write_text(value)
+        except OSError as exc:
+            raise RpcError(
+                Code.INVALID_ARGUMENT, f"{context}cannot set {name} to {value!r}: {exc.strerror or exc}"
+            ) from None
+
+
+def _lifted_limits(resources: Any) -> dict[str, str]:
+    """An update's -1 lifts a memory or pids limit, as ``runc update`` does (at creation
+    parse_resources skips -1: no limit is there to lift)."""
+    files = {}
+    if isinstance(resources, dict):
+        for section, key, name in (("memory", "limit", "memory.max"), ("pids", "limit", "pids.max")):
+            values = resources.get(section)
+            if isinstance(values, dict) and values.get(key) == -1:
+                files[name] = "max"
+    return files
 
 
 def _exists(path: str) -> bool:
