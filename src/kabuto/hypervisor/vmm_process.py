@@ -232,6 +232,13 @@ class VmmProcess:
         self._adopted = None
 
 
+def process_state(proc: VmmProcess | None) -> dict[str, Any] | None:
+    """What ``VmmProcess.adopt`` needs in another kabuto process, or None if nothing runs."""
+    if proc is None or proc.pid is None:
+        return None
+    return {"pid": proc.pid, "start_time": proc.start_time()}
+
+
 class CappedLog:
     """A log file that stops growing at LOG_CAP_BYTES and says so."""
 

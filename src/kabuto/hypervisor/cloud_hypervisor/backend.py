@@ -2,55 +2,44 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import math
 import re
-import shutil
 import time
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import httpx
 
 from kabuto.config.model import HypervisorConfig
-from kabuto.errors import HypervisorError, VmTimeout
-from kabuto.hypervisor.base import DEFAULT_JAILER_ROOT, Hypervisor, HypervisorState, VcpuThreadIds, VmStatus
+from kabuto.errors import HypervisorError
+from kabuto.hypervisor.base import DEFAULT_JAILER_ROOT, VmStatus
 from kabuto.hypervisor.cloud_hypervisor.plugin import CAPABILITIES
 from kabuto.hypervisor.devices import (
     AgentChannel,
     AnyDevice,
     BlockDevice,
-    ChannelKind,
     DeviceKind,
     NetworkDevice,
     SharedFsDevice,
     SharedFsKind,
 )
+from kabuto.hypervisor.rest_vmm import RestVmm
 from kabuto.hypervisor.vmm_process import (
-    ApiClient,
     VmmProcess,
     check_socket_path,
-    device_from_dict,
-    device_to_dict,
-    hybrid_vsock_url,
     netns_prefix,
+    process_state,
     unlink_quietly,
-    vcpu_thread_ids,
 )
 
-API = "/api/v1"
-AGENT_PORT = 1024
-GUEST_CID = 3
 MIB = 1 << 20
 VIRTIO_BLK_SERIAL_MAX = 20
 #: how long a guest gets to power off after vm.shutdown before the VMM is stopped
 SHUTDOWN_GRACE = 5.0
 #: bound on a virtiofsd started for a hot-plugged share to open its socket
 DAEMON_START_TIMEOUT = 10.0
-_VCPU_THREAD = re.compile(r"vcpu(\d+)")
-_ID_OK = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 def describe_error(response: httpx.Response) -> str:
@@ -64,16 +53,19 @@ def describe_error(response: httpx.Response) -> str:
     return json.dumps(body)
 
 
-class CloudHypervisor(Hypervisor):
+class CloudHypervisor(RestVmm):
     name = "cloud-hypervisor"
     capabilities = CAPABILITIES
+    vmm_program = "cloud-hypervisor"
+    api_root = "/api/v1/"
+    probe_endpoint = "vmm.ping"
+    vcpu_thread = re.compile(r"vcpu(\d+)")
+    vm_id_pattern = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+    vm_id_rule = "1-64 letters, digits, '.', '_' or '-'"
+    describe_api_error = staticmethod(describe_error)
 
     def __init__(self, config: HypervisorConfig, jailer_root: Path = DEFAULT_JAILER_ROOT) -> None:
         super().__init__(config, jailer_root)
-        self._vmm: VmmProcess | None = None
-        self._api: ApiClient | None = None
-        # what start_vm was doing, for a timeout's message
-        self._stage = "not started"
         # device id -> the virtiofsd serving it
         self._virtiofsd: dict[str, VmmProcess] = {}
 
@@ -94,26 +86,6 @@ class CloudHypervisor(Hypervisor):
         return self.vm_path / f"fs-{device.id}.sock"
 
     # -- lifecycle --------------------------------------------------------------------------
-    async def prepare_vm(self, id: str, netns: str | None = None) -> None:
-        self._require(VmStatus.NEW, operation="prepare the VM")
-        if not _ID_OK.fullmatch(id):
-            raise self._error(f"invalid VM id {id!r}: use 1-64 letters, digits, '.', '_' or '-'")
-        self.id = id
-        self.netns = netns
-        for path in (self.api_socket, self.vsock_socket):
-            check_socket_path(self.name, path)
-        self.vm_path.mkdir(parents=True, exist_ok=False, mode=0o750)
-        self.pending_devices.append(
-            AgentChannel(
-                id="agent",
-                channel=ChannelKind.HYBRID_VSOCK,
-                socket_path=self.vsock_socket,
-                guest_cid=GUEST_CID,
-                port=AGENT_PORT,
-            )
-        )
-        self.status = VmStatus.PREPARED
-
     async def add_device(self, device: AnyDevice) -> AnyDevice:
         # Refuse what this VMM can never do, also before boot, so the runtime learns early.
         if device.kind == DeviceKind.VFIO:
@@ -122,38 +94,19 @@ class CloudHypervisor(Hypervisor):
             raise self._unsupported(f"shared fs {device.fs.value}")
         return await super().add_device(device)
 
-    async def start_vm(self, timeout: float, restore_from: Path | None = None) -> None:
-        """Boot, or with ``restore_from`` (a ``save_vm`` snapshot) restore into this fresh VMM and
-        resume; within ``timeout``. A failure stops every process and removes the VM directory."""
-        self._require(VmStatus.PREPARED, operation="start the VM")
+    async def _boot(self, deadline: float, restore_from: Path | None) -> None:
+        await self._call("GET", "vmm.ping")
+        for device in self.pending_devices:
+            if isinstance(device, SharedFsDevice):
+                await self._start_virtiofsd(device, deadline)
         if restore_from is not None:
-            self._point_snapshot_here(restore_from)
-        deadline = time.monotonic() + timeout
-        try:
-            async with asyncio.timeout(timeout):
-                await self._launch(deadline)
-                for device in self.pending_devices:
-                    if isinstance(device, SharedFsDevice):
-                        await self._start_virtiofsd(device, deadline)
-                if restore_from is not None:
-                    restore = {"source_url": f"file://{restore_from}", "prefault": False}
-                    await self._call("PUT", "vm.restore", restore)
-                    await self._call("PUT", "vm.resume")  # a restored VM starts paused
-                else:
-                    await self._call("PUT", "vm.create", self._vm_config())
-                    await self._call("PUT", "vm.boot")
-                self.devices, self.pending_devices = self.pending_devices, []
-        except TimeoutError:
-            await self.cleanup()
-            raise VmTimeout(
-                f"{self.name}: VM {self.id} did not start within {timeout:g}s ({self._stage})"
-            ) from None
-        except BaseException:
-            await self.cleanup()
-            raise
-        self.status = VmStatus.RUNNING
+            await self._call("PUT", "vm.restore", {"source_url": f"file://{restore_from}", "prefault": False})
+            await self._call("PUT", "vm.resume")  # a restored VM starts paused
+        else:
+            await self._call("PUT", "vm.create", self._vm_config())
+            await self._call("PUT", "vm.boot")
 
-    def _point_snapshot_here(self, snapshot: Path) -> None:
+    def _prepare_restore(self, snapshot: Path) -> None:
         """The saved config names the old VM's sockets: make them this VM's.
 
         Each virtio-fs share in the snapshot needs a daemon again: the caller re-adds the same
@@ -177,18 +130,13 @@ class CloudHypervisor(Hypervisor):
             config["vsock"]["socket"] = str(self.vsock_socket)
         config_file.write_text(json.dumps(config))
 
-    async def _launch(self, deadline: float) -> None:
+    def _vmm_argv(self) -> list[str]:
         argv = [*netns_prefix(self.netns), self.config.path, "--api-socket", f"path={self.api_socket}"]
         if self.config.disable_seccomp:
             argv += ["--seccomp", "false"]
         if self.config.enable_debug:
             argv.append("-v")
-        self._vmm = VmmProcess(self.name, "cloud-hypervisor", self.vm_path / "cloud-hypervisor.log")
-        await self._vmm.spawn(argv, cwd=self.vm_path)
-        self._stage = f"waiting for the API socket {self.api_socket}"
-        await self._vmm.wait_for_socket(self.api_socket, deadline - time.monotonic())
-        self._api = ApiClient(self.name, self.api_socket, describe_error)
-        await self._call("GET", "vmm.ping")
+        return argv
 
     async def _start_virtiofsd(self, device: SharedFsDevice, deadline: float) -> None:
         if not self.config.virtio_fs_daemon:
@@ -213,7 +161,7 @@ class CloudHypervisor(Hypervisor):
     def _vm_config(self) -> dict[str, Any]:
         cfg = self.config
         vcpus = max(1, math.ceil(cfg.default_vcpus))
-        payload: dict[str, Any] = {"kernel": cfg.kernel, "cmdline": self._cmdline()}
+        payload: dict[str, Any] = {"kernel": cfg.kernel, "cmdline": self._kernel_cmdline()}
         if cfg.initrd:
             payload["initramfs"] = cfg.initrd
         if cfg.firmware:
@@ -252,14 +200,6 @@ class CloudHypervisor(Hypervisor):
             config["vsock"] = {"cid": channel.guest_cid, "socket": str(channel.socket_path), "id": channel.id}
         return config
 
-    def _cmdline(self) -> str:
-        params = ["console=ttyS0"]
-        if self.config.image:
-            params.append("root=/dev/vda ro")
-        if self.config.kernel_params:
-            params.append(self.config.kernel_params)
-        return " ".join(params)
-
     def _fs(self, device: SharedFsDevice) -> dict[str, Any]:
         return {
             "id": device.id,
@@ -284,27 +224,12 @@ class CloudHypervisor(Hypervisor):
         await self._teardown()
         self.status = VmStatus.STOPPED
 
-    async def pause_vm(self) -> None:
-        self._require(VmStatus.RUNNING, operation="pause")
-        await self._call("PUT", "vm.pause")
-        self.status = VmStatus.PAUSED
+    async def _set_running(self, running: bool) -> None:
+        await self._call("PUT", "vm.resume" if running else "vm.pause")
 
-    async def resume_vm(self) -> None:
-        self._require(VmStatus.PAUSED, operation="resume")
-        await self._call("PUT", "vm.resume")
-        self.status = VmStatus.RUNNING
-
-    async def save_vm(self) -> Path:
-        """Pause the VM and snapshot it into ``<vm dir>/snapshot`` (config.json, state.json,
-        memory-ranges); the VM stays paused."""
-        self._require(VmStatus.RUNNING, VmStatus.PAUSED, operation="snapshot")
-        if self.status == VmStatus.RUNNING:
-            await self.pause_vm()
-        if self.snapshot_dir.exists():
-            shutil.rmtree(self.snapshot_dir)
-        self.snapshot_dir.mkdir(mode=0o700)
-        await self._call("PUT", "vm.snapshot", {"destination_url": f"file://{self.snapshot_dir}"})
-        return self.snapshot_dir
+    async def _snapshot(self, directory: Path) -> None:
+        """config.json, state.json and memory-ranges."""
+        await self._call("PUT", "vm.snapshot", {"destination_url": f"file://{directory}"})
 
     # -- hot-plug ---------------------------------------------------------------------------
     async def _hotplug_add(self, device: AnyDevice) -> None:
@@ -334,23 +259,8 @@ class CloudHypervisor(Hypervisor):
         unlink_quietly(self.vm_path / f"fs-{device_id}.sock")
 
     # -- queries ----------------------------------------------------------------------------
-    async def get_agent_socket(self) -> str:
-        return hybrid_vsock_url(self.vsock_socket, AGENT_PORT)
-
-    async def disconnect(self) -> None:
-        if self._api is not None:
-            await self._api.aclose()
-            self._api = None
-
-    async def get_thread_ids(self) -> VcpuThreadIds:
-        pid = self._vmm.pid if self._vmm is not None else None
-        if pid is None or not self._vmm.alive():
-            return VcpuThreadIds()
-        return VcpuThreadIds(vcpu_thread_ids(pid, _VCPU_THREAD))
-
-    async def get_pids(self) -> list[int]:
-        procs = [self._vmm, *self._virtiofsd.values()]
-        return [p.pid for p in procs if p is not None and p.pid is not None and p.alive()]
+    def _helper_processes(self) -> list[VmmProcess]:
+        return list(self._virtiofsd.values())
 
     async def info(self) -> dict[str, Any]:
         """vm.info: the VM's config, state and device tree as Cloud Hypervisor reports them."""
@@ -360,78 +270,18 @@ class CloudHypervisor(Hypervisor):
         return (await self._call("GET", "vmm.ping")).json()
 
     # -- host side --------------------------------------------------------------------------
-    async def cleanup(self) -> None:
-        await self._teardown()
-        if self.id:
-            shutil.rmtree(self.vm_path, ignore_errors=True)
-        if self.status != VmStatus.NEW:
-            self.status = VmStatus.STOPPED
-
-    async def _teardown(self) -> None:
-        """Stop every process we run and drop the API client and sockets; keeps the VM dir."""
-        await self.disconnect()
+    async def _stop_helpers(self) -> None:
         for device_id in list(self._virtiofsd):
             await self._stop_virtiofsd(device_id)
-        if self._vmm is not None:
-            await self._vmm.stop()
-            self._vmm = None
-        if self.id:
-            for path in (self.api_socket, self.vsock_socket):
-                unlink_quietly(path)
 
-    async def save_state(self) -> HypervisorState:
-        vmm = self._vmm
-        return await self._state(
-            await self.get_agent_socket() if self.id else "",
-            {
-                "api_socket": str(self.api_socket) if self.id else "",
-                "vmm": _proc_state(vmm),
-                "virtiofsd": {dev: _proc_state(p) for dev, p in self._virtiofsd.items()},
-                "netns": self.netns,
-                "devices": [device_to_dict(d) for d in self.devices],
-                "pending_devices": [device_to_dict(d) for d in self.pending_devices],
-            },
-        )
+    def _own_state(self) -> dict[str, Any]:
+        return {"virtiofsd": {dev: process_state(p) for dev, p in self._virtiofsd.items()}}
 
-    @classmethod
-    async def restore(
-        cls, config: HypervisorConfig, state: HypervisorState, jailer_root: Path = DEFAULT_JAILER_ROOT
-    ) -> Self:
-        if state.hypervisor_name != cls.name:
-            raise HypervisorError(f"{cls.name}: cannot restore state saved by {state.hypervisor_name!r}")
-        self = cls(config, Path(state.jailer_root or jailer_root))
-        self.id = state.id
-        self.status = VmStatus(state.status)
-        extra = state.extra
-        self.netns = extra.get("netns")
-        self.devices = [device_from_dict(d) for d in extra.get("devices", [])]
-        self.pending_devices = [device_from_dict(d) for d in extra.get("pending_devices", [])]
+    def _take_over(self, extra: dict[str, Any]) -> None:
         for device_id, proc in extra.get("virtiofsd", {}).items():
             daemon = VmmProcess(self.name, "virtiofsd")
             daemon.adopt(proc["pid"], proc["start_time"])
             self._virtiofsd[device_id] = daemon
-        vmm = extra.get("vmm")
-        if vmm and self.status in (VmStatus.RUNNING, VmStatus.PAUSED):
-            self._vmm = VmmProcess(self.name, "cloud-hypervisor", self.vm_path / "cloud-hypervisor.log")
-            self._vmm.adopt(vmm["pid"], vmm["start_time"])
-            self._api = ApiClient(self.name, self.api_socket, describe_error)
-            await self._call("GET", "vmm.ping")
-        return self
-
-    # -- API --------------------------------------------------------------------------------
-    async def _call(self, method: str, action: str, body: Any = None) -> httpx.Response:
-        if self._api is None:
-            # after disconnect() the VMM still runs: reconnect on demand
-            if self._vmm is None or not self._vmm.alive():
-                raise self._error(f"{action}: no VMM is running (VM is {self.status.value})")
-            self._api = ApiClient(self.name, self.api_socket, describe_error)
-        self._stage = f"waiting for {method} {action}"
-        try:
-            return await self._api.request(method, f"{API}/{action}", body)
-        except HypervisorError as exc:
-            if self._vmm is not None and await self._vmm.died(exc):
-                raise self._error(f"{action}: {self._vmm.exit_description()}") from None
-            raise
 
 
 def _disk(device: BlockDevice) -> dict[str, Any]:
@@ -454,9 +304,3 @@ def _net(device: NetworkDevice) -> dict[str, Any]:
     if device.mac:
         net["mac"] = device.mac
     return net
-
-
-def _proc_state(proc: VmmProcess | None) -> dict[str, Any] | None:
-    if proc is None or proc.pid is None:
-        return None
-    return {"pid": proc.pid, "start_time": proc.start_time()}
