@@ -1,0 +1,227 @@
+"""containerd-shim-kabuto-v2 under a real containerd (Debian's 1.6), driven with ctr.
+
+One containerd serves the module, with its root, state and socket in a temporary directory and
+the shim's state root (KABUTO_STATE_ROOT, passed on to shims) in another. Every test boots
+at least one VM and ends with nothing left: no shim, no VMM, no file under the state root, no
+container or task in containerd.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from importlib.resources import files
+from pathlib import Path
+
+import pytest
+from containerd_helpers import (
+    CONTAINERD,
+    CTR,
+    Containerd,
+    describe,
+    processes_naming,
+    remove_tree,
+    run_in_pty,
+    short_temp_dir,
+)
+from test_runtime_helpers import busybox_rootfs, require_guest_image
+
+from kabuto.runtime.commands import CONTAINER_TYPE_ANNOTATION, SANDBOX_ID_ANNOTATION
+
+RUNTIME = "io.containerd.kabuto.v2"
+SLEEPER = ["/bin/sh", "-c", "trap 'exit 0' TERM; while :; do sleep 1; done"]
+BOOT_ID = ["/bin/cat", "/proc/sys/kernel/random/boot_id"]
+
+pytestmark = [
+    pytest.mark.vm,
+    pytest.mark.skipif(not (CONTAINERD.is_file() and CTR.is_file()),
+                       reason="containerd is not installed (apt-get install containerd)"),
+]
+
+
+@pytest.fixture(scope="module")
+def containerd() -> Iterator[Containerd]:
+    require_guest_image()
+    directory = short_temp_dir("kbc-")
+    state_root = short_temp_dir("kbt-")
+    daemon = Containerd(directory, state_root)
+    try:
+        daemon.start()
+        yield daemon
+        left = daemon.wait_until_clean()
+        daemon.stop()
+        # without containerd: no process names its directory, and the state root stays empty
+        left += [f"process {describe(p)}" for p in processes_naming(str(directory))]
+        left += daemon.leftovers()
+        assert not left, "left behind:\n  " + "\n  ".join(left)
+    finally:
+        daemon.stop()
+        daemon.force_clean()
+        remove_tree(directory)
+        remove_tree(state_root)
+
+
+@pytest.fixture(autouse=True)
+def nothing_left(containerd: Containerd) -> Iterator[None]:
+    """Each test ends clean; a failed one is cleaned up so that the next starts from nothing."""
+    yield
+    if containerd.process is None:  # a test stopped containerd and failed before restarting it
+        containerd.start()
+    left = containerd.wait_until_clean()
+    if left:
+        containerd.force_clean()
+    assert not left, "left behind:\n  " + "\n  ".join(left) + f"\ncontainerd's log:\n{containerd.log_tail()}"
+
+
+@pytest.fixture(scope="module")
+def rootfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return busybox_rootfs(tmp_path_factory.mktemp("containerd") / "rootfs")
+
+
+def run_args(containerd: Containerd, rootfs: Path, *flags: str) -> list[str]:
+    """``ctr run`` with this runtime and rootfs: the container id and command follow."""
+    return ["run", "--runtime", RUNTIME, "--fifo-dir", str(containerd.fifo_dir), *flags,
+            "--rootfs", str(rootfs)]
+
+
+def stop_and_delete(containerd: Containerd, task_id: str) -> None:
+    """SIGTERM (SLEEPER traps it), STOPPED in `ctr task ls`, then delete the task and container."""
+    containerd.check("task", "kill", task_id)
+    assert containerd.wait_for_status(task_id, "STOPPED") == "STOPPED", containerd.log_tail()
+    containerd.check("task", "delete", task_id)
+    containerd.check("container", "delete", task_id)
+
+
+def test_run_prints_output_and_returns_exit_code(containerd: Containerd, rootfs: Path) -> None:
+    result = containerd.ctr(*run_args(containerd, rootfs), "hello",
+                            "/bin/sh", "-c", "echo hello; echo err >&2; exit 3")
+    assert (result.returncode, result.stdout, result.stderr) == (3, b"hello\n", b"err\n"), \
+        containerd.explain(result)
+    # without --rm ctr deletes the task but keeps the container; the shim and VM are gone already
+    assert containerd.task_status() == {}
+    assert containerd.check("container", "ls", "-q").stdout.split() == [b"hello"]
+    containerd.check("container", "delete", "hello")
+    left = containerd.wait_until_clean()
+    assert not left, left
+
+
+def test_run_rm_passes_stdin(containerd: Containerd, rootfs: Path) -> None:
+    result = containerd.run_feeding_stdin(*run_args(containerd, rootfs, "--rm"), "stdin", "/bin/cat",
+                                          task_id="stdin", data=b"data\n")
+    assert (result.returncode, result.stdout) == (0, b"data\n"), containerd.explain(result)
+    assert containerd.check("container", "ls", "-q").stdout == b""
+
+
+def test_detached_task_exec_ps_pause_kill(containerd: Containerd, rootfs: Path) -> None:
+    containerd.check(*run_args(containerd, rootfs, "--detach"), "detached", *SLEEPER)
+    assert containerd.task_status() == {"detached": "RUNNING"}
+
+    result = containerd.ctr("task", "exec", "--fifo-dir", str(containerd.fifo_dir), "--exec-id", "e1",
+                            "detached", "/bin/sh", "-c", "echo in-exec; exit 5")
+    assert (result.returncode, result.stdout) == (5, b"in-exec\n"), containerd.explain(result)
+
+    # `ctr task ps` prints a header, then one "PID INFO" row per process
+    rows = containerd.check("task", "ps", "detached").stdout.decode().splitlines()[1:]
+    assert rows and all(row.split()[0].isdigit() for row in rows), rows
+
+    # an exec id the shim does not know: an error containerd can show, the task unharmed
+    ghost = containerd.ctr("task", "kill", "--exec-id", "ghost", "detached")
+    assert ghost.returncode != 0 and (b"ghost" in ghost.stderr or b"not found" in ghost.stderr), \
+        containerd.explain(ghost)
+
+    containerd.check("task", "pause", "detached")
+    assert containerd.task_status() == {"detached": "PAUSED"}
+    containerd.check("task", "resume", "detached")
+    assert containerd.task_status() == {"detached": "RUNNING"}
+    after = containerd.ctr("task", "exec", "--fifo-dir", str(containerd.fifo_dir), "--exec-id", "e2",
+                           "detached", "/bin/echo", "resumed")
+    assert (after.returncode, after.stdout) == (0, b"resumed\n"), containerd.explain(after)
+
+    stop_and_delete(containerd, "detached")
+
+
+def test_terminal(containerd: Containerd, rootfs: Path) -> None:
+    command = containerd.ctr_command(*run_args(containerd, rootfs, "--rm", "--tty"), "terminal",
+                                     "/bin/sh", "-c", "tty; exit 4")
+    code, output = run_in_pty(command)
+    assert code == 4, output
+    assert re.search(rb"/dev/\S+", output) and b"not a tty" not in output, output
+
+
+def test_task_survives_containerd_restart(containerd: Containerd, rootfs: Path) -> None:
+    containerd.check(*run_args(containerd, rootfs, "--detach"), "survivor", *SLEEPER)
+    shims = {shim.pid for shim in containerd.shims()}
+    assert len(shims) == 1, shims
+
+    containerd.restart()
+    assert containerd.task_status() == {"survivor": "RUNNING"}
+    # containerd reconnected to the same shim; it did not start another
+    assert {shim.pid for shim in containerd.shims()} == shims
+    result = containerd.ctr("task", "exec", "--fifo-dir", str(containerd.fifo_dir), "--exec-id", "after",
+                            "survivor", "/bin/sh", "-c", "echo still here")
+    assert (result.returncode, result.stdout) == (0, b"still here\n"), containerd.explain(result)
+
+    stop_and_delete(containerd, "survivor")
+
+
+def test_bad_input_fails_clearly_and_leaves_nothing(containerd: Containerd, rootfs: Path,
+                                                    tmp_path: Path) -> None:
+    from kabuto.image import installed_image
+
+    unknown = containerd.ctr("task", "kill", "nosuch")
+    assert unknown.returncode != 0 and b"not found" in unknown.stderr, containerd.explain(unknown)
+
+    # each reaches the shim, which refuses it with a message naming the problem
+    garbage_kernel = tmp_path / "garbage-vmlinux"
+    garbage_kernel.write_bytes(bytes(range(256)) * 64)
+    image = installed_image()
+    assert image is not None
+    default = files("kabuto.config").joinpath("default.toml").read_text()
+    bad_kernel = default.replace('kernel = ""', f'kernel = "{garbage_kernel}"') \
+                        .replace('initrd = ""', f'initrd = "{image.initrd}"')
+    assert bad_kernel.count(str(garbage_kernel)) == 1 and bad_kernel.count(str(image.initrd)) == 1
+    config = tmp_path / "bad-kernel.toml"
+    config.write_text(bad_kernel)
+
+    cases = {
+        # the rootfs the spec names does not exist
+        "norootfs": (["run", "--runtime", RUNTIME, "--fifo-dir", str(containerd.fifo_dir), "--rm",
+                      "--rootfs", "/nonexistent/rootfs"], b"/nonexistent/rootfs"),
+        # an annotation the configuration does not let pods set
+        "refused": (run_args(containerd, rootfs, "--rm", "--annotation",
+                             "io.katacontainers.config.hypervisor.machine_type=pc"), b"machine_type"),
+        # a VM that cannot boot: the runtime options name a config whose kernel is garbage
+        "nokernel": (run_args(containerd, rootfs, "--rm", "--runtime-config-path", str(config)), b"kernel"),
+    }
+    for container_id, (args, message) in cases.items():
+        result = containerd.ctr(*args, container_id, "/bin/true")
+        assert result.returncode != 0 and message in result.stderr, containerd.explain(result)
+        left = containerd.wait_until_clean()
+        assert not left, (container_id, left)
+
+
+def test_pod_containers_share_one_shim_and_vm(containerd: Containerd, rootfs: Path) -> None:
+    def pod_member(kind: str) -> list[str]:
+        return run_args(containerd, rootfs, "--detach",
+                        "--annotation", f"{CONTAINER_TYPE_ANNOTATION}={kind}",
+                        "--annotation", f"{SANDBOX_ID_ANNOTATION}=pod")
+
+    def boot_id(task_id: str) -> bytes:
+        result = containerd.ctr("task", "exec", "--fifo-dir", str(containerd.fifo_dir),
+                                "--exec-id", "boot-id", task_id, *BOOT_ID)
+        assert result.returncode == 0 and result.stdout.strip(), containerd.explain(result)
+        return result.stdout
+
+    containerd.check(*pod_member("sandbox"), "pod", *SLEEPER)
+    containerd.check(*pod_member("container"), "app", *SLEEPER)
+    assert containerd.task_status() == {"pod": "RUNNING", "app": "RUNNING"}
+    assert len(containerd.shims()) == 1, [describe(p) for p in containerd.shims()]
+    assert len(containerd.vmms()) == 1, [describe(p) for p in containerd.vmms()]
+    # one guest kernel for both
+    assert boot_id("pod") == boot_id("app")
+
+    # the sandbox's shim and VM outlive the app container
+    stop_and_delete(containerd, "app")
+    assert containerd.task_status() == {"pod": "RUNNING"}
+    assert len(containerd.shims()) == 1 and len(containerd.vmms()) == 1
+    stop_and_delete(containerd, "pod")
