@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -284,9 +285,11 @@ def short_temp_dir(prefix: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
 
 
-def run_in_pty(command: list[str], timeout: float = CTR_TIMEOUT) -> tuple[int, bytes]:
+def run_in_pty(command: list[str], *, send: bytes = b"", when: Callable[[], bool] | None = None,
+               timeout: float = CTR_TIMEOUT) -> tuple[int, bytes]:
     """Run ``command`` with a pseudo-terminal as stdin, stdout and stderr (``ctr run -t`` makes
-    its own stdin the console); returns its exit code and everything it wrote, bounded."""
+    its own stdin the console), typing ``send`` once ``when()`` is true; returns its exit code
+    and everything it wrote, bounded."""
     master, slave = os.openpty()
     try:
         process = subprocess.Popen(command, stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
@@ -296,6 +299,9 @@ def run_in_pty(command: list[str], timeout: float = CTR_TIMEOUT) -> tuple[int, b
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
+            if send and (when is None or when()):
+                os.write(master, send)
+                send = b""
             ready, _, _ = select.select([master], [], [], POLL)
             if ready:
                 try:

@@ -142,10 +142,13 @@ def test_detached_task_exec_ps_pause_kill(containerd: Containerd, rootfs: Path) 
 
 def test_terminal(containerd: Containerd, rootfs: Path) -> None:
     command = containerd.ctr_command(*run_args(containerd, rootfs, "--rm", "--tty"), "terminal",
-                                     "/bin/sh", "-c", "tty; exit 4")
-    code, output = run_in_pty(command)
+                                     "/bin/sh", "-c", "tty; read line; echo got:$line; exit 4")
+    # typed once the task runs: what ctr reads from its terminal reaches the container's
+    code, output = run_in_pty(command, send=b"typed\r",
+                              when=lambda: containerd.task_status().get("terminal") == "RUNNING")
     assert code == 4, output
     assert re.search(rb"/dev/\S+", output) and b"not a tty" not in output, output
+    assert b"got:typed" in output, output
 
 
 def test_task_survives_containerd_restart(containerd: Containerd, rootfs: Path) -> None:
@@ -215,13 +218,21 @@ def test_pod_containers_share_one_shim_and_vm(containerd: Containerd, rootfs: Pa
     containerd.check(*pod_member("sandbox"), "pod", *SLEEPER)
     containerd.check(*pod_member("container"), "app", *SLEEPER)
     assert containerd.task_status() == {"pod": "RUNNING", "app": "RUNNING"}
-    assert len(containerd.shims()) == 1, [describe(p) for p in containerd.shims()]
-    assert len(containerd.vmms()) == 1, [describe(p) for p in containerd.vmms()]
+    shims, vmms = containerd.shims(), containerd.vmms()
+    assert len(shims) == 1 and len(vmms) == 1, [describe(p) for p in shims + vmms]
+    pod_shim, pod_vmm = shims[0], vmms[0]
     # one guest kernel for both
     assert boot_id("pod") == boot_id("app")
+
+    # a container without the annotations gets a shim and VM of its own
+    containerd.check(*run_args(containerd, rootfs, "--detach"), "lone", *SLEEPER)
+    assert len(containerd.shims()) == 2, [describe(p) for p in containerd.shims()]
+    assert len(containerd.vmms()) == 2, [describe(p) for p in containerd.vmms()]
+    assert boot_id("lone") != boot_id("pod")
+    stop_and_delete(containerd, "lone")
 
     # the sandbox's shim and VM outlive the app container
     stop_and_delete(containerd, "app")
     assert containerd.task_status() == {"pod": "RUNNING"}
-    assert len(containerd.shims()) == 1 and len(containerd.vmms()) == 1
+    assert pod_shim.is_running() and pod_vmm.is_running()
     stop_and_delete(containerd, "pod")
