@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from google.protobuf import text_format
 from google.protobuf.any_pb2 import Any as AnyMessage
 from google.protobuf.empty_pb2 import Empty
 from google.protobuf.message import DecodeError, Message
@@ -96,6 +97,7 @@ def _rpc_error(exc: KabutoError) -> RpcError:
 def _handler(method: Callable[[Any], Awaitable[Message]]) -> Callable[[Any], Awaitable[Message]]:
     """Runtime errors become ttrpc statuses containerd maps to its own (NotFound, ...)."""
     async def handle(request: Any) -> Message:
+        log.debug("%s %s", method.__name__, text_format.MessageToString(request, as_one_line=True)[:500])
         try:
             return await method(request)
         except KabutoError as exc:
@@ -256,12 +258,19 @@ class TaskService:
 
     async def _pump_stdin(self, process: Process) -> None:
         sandbox = self._sandbox()
-        while process.stdio.stdin_fd is not None:
-            data = await process.stdio.read_stdin()
+        while (data := process.stdio.read_stdin()) != b"":
             if data is None:
                 await process.stdio.wait_stdin()
-                continue
-            await sandbox.write_stdin(process.container_id, process.exec_id, data)
+            else:
+                await sandbox.write_stdin(process.container_id, process.exec_id, data)
+        await self._end_stdin(process)
+
+    async def _end_stdin(self, process: Process) -> None:
+        if process.stdio.stdin_fd is None:
+            return
+        process.stdio.close_stdin()
+        if process.status in (types_pb.RUNNING, types_pb.PAUSED):
+            await self._sandbox().close_stdin(process.container_id, process.exec_id)
 
     async def _wait_exit(self, process: Process, pumps: list[asyncio.Task[None]]) -> None:
         sandbox = self._sandbox()
@@ -320,11 +329,9 @@ class TaskService:
         if not request.stdin:
             return Empty()
         # what containerd wrote before closing is still in the FIFO: hand it over first
-        while (data := await process.stdio.read_stdin()) is not None:
+        while data := process.stdio.read_stdin():
             await self._sandbox().write_stdin(process.container_id, process.exec_id, data)
-        process.stdio.close_stdin()
-        if process.status == types_pb.RUNNING:
-            await self._sandbox().close_stdin(process.container_id, process.exec_id)
+        await self._end_stdin(process)
         return Empty()
 
     # -- state -------------------------------------------------------------------------------

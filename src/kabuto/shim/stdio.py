@@ -1,10 +1,12 @@
 """A process's stdio as containerd hands it over: FIFO paths (or ``file://`` URIs, or nothing).
 
-The shim opens each FIFO read-write, as containerd's runc shim keeps both ends open, so that
+Output FIFOs are opened read-write, as containerd's runc shim keeps both ends open, so that
 opening never waits for the other side and a reader that goes away (``ctr`` detaching, containerd
 restarting) does not break the pipe: output waits in the FIFO for the next reader instead.
-The guest's output is read through the agent and written here; stdin read here goes to the
-agent until containerd's CloseIO.
+stdin is opened read-only and non-blocking: its end of file is the writer closing (Linux reports
+that hang-up only for a writer that came after our open, so an early poll never sees a false end).
+The guest's output is read through the agent and written here; stdin read here goes to the agent
+until that end of file, or containerd's CloseIO.
 """
 
 from __future__ import annotations
@@ -39,11 +41,11 @@ def _open_output(target: str) -> int | None:
     return _open_fifo(target)
 
 
-def _open_fifo(path: str) -> int:
+def _open_fifo(path: str, flags: int = os.O_RDWR) -> int:
     try:
         if not stat.S_ISFIFO(os.stat(path).st_mode):
             raise StdioError(f"stdio path {path!r} is not a FIFO")
-        return os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        return os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         raise StdioError(f"cannot open stdio FIFO {path!r}: {exc.strerror}") from None
 
@@ -82,7 +84,7 @@ class ProcessStdio:
         stdio = cls(stdin, stdout, stderr, terminal)
         try:
             if stdin:
-                stdio.stdin_fd = _open_fifo(stdin)
+                stdio.stdin_fd = _open_fifo(stdin, os.O_RDONLY)
                 stdio._fds.append(stdio.stdin_fd)
             for name, target in (("stdout", stdout), ("stderr", stderr)):
                 fd = _open_output(target)
@@ -97,12 +99,12 @@ class ProcessStdio:
     def output_fd(self, stream: str) -> int | None:
         return self.stdout_fd if stream == "stdout" else self.stderr_fd
 
-    async def read_stdin(self) -> bytes | None:
-        """The next chunk of stdin; None when nothing is waiting (the FIFO never ends by itself)."""
+    def read_stdin(self) -> bytes | None:
+        """The next chunk of stdin: b"" at end of file, None when nothing is waiting."""
         if self.stdin_fd is None:
-            return None
+            return b""
         try:
-            return os.read(self.stdin_fd, READ_CHUNK) or None
+            return os.read(self.stdin_fd, READ_CHUNK)
         except BlockingIOError:
             return None
 
