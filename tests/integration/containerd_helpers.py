@@ -9,12 +9,16 @@ KABUTO_STATE_ROOT set here is where the shim keeps its state.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import io
+import json
 import os
 import select
 import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from collections.abc import Callable
@@ -225,10 +229,15 @@ class Containerd:
         return [p for p in processes_naming(str(self.state_root)) if p.pid not in shims]
 
     def leftovers(self) -> list[str]:
-        """Shims, processes naming the state root, anything in the state root beyond the lock file
-        and empty parent directories, and any container or task containerd still knows."""
+        """Shims, processes naming the state root, mounts below either directory (a rootfs from the
+        snapshotter), anything in the state root beyond the lock file and empty parent
+        directories, and any container or task containerd still knows."""
         found = [f"shim {describe(p)}" for p in self.shims()]
         found += [f"process {describe(p)}" for p in self.vmms()]
+        with open("/proc/self/mountinfo") as mountinfo:
+            points = [line.split()[4] for line in mountinfo]
+        found += [f"mount {point}" for point in points
+                  if point.startswith((f"{self.state_root}/", f"{self.directory}/"))]
         if self.state_root.exists():
             for path in sorted(self.state_root.rglob("*")):
                 relative = path.relative_to(self.state_root)
@@ -278,6 +287,43 @@ def remove_tree(root: Path, *, keep_root: bool = False) -> None:
             child.unlink(missing_ok=True)
     if not keep_root:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def write_oci_archive(rootfs: Path, image_name: str, archive: Path) -> Path:
+    """An OCI image layout tar (one uncompressed layer holding ``rootfs``) that ``ctr image
+    import`` accepts: images without a registry, so containerd's snapshotter makes the rootfs."""
+    blobs: dict[str, bytes] = {}
+
+    def add_blob(data: bytes, media_type: str) -> dict[str, object]:
+        digest = f"sha256:{hashlib.sha256(data).hexdigest()}"
+        blobs[digest] = data
+        return {"mediaType": media_type, "digest": digest, "size": len(data)}
+
+    layer = io.BytesIO()
+    with tarfile.open(fileobj=layer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for path in sorted(rootfs.iterdir()):
+            tar.add(path, arcname=path.name)
+    layer_descriptor = add_blob(layer.getvalue(), "application/vnd.oci.image.layer.v1.tar")
+    platform = {"architecture": "amd64", "os": "linux"}
+    config = {**platform, "rootfs": {"type": "layers", "diff_ids": [layer_descriptor["digest"]]},
+              "config": {"Env": ["PATH=/bin"], "Cmd": ["/bin/sh"]}}
+    config_descriptor = add_blob(json.dumps(config).encode(), "application/vnd.oci.image.config.v1+json")
+    manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "config": config_descriptor, "layers": [layer_descriptor]}
+    manifest_descriptor = add_blob(json.dumps(manifest).encode(), manifest["mediaType"])
+    index = {"schemaVersion": 2, "manifests": [{
+        **manifest_descriptor, "platform": platform,
+        "annotations": {"io.containerd.image.name": image_name,
+                        "org.opencontainers.image.ref.name": image_name.rsplit(":", 1)[-1]}}]}
+    files_in_archive = {"oci-layout": json.dumps({"imageLayoutVersion": "1.0.0"}).encode(),
+                        "index.json": json.dumps(index).encode(),
+                        **{f"blobs/sha256/{digest.split(':')[1]}": data for digest, data in blobs.items()}}
+    with tarfile.open(archive, mode="w") as tar:
+        for name, data in files_in_archive.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return archive
 
 
 def short_temp_dir(prefix: str) -> Path:

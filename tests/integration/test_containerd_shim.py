@@ -23,6 +23,7 @@ from containerd_helpers import (
     remove_tree,
     run_in_pty,
     short_temp_dir,
+    write_oci_archive,
 )
 from test_runtime_helpers import busybox_rootfs, require_guest_image
 
@@ -110,6 +111,22 @@ def test_run_rm_passes_stdin(containerd: Containerd, rootfs: Path) -> None:
                                           task_id="stdin", data=b"data\n")
     assert (result.returncode, result.stdout) == (0, b"data\n"), containerd.explain(result)
     assert containerd.check("container", "ls", "-q").stdout == b""
+
+
+def test_image_rootfs_from_the_snapshotter(containerd: Containerd, tmp_path: Path) -> None:
+    # an image imported from a local OCI archive: containerd unpacks it and hands the shim
+    # the snapshotter's overlay mount instead of a rootfs directory
+    image_rootfs = busybox_rootfs(tmp_path / "rootfs")
+    (image_rootfs / "marker").write_text("from the image\n")
+    image = "docker.io/library/kbt-busybox:latest"
+    containerd.check("image", "import", str(write_oci_archive(image_rootfs, image, tmp_path / "image.tar")))
+    try:
+        result = containerd.ctr("run", "--runtime", RUNTIME, "--fifo-dir", str(containerd.fifo_dir), "--rm",
+                                image, "image", "sh", "-c", "cat /marker; echo written > /new; cat /new")
+        assert (result.returncode, result.stdout) == (0, b"from the image\nwritten\n"), \
+            containerd.explain(result)
+    finally:
+        containerd.check("image", "remove", image)
 
 
 def test_detached_task_exec_ps_pause_kill(containerd: Containerd, rootfs: Path) -> None:
