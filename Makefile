@@ -13,7 +13,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test bench lint image deps clean apt
 
+# containerd looks for containerd-shim-kabuto-v2 on its PATH (runtime io.containerd.kabuto.v2)
+SHIM_LINK := /usr/local/bin/containerd-shim-kabuto-v2
+
 deps: $(STAMP)
+	@ln -sfn $(abspath $(VENV))/bin/containerd-shim-kabuto-v2 $(SHIM_LINK)
 
 # apt-get only runs when a package is missing, so repeated runs stay fast and offline.
 apt:
