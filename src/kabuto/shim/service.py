@@ -115,6 +115,9 @@ class TaskService:
         self.sandbox: VirtSandbox | None = None
         self.tasks: dict[str, Task] = {}
         self._lock = asyncio.Lock()
+        # Creates under way, by task id: containerd gives up on one by deleting it (or shutting
+        # the shim down) while it still boots; cancelling it makes it undo what it made.
+        self._creating: dict[str, asyncio.Task[Any]] = {}
 
     def methods(self) -> dict[str, Method]:
         table: dict[str, tuple[type[Message], Callable[[Any], Awaitable[Message]]]] = {
@@ -173,6 +176,17 @@ class TaskService:
             raise RpcError(Code.INVALID_ARGUMENT, str(exc)) from None
         if request.checkpoint:
             raise RpcError(Code.UNIMPLEMENTED, "Kabuto cannot restore a task from a checkpoint")
+        if request.id in self._creating:
+            raise RpcError(Code.ALREADY_EXISTS, f"task {request.id!r} is being created")
+        current = asyncio.current_task()
+        assert current is not None
+        self._creating[request.id] = current
+        try:
+            return await self._create(request)
+        finally:
+            del self._creating[request.id]
+
+    async def _create(self, request: pb.CreateTaskRequest) -> pb.CreateTaskResponse:
         async with self._lock:
             if request.id in self.tasks:
                 raise RpcError(Code.ALREADY_EXISTS, f"task {request.id!r} already exists")
@@ -403,7 +417,15 @@ class TaskService:
         raise RpcError(Code.UNIMPLEMENTED, "checkpoint is not supported by Kabuto (the task runs in a VM)")
 
     # -- delete / shutdown -------------------------------------------------------------------
+    async def _abandon_creates(self, task_ids: list[str]) -> None:
+        creating = [self._creating[t] for t in task_ids if t in self._creating]
+        for task in creating:
+            task.cancel()
+        await asyncio.gather(*creating, return_exceptions=True)
+
     async def delete(self, request: pb.DeleteRequest) -> pb.DeleteResponse:
+        if not request.exec_id and request.id in self._creating:
+            await self._abandon_creates([request.id])
         task = self._task(request.id)
         process = self._process(request.id, request.exec_id)
         if process.status in (types_pb.RUNNING, types_pb.PAUSED):
@@ -447,6 +469,7 @@ class TaskService:
 
     async def shutdown(self, request: pb.ShutdownRequest) -> Empty:
         if not self.tasks:
+            await self._abandon_creates(list(self._creating))
             self._on_idle()
         return Empty()
 
