@@ -184,24 +184,30 @@ def test_task_survives_containerd_restart(containerd: Containerd, rootfs: Path) 
     stop_and_delete(containerd, "survivor")
 
 
-def test_bad_input_fails_clearly_and_leaves_nothing(containerd: Containerd, rootfs: Path,
-                                                    tmp_path: Path) -> None:
+def write_unbootable_config(directory: Path) -> Path:
+    """The built-in configuration with a guest kernel of garbage (and the image's initrd)."""
     from kabuto.image import installed_image
 
-    unknown = containerd.ctr("task", "kill", "nosuch")
-    assert unknown.returncode != 0 and b"not found" in unknown.stderr, containerd.explain(unknown)
-
-    # each reaches the shim, which refuses it with a message naming the problem
-    garbage_kernel = tmp_path / "garbage-vmlinux"
+    garbage_kernel = directory / "garbage-vmlinux"
     garbage_kernel.write_bytes(bytes(range(256)) * 64)
     image = installed_image()
     assert image is not None
     default = files("kabuto.config").joinpath("default.toml").read_text()
-    bad_kernel = default.replace('kernel = ""', f'kernel = "{garbage_kernel}"') \
+    unbootable = default.replace('kernel = ""', f'kernel = "{garbage_kernel}"') \
                         .replace('initrd = ""', f'initrd = "{image.initrd}"')
-    assert bad_kernel.count(str(garbage_kernel)) == 1 and bad_kernel.count(str(image.initrd)) == 1
-    config = tmp_path / "bad-kernel.toml"
-    config.write_text(bad_kernel)
+    assert unbootable.count(str(garbage_kernel)) == 1 and unbootable.count(str(image.initrd)) == 1
+    config = directory / "unbootable.toml"
+    config.write_text(unbootable)
+    return config
+
+
+def test_bad_input_fails_clearly_and_leaves_nothing(containerd: Containerd, rootfs: Path,
+                                                    tmp_path: Path) -> None:
+    unknown = containerd.ctr("task", "kill", "nosuch")
+    assert unknown.returncode != 0 and b"not found" in unknown.stderr, containerd.explain(unknown)
+
+    # each reaches the shim, which refuses it with a message naming the problem
+    config = write_unbootable_config(tmp_path)
 
     cases = {
         # the rootfs the spec names does not exist
@@ -253,3 +259,20 @@ def test_pod_containers_share_one_shim_and_vm(containerd: Containerd, rootfs: Pa
     assert containerd.task_status() == {"pod": "RUNNING"}
     assert pod_shim.is_running() and pod_vmm.is_running()
     stop_and_delete(containerd, "pod")
+
+
+def test_kabuto_config_from_containerd_environment(rootfs: Path, tmp_path: Path) -> None:
+    """containerd passes its environment to shims: $KABUTO_CONFIG there is the shim's default."""
+    daemon = Containerd(short_temp_dir("kbc-"), short_temp_dir("kbt-"),
+                        extra_env={"KABUTO_CONFIG": str(write_unbootable_config(tmp_path))})
+    try:
+        daemon.start()
+        result = daemon.ctr(*run_args(daemon, rootfs, "--rm"), "unbootable", "/bin/true")
+        assert result.returncode != 0 and b"kernel" in result.stderr, daemon.explain(result)
+        left = daemon.wait_until_clean()
+        assert not left, left
+    finally:
+        daemon.stop()
+        daemon.force_clean()
+        remove_tree(daemon.directory)
+        remove_tree(daemon.state_root)
