@@ -1,9 +1,9 @@
 """containerd-shim-kabuto-v2 under a real containerd (Debian's 1.6), driven with ctr.
 
 One containerd serves the module, with its root, state and socket in a temporary directory and
-the shim's state root (KABUTO_STATE_ROOT, passed on to shims) in another. Every test boots
-at least one VM and ends with nothing left: no shim, no VMM, no file under the state root, no
-container or task in containerd.
+the shim's state root (KABUTO_STATE_ROOT, passed on to shims) in another. Most tests boot a
+VM; every test ends with nothing left: no shim, no VMM, no mount, no file under the state root,
+no container or task in containerd.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def test_run_prints_output_and_returns_exit_code(containerd: Containerd, rootfs:
                             "/bin/sh", "-c", "echo hello; echo err >&2; exit 3")
     assert (result.returncode, result.stdout, result.stderr) == (3, b"hello\n", b"err\n"), \
         containerd.explain(result)
-    # without --rm ctr deletes the task but keeps the container; the shim and VM are gone already
+    # without --rm ctr deletes the task but keeps the container
     assert containerd.task_status() == {}
     assert containerd.check("container", "ls", "-q").stdout.split() == [b"hello"]
     containerd.check("container", "delete", "hello")
