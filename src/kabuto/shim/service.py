@@ -70,6 +70,7 @@ class Process:
     exit_status: int = 0
     exited_at: Timestamp | None = None
     exited: asyncio.Event = field(default_factory=asyncio.Event)
+    stdin_pump: asyncio.Task[None] | None = None
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
 
 
@@ -240,11 +241,16 @@ class TaskService:
         if process.status != types_pb.CREATED:
             status = types_pb.Status.Name(process.status).lower()
             raise RpcError(Code.FAILED_PRECONDITION, f"{_name(process)} cannot start: it is {status}")
-        if process.exec_id:
-            assert process.spec is not None
-            await sandbox.exec_process(process.container_id, process.exec_id, process.spec)
-        else:
-            await sandbox.start_container(process.container_id)
+        try:
+            if process.exec_id:
+                assert process.spec is not None
+                await sandbox.exec_process(process.container_id, process.exec_id, process.spec)
+            else:
+                await sandbox.start_container(process.container_id)
+        except BaseException:
+            # never ran: containerd's side of the FIFOs sees the end now, and Wait returns
+            self._exited(process, LOST_EXIT_STATUS)
+            raise
         process.status = types_pb.RUNNING
         self._supervise(process)
         pid = await self._vmm_pid()
@@ -260,7 +266,8 @@ class TaskService:
                  if not (stream == "stderr" and process.stdio.terminal)]
         process.tasks += pumps
         if process.stdio.stdin_fd is not None:
-            process.tasks.append(asyncio.create_task(self._pump_stdin(process)))
+            process.stdin_pump = asyncio.create_task(self._pump_stdin(process))
+            process.tasks.append(process.stdin_pump)
         process.tasks.append(asyncio.create_task(self._wait_exit(process, pumps)))
 
     async def _pump_output(self, process: Process, stream: str) -> None:
@@ -272,12 +279,15 @@ class TaskService:
 
     async def _pump_stdin(self, process: Process) -> None:
         sandbox = self._sandbox()
-        while (data := process.stdio.read_stdin()) != b"":
-            if data is None:
-                await process.stdio.wait_stdin()
-            else:
-                await sandbox.write_stdin(process.container_id, process.exec_id, data)
-        await self._end_stdin(process)
+        try:
+            while (data := process.stdio.read_stdin()) != b"":
+                if data is None:
+                    await process.stdio.wait_stdin()
+                else:
+                    await sandbox.write_stdin(process.container_id, process.exec_id, data)
+            await self._end_stdin(process)
+        except KabutoError as exc:  # the process exited, or its VM: its stdin goes nowhere
+            log.debug("%s: stdin ends: %s", _name(process), exc)
 
     async def _end_stdin(self, process: Process) -> None:
         if process.stdio.stdin_fd is None:
@@ -297,14 +307,17 @@ class TaskService:
         except KabutoError as exc:
             log.warning("%s: lost (%s)", _name(process), exc)
             status = LOST_EXIT_STATUS
-        for pump in pumps:
-            pump.cancel()
-        process.stdio.close_output()
-        process.status, process.exit_status, process.exited_at = types_pb.STOPPED, status, _now()
-        process.exited.set()
+        await _cancel([*pumps, *([process.stdin_pump] if process.stdin_pump else [])])
+        self._exited(process, status)
         self.publisher.publish(events_pb.TaskExit(
             container_id=process.container_id, id=process.exec_id or process.container_id,
             pid=await self._vmm_pid(), exit_status=status, exited_at=process.exited_at))
+
+    @staticmethod
+    def _exited(process: Process, status: int) -> None:
+        process.stdio.close()
+        process.status, process.exit_status, process.exited_at = types_pb.STOPPED, status, _now()
+        process.exited.set()
 
     # -- exec --------------------------------------------------------------------------------
     async def exec(self, request: pb.ExecProcessRequest) -> Empty:
@@ -433,11 +446,11 @@ class TaskService:
                            f"cannot delete {_name(process)}: it is still running")
         pid = await self._vmm_pid()
         if request.exec_id:
+            await _release(process)
             del task.execs[request.exec_id]
         else:
             async with self._lock:
                 await self._remove_task(task)
-        process.stdio.close()
         exited_at = process.exited_at or _now()
         self.publisher.publish(events_pb.TaskDelete(
             container_id=request.id, id=request.exec_id or request.id, pid=pid,
@@ -451,8 +464,7 @@ class TaskService:
             raise RpcError(Code.FAILED_PRECONDITION, f"cannot delete sandbox task {task.id!r}: "
                                                      f"tasks {', '.join(others)} still belong to it")
         for process in (task.init, *task.execs.values()):
-            for running in process.tasks:
-                running.cancel()
+            await _release(process)
         if task.id == sandbox.id:
             await sandbox.destroy()
             self.sandbox = None
@@ -477,9 +489,7 @@ class TaskService:
         """The shim is going: stop whatever still runs (a VM left without tasks goes too)."""
         for task in self.tasks.values():
             for process in (task.init, *task.execs.values()):
-                for running in process.tasks:
-                    running.cancel()
-                process.stdio.close()
+                await _release(process)
         if self.sandbox is not None:
             with contextlib.suppress(KabutoError):
                 await self.sandbox.destroy()
@@ -489,6 +499,18 @@ class TaskService:
                 with contextlib.suppress(KabutoError):
                     await mounts.unmount(task.mounted_rootfs)
         self.tasks.clear()
+
+
+async def _cancel(tasks: list[asyncio.Task[Any]]) -> None:
+    """Cancel and wait: a pump still registered on a FIFO must let go before the FIFO closes."""
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _release(process: Process) -> None:
+    await _cancel([t for t in process.tasks if t is not asyncio.current_task()])
+    process.stdio.close()
 
 
 def _name(process: Process) -> str:

@@ -123,13 +123,6 @@ class ProcessStdio:
             self._close(self.stdin_fd)
             self.stdin_fd = None
 
-    def close_output(self) -> None:
-        for name in ("stdout_fd", "stderr_fd"):
-            fd = getattr(self, name)
-            if fd is not None:
-                self._close(fd)
-                setattr(self, name, None)
-
     def close(self) -> None:
         for fd in self._fds:
             with contextlib.suppress(OSError):
