@@ -1,0 +1,390 @@
+"""The shim's containerd.task.v2.Task service, called through a real ttrpc connection as
+containerd calls it, running tasks in the fake VMM and fake guest of test_runtime_fake_vmm
+(real processes, real bind mounts, real FIFOs; only the guest is simulated)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import test_runtime_fake_vmm as fake_vm
+from google.protobuf.any_pb2 import Any as AnyMessage
+from google.protobuf.empty_pb2 import Empty
+from google.protobuf.message import Message
+
+from kabuto.protos import containerd_events_pb2 as events_pb
+from kabuto.protos import containerd_runtimeoptions_pb2 as options_pb
+from kabuto.protos import containerd_shim_pb2 as pb
+from kabuto.protos import containerd_task_types_pb2 as task_types_pb
+from kabuto.runtime.state import StateStore
+from kabuto.shim.service import CONTAINER_TYPE_ANNOTATION, SANDBOX_ID_ANNOTATION, TASK_SERVICE, TaskService
+from kabuto.ttrpc import Client, Code, RpcError, Server
+
+# the fake VMM and guest for every test here; `store` fails a test that leaves anything behind
+fakes = fake_vm.fakes
+store = fake_vm.store
+
+BOUND = 10.0
+M = TypeVar("M", bound=Message)
+
+
+class RecordingPublisher:
+    """Stands in for the events Publisher: what the service told containerd, in order."""
+
+    def __init__(self) -> None:
+        self.events: list[Message] = []
+
+    def publish(self, event: Message) -> None:
+        self.events.append(event)
+
+    def kinds(self) -> list[str]:
+        return [type(event).__name__ for event in self.events]
+
+
+@dataclass
+class Shim:
+    client: Client
+    service: TaskService
+    publisher: RecordingPublisher
+    config: Path
+    idle: list[bool] = field(default_factory=list)
+
+    async def call(self, method: str, request: Message, response_type: type[M] = Empty) -> M:  # type: ignore[assignment]
+        return await self.client.call(TASK_SERVICE, method, request, response_type, timeout=BOUND)
+
+    def options(self) -> AnyMessage:
+        # what CRI passes for a runtime with `ConfigPath` in its options
+        return AnyMessage(type_url="runtimeoptions.v1.Options",
+                          value=options_pb.Options(config_path=str(self.config)).SerializeToString())
+
+    async def create(self, task_id: str, bundle: Path, **stdio: Any) -> pb.CreateTaskResponse:
+        request = pb.CreateTaskRequest(id=task_id, bundle=str(bundle), options=self.options(), **stdio)
+        return await self.call("Create", request, pb.CreateTaskResponse)
+
+
+@pytest.fixture
+async def shim(store: StateStore, tmp_path: Path) -> AsyncIterator[Shim]:
+    config = tmp_path / "kabuto.toml"
+    config.write_text('[runtime]\nhypervisor_name = "fakevmm"\n')
+    publisher = RecordingPublisher()
+    idle: list[bool] = []
+    service = TaskService(store, publisher, on_idle=lambda: idle.append(True))  # type: ignore[arg-type]
+    server = Server()
+    server.register(TASK_SERVICE, service.methods())
+    containerd_end, shim_end = socket.socketpair()
+    serving = asyncio.create_task(server.serve(*await asyncio.open_connection(sock=shim_end)))
+    client = Client(*await asyncio.open_connection(sock=containerd_end), name="shim")
+    try:
+        yield Shim(client, service, publisher, config, idle)
+    finally:
+        await client.close()
+        await asyncio.wait_for(serving, BOUND)
+        await asyncio.wait_for(service.close(), BOUND)
+
+
+async def rpc_error(call: Any) -> RpcError:
+    with pytest.raises(RpcError) as caught:
+        await call
+    return caught.value
+
+
+def fifo(directory: Path, name: str) -> Path:
+    path = directory / name
+    os.mkfifo(path)
+    return path
+
+
+class FifoReader:
+    """containerd's side of an output FIFO: a thread reading until end of file."""
+
+    def __init__(self, path: Path) -> None:
+        self.data = bytearray()
+        self._thread = threading.Thread(target=self._read, args=(path,))
+        self._thread.start()
+
+    def _read(self, path: Path) -> None:
+        with open(path, "rb", buffering=0) as reader:
+            while chunk := reader.read(65536):
+                self.data.extend(chunk)
+
+    def join(self) -> bytes:
+        self._thread.join(BOUND)
+        assert not self._thread.is_alive()
+        return bytes(self.data)
+
+
+def state_root_entries(store: StateStore) -> list[str]:
+    if not store.root.exists():
+        return []
+    return sorted(p.name for p in store.root.iterdir() if p.name not in (".lock", ".vm"))
+
+
+# -- unknown ids and refused requests -------------------------------------------------------
+UNKNOWN_TASK_CALLS: list[tuple[str, Callable[[], Message], type[Message]]] = [
+    ("State", lambda: pb.StateRequest(id="ghost"), pb.StateResponse),
+    ("Start", lambda: pb.StartRequest(id="ghost"), pb.StartResponse),
+    ("Kill", lambda: pb.KillRequest(id="ghost", signal=9), Empty),
+    ("Wait", lambda: pb.WaitRequest(id="ghost"), pb.WaitResponse),
+    ("Delete", lambda: pb.DeleteRequest(id="ghost"), pb.DeleteResponse),
+    ("Exec", lambda: pb.ExecProcessRequest(id="ghost", exec_id="e1",
+                                           spec=AnyMessage(value=b'{"args": ["true"]}')), Empty),
+    ("Pids", lambda: pb.PidsRequest(id="ghost"), pb.PidsResponse),
+    ("Pause", lambda: pb.PauseRequest(id="ghost"), Empty),
+    ("Resume", lambda: pb.ResumeRequest(id="ghost"), Empty),
+    ("CloseIO", lambda: pb.CloseIORequest(id="ghost", stdin=True), Empty),
+    ("ResizePty", lambda: pb.ResizePtyRequest(id="ghost", width=80, height=24), Empty),
+    ("Update", lambda: pb.UpdateTaskRequest(id="ghost"), Empty),
+    ("Stats", lambda: pb.StatsRequest(id="ghost"), pb.StatsResponse),
+]
+
+
+@pytest.mark.parametrize(("method", "request_factory", "response_type"), UNKNOWN_TASK_CALLS,
+                         ids=[call[0] for call in UNKNOWN_TASK_CALLS])
+async def test_unknown_task_is_not_found_by_name(shim: Shim, method: str,
+                                                 request_factory: Callable[[], Message],
+                                                 response_type: type[Message]) -> None:
+    error = await rpc_error(shim.call(method, request_factory(), response_type))
+    assert error.code == Code.NOT_FOUND
+    assert "ghost" in error.message
+
+
+async def test_checkpoint_is_unimplemented(shim: Shim) -> None:
+    error = await rpc_error(shim.call("Checkpoint", pb.CheckpointTaskRequest(id="c1", path="/cp")))
+    assert error.code == Code.UNIMPLEMENTED
+
+
+async def test_shutdown_without_tasks_lets_the_shim_go(shim: Shim) -> None:
+    await shim.call("Shutdown", pb.ShutdownRequest(id="c1"))
+    assert shim.idle == [True]
+
+
+@pytest.mark.parametrize("breakage", ["no config.json", "no rootfs", "config.json not JSON"])
+async def test_create_with_a_bad_bundle_is_invalid_and_starts_nothing(shim: Shim, store: StateStore,
+                                                                      tmp_path: Path, breakage: str) -> None:
+    bundle = fake_vm.make_bundle(tmp_path / "bundle", ["echo", "hi"])
+    if breakage == "no config.json":
+        (bundle / "config.json").unlink()
+    elif breakage == "no rootfs":
+        for child in (bundle / "rootfs").iterdir():
+            child.unlink()
+        (bundle / "rootfs").rmdir()
+    else:
+        (bundle / "config.json").write_text("{not json")
+    stdout = fifo(tmp_path, "stdout")
+    error = await rpc_error(shim.create("c1", bundle, stdout=str(stdout)))
+    assert error.code == Code.INVALID_ARGUMENT
+    assert str(bundle) in error.message
+    assert not fake_vm.GUESTS, "a VM was started"
+    assert state_root_entries(store) == []
+    assert shim.publisher.events == []
+    # the id stays free
+    error = await rpc_error(shim.call("State", pb.StateRequest(id="c1"), pb.StateResponse))
+    assert error.code == Code.NOT_FOUND
+
+
+async def test_create_with_a_bad_stdio_path_is_invalid_and_starts_nothing(shim: Shim, store: StateStore,
+                                                                          tmp_path: Path) -> None:
+    bundle = fake_vm.make_bundle(tmp_path / "bundle", ["echo", "hi"])
+    error = await rpc_error(shim.create("c1", bundle, stdout=str(tmp_path / "no-such-fifo")))
+    assert error.code == Code.INVALID_ARGUMENT and "no-such-fifo" in error.message
+    assert not fake_vm.GUESTS and state_root_entries(store) == []
+
+
+async def test_create_with_an_unusable_config_is_invalid_and_leaves_nothing(shim: Shim, store: StateStore,
+                                                                            tmp_path: Path) -> None:
+    shim.config.write_text('[runtime]\nhypervisor_name = "no-such-vmm"\n')
+    error = await rpc_error(shim.create("c1", fake_vm.make_bundle(tmp_path / "bundle", ["echo"])))
+    assert error.code == Code.INVALID_ARGUMENT and "no-such-vmm" in error.message
+    assert not fake_vm.GUESTS and state_root_entries(store) == []
+
+
+async def test_create_with_undecodable_runtime_options_is_invalid(shim: Shim, store: StateStore,
+                                                                  tmp_path: Path) -> None:
+    garbage = AnyMessage(type_url="runtimeoptions.v1.Options", value=b"\xff\xff")
+    request = pb.CreateTaskRequest(id="c1", bundle=str(fake_vm.make_bundle(tmp_path / "bundle", ["echo"])),
+                                   options=garbage)
+    error = await rpc_error(shim.call("Create", request, pb.CreateTaskResponse))
+    assert error.code == Code.INVALID_ARGUMENT
+    assert not fake_vm.GUESTS and state_root_entries(store) == []
+
+
+async def test_pod_container_without_its_sandbox_is_refused(shim: Shim, store: StateStore,
+                                                             tmp_path: Path) -> None:
+    bundle = fake_vm.make_bundle(tmp_path / "bundle", ["echo"], **{CONTAINER_TYPE_ANNOTATION: "container",
+                                                                   SANDBOX_ID_ANNOTATION: "pod-1"})
+    error = await rpc_error(shim.create("app", bundle))
+    assert error.code == Code.FAILED_PRECONDITION and "pod-1" in error.message
+    assert not fake_vm.GUESTS and state_root_entries(store) == []
+
+
+async def test_invalid_task_id_is_refused(shim: Shim, tmp_path: Path) -> None:
+    error = await rpc_error(shim.create("../escape", fake_vm.make_bundle(tmp_path / "bundle", ["echo"])))
+    assert error.code == Code.INVALID_ARGUMENT and "../escape" in error.message
+
+
+# -- lifecycles -----------------------------------------------------------------------------
+async def test_create_start_wait_delete_with_output_through_a_fifo(shim: Shim, store: StateStore,
+                                                                  tmp_path: Path) -> None:
+    bundle = fake_vm.make_bundle(tmp_path / "bundle", ["echo", "hello", "from", "the", "guest"])
+    stdout = fifo(tmp_path, "stdout")
+    created = await shim.create("c1", bundle, stdout=str(stdout))
+    reader = FifoReader(stdout)
+    assert created.pid > 0  # the VMM's, as in Kata
+    state = await shim.call("State", pb.StateRequest(id="c1"), pb.StateResponse)
+    assert (state.id, state.status, state.bundle, state.stdout) == ("c1", task_types_pb.CREATED, str(bundle),
+                                                                    str(stdout))
+    started = await shim.call("Start", pb.StartRequest(id="c1"), pb.StartResponse)
+    assert started.pid == created.pid
+    waited = await shim.call("Wait", pb.WaitRequest(id="c1"), pb.WaitResponse)
+    assert waited.exit_status == 0 and waited.exited_at.seconds > 0
+    state = await shim.call("State", pb.StateRequest(id="c1"), pb.StateResponse)
+    assert (state.status, state.exit_status, state.exited_at) == (task_types_pb.STOPPED, 0, waited.exited_at)
+    deleted = await shim.call("Delete", pb.DeleteRequest(id="c1"), pb.DeleteResponse)
+    assert (deleted.exit_status, deleted.exited_at) == (0, waited.exited_at)
+    assert reader.join() == b"hello from the guest\n"
+
+    assert shim.publisher.kinds() == ["TaskCreate", "TaskStart", "TaskExit", "TaskDelete"]
+    create, start, exit_, delete = shim.publisher.events
+    assert isinstance(create, events_pb.TaskCreate) and isinstance(start, events_pb.TaskStart)
+    assert isinstance(exit_, events_pb.TaskExit) and isinstance(delete, events_pb.TaskDelete)
+    assert (create.container_id, create.bundle, create.pid) == ("c1", str(bundle), created.pid)
+    assert create.io.stdout == str(stdout)
+    assert (start.container_id, start.pid) == ("c1", created.pid)
+    assert (exit_.container_id, exit_.id, exit_.exit_status) == ("c1", "c1", 0)
+    assert exit_.exited_at == waited.exited_at
+    assert (delete.container_id, delete.exit_status) == ("c1", 0)
+
+    # the task and its VM are gone: the id is unknown, the state root empty, the shim may go
+    error = await rpc_error(shim.call("State", pb.StateRequest(id="c1"), pb.StateResponse))
+    assert error.code == Code.NOT_FOUND
+    assert state_root_entries(store) == [] and shim.service.sandbox is None
+    await shim.call("Shutdown", pb.ShutdownRequest(id="c1"))
+    assert shim.idle == [True]
+
+
+async def test_exit_status_and_a_running_task_refusing_delete(shim: Shim, tmp_path: Path) -> None:
+    await shim.create("c1", fake_vm.make_bundle(tmp_path / "bundle", ["sleep"]))
+    await shim.call("Start", pb.StartRequest(id="c1"), pb.StartResponse)
+    error = await rpc_error(shim.call("Delete", pb.DeleteRequest(id="c1"), pb.DeleteResponse))
+    assert error.code == Code.FAILED_PRECONDITION
+    await shim.call("Shutdown", pb.ShutdownRequest(id="c1"))
+    assert shim.idle == []  # a task still runs: the shim stays
+    waiting = asyncio.ensure_future(shim.call("Wait", pb.WaitRequest(id="c1"), pb.WaitResponse))
+    await shim.call("Kill", pb.KillRequest(id="c1", signal=9))
+    assert (await asyncio.wait_for(waiting, BOUND)).exit_status == 137
+    error = await rpc_error(shim.call("Kill", pb.KillRequest(id="c1", signal=9)))
+    assert error.code == Code.NOT_FOUND  # containerd's "process already finished"
+    assert (await shim.call("Delete", pb.DeleteRequest(id="c1"), pb.DeleteResponse)).exit_status == 137
+    exit_event = shim.publisher.events[2]
+    assert isinstance(exit_event, events_pb.TaskExit) and exit_event.exit_status == 137
+
+
+async def test_a_created_task_can_be_deleted_without_starting(shim: Shim, store: StateStore,
+                                                               tmp_path: Path) -> None:
+    await shim.create("c1", fake_vm.make_bundle(tmp_path / "bundle", ["sleep"]))
+    await shim.call("Delete", pb.DeleteRequest(id="c1"), pb.DeleteResponse)
+    assert shim.publisher.kinds() == ["TaskCreate", "TaskDelete"]
+    assert state_root_entries(store) == [] and shim.service.sandbox is None
+
+
+async def test_duplicate_create_is_already_exists(shim: Shim, tmp_path: Path) -> None:
+    bundle = fake_vm.make_bundle(tmp_path / "bundle", ["sleep"])
+    await shim.create("c1", bundle)
+    error = await rpc_error(shim.create("c1", bundle))
+    assert error.code == Code.ALREADY_EXISTS and "c1" in error.message
+    await shim.call("Delete", pb.DeleteRequest(id="c1"), pb.DeleteResponse)
+
+
+async def test_stdin_reaches_the_task_until_containerd_closes_it(shim: Shim, tmp_path: Path) -> None:
+    stdin, stdout = fifo(tmp_path, "stdin"), fifo(tmp_path, "stdout")
+    # containerd opens its end of stdin before Create (its fifo package waits for the reader)
+    opened: list[int] = []
+    opener = threading.Thread(target=lambda: opened.append(os.open(stdin, os.O_WRONLY)))
+    opener.start()
+    await shim.create("c1", fake_vm.make_bundle(tmp_path / "bundle", ["cat"]), stdin=str(stdin),
+                      stdout=str(stdout))
+    opener.join(BOUND)
+    reader = FifoReader(stdout)
+    await shim.call("Start", pb.StartRequest(id="c1"), pb.StartResponse)
+    os.write(opened[0], b"typed " * 1000)
+    os.close(opened[0])  # cat's stdin ends: it echoes everything and exits
+    waited = await shim.call("Wait", pb.WaitRequest(id="c1"), pb.WaitResponse)
+    assert waited.exit_status == 0
+    assert reader.join() == b"typed " * 1000
+    await shim.call("Delete", pb.DeleteRequest(id="c1"), pb.DeleteResponse)
+
+
+async def test_close_io_hands_over_what_was_written_then_ends_stdin(shim: Shim, tmp_path: Path) -> None:
+    stdin, stdout = fifo(tmp_path, "stdin"), fifo(tmp_path, "stdout")
+    await shim.create("c1", fake_vm.make_bundle(tmp_path / "bundle", ["cat"]), stdin=str(stdin),
+                      stdout=str(stdout))
+    writer = os.open(stdin, os.O_WRONLY | os.O_NONBLOCK)
+    reader = FifoReader(stdout)
+    os.write(writer, b"last words\n")
+    await shim.call("Start", pb.StartRequest(id="c1"), pb.StartResponse)
+    await shim.call("CloseIO", pb.CloseIORequest(id="c1", stdin=True))
+    waited = await shim.call("Wait", pb.WaitRequest(id="c1"), pb.WaitResponse)
+    os.close(writer)
+    assert waited.exit_status == 0 and reader.join() == b"last words\n"
+    await shim.call("Delete", pb.DeleteRequest(id="c1"), pb.DeleteResponse)
+
+
+async def test_exec_lifecycle_and_bad_exec_specs(shim: Shim, tmp_path: Path) -> None:
+    await shim.create("c1", fake_vm.make_bundle(tmp_path / "bundle", ["sleep"]))
+    error = await rpc_error(shim.call("Exec", pb.ExecProcessRequest(
+        id="c1", exec_id="e0", spec=AnyMessage(value=b'{"args": ["true"]}'))))
+    assert error.code == Code.FAILED_PRECONDITION  # the task was not started
+    await shim.call("Start", pb.StartRequest(id="c1"), pb.StartResponse)
+    for spec in (b"not json", b'{"args": []}', b'{"cwd": "/"}', b'["echo"]', b'{"args": "echo"}'):
+        error = await rpc_error(shim.call("Exec", pb.ExecProcessRequest(id="c1", exec_id="bad",
+                                                                        spec=AnyMessage(value=spec))))
+        assert error.code == Code.INVALID_ARGUMENT, spec
+    error = await rpc_error(shim.call("State", pb.StateRequest(id="c1", exec_id="bad"), pb.StateResponse))
+    assert error.code == Code.NOT_FOUND and "bad" in error.message
+
+    stdout = fifo(tmp_path, "exec-stdout")
+    spec = json.dumps({"args": ["echo", "from", "exec"], "cwd": "/"}).encode()
+    await shim.call("Exec", pb.ExecProcessRequest(
+        id="c1", exec_id="e1", stdout=str(stdout),
+        spec=AnyMessage(type_url="types.containerd.io/opencontainers/runtime-spec/1/Process", value=spec)))
+    error = await rpc_error(shim.call("Exec", pb.ExecProcessRequest(id="c1", exec_id="e1",
+                                                                    spec=AnyMessage(value=spec))))
+    assert error.code == Code.ALREADY_EXISTS
+    reader = FifoReader(stdout)
+    await shim.call("Start", pb.StartRequest(id="c1", exec_id="e1"), pb.StartResponse)
+    waited = await shim.call("Wait", pb.WaitRequest(id="c1", exec_id="e1"), pb.WaitResponse)
+    assert waited.exit_status == 0
+    assert reader.join() == b"from exec\n"
+    state = await shim.call("State", pb.StateRequest(id="c1", exec_id="e1"), pb.StateResponse)
+    assert (state.exec_id, state.status) == ("e1", task_types_pb.STOPPED)
+    await shim.call("Delete", pb.DeleteRequest(id="c1", exec_id="e1"), pb.DeleteResponse)
+    error = await rpc_error(shim.call("Wait", pb.WaitRequest(id="c1", exec_id="e1"), pb.WaitResponse))
+    assert error.code == Code.NOT_FOUND
+
+    exec_events = [e for e in shim.publisher.events if getattr(e, "exec_id", "") == "e1"
+                   or getattr(e, "id", "") == "e1"]
+    assert [type(e).__name__ for e in exec_events] == ["TaskExecAdded", "TaskExecStarted", "TaskExit",
+                                                       "TaskDelete"]
+    # the init task still runs in the VM
+    state = await shim.call("State", pb.StateRequest(id="c1"), pb.StateResponse)
+    assert state.status == task_types_pb.RUNNING
+    pids = await shim.call("Pids", pb.PidsRequest(id="c1"), pb.PidsResponse)
+    assert [p.pid for p in pids.processes] == [1]
+    await shim.call("Kill", pb.KillRequest(id="c1", signal=9))
+    await shim.call("Wait", pb.WaitRequest(id="c1"), pb.WaitResponse)
+    await shim.call("Delete", pb.DeleteRequest(id="c1"), pb.DeleteResponse)
+
+
+async def test_close_stops_whatever_still_runs(shim: Shim, store: StateStore, tmp_path: Path) -> None:
+    await shim.create("c1", fake_vm.make_bundle(tmp_path / "bundle", ["sleep"]))
+    await shim.call("Start", pb.StartRequest(id="c1"), pb.StartResponse)
+    await asyncio.wait_for(shim.service.close(), BOUND)
+    assert state_root_entries(store) == [] and shim.service.tasks == {}
