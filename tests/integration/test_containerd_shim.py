@@ -98,6 +98,8 @@ def test_run_prints_output_and_returns_exit_code(containerd: Containerd, rootfs:
                             "/bin/sh", "-c", "echo hello; echo err >&2; exit 3")
     assert (result.returncode, result.stdout, result.stderr) == (3, b"hello\n", b"err\n"), \
         containerd.explain(result)
+    # the shim's debug log (containerd runs at debug level) reaches containerd's own log
+    assert b"qemu-system" in containerd.log_path.read_bytes(), containerd.log_tail()
     # without --rm ctr deletes the task but keeps the container
     assert containerd.task_status() == {}
     assert containerd.check("container", "ls", "-q").stdout.split() == [b"hello"]
