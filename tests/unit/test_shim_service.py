@@ -383,6 +383,35 @@ async def test_exec_lifecycle_and_bad_exec_specs(shim: Shim, tmp_path: Path) -> 
     await shim.call("Delete", pb.DeleteRequest(id="c1"), pb.DeleteResponse)
 
 
+async def test_pod_containers_join_the_sandbox_vm(shim: Shim, store: StateStore, tmp_path: Path) -> None:
+    pod = await shim.create("pod", fake_vm.make_bundle(tmp_path / "pod", ["sleep"]))
+    await shim.call("Start", pb.StartRequest(id="pod"), pb.StartResponse)
+    member = {CONTAINER_TYPE_ANNOTATION: "container", SANDBOX_ID_ANNOTATION: "pod"}
+    app = await shim.create("app", fake_vm.make_bundle(tmp_path / "app", ["echo", "hi"], **member))
+    assert app.pid == pod.pid  # one VM
+    assert set(fake_vm.GUESTS) == {"pod"} and set(fake_vm.GUESTS["pod"].containers) == {"pod", "app"}
+    await shim.call("Kill", pb.KillRequest(id="pod", signal=9))
+    await shim.call("Wait", pb.WaitRequest(id="pod"), pb.WaitResponse)
+    error = await rpc_error(shim.call("Delete", pb.DeleteRequest(id="pod"), pb.DeleteResponse))
+    assert error.code == Code.FAILED_PRECONDITION and "app" in error.message
+    await shim.call("Start", pb.StartRequest(id="app"), pb.StartResponse)
+    await shim.call("Wait", pb.WaitRequest(id="app"), pb.WaitResponse)
+    await shim.call("Delete", pb.DeleteRequest(id="app"), pb.DeleteResponse)
+    assert set(fake_vm.GUESTS["pod"].containers) == {"pod"} and shim.service.sandbox is not None
+    await shim.call("Delete", pb.DeleteRequest(id="pod"), pb.DeleteResponse)
+    assert state_root_entries(store) == [] and shim.service.sandbox is None
+
+
+async def test_update_with_resources_that_are_not_a_json_object_is_invalid(shim: Shim,
+                                                                            tmp_path: Path) -> None:
+    await shim.create("c1", fake_vm.make_bundle(tmp_path / "bundle", ["sleep"]))
+    for resources in (b"{broken", b"[1, 2]", b"\xff"):
+        error = await rpc_error(shim.call("Update", pb.UpdateTaskRequest(id="c1",
+                                                                          resources=AnyMessage(value=resources))))
+        assert error.code == Code.INVALID_ARGUMENT, resources
+    await shim.call("Delete", pb.DeleteRequest(id="c1"), pb.DeleteResponse)
+
+
 async def test_close_stops_whatever_still_runs(shim: Shim, store: StateStore, tmp_path: Path) -> None:
     await shim.create("c1", fake_vm.make_bundle(tmp_path / "bundle", ["sleep"]))
     await shim.call("Start", pb.StartRequest(id="c1"), pb.StartResponse)
