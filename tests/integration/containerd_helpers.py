@@ -163,8 +163,8 @@ class Containerd:
                           timeout: float = CTR_TIMEOUT) -> subprocess.CompletedProcess[bytes]:
         """``ctr ARGS`` (a ``run``) with ``data`` on its stdin, written once ``task_id`` is RUNNING.
 
-        ctr 1.6 closes the task's stdin at EOF only if the task exists by then: stdin that
-        ends before the task is created is never closed, and a reader such as cat never exits.
+        ctr 1.6 sends CloseIO at EOF only if the task exists by then; writing later makes sure
+        this path (not only the FIFO's end) is the one exercised.
         """
         command = self.ctr_command(*args)
         with tempfile.TemporaryFile() as stdout, tempfile.TemporaryFile() as stderr:

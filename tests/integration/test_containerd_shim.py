@@ -109,9 +109,13 @@ def test_run_prints_output_and_returns_exit_code(containerd: Containerd, rootfs:
 
 
 def test_run_rm_passes_stdin(containerd: Containerd, rootfs: Path) -> None:
-    result = containerd.run_feeding_stdin(*run_args(containerd, rootfs, "--rm"), "stdin", "/bin/cat",
-                                          task_id="stdin", data=b"data\n")
-    assert (result.returncode, result.stdout) == (0, b"data\n"), containerd.explain(result)
+    # stdin that ends before the task exists: ctr closes the FIFO but cannot send CloseIO yet
+    early = containerd.ctr(*run_args(containerd, rootfs, "--rm"), "early", "/bin/cat", input=b"early\n")
+    assert (early.returncode, early.stdout) == (0, b"early\n"), containerd.explain(early)
+    # stdin that ends while the task runs: ctr sends CloseIO
+    late = containerd.run_feeding_stdin(*run_args(containerd, rootfs, "--rm"), "late", "/bin/cat",
+                                        task_id="late", data=b"late\n")
+    assert (late.returncode, late.stdout) == (0, b"late\n"), containerd.explain(late)
     assert containerd.check("container", "ls", "-q").stdout == b""
 
 
