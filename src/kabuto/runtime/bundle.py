@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,9 @@ NAMESPACES = frozenset({"pid", "network", "mount", "ipc", "uts", "user", "cgroup
 # Sections for other platforms, and Linux features that need the host kernel or host state.
 UNSUPPORTED_TOP = ("solaris", "windows", "vm", "zos")
 UNSUPPORTED_LINUX = ("seccomp", "uidMappings", "gidMappings", "intelRdt", "personality", "timeOffsets")
+# Bind sources the guest serves itself, as Kata does: its own /proc and /sys, and its own device
+# nodes (a host device node means nothing in the VM); a regular file under /dev is still shared.
+GUEST_SOURCE_ROOTS = ("/proc", "/sys", "/dev")
 
 
 class BundleError(KabutoError):
@@ -47,6 +51,27 @@ def check_container_id(container_id: str) -> str:
             f"invalid container id {container_id!r}: use 1-64 characters of letters, digits, "
             "'_', '.', '+', '-', starting with a letter or digit")
     return container_id
+
+
+@dataclass(frozen=True)
+class HostBind:
+    """A bind mount of a host path: shared with the guest, never looked up inside it."""
+
+    index: int  # position in config.json's mounts
+    destination: str
+    source: Path  # absolute host path
+    readonly: bool
+    recursive: bool
+
+
+def is_bind_mount(mount: dict[str, Any]) -> bool:
+    options = mount.get("options") or []
+    return mount.get("type") == "bind" or "bind" in options or "rbind" in options
+
+
+def _guest_provided(source: str) -> bool:
+    under = [root for root in GUEST_SOURCE_ROOTS if source == root or source.startswith(root + "/")]
+    return bool(under) and not (under[0] == "/dev" and os.path.isfile(source))
 
 
 @dataclass
@@ -69,10 +94,33 @@ class Bundle:
     def hostname(self) -> str:
         return str(self.spec.get("hostname") or "")
 
-    def guest_spec(self, guest_rootfs: str) -> dict[str, Any]:
-        """The spec the guest agent gets: the root is wherever the rootfs storage is mounted."""
+    def host_binds(self) -> list[HostBind]:
+        """The bind mounts whose source is a host path (relative sources are relative to the
+        bundle, as in runc). BundleError names the first whose source does not exist."""
+        binds: list[HostBind] = []
+        for index, mount in enumerate(self.spec.get("mounts") or []):
+            if not is_bind_mount(mount):
+                continue
+            source = os.path.normpath(os.path.join(self.path, mount["source"]))
+            if _guest_provided(source):
+                continue
+            if not os.path.exists(source):
+                raise BundleError(f"{self.path / CONFIG_FILE}: mounts[{index}] ({mount['destination']}): "
+                                  f"bind source {source} does not exist on the host")
+            readonly = False
+            for option in mount.get("options") or []:
+                readonly = True if option == "ro" else False if option == "rw" else readonly
+            binds.append(HostBind(index, mount["destination"], Path(source), readonly,
+                                  "rbind" in (mount.get("options") or [])))
+        return binds
+
+    def guest_spec(self, guest_rootfs: str, bind_sources: dict[int, str] | None = None) -> dict[str, Any]:
+        """The spec the guest agent gets: the root is wherever the rootfs storage is mounted, and
+        each shared host bind (by its index in ``mounts``) has its guest path as source."""
         spec = copy.deepcopy(self.spec)
         spec["root"] = {**spec.get("root", {}), "path": guest_rootfs}
+        for index, guest_source in (bind_sources or {}).items():
+            spec["mounts"][index].update(type="bind", source=guest_source)
         # host cgroup placement means nothing inside the VM
         spec.get("linux", {}).pop("cgroupsPath", None)
         return spec
@@ -103,7 +151,9 @@ def load_bundle(directory: str | Path) -> Bundle:
         rootfs = bundle_dir / rootfs
     if not rootfs.is_dir():
         raise BundleError(f"rootfs ({rootfs}) does not exist or is not a directory")
-    return Bundle(bundle_dir, spec, rootfs)
+    bundle = Bundle(bundle_dir, spec, rootfs)
+    bundle.host_binds()  # a missing bind source is refused before anything is made
+    return bundle
 
 
 def _fail(where: str, key: str, reason: str) -> BundleError:
@@ -146,7 +196,13 @@ def check_spec(spec: Any, where: str = CONFIG_FILE) -> None:
         destination = _expect(mount.get("destination"), str, where, f"{key}.destination", "a path")
         if not destination.startswith("/"):
             raise _fail(where, f"{key}.destination", f"{destination!r} must be an absolute path")
-        _expect(mount.get("options", []), list, where, f"{key}.options", "a list of strings")
+        options = _expect(mount.get("options", []), list, where, f"{key}.options", "a list of strings")
+        if not all(isinstance(option, str) for option in options):
+            raise _fail(where, f"{key}.options", "must be a list of strings")
+        if is_bind_mount(mount):
+            source = _expect(mount.get("source"), str, where, f"{key}.source", "a bind mount's source path")
+            if not source or "\0" in source:
+                raise _fail(where, f"{key}.source", "a bind mount needs a source path")
     annotations = _expect(spec.get("annotations", {}), dict, where, "annotations", "an object")
     for name, value in annotations.items():
         _expect(value, str, where, f"annotations[{name!r}]", "a string")

@@ -2,7 +2,8 @@
 
 * With a shared filesystem (virtio-9p / virtio-fs): one share per sandbox exports
   ``<sandbox>/shared``; each container's rootfs is bind-mounted at ``shared/<cid>/rootfs``, so
-  one device serves the whole pod and containers added after boot need no hot-plug.
+  one device serves the whole pod and containers added after boot need no hot-plug. The host
+  paths its config.json bind-mounts go the same way, to ``shared/<cid>/mounts/<index>``.
 * Without one (Firecracker): the rootfs is copied into an ext4 image (``mkfs.ext4 -d``) and
   handed over as a block device, before boot or hot-plugged after where that is allowed.
 """
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kabuto.errors import KabutoError
+from kabuto.runtime.bundle import HostBind
 
 log = logging.getLogger(__name__)
 
@@ -83,15 +85,64 @@ async def share_rootfs(shared_dir: Path, container_id: str, rootfs: Path) -> str
     return f"{GUEST_SHARE_DIR}/{container_id}/rootfs"
 
 
-async def unshare_rootfs(shared_dir: Path, container_id: str) -> None:
-    """Undo ``share_rootfs``; lazily detach if something still holds the mount."""
-    target = share_path(shared_dir, container_id)
+def binds_path(shared_dir: Path, container_id: str) -> Path:
+    return shared_dir / container_id / "mounts"
+
+
+async def share_binds(shared_dir: Path, container_id: str, binds: list[HostBind]) -> dict[int, str]:
+    """Bind-mount each host source at ``mounts/<index>`` beside the container's rootfs share;
+    return index -> guest path. What a failure leaves is ``unshare_container``'s to undo.
+
+    The guest is untrusted, so a read-only bind is read-only on the host side too (every mount
+    of an rbind's tree) and private (no writable mount propagates into it later). Every copy is
+    cut off from sending propagation back: unmounting it must never unmount the host's own.
+    """
+    directory = binds_path(shared_dir, container_id)
+    directory.mkdir(parents=True, exist_ok=True)
+    guest_paths: dict[int, str] = {}
+    for bind in binds:
+        target = directory / str(bind.index)
+        if bind.source.is_dir():
+            target.mkdir()
+        else:  # a file (or socket, fifo...) is bind-mounted over an empty file
+            os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600))
+        await _run("mount", "--rbind" if bind.recursive else "--bind", str(bind.source), str(target))
+        await _run("mount", "--make-rprivate" if bind.readonly else "--make-rslave", str(target))
+        if bind.readonly:
+            # mount(8) keeps the mount's other flags (nosuid...) on a bind remount
+            for mount_point in sorted(_mounts_at_or_below(target)):
+                await _run("mount", "-o", "remount,bind,ro", mount_point)
+        guest_paths[bind.index] = f"{GUEST_SHARE_DIR}/{container_id}/mounts/{bind.index}"
+    return guest_paths
+
+
+def _mounts_at_or_below(path: Path) -> set[str]:
+    return {p for p in mount_points() if p == str(path) or p.startswith(f"{path}/")}
+
+
+async def unshare_container(shared_dir: Path, container_id: str) -> None:
+    """Undo ``share_rootfs`` and ``share_binds``: unmount, then remove the emptied mount points
+    (never recursively: a path still mounted refuses removal instead of losing host files)."""
+    binds = binds_path(shared_dir, container_id)
+    for target in list_dir(binds):
+        await _unmount(target)
+        with contextlib.suppress(OSError):
+            if target.is_dir():
+                target.rmdir()
+            else:
+                target.unlink()
+    rootfs = share_path(shared_dir, container_id)
+    await _unmount(rootfs)
+    _remove_dirs(rootfs, binds, shared_dir / container_id)
+
+
+async def _unmount(target: Path) -> None:
+    """Unmount ``target`` and whatever is mounted below it; lazily detach if something holds it."""
     if _is_mount(target):
         try:
-            await _run("umount", str(target))
+            await _run("umount", "--recursive", str(target))
         except RootfsError:
             await _run("umount", "--lazy", str(target))
-    _remove_dirs(target, target.parent)
 
 
 def _is_mount(path: Path) -> bool:

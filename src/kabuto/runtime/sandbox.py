@@ -53,6 +53,15 @@ def _agent_storage(storage: Storage) -> AgentStorage:
                         options=list(storage.options))
 
 
+def refuse_binds_without_shared_fs(bundle: Bundle, has_shared_fs: bool, backend: str) -> None:
+    """A host path reaches the guest only through a shared filesystem: refuse before anything is made."""
+    binds = bundle.host_binds()
+    if binds and not has_shared_fs:
+        bind = binds[0]
+        raise SandboxError(f"mounts[{bind.index}] ({bind.destination}, source {bind.source}): "
+                           f"bind mounts need a shared filesystem; {backend} has none")
+
+
 def container_client(agent: AgentClient) -> ContainerClient:
     """The ContainerService client on an agent connection (a seam the unit tests replace)."""
     return ContainerClient(agent)
@@ -105,9 +114,11 @@ class VirtSandbox:
             record.hypervisor_name = config.runtime.hypervisor_name
             hypervisor = new_hypervisor(config, jailer_root=store.jailer_root)
             sandbox = cls(record, store, hypervisor)
+            fs_kind = hypervisor.capabilities.preferred_shared_fs()
+            for _, bundle in block_rootfs or []:
+                refuse_binds_without_shared_fs(bundle, fs_kind is not None, hypervisor.name)
             await hypervisor.check()
             await hypervisor.prepare_vm(sandbox_id)
-            fs_kind = hypervisor.capabilities.preferred_shared_fs()
             storages: list[Storage] = []
             if fs_kind is not None:
                 shared = sandbox.directory / "shared"
@@ -243,8 +254,10 @@ class VirtSandbox:
                                               "image": str(device.path)}
 
     async def create_container(self, container_id: str, bundle: Bundle) -> ContainerRecord:
-        """Create (not start) a container from ``bundle``; recorded before the agent hears of it."""
+        """Create (not start) a container from ``bundle``; recorded before the agent hears of it.
+        Its host bind mounts are shared beside its rootfs and the guest spec points at them."""
         check_container_id(container_id)
+        refuse_binds_without_shared_fs(bundle, bool(self.record.shared_dir), self.hypervisor.name)
         container = ContainerRecord(id=container_id, bundle=str(bundle.path), created=now_rfc3339(),
                                     annotations=bundle.annotations, process=bundle.spec["process"])
         # refuses an id in use anywhere under the state root, before anything is made for it
@@ -253,7 +266,12 @@ class VirtSandbox:
             guest_root, storage, container.rootfs = await self._deliver_rootfs(container_id, bundle)
             self.record.containers[container_id] = container
             self.store.save(self.record)
-            spec = bundle.guest_spec(guest_root)
+            binds = bundle.host_binds()
+            bind_sources: dict[int, str] = {}
+            if binds:
+                bind_sources = await rootfs_delivery.share_binds(Path(self.record.shared_dir), container_id,
+                                                                 binds)
+            spec = bundle.guest_spec(guest_root, bind_sources)
             await self._agent_call("CreateContainer", self.containers.create_container(
                 container_id, json.dumps(spec).encode(), rootfs=_agent_storage(storage) if storage else None))
         except BaseException:
@@ -335,7 +353,7 @@ class VirtSandbox:
     async def _release_rootfs(self, container: ContainerRecord) -> None:
         kind = container.rootfs.get("kind")
         if kind == "shared" and self.record.shared_dir:
-            await rootfs_delivery.unshare_rootfs(Path(self.record.shared_dir), container.id)
+            await rootfs_delivery.unshare_container(Path(self.record.shared_dir), container.id)
         elif kind == "block":
             device = next((d for d in self.hypervisor.devices if d.id == container.rootfs["device_id"]), None)
             if device is not None and self.vm_alive and self.hypervisor.capabilities.can_hotplug(device.kind):
@@ -433,7 +451,7 @@ class VirtSandbox:
             shared = Path(self.record.shared_dir)
             for child in rootfs_delivery.list_dir(shared):
                 with contextlib.suppress(RootfsError):
-                    await rootfs_delivery.unshare_rootfs(shared, child.name)
+                    await rootfs_delivery.unshare_container(shared, child.name)
         rootfs_delivery.remove_files(*self.directory.glob("*.ext4"))
         self.store.remove(self.id)
         if errors:
@@ -454,7 +472,7 @@ async def remove_dead_sandbox(store: StateStore, sandbox_id: str) -> None:
     shared = Path(record.shared_dir) if record.shared_dir else None
     if shared is not None:
         for child in rootfs_delivery.list_dir(shared):
-            await rootfs_delivery.unshare_rootfs(shared, child.name)
+            await rootfs_delivery.unshare_container(shared, child.name)
     vm_dir = store.jailer_root / sandbox_id
     if vm_dir.is_dir():
         await asyncio.to_thread(shutil.rmtree, vm_dir, True)
