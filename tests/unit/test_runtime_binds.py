@@ -18,14 +18,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import test_runtime_fake_vmm as fake_vmm
 from test_runtime_fake_vmm import GUESTS, exists, mounts_below, options
 
 from kabuto.runtime import commands
 from kabuto.runtime.bundle import BundleError, default_spec, load_bundle
-from kabuto.runtime.rootfs import GUEST_SHARE_DIR
-from kabuto.runtime.sandbox import SandboxError
+from kabuto.runtime.rootfs import GUEST_SHARE_DIR, binds_path
+from kabuto.runtime.sandbox import SandboxError, VirtSandbox, remove_dead_sandbox
 from kabuto.runtime.state import StateStore
 
 # the fake VMM's fixtures: its registered fake backends (autouse) and a state root checked for leftovers
@@ -147,6 +148,29 @@ async def test_vmm_death_releases_bind_shares(store: StateStore, tmp_path: Path,
     await until_stopped("c1", opts)
     assert not mounts_below(store.root)
     await commands.delete("c1", opts)
+
+
+async def test_dead_vmm_cleanup_paths_release_bind_shares(store: StateStore, tmp_path: Path,
+                                                          host: Path) -> None:
+    """The shim's paths after a VMM death: release_container for one task, then
+    remove_dead_sandbox for what the sandbox still holds."""
+    opts = options(store)
+    sandbox = await commands.create("pod", str(bind_bundle(tmp_path / "p", bind(host, "/a", "rbind"))), opts)
+    await sandbox.disconnect()
+    pod = {commands.CONTAINER_TYPE_ANNOTATION: "container", commands.SANDBOX_ID_ANNOTATION: "pod"}
+    joined = await commands.create(
+        "app", str(bind_bundle(tmp_path / "app", bind(tmp_path / "resolv.conf", "/r", "ro"), **pod)), opts)
+    await joined.disconnect()
+    shared = Path(sandbox.record.shared_dir)
+    vmm = psutil.Process(sandbox.hypervisor.pid)
+    vmm.kill()
+    await asyncio.to_thread(vmm.wait, 10)
+    attached = await VirtSandbox.attach("pod", store)
+    await attached.release_container("app")
+    pod_bind = binds_path(shared, "pod") / str(len(default_spec(["true"])["mounts"]))
+    assert mounts_below(shared) == [str(shared / "pod" / "rootfs"), str(pod_bind), str(pod_bind / "sub")]
+    await remove_dead_sandbox(store, "pod")
+    assert not mounts_below(store.root)
 
 
 async def until_stopped(container_id: str, opts: commands.RuntimeOptions) -> None:
