@@ -82,7 +82,7 @@ async def test_output_through_a_slow_reader_loses_and_reorders_nothing(tmp_path:
         for size in (1, 70_000, 300_000, 5, len(data)):  # sizes below and above the pipe's 64 KiB
             await asyncio.wait_for(write_all(stdio.stdout_fd, data[offset:offset + size]), BOUND)
             offset += size
-        stdio.close_output()  # the last writer gone: the reader sees end of file
+        stdio.close()  # the last writer gone: the reader sees end of file
     finally:
         stdio.close()
         thread.join(BOUND)
@@ -156,7 +156,6 @@ def test_close_releases_every_descriptor(tmp_path: Path) -> None:
                               False)
     assert len(open_fds() - before) == 3
     stdio.close_stdin()
-    stdio.close_output()
     stdio.close()
     assert open_fds() == before
     assert stdio.read_stdin() == b""  # a closed stdin reads as ended
