@@ -48,6 +48,8 @@ SANDBOX_ID_ANNOTATION = "io.kubernetes.cri.sandbox-id"
 CONTAINER_TYPE_ANNOTATION = "io.kubernetes.cri.container-type"
 # a process whose VM or agent channel died is reported with this status (as Kata does)
 LOST_EXIT_STATUS = 255
+MAX_EXIT_STATUS = 255
+MAX_PID = 2**31 - 1
 OUTPUT_DRAIN_TIMEOUT = 30.0
 MAX_PROCESS_SPEC_BYTES = 1024 * 1024
 
@@ -301,6 +303,9 @@ class TaskService:
         try:
             status = await sandbox.wait_process(process.container_id, process.exec_id)
             assert status is not None
+            if not 0 <= status <= MAX_EXIT_STATUS:  # the guest's word: bounded before containerd sees it
+                log.warning("%s: the guest reported exit status %d", _name(process), status)
+                status = LOST_EXIT_STATUS
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(OUTPUT_DRAIN_TIMEOUT):
                     await asyncio.gather(*pumps, return_exceptions=True)
@@ -382,7 +387,8 @@ class TaskService:
     async def pids(self, request: pb.PidsRequest) -> pb.PidsResponse:
         self._task(request.id)
         pids = await self._sandbox().list_processes(request.id)
-        return pb.PidsResponse(processes=[types_pb.ProcessInfo(pid=pid) for pid in pids])
+        valid = [pid for pid in pids if 0 < pid <= MAX_PID]
+        return pb.PidsResponse(processes=[types_pb.ProcessInfo(pid=pid) for pid in valid])
 
     async def stats(self, request: pb.StatsRequest) -> pb.StatsResponse:
         self._task(request.id)
