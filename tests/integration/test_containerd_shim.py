@@ -135,6 +135,18 @@ def test_image_rootfs_from_the_snapshotter(containerd: Containerd, tmp_path: Pat
         containerd.check("image", "remove", image)
 
 
+def test_host_bind_mount(containerd: Containerd, rootfs: Path, tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "f").write_text("from the host\n")
+    result = containerd.ctr(*run_args(containerd, rootfs, "--rm", "--mount",
+                                      f"type=bind,src={shared},dst=/host,options=rbind:ro"),
+                            "binds", "/bin/sh", "-c", "cat /host/f; echo x > /host/g")
+    assert result.returncode != 0 and result.stdout == b"from the host\n", containerd.explain(result)
+    assert b"Read-only file system" in result.stderr, containerd.explain(result)
+    assert sorted(p.name for p in shared.iterdir()) == ["f"]
+
+
 def test_detached_task_exec_ps_pause_kill(containerd: Containerd, rootfs: Path) -> None:
     containerd.check(*run_args(containerd, rootfs, "--detach"), "detached", *SLEEPER)
     assert containerd.task_status() == {"detached": "RUNNING"}
@@ -142,6 +154,12 @@ def test_detached_task_exec_ps_pause_kill(containerd: Containerd, rootfs: Path) 
     result = containerd.ctr("task", "exec", "--fifo-dir", str(containerd.fifo_dir), "--exec-id", "e1",
                             "detached", "/bin/sh", "-c", "echo in-exec; exit 5")
     assert (result.returncode, result.stdout) == (5, b"in-exec\n"), containerd.explain(result)
+
+    # an exec that cannot start fails at once and releases ctr's FIFOs (ctr would wait on them)
+    missing = containerd.ctr("task", "exec", "--fifo-dir", str(containerd.fifo_dir), "--exec-id", "e0",
+                             "detached", "/nonexistent")
+    assert missing.returncode != 0 and b"/nonexistent" in missing.stderr, containerd.explain(missing)
+    assert containerd.task_status() == {"detached": "RUNNING"}
 
     # `ctr task ps` prints a header, then one "PID INFO" row per process
     rows = containerd.check("task", "ps", "detached").stdout.decode().splitlines()[1:]
