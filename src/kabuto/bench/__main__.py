@@ -4,6 +4,8 @@ Sections:
   boot  Kabuto VM boot-to-agent-ready vs bare QEMU booting the same kernel with a one-line initrd
   run   `kabuto run /bin/true` vs that floor; exec latency vs `runc exec`;
         stdout throughput through the agent vs a raw virtio-serial copy of the same bytes
+  containerd  `ctr run` through the shim vs `kabuto run`; `ctr task exec` vs the same under runc;
+        the shim's memory vs runc's shim
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
+from kabuto.bench.containerd import containerd_section
 from kabuto.bench.floor import boot_floor, one_line_initrd
 from kabuto.bench.raw_serial import bench_initrd, raw_copy_seconds
 from kabuto.config import load_config
@@ -158,7 +161,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m kabuto.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--section", choices=["boot", "run", "all"], default="all")
+    parser.add_argument("--section", choices=["boot", "run", "containerd", "all"], default="all")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     rows: list[dict[str, object]] = []
@@ -168,6 +171,8 @@ def main() -> None:
             rows += asyncio.run(boot_section(args.runs, work))
         if args.section in ("run", "all"):
             rows += asyncio.run(run_section(args.runs, work))
+        if args.section in ("containerd", "all"):
+            rows += asyncio.run(containerd_section(args.runs, work, _row, _alternate))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 

@@ -109,7 +109,7 @@ def _grouping(bundle: Path, task_id: str) -> str:
 
 def socket_path(store: StateStore, containerd_address: str, namespace: str, group: str) -> Path:
     # hashed: short enough for sun_path, distinct per containerd instance, namespace and pod
-    digest = hashlib.sha256(f"{containerd_address}\0{namespace}\0{group}".encode()).hexdigest()
+    digest = hashlib.sha256(f"{containerd_address}\0{namespace}\0{group}".encode()).hexdigest()[:32]
     return store.root / SOCKET_DIR / digest
 
 
