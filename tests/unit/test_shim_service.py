@@ -11,6 +11,7 @@ import socket
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from io import FileIO
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -103,15 +104,17 @@ def fifo(directory: Path, name: str) -> Path:
 
 
 class FifoReader:
-    """containerd's side of an output FIFO: a thread reading until end of file."""
+    """containerd's side of an output FIFO: opened at once (as containerd does before its
+    request; the shim holds the other end), read by a thread until end of file."""
 
     def __init__(self, path: Path) -> None:
         self.data = bytearray()
-        self._thread = threading.Thread(target=self._read, args=(path,))
+        reader = FileIO(path, "rb")  # the thread closes it
+        self._thread = threading.Thread(target=self._read, args=(reader,))
         self._thread.start()
 
-    def _read(self, path: Path) -> None:
-        with open(path, "rb", buffering=0) as reader:
+    def _read(self, reader: FileIO) -> None:
+        with reader:
             while chunk := reader.read(65536):
                 self.data.extend(chunk)
 
