@@ -415,6 +415,35 @@ async def test_update_with_resources_that_are_not_a_json_object_is_invalid(shim:
     await shim.call("Delete", pb.DeleteRequest(id="c1"), pb.DeleteResponse)
 
 
+@pytest.mark.parametrize("gives_up_with", ["Delete", "Shutdown"])
+async def test_containerd_giving_up_on_a_booting_create_leaves_nothing(
+        shim: Shim, store: StateStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        gives_up_with: str) -> None:
+    booting = asyncio.Event()
+
+    async def agent_that_never_answers(address: str, timeout: float, **kwargs: Any) -> None:
+        booting.set()
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(fake_vm.sandbox_module, "wait_for_agent", agent_that_never_answers)
+    creating = asyncio.ensure_future(shim.create("c1", fake_vm.make_bundle(tmp_path / "bundle", ["sleep"])))
+    await asyncio.wait_for(booting.wait(), BOUND)
+    assert "c1" in fake_vm.GUESTS  # the VMM runs
+    if gives_up_with == "Delete":
+        error = await rpc_error(shim.call("Delete", pb.DeleteRequest(id="c1"), pb.DeleteResponse))
+        assert error.code == Code.NOT_FOUND
+    else:
+        await shim.call("Shutdown", pb.ShutdownRequest(id="c1"))
+        assert shim.idle == [True]
+    # containerd stopped waiting for the Create's answer when it gave up
+    creating.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await creating
+    assert state_root_entries(store) == [] and shim.service.sandbox is None and shim.service.tasks == {}
+    assert shim.publisher.events == []
+    # `store` checks that the VMM process is gone too
+
+
 async def test_close_stops_whatever_still_runs(shim: Shim, store: StateStore, tmp_path: Path) -> None:
     await shim.create("c1", fake_vm.make_bundle(tmp_path / "bundle", ["sleep"]))
     await shim.call("Start", pb.StartRequest(id="c1"), pb.StartResponse)
