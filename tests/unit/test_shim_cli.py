@@ -165,17 +165,20 @@ def test_start_spawns_a_shim_that_serves_and_goes_when_idle(state_root: Path, tm
     bundle = write_spec(tmp_path / "c1", {"annotations": {}})
     monkeypatch.chdir(bundle)
     monkeypatch.delenv(cli.TTRPC_ADDRESS_ENV, raising=False)
+    before = set(psutil.Process().children())
     assert cli.main(containerd_argv("-id", "c1", "start")) == 0
-    address = capsys.readouterr().out
-    path = cli.socket_path(StateStore(state_root), CONTAINERD, "default", "c1")
-    assert address == f"unix://{path}"
-    connected = asyncio.run(asyncio.wait_for(connect_then_shutdown(path), BOUND))
-    shim = psutil.Process(connected.shim_pid)
+    spawned = set(psutil.Process().children()) - before
     try:
-        assert shim.wait(BOUND) == 0
+        address = capsys.readouterr().out
+        path = cli.socket_path(StateStore(state_root), CONTAINERD, "default", "c1")
+        assert address == f"unix://{path}"
+        connected = asyncio.run(asyncio.wait_for(connect_then_shutdown(path), BOUND))
+        assert {shim.pid for shim in spawned} == {connected.shim_pid}
+        assert psutil.Process(connected.shim_pid).wait(BOUND) == 0
     finally:
-        if shim.is_running():
-            shim.kill()
+        for shim in spawned:
+            if shim.is_running():
+                shim.kill()
     assert not path.exists() and not path.parent.exists()
 
 
