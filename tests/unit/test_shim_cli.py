@@ -231,3 +231,40 @@ async def test_delete_after_the_shim_died_removes_its_vm(store: StateStore, tmp_
     assert response.exit_status == 137
     # `store` checks that neither the VMM nor any mount or path under the state root is left
 
+
+async def test_delete_after_the_shim_died_while_booting_removes_its_vm(
+        store: StateStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Booting is the longest step of Create, so the likeliest moment for containerd to give up."""
+    monkeypatch.setenv(STATE_ROOT_ENV, str(store.root))
+    bundle = fake_vm.make_bundle(tmp_path / "c1", ["sleep"])
+    store.reserve(SandboxRecord(id="c1", hypervisor_name="", config_path=None), ["c1"])
+    sandbox = await VirtSandbox.create("c1", store, hypervisor_name="fakevmm")
+    await sandbox.disconnect()  # the VM runs, the container was not created yet
+    await asyncio.wait_for(cli.cleanup(delete_args("c1", bundle)), BOUND)
+    assert store.sandbox_ids() == []
+
+
+async def test_delete_after_the_shim_died_before_booting_removes_its_record(
+        store: StateStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(STATE_ROOT_ENV, str(store.root))
+    bundle = fake_vm.make_bundle(tmp_path / "c1", ["sleep"])
+    store.reserve(SandboxRecord(id="c1", hypervisor_name="", config_path=None), ["c1"])
+    await asyncio.wait_for(cli.cleanup(delete_args("c1", bundle)), BOUND)
+    assert store.sandbox_ids() == []
+
+
+def test_start_under_a_state_root_too_deep_for_a_socket_says_why_and_leaves_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    deep_root = Path(tempfile.mkdtemp(prefix="kbs-", dir="/tmp")) / ("state-" + "r" * 80)
+    monkeypatch.setenv(STATE_ROOT_ENV, str(deep_root))
+    monkeypatch.chdir(write_spec(tmp_path / "c1", {"annotations": {}}))
+    before = set(psutil.Process().children())
+    try:
+        assert cli.main(containerd_argv("-id", "c1", "start")) == 1
+        error = capsys.readouterr().err
+        assert "too long" in error and "None" not in error
+        assert not (deep_root / cli.SOCKET_DIR).exists()
+    finally:
+        for shim in set(psutil.Process().children()) - before:
+            shim.kill()
+        shutil.rmtree(deep_root.parent, ignore_errors=True)

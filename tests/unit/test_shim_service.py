@@ -449,3 +449,58 @@ async def test_close_stops_whatever_still_runs(shim: Shim, store: StateStore, tm
     await shim.call("Start", pb.StartRequest(id="c1"), pb.StartResponse)
     await asyncio.wait_for(shim.service.close(), BOUND)
     assert state_root_entries(store) == [] and shim.service.tasks == {}
+
+
+async def test_a_second_shim_on_the_same_state_root_refuses_a_taken_id(shim: Shim, store: StateStore,
+                                                                       tmp_path: Path) -> None:
+    """Two containerd namespaces may both name a task c1; Kabuto's state root holds one."""
+    bundle = fake_vm.make_bundle(tmp_path / "bundle", ["sleep"])
+    await shim.create("c1", bundle)
+    other = TaskService(store, RecordingPublisher(), on_idle=lambda: None)  # type: ignore[arg-type]
+    request = pb.CreateTaskRequest(id="c1", bundle=str(bundle), options=shim.options())
+    with pytest.raises(RpcError) as caught:
+        await other.methods()["Create"].handler(request)
+    assert caught.value.code == Code.ALREADY_EXISTS and "c1" in caught.value.message
+    assert other.sandbox is None and set(fake_vm.GUESTS) == {"c1"}
+    await shim.call("Delete", pb.DeleteRequest(id="c1"), pb.DeleteResponse)
+
+
+# -- a task killed, deleted or closed before it started -------------------------------------
+async def test_killing_a_created_task_ends_it(shim: Shim, tmp_path: Path) -> None:
+    """CRI's clean-up after a failed start: Delete(WithProcessKill) kills the created task and
+    waits for its exit before deleting; runc's shim reports that exit."""
+    created = await shim.create("c1", fake_vm.make_bundle(tmp_path / "bundle", ["sleep"]))
+    waiting = asyncio.ensure_future(shim.call("Wait", pb.WaitRequest(id="c1"), pb.WaitResponse))
+    await shim.call("Kill", pb.KillRequest(id="c1", signal=9, all=True))
+    waited = await asyncio.wait_for(waiting, 5)
+    assert waited.exit_status == 137
+    state = await shim.call("State", pb.StateRequest(id="c1"), pb.StateResponse)
+    assert (state.status, state.exit_status) == (task_types_pb.STOPPED, 137)
+    exit_event = shim.publisher.events[-1]
+    assert isinstance(exit_event, events_pb.TaskExit)
+    assert (exit_event.container_id, exit_event.pid, exit_event.exit_status) == ("c1", created.pid, 137)
+    await shim.call("Delete", pb.DeleteRequest(id="c1"), pb.DeleteResponse)
+
+
+async def test_deleting_a_created_task_ends_its_waiters(shim: Shim, tmp_path: Path) -> None:
+    await shim.create("c1", fake_vm.make_bundle(tmp_path / "bundle", ["sleep"]))
+    waiting = asyncio.ensure_future(shim.call("Wait", pb.WaitRequest(id="c1"), pb.WaitResponse))
+    await asyncio.sleep(0.05)  # the Wait reached the shim
+    deleted = await shim.call("Delete", pb.DeleteRequest(id="c1"), pb.DeleteResponse)
+    waited = await asyncio.wait_for(waiting, 5)
+    assert waited.exit_status == deleted.exit_status
+
+
+async def test_stdin_closed_before_start_still_ends(shim: Shim, tmp_path: Path) -> None:
+    stdin, stdout = fifo(tmp_path, "stdin"), fifo(tmp_path, "stdout")
+    await shim.create("c1", fake_vm.make_bundle(tmp_path / "bundle", ["cat"]), stdin=str(stdin),
+                      stdout=str(stdout))
+    writer = os.open(stdin, os.O_WRONLY | os.O_NONBLOCK)
+    reader = FifoReader(stdout)
+    os.write(writer, b"early\n")
+    await shim.call("CloseIO", pb.CloseIORequest(id="c1", stdin=True))
+    os.close(writer)
+    await shim.call("Start", pb.StartRequest(id="c1"), pb.StartResponse)
+    waited = await asyncio.wait_for(shim.call("Wait", pb.WaitRequest(id="c1"), pb.WaitResponse), 5)
+    assert waited.exit_status == 0 and reader.join() == b"early\n"
+    await shim.call("Delete", pb.DeleteRequest(id="c1"), pb.DeleteResponse)

@@ -25,6 +25,16 @@ def fifo(directory: Path, name: str) -> Path:
     return path
 
 
+def test_stdin_is_not_at_end_before_containerd_opened_its_end(tmp_path: Path) -> None:
+    # containerd's fifo package opens its write end in the background, after the shim opened
+    # the read end: until then there is simply nothing to read yet
+    stdio = ProcessStdio.open(str(fifo(tmp_path, "stdin")), "", "", False)
+    try:
+        assert stdio.read_stdin() is None
+    finally:
+        stdio.close()
+
+
 def test_stdin_data_then_end_of_file_when_the_writer_closes(tmp_path: Path) -> None:
     path = fifo(tmp_path, "stdin")
     stdio = ProcessStdio.open(str(path), "", "", False)
@@ -42,18 +52,34 @@ def test_stdin_data_then_end_of_file_when_the_writer_closes(tmp_path: Path) -> N
         stdio.close()
 
 
+async def test_wait_stdin_wakes_when_told_to_stop(tmp_path: Path) -> None:
+    # containerd's CloseIO while nothing is left to read
+    stdio = ProcessStdio.open(str(fifo(tmp_path, "stdin")), "", "", False)
+    stop = asyncio.Event()
+    try:
+        waiting = asyncio.ensure_future(stdio.wait_stdin(stop))
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+        stop.set()
+        await asyncio.wait_for(waiting, BOUND)
+        assert stdio.read_stdin() is None
+    finally:
+        stdio.close()
+
+
 async def test_wait_stdin_wakes_on_data_and_on_hang_up(tmp_path: Path) -> None:
     path = fifo(tmp_path, "stdin")
     stdio = ProcessStdio.open(str(path), "", "", False)
+    never = asyncio.Event()
     try:
         writer = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
-        waiting = asyncio.ensure_future(stdio.wait_stdin())
+        waiting = asyncio.ensure_future(stdio.wait_stdin(never))
         await asyncio.sleep(0.05)
         assert not waiting.done()
         os.write(writer, b"x")
         await asyncio.wait_for(waiting, BOUND)
         assert stdio.read_stdin() == b"x"
-        waiting = asyncio.ensure_future(stdio.wait_stdin())
+        waiting = asyncio.ensure_future(stdio.wait_stdin(never))
         os.close(writer)
         await asyncio.wait_for(waiting, BOUND)
         assert stdio.read_stdin() == b""

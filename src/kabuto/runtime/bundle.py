@@ -45,6 +45,10 @@ class ContainerIdError(KabutoError):
     """A container id is malformed, already in use, or unknown."""
 
 
+class ContainerExistsError(ContainerIdError):
+    """The container id is already in use under this state root."""
+
+
 def check_container_id(container_id: str) -> str:
     if not CONTAINER_ID.fullmatch(container_id):
         raise ContainerIdError(

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from kabuto.errors import KabutoError
-from kabuto.runtime.bundle import ContainerIdError
+from kabuto.runtime.bundle import ContainerExistsError, ContainerIdError
 
 DEFAULT_STATE_ROOT = Path("/run/kabuto")
 STATE_ROOT_ENV = "KABUTO_STATE_ROOT"
@@ -158,11 +158,11 @@ class StateStore:
         with self.global_lock():
             for container_id in container_ids:
                 if self._container_exists(container_id) or self.sandbox_dir(container_id).exists():
-                    raise ContainerIdError(f"container with id {container_id!r} already exists")
+                    raise ContainerExistsError(f"container with id {container_id!r} already exists")
             try:
                 self.sandbox_dir(record.id).mkdir(mode=0o700)
             except FileExistsError:
-                raise ContainerIdError(f"container with id {record.id!r} already exists") from None
+                raise ContainerExistsError(f"container with id {record.id!r} already exists") from None
             self.save(record)
 
     def add_container(self, sandbox_id: str, container: ContainerRecord) -> SandboxRecord:
@@ -171,7 +171,7 @@ class StateStore:
             # the sandbox's own container shares its name with the sandbox directory
             taken_dir = container.id != sandbox_id and self.sandbox_dir(container.id).exists()
             if self._container_exists(container.id) or taken_dir:
-                raise ContainerIdError(f"container with id {container.id!r} already exists")
+                raise ContainerExistsError(f"container with id {container.id!r} already exists")
             record = self.load(sandbox_id)
             record.containers[container.id] = container
             self.save(record)

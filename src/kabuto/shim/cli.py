@@ -29,7 +29,7 @@ from kabuto.errors import KabutoError
 from kabuto.protos import containerd_shim_pb2 as pb
 from kabuto.runtime.bundle import ContainerIdError
 from kabuto.runtime.sandbox import VirtSandbox, remove_dead_sandbox
-from kabuto.runtime.state import StateError, StateStore
+from kabuto.runtime.state import STATE_ROOT_ENV, StateError, StateStore
 from kabuto.shim import mounts
 from kabuto.shim.events import Publisher
 from kabuto.shim.service import SANDBOX_ID_ANNOTATION, TASK_SERVICE, TaskService
@@ -46,6 +46,8 @@ CONNECT_TIMEOUT = 2.0
 # containerd marks a task whose shim died as killed
 DEAD_SHIM_EXIT_STATUS = 128 + signal.SIGKILL
 EVENT_FLUSH_TIMEOUT = 5.0
+# sun_path holds 108 bytes including the terminating NUL
+MAX_UNIX_PATH = 107
 
 
 class ShimError(KabutoError):
@@ -138,6 +140,9 @@ def start(args: argparse.Namespace) -> str:
     store = StateStore()
     path = socket_path(store, args.address, args.namespace, _grouping(bundle, args.id))
     address = f"unix://{path}"
+    if len(os.fsencode(path)) > MAX_UNIX_PATH:
+        raise ShimError(f"the shim socket path {path} is too long (more than {MAX_UNIX_PATH} bytes): "
+                        f"use a shorter state root (${STATE_ROOT_ENV})")
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -145,7 +150,7 @@ def start(args: argparse.Namespace) -> str:
             listener.bind(str(path))
         except OSError as exc:
             if exc.errno != errno.EADDRINUSE:
-                raise ShimError(f"cannot create the shim socket {path}: {exc.strerror}") from None
+                raise ShimError(f"cannot create the shim socket {path}: {exc.strerror or exc}") from None
             if _can_connect(path):  # the pod's shim already runs: the task joins it
                 _write_address(address)
                 return address
@@ -163,8 +168,7 @@ def start(args: argparse.Namespace) -> str:
                          stderr=subprocess.DEVNULL, pass_fds=(listener.fileno(),), start_new_session=True,
                          cwd=bundle)
     except BaseException:
-        with contextlib.suppress(OSError):
-            path.unlink()
+        _remove_socket(path)
         raise
     finally:
         listener.close()
@@ -185,7 +189,9 @@ async def cleanup(args: argparse.Namespace) -> pb.DeleteResponse:
     store = StateStore()
     bundle = Path(args.bundle) if args.bundle else Path.cwd()
     try:
-        record = store.find_container(args.id)
+        # a sandbox still booting has its record but not yet its container
+        booting = store.record_path(args.id).is_file()
+        record = store.load(args.id) if booting else store.find_container(args.id)
     except (StateError, ContainerIdError):
         record = None
     if record is not None:

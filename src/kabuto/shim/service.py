@@ -32,7 +32,14 @@ from kabuto.protos import containerd_events_pb2 as events_pb
 from kabuto.protos import containerd_runtimeoptions_pb2 as options_pb
 from kabuto.protos import containerd_shim_pb2 as pb
 from kabuto.protos import containerd_task_types_pb2 as types_pb
-from kabuto.runtime.bundle import Bundle, BundleError, ContainerIdError, check_container_id, load_bundle
+from kabuto.runtime.bundle import (
+    Bundle,
+    BundleError,
+    ContainerExistsError,
+    ContainerIdError,
+    check_container_id,
+    load_bundle,
+)
 from kabuto.runtime.sandbox import INIT_EXEC_ID, VirtSandbox
 from kabuto.runtime.state import SandboxRecord, StateStore
 from kabuto.shim import mounts
@@ -48,6 +55,9 @@ SANDBOX_ID_ANNOTATION = "io.kubernetes.cri.sandbox-id"
 CONTAINER_TYPE_ANNOTATION = "io.kubernetes.cri.container-type"
 # a process whose VM or agent channel died is reported with this status (as Kata does)
 LOST_EXIT_STATUS = 255
+# a task deleted or killed before it started ends as SIGKILL'd, as runc's does
+KILLED_EXIT_STATUS = 128 + 9
+CLOSE_IO_TIMEOUT = 30.0
 MAX_EXIT_STATUS = 255
 MAX_PID = 2**31 - 1
 OUTPUT_DRAIN_TIMEOUT = 30.0
@@ -73,6 +83,7 @@ class Process:
     exited_at: Timestamp | None = None
     exited: asyncio.Event = field(default_factory=asyncio.Event)
     stdin_pump: asyncio.Task[None] | None = None
+    stdin_closing: asyncio.Event = field(default_factory=asyncio.Event)  # containerd's CloseIO
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
 
 
@@ -90,6 +101,8 @@ def _rpc_error(exc: KabutoError) -> RpcError:
         return exc
     if isinstance(exc, ContainerCallError):
         return RpcError(exc.code, exc.message)
+    if isinstance(exc, ContainerExistsError):
+        return RpcError(Code.ALREADY_EXISTS, str(exc))
     if isinstance(exc, ContainerIdError):
         return RpcError(Code.NOT_FOUND, str(exc))
     if isinstance(exc, BundleError | ConfigError | AnnotationError | StdioError):
@@ -254,6 +267,9 @@ class TaskService:
             self._exited(process, LOST_EXIT_STATUS)
             raise
         process.status = types_pb.RUNNING
+        if process.stdio.stdin_fd is None:  # no stdin from containerd: the process reads end of file
+            with contextlib.suppress(KabutoError):
+                await sandbox.close_stdin(process.container_id, process.exec_id)
         self._supervise(process)
         pid = await self._vmm_pid()
         if process.exec_id:
@@ -270,6 +286,9 @@ class TaskService:
         if process.stdio.stdin_fd is not None:
             process.stdin_pump = asyncio.create_task(self._pump_stdin(process))
             process.tasks.append(process.stdin_pump)
+        self._watch_exit(process, pumps)
+
+    def _watch_exit(self, process: Process, pumps: list[asyncio.Task[None]]) -> None:
         process.tasks.append(asyncio.create_task(self._wait_exit(process, pumps)))
 
     async def _pump_output(self, process: Process, stream: str) -> None:
@@ -284,7 +303,9 @@ class TaskService:
         try:
             while (data := process.stdio.read_stdin()) != b"":
                 if data is None:
-                    await process.stdio.wait_stdin()
+                    if process.stdin_closing.is_set():  # CloseIO, and everything before it is sent
+                        break
+                    await process.stdio.wait_stdin(process.stdin_closing)
                 else:
                     await sandbox.write_stdin(process.container_id, process.exec_id, data)
             await self._end_stdin(process)
@@ -347,6 +368,9 @@ class TaskService:
             raise RpcError(Code.NOT_FOUND, f"{_name(process)}: process already finished")
         await self._sandbox().kill(process.container_id, request.signal, exec_id=process.exec_id,
                                    all_processes=request.all)
+        if process.status == types_pb.CREATED and not process.exec_id and not process.tasks:
+            # the created task's process waited for Start; its end is reported like any other
+            self._watch_exit(process, [])
         return Empty()
 
     async def resize_pty(self, request: pb.ResizePtyRequest) -> Empty:
@@ -360,10 +384,12 @@ class TaskService:
         process = self._process(request.id, request.exec_id)
         if not request.stdin:
             return Empty()
-        # what containerd wrote before closing is still in the FIFO: hand it over first
-        while data := process.stdio.read_stdin():
-            await self._sandbox().write_stdin(process.container_id, process.exec_id, data)
-        await self._end_stdin(process)
+        # the stdin pump hands over what containerd wrote before closing, then closes; a
+        # process not started yet gets it all once it starts
+        process.stdin_closing.set()
+        if process.stdin_pump is not None:
+            async with asyncio.timeout(CLOSE_IO_TIMEOUT):
+                await asyncio.shield(process.stdin_pump)
         return Empty()
 
     # -- state -------------------------------------------------------------------------------
@@ -451,6 +477,8 @@ class TaskService:
             raise RpcError(Code.FAILED_PRECONDITION,
                            f"cannot delete {_name(process)}: it is still running")
         pid = await self._vmm_pid()
+        if not process.exited.is_set():
+            self._exited(process, KILLED_EXIT_STATUS)
         if request.exec_id:
             await _release(process)
             del task.execs[request.exec_id]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import select
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,20 +104,30 @@ class ProcessStdio:
         """The next chunk of stdin: b"" at end of file, None when nothing is waiting."""
         if self.stdin_fd is None:
             return b""
+        # a FIFO no writer has opened yet reads as end of file: only a hang-up (a writer that
+        # came and went) or data make it readable
+        poller = select.poll()
+        poller.register(self.stdin_fd, select.POLLIN)
+        if not poller.poll(0):
+            return None
         try:
             return os.read(self.stdin_fd, READ_CHUNK)
         except BlockingIOError:
             return None
 
-    async def wait_stdin(self) -> None:
+    async def wait_stdin(self, stop: asyncio.Event) -> None:
+        """Until stdin is readable (data or end of file), or ``stop`` is set."""
         assert self.stdin_fd is not None
         loop = asyncio.get_running_loop()
         readable = loop.create_future()
-        loop.add_reader(self.stdin_fd, readable.set_result, None)
+        loop.add_reader(self.stdin_fd, lambda: readable.done() or readable.set_result(None))
+        stopped = asyncio.ensure_future(stop.wait())
         try:
-            await readable
+            await asyncio.wait([readable, stopped], return_when=asyncio.FIRST_COMPLETED)
         finally:
             loop.remove_reader(self.stdin_fd)
+            stopped.cancel()
+            readable.cancel()
 
     def close_stdin(self) -> None:
         if self.stdin_fd is not None:
