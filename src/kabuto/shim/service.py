@@ -134,6 +134,7 @@ class TaskService:
         # Creates under way, by task id: containerd gives up on one by deleting it (or shutting
         # the shim down) while it still boots; cancelling it makes it undo what it made.
         self._creating: dict[str, asyncio.Task[Any]] = {}
+        self._abandoned: set[str] = set()
 
     def methods(self) -> dict[str, Method]:
         table: dict[str, tuple[type[Message], Callable[[Any], Awaitable[Message]]]] = {
@@ -199,8 +200,14 @@ class TaskService:
         self._creating[request.id] = current
         try:
             return await self._create(request)
+        except asyncio.CancelledError:
+            if request.id not in self._abandoned:
+                raise
+            # undone on containerd's request: it still gets an answer on this call
+            raise RpcError(Code.CANCELLED, f"task {request.id!r}: creation abandoned by containerd") from None
         finally:
             del self._creating[request.id]
+            self._abandoned.discard(request.id)
 
     async def _create(self, request: pb.CreateTaskRequest) -> pb.CreateTaskResponse:
         async with self._lock:
@@ -464,6 +471,7 @@ class TaskService:
     # -- delete / shutdown -------------------------------------------------------------------
     async def _abandon_creates(self, task_ids: list[str]) -> None:
         creating = [self._creating[t] for t in task_ids if t in self._creating]
+        self._abandoned.update(t for t in task_ids if t in self._creating)
         for task in creating:
             task.cancel()
         await asyncio.gather(*creating, return_exceptions=True)
