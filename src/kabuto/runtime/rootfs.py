@@ -48,7 +48,7 @@ class Storage:
     options: tuple[str, ...] = ()
 
 
-async def _run(*argv: str, timeout: float = COMMAND_TIMEOUT) -> None:
+async def run_command(*argv: str, timeout: float = COMMAND_TIMEOUT) -> None:
     try:
         process = await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
@@ -78,7 +78,7 @@ async def share_rootfs(shared_dir: Path, container_id: str, rootfs: Path) -> str
     target = share_path(shared_dir, container_id)
     target.mkdir(parents=True, exist_ok=False)
     try:
-        await _run("mount", "--bind", str(rootfs), str(target))
+        await run_command("mount", "--bind", str(rootfs), str(target))
     except BaseException:
         shutil.rmtree(target.parent, ignore_errors=True)
         raise
@@ -106,12 +106,12 @@ async def share_binds(shared_dir: Path, container_id: str, binds: list[HostBind]
             target.mkdir()
         else:  # a file (or socket, fifo...) is bind-mounted over an empty file
             os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600))
-        await _run("mount", "--rbind" if bind.recursive else "--bind", str(bind.source), str(target))
-        await _run("mount", "--make-rprivate" if bind.readonly else "--make-rslave", str(target))
+        await run_command("mount", "--rbind" if bind.recursive else "--bind", str(bind.source), str(target))
+        await run_command("mount", "--make-rprivate" if bind.readonly else "--make-rslave", str(target))
         if bind.readonly:
             # mount(8) keeps the mount's other flags (nosuid...) on a bind remount
             for mount_point in sorted(_mounts_at_or_below(target)):
-                await _run("mount", "-o", "remount,bind,ro", mount_point)
+                await run_command("mount", "-o", "remount,bind,ro", mount_point)
         guest_paths[bind.index] = f"{GUEST_SHARE_DIR}/{container_id}/mounts/{bind.index}"
     return guest_paths
 
@@ -140,9 +140,9 @@ async def _unmount(target: Path) -> None:
     """Unmount ``target`` and whatever is mounted below it; lazily detach if something holds it."""
     if _is_mount(target):
         try:
-            await _run("umount", "--recursive", str(target))
+            await run_command("umount", "--recursive", str(target))
         except RootfsError:
-            await _run("umount", "--lazy", str(target))
+            await run_command("umount", "--lazy", str(target))
 
 
 def _is_mount(path: Path) -> bool:
@@ -201,7 +201,7 @@ async def build_ext4_image(rootfs: Path, image: Path) -> None:
     try:
         with image.open("wb") as file:
             file.truncate(size)
-        await _run("mkfs.ext4", "-q", "-F", "-E", "root_owner=0:0", "-d", str(rootfs), str(image))
+        await run_command("mkfs.ext4", "-q", "-F", "-E", "root_owner=0:0", "-d", str(rootfs), str(image))
     except BaseException:
         remove_files(image)
         raise

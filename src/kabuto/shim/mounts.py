@@ -3,35 +3,12 @@ rootfs directory before the runtime shares it with the VM, unmounted when the ta
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 
-from kabuto.errors import KabutoError
 from kabuto.protos import containerd_types_pb2 as types_pb
-from kabuto.runtime.rootfs import mount_points
-
-MOUNT_TIMEOUT = 30.0
-
-
-class MountError(KabutoError):
-    """A rootfs mount containerd asked for could not be made or undone."""
-
-
-async def _run(*argv: str) -> None:
-    process = await asyncio.create_subprocess_exec(
-        *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT)
-    try:
-        async with asyncio.timeout(MOUNT_TIMEOUT):
-            output, _ = await process.communicate()
-    except TimeoutError:
-        process.kill()
-        await process.wait()
-        raise MountError(f"{' '.join(argv)} did not finish within {MOUNT_TIMEOUT:g}s") from None
-    if process.returncode:
-        raise MountError(f"{' '.join(argv)} failed: {output.decode(errors='replace').strip()[-500:]}")
+from kabuto.runtime.rootfs import mount_points, run_command
 
 
 async def mount_rootfs(rootfs: list[types_pb.Mount] | RepeatedCompositeFieldContainer[types_pb.Mount],
@@ -44,7 +21,7 @@ async def mount_rootfs(rootfs: list[types_pb.Mount] | RepeatedCompositeFieldCont
             argv = ["mount", "-t", mount.type or "none"]
             if mount.options:
                 argv += ["-o", ",".join(mount.options)]
-            await _run(*argv, "--", mount.source, str(target))
+            await run_command(*argv, "--", mount.source, str(target))
             done.append(target)
     except BaseException:
         for mounted in reversed(done):
@@ -56,4 +33,4 @@ async def mount_rootfs(rootfs: list[types_pb.Mount] | RepeatedCompositeFieldCont
 async def unmount(target: Path) -> None:
     """Undo every mount on ``target`` (an overlay can sit on a bind)."""
     while str(target) in mount_points():
-        await _run("umount", str(target))
+        await run_command("umount", str(target))
