@@ -8,7 +8,11 @@ no container or task in containerd.
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from importlib.resources import files
 from pathlib import Path
@@ -154,6 +158,15 @@ def test_detached_task_exec_ps_pause_kill(containerd: Containerd, rootfs: Path) 
     result = containerd.ctr("task", "exec", "--fifo-dir", str(containerd.fifo_dir), "--exec-id", "e1",
                             "detached", "/bin/sh", "-c", "echo in-exec; exit 5")
     assert (result.returncode, result.stdout) == (5, b"in-exec\n"), containerd.explain(result)
+
+    # the kabuto CLI shares the state root: it reads the shim's sandbox but leaves changes to the shim
+    cli = [str(Path(sys.executable).with_name("kabuto"))]
+    env = {**os.environ, "KABUTO_STATE_ROOT": str(containerd.state_root)}
+    state = subprocess.run([*cli, "state", "detached"], capture_output=True, env=env, timeout=60)
+    assert state.returncode == 0 and json.loads(state.stdout)["status"] == "running", state
+    refused = subprocess.run([*cli, "exec", "detached", "/bin/true"], capture_output=True, env=env,
+                             timeout=60)
+    assert refused.returncode != 0 and b"managed by containerd-shim-kabuto-v2" in refused.stderr, refused
 
     # an exec that cannot start fails at once and releases ctr's FIFOs (ctr would wait on them)
     missing = containerd.ctr("task", "exec", "--fifo-dir", str(containerd.fifo_dir), "--exec-id", "e0",

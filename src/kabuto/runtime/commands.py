@@ -209,6 +209,10 @@ async def attached(container_id: str, options: RuntimeOptions, *, connect: bool 
     closes it), so it can stream after the lock is released."""
     store = options.store
     record = store.find_container(container_id)
+    if record.owner and record.owned_by_live_process():
+        owner = record.owner.get("name", "another process")
+        raise SandboxError(f"container {container_id!r} is managed by {owner} (pid {record.owner['pid']}): "
+                           "change it through containerd (ctr)")
     with store.sandbox_lock(record.id, *(() if lock_timeout is None else (lock_timeout,))):
         sandbox = await VirtSandbox.attach(record.id, store)
         try:

@@ -25,6 +25,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from kabuto.errors import KabutoError
 from kabuto.runtime.bundle import ContainerExistsError, ContainerIdError
 
@@ -72,6 +74,17 @@ class SandboxRecord:
     shared_dir: str = ""
     share_tag: str = ""
     containers: dict[str, ContainerRecord] = field(default_factory=dict)
+    #: the long-lived process that manages this sandbox, if not the CLI (containerd's shim):
+    #: {"name": ..., "pid": ..., "create_time": ...}
+    owner: dict[str, Any] = field(default_factory=dict)
+
+    def owned_by_live_process(self) -> bool:
+        """Whether ``owner`` names a process still running (not merely a reused pid)."""
+        try:
+            process = psutil.Process(int(self.owner["pid"]))
+            return abs(process.create_time() - float(self.owner["create_time"])) <= 0.01
+        except (psutil.Error, KeyError, ValueError, TypeError):
+            return False
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1, sort_keys=True)
