@@ -466,14 +466,41 @@ async def test_without_a_pid_namespace_remove_still_finds_every_process(
     assert not [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
 
 
+async def read_until(client: ContainerClient, container_id: str, exec_id: str, end: bytes) -> bytes:
+    data = b""
+    while not data.endswith(end):
+        chunk = await client.read_stdout(container_id, exec_id, timeout=30)
+        assert chunk, f"end of output before {end!r}: {data!r}"
+        data += chunk
+    return data
+
+
 async def test_terminal(client: ContainerClient, rootfs: Path) -> None:
-    spec = sh(rootfs, "stty size; read line; stty size; echo got $line")
+    """As runc: the pty comes from the container's own devpts, so tty names /dev/pts/N
+    there, and init's terminal is also its /dev/console."""
+    spec = sh(rootfs, "tty; [ /dev/console -ef /dev/pts/0 ] && echo console; "
+                      "stty size; read line; stty size; echo got $line")
     spec["process"]["terminal"] = True
     spec["process"]["consoleSize"] = {"height": 30, "width": 100}
     await client.create_container("c1", spec)
     try:
         await client.start_container("c1")
-        assert await client.read_stdout("c1", timeout=30) == b"30 100\r\n"
+        assert await read_until(client, "c1", "", b"100\r\n") == b"/dev/pts/0\r\nconsole\r\n30 100\r\n"
+
+        process = {
+            "args": ["sh", "-c", "tty; stty size; read line; stty size"],
+            "env": ENV,
+            "cwd": "/",
+            "terminal": True,
+            "consoleSize": {"height": 20, "width": 70},
+        }
+        await client.exec_process("c1", "e1", process)
+        assert await read_until(client, "c1", "e1", b"70\r\n") == b"/dev/pts/1\r\n20 70\r\n"
+        await client.tty_win_resize("c1", "e1", 25, 90)
+        await client.write_stdin("c1", "e1", b"go\n")
+        assert await read_until(client, "c1", "e1", b"90\r\n") == b"go\r\n25 90\r\n"  # echoed, then stty
+        assert await client.wait_process("c1", "e1", timeout=30) == 0
+
         await client.tty_win_resize("c1", "", 40, 120)
         await client.write_stdin("c1", "", b"hi\n")
         status, out, err = await collect(client, "c1")
@@ -481,6 +508,23 @@ async def test_terminal(client: ContainerClient, rootfs: Path) -> None:
         assert out.replace(b"\r\n", b"\n") == b"hi\n40 120\ngot hi\n"  # the tty echoes the input
     finally:
         await client.remove_container("c1")
+
+
+async def test_a_terminal_without_ptmx_fails_like_runc_and_leaves_nothing(
+    client: ContainerClient, rootfs: Path
+) -> None:
+    spec = sh(rootfs, "tty")
+    spec["process"]["terminal"] = True
+    spec["mounts"] = [m for m in spec["mounts"] if m["destination"] != "/dev/pts"]
+    with pytest.raises(ContainerCallError) as info:
+        await client.create_container("c1", spec)
+    assert info.value.code == Code.FAILED_PRECONDITION
+    assert info.value.message.startswith(
+        "unable to start container process: cannot open the container's /dev/ptmx"
+    )
+    with pytest.raises(ContainerCallError) as info:
+        await client.wait_process("c1", timeout=5)
+    assert info.value.code == Code.NOT_FOUND
 
 
 # --- sandbox, storages, files -------------------------------------------------------------

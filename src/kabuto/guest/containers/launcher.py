@@ -11,6 +11,10 @@ For every process the agent forks a *monitor*, which forks the process itself:
 - The child joins or creates the other namespaces, builds the container's root (init
   only), applies the OCI process settings, looks the program up, reports ``ready``, waits
   for the start byte (init only, as ``runc create`` / ``runc start``) and execs.
+- With a terminal the child makes it, as runc does, from the container's own devpts once
+  in the container's mounts: the slave becomes its stdio and controlling terminal (and,
+  for init, /dev/console) and the master goes to the agent over ``console_socket``
+  (SCM_RIGHTS), before ``ready``.
 
 Each side reports on its own pipe, one JSON object per line: the monitor ``{"pid": N}``
 then ``{"status": waitstatus}``; the child ``{"ready": true}`` or ``{"error": "..."}``.
@@ -28,7 +32,9 @@ import os
 import re
 import resource
 import signal
+import socket
 import stat
+import struct
 import termios
 from dataclasses import dataclass
 from typing import NoReturn
@@ -67,8 +73,7 @@ class Launch:
     """What a forked monitor and its child need; every fd here belongs to them after fork."""
 
     process: ProcessSpec
-    stdio: tuple[int, int, int]  # the child's 0, 1, 2
-    tty: bool  # stdio[0] is a pty slave: make it the controlling terminal
+    stdio: tuple[int, int, int] | None  # the child's 0, 1, 2; None: a terminal, made in the child
     monitor_fd: int  # monitor -> agent
     report_fd: int  # child -> agent
     start_fd: int | None = None  # init: wait for a byte on it before exec
@@ -76,7 +81,7 @@ class Launch:
     namespace_fds: tuple[tuple[int, int], ...] = ()  # exec: (CLONE_NEW* type, fd) to join
     pid_namespace_fd: int | None = None  # exec: the container's PID namespace
     cgroup_procs: str | None = None  # the container cgroup's cgroup.procs to join
-    console_path: str | None = None  # the pty slave's path, bound over /dev/console
+    console_socket: int | None = None  # a terminal: the child sends its pty master here
 
 
 def _send(fd: int, message: dict[str, object]) -> None:
@@ -133,10 +138,16 @@ def run_child(launch: Launch) -> NoReturn:
     """In the child: become the container process, then exec. Reports ``error`` on failure."""
     code = EXIT_SETUP_FAILED
     try:
-        stdio = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3) for fd in launch.stdio]
+        if launch.stdio is None:  # /dev/null holds 0, 1, 2 until the terminal exists
+            null = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
+            stdio = [fcntl.fcntl(null, fcntl.F_DUPFD_CLOEXEC, 3) for _ in range(3)]
+            os.close(null)
+        else:
+            stdio = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3) for fd in launch.stdio]
         keep = {launch.report_fd, *stdio}
-        if launch.start_fd is not None:
-            keep.add(launch.start_fd)
+        for fd in (launch.start_fd, launch.console_socket):
+            if fd is not None:
+                keep.add(fd)
         keep.update(fd for _, fd in launch.namespace_fds)
         _close_fds_except(keep)
         for fd in keep:
@@ -145,17 +156,17 @@ def run_child(launch: Launch) -> NoReturn:
         for target, fd in enumerate(stdio):
             os.dup2(fd, target, inheritable=True)
             os.close(fd)
-        if launch.tty:
-            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
         if launch.cgroup_procs is not None:
             with open(launch.cgroup_procs, "w") as procs:
                 procs.write("0")
         if launch.container is not None:
-            build_container(launch.container, launch.console_path)
+            build_container(launch.container, launch.console_socket)
         else:
             for ns_type, fd in launch.namespace_fds:  # the mount namespace comes last
                 sc.setns(fd, ns_type)
                 os.close(fd)
+            if launch.console_socket is not None:  # an exec's terminal: no /dev/console, as runc
+                setup_terminal(launch.console_socket, launch.process.console_size, bind_console=False)
         program = prepare_process(launch.process)
         _send(launch.report_fd, {"ready": True})
         if launch.start_fd is not None:
@@ -237,7 +248,7 @@ def _mount_one(rootfs: str, mount: MountSpec) -> str:
     return target
 
 
-def _create_devices(rootfs: str, container: ContainerSpec, console_path: str | None) -> None:
+def _create_devices(rootfs: str, container: ContainerSpec) -> None:
     dev = secure_join(rootfs, "/dev")
     for name, major, minor in DEFAULT_DEVICES:
         path = os.path.join(dev, name)
@@ -259,10 +270,6 @@ def _create_devices(rootfs: str, container: ContainerSpec, console_path: str | N
     if os.path.isdir(os.path.join(dev, "pts")):
         with contextlib.suppress(FileExistsError):
             os.symlink("pts/ptmx", os.path.join(dev, "ptmx"))
-    if console_path is not None:
-        console = os.path.join(dev, "console")
-        _make_target(console, True)
-        sc.mount(console_path, console, None, sc.MS_BIND)
 
 
 def _enter_root(rootfs: str) -> None:
@@ -311,8 +318,9 @@ def _remount_readonly(path: str, recursive: bool = False) -> None:
     sc.mount(None, path, None, flags | kept | (sc.MS_REC if recursive else 0))
 
 
-def build_container(container: ContainerSpec, console_path: str | None) -> None:
-    """Namespaces, mounts, devices, root: everything the init child does as root."""
+def build_container(container: ContainerSpec, console_socket: int | None = None) -> None:
+    """Namespaces, mounts, devices, root (and the terminal, with ``console_socket``):
+    everything the init child does as root."""
     sc.unshare(container.namespaces & ~sc.CLONE_NEWPID)
     sc.mount(None, "/", None, container.rootfs_propagation)
     rootfs = container.root_path
@@ -325,12 +333,15 @@ def build_container(container: ContainerSpec, console_path: str | None) -> None:
         if mount.destination.rstrip("/") == "/dev" and mount.is_bind:
             needs_devices = False
     if needs_devices:
-        _create_devices(rootfs, container, console_path)
+        _create_devices(rootfs, container)
     # As runc: a missing working directory is made (before a read-only root forbids it);
     # where it cannot be, the chdir later says why.
     with contextlib.suppress(OSError):
         os.makedirs(secure_join(rootfs, container.process.cwd), 0o755, exist_ok=True)
     _enter_root(rootfs)
+    # As runc: once the container's own mounts are up, before anything is made read-only.
+    if console_socket is not None:
+        setup_terminal(console_socket, container.process.console_size, bind_console=True)
 
     if container.hostname is not None:
         sc.sethostname(container.hostname)
@@ -350,6 +361,37 @@ def build_container(container: ContainerSpec, console_path: str | None) -> None:
             sc.mount("/dev/null", path, None, sc.MS_BIND)
     if container.readonly_root:
         _remount_readonly("/")
+
+
+def setup_terminal(console_socket: int, size: tuple[int, int] | None, *, bind_console: bool) -> None:
+    """Make a pty from the devpts instance the container's /dev/ptmx leads to, so that
+    the slave is /dev/pts/N in the container; make it stdio and the controlling terminal
+    (setsid came first), bind it over /dev/console for init and send the master to the agent."""
+    try:
+        master = os.open("/dev/ptmx", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise LaunchError(f"cannot open the container's /dev/ptmx: {exc.strerror or exc}") from None
+    slave = None
+    try:
+        fcntl.ioctl(master, sc.TIOCSPTLCK, struct.pack("i", 0))
+        (number,) = struct.unpack("I", fcntl.ioctl(master, sc.TIOCGPTN, bytes(4)))
+        slave = fcntl.ioctl(master, sc.TIOCGPTPEER, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+        if size is not None:
+            fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", *size, 0, 0))
+        if bind_console:
+            _make_target("/dev/console", True)
+            sc.mount(f"/dev/pts/{number}", "/dev/console", None, sc.MS_BIND)
+        for target in (0, 1, 2):
+            os.dup2(slave, target, inheritable=True)
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+        with socket.socket(fileno=console_socket) as channel:
+            socket.send_fds(channel, [b"pty"], [master])
+    except OSError as exc:
+        raise LaunchError(f"cannot set up the terminal: {exc.strerror or exc}") from None
+    finally:
+        os.close(master)
+        if slave is not None:
+            os.close(slave)
 
 
 def _write(path: str, value: str) -> None:

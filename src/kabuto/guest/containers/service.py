@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import stat
 import struct
 import termios
@@ -521,18 +522,19 @@ class ContainerService:
         """Fork the monitor and wait until the child reports ready (or fails)."""
         child_fds: list[int] = []
         agent_fds: list[int] = []
+        console: socket.socket | None = None
         try:
-            console_path = None
+            console_socket = None
+            stdio: tuple[int, int, int] | None = None
+            stdin_fd: int | None
+            stdout_fd: int | None
+            stderr_fd: int | None
             if spec.terminal:
-                master, slave = os.openpty()
-                agent_fds.append(master)
-                child_fds.append(slave)
-                if spec.console_size is not None:
-                    _set_window_size(master, *spec.console_size)
-                console_path = os.ttyname(slave)
-                stdio = (slave, slave, slave)
-                stdin_fd, stdout_fd, stderr_fd, tty_fd = os.dup(master), master, None, os.dup(master)
-                agent_fds += [stdin_fd, tty_fd]
+                # The child makes the pty in the container and sends its master (ready comes after).
+                console, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                console_socket = child_end.detach()
+                child_fds.append(console_socket)
+                stdin_fd = stdout_fd = stderr_fd = None
             else:
                 stdin_r, stdin_w = os.pipe2(os.O_CLOEXEC)
                 stdout_r, stdout_w = os.pipe2(os.O_CLOEXEC)
@@ -540,7 +542,7 @@ class ContainerService:
                 child_fds += [stdin_r, stdout_w, stderr_w]
                 agent_fds += [stdin_w, stdout_r, stderr_r]
                 stdio = (stdin_r, stdout_w, stderr_w)
-                stdin_fd, stdout_fd, stderr_fd, tty_fd = stdin_w, stdout_r, stderr_r, None
+                stdin_fd, stdout_fd, stderr_fd = stdin_w, stdout_r, stderr_r
                 for fd in (stdout_r, stderr_r):
                     # Bigger pipes: fewer wake-ups per megabyte (the kernel may refuse; then 64 KiB).
                     with contextlib.suppress(OSError):
@@ -552,7 +554,6 @@ class ContainerService:
             launch = Launch(
                 process=spec,
                 stdio=stdio,
-                tty=spec.terminal,
                 monitor_fd=monitor_w,
                 report_fd=report_w,
                 start_fd=start_fd,
@@ -560,7 +561,7 @@ class ContainerService:
                 namespace_fds=namespace_fds,
                 pid_namespace_fd=pid_namespace_fd,
                 cgroup_procs=None if cgroup_dir is None else str(cgroup_dir / "cgroup.procs"),
-                console_path=console_path,
+                console_socket=console_socket,
             )
             monitor_pid = os.fork()
             if monitor_pid == 0:
@@ -569,6 +570,8 @@ class ContainerService:
             for fd in child_fds + agent_fds:
                 with contextlib.suppress(OSError):
                     os.close(fd)
+            if console is not None:
+                console.close()
             raise RpcError(Code.RESOURCE_EXHAUSTED, f"cannot start a process: {exc}") from None
         for fd in child_fds:
             os.close(fd)
@@ -580,10 +583,10 @@ class ContainerService:
             exec_id=exec_id,
             spec=spec,
             monitor_pid=monitor_pid,
-            stdin=InputStream(stdin_fd, tty=spec.terminal),
+            stdin=None if stdin_fd is None else InputStream(stdin_fd, tty=False),
             stdout=OutputStream(stdout_fd),
             stderr=OutputStream(stderr_fd),
-            tty_fd=tty_fd,
+            tty_fd=None,
             exit_status=asyncio.get_running_loop().create_future(),
             report=MessagePipe(report_r),
         )
@@ -596,12 +599,17 @@ class ContainerService:
                 process.pid = int(first["pid"])
                 self._watch(monitor, process)
                 report = await process.report.next()
+            if report is not None and "ready" in report and console is not None:
+                _attach_terminal(process, console)
         except TimeoutError:
             await self._fail_spawn(process, monitor)
             raise RpcError(Code.DEADLINE_EXCEEDED, "the process was not set up in time") from None
         except BaseException:
             await self._fail_spawn(process, monitor)
             raise
+        finally:
+            if console is not None:
+                console.close()  # a master still in flight is closed with it
         if report is None or "ready" not in report:
             reason = (report or {}).get("error") or "the process died while being set up"
             await self._fail_spawn(process, monitor)
@@ -1020,6 +1028,34 @@ def _errno_code(exc: OSError) -> Code:
     if exc.errno in (errno.EACCES, errno.EPERM):
         return Code.PERMISSION_DENIED
     return Code.INVALID_ARGUMENT
+
+
+def _attach_terminal(process: Process, console: socket.socket) -> None:
+    """Take the pty master the child sent before reporting ready (so it is already
+    queued: no wait) as the process's stdin, output and window-size fd."""
+    try:
+        _, fds, flags, _ = socket.recv_fds(console, 16, 1, socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC)
+    except BlockingIOError:
+        fds, flags = [], 0
+    master = fds[0] if len(fds) == 1 and not flags & socket.MSG_CTRUNC else None
+    if master is None or not os.isatty(master):
+        for fd in fds:
+            os.close(fd)
+        raise RpcError(Code.INTERNAL, "unable to start container process: the launcher sent no terminal")
+    try:
+        stdin_fd = os.dup(master)
+        try:
+            tty_fd = os.dup(master)
+        except OSError:
+            os.close(stdin_fd)
+            raise
+    except OSError as exc:
+        os.close(master)
+        raise RpcError(Code.RESOURCE_EXHAUSTED, f"cannot start a process: {exc}") from None
+    os.set_blocking(master, False)  # shared by the dups: one open file
+    process.stdin = InputStream(stdin_fd, tty=True)
+    process.stdout = OutputStream(master)
+    process.tty_fd = tty_fd
 
 
 def _set_window_size(fd: int, rows: int, cols: int) -> None:

@@ -55,6 +55,11 @@ PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_RAISE = 2
 PR_CAP_AMBIENT_CLEAR_ALL = 4
 
+# asm-generic/ioctls.h (x86-64 and aarch64 alike): the pty ioctls termios lacks
+TIOCGPTN = 0x80045430  # the pty's number N, its slave /dev/pts/N
+TIOCSPTLCK = 0x40045431  # lock (1) or unlock (0) the slave
+TIOCGPTPEER = 0x5441  # open the slave through the master, whatever /dev/pts holds
+
 # x86-64 and aarch64 syscall numbers (the guest runs one of these).
 _SYSCALLS = {
     "x86_64": {"pivot_root": 155, "capset": 126, "openat2": 437},
