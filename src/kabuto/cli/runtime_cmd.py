@@ -390,9 +390,12 @@ def list_command(ctx: click.Context, fmt: str, quiet: bool, root: Path | None) -
         for row in rows:
             click.echo(row["id"])
         return
-    click.echo(f"{'ID':<24}{'PID':<10}{'STATUS':<10}{'BUNDLE':<40}CREATED")
-    for row in rows:
-        click.echo(f"{row['id']:<24}{row['pid']:<10}{row['status']:<10}{row['bundle']:<40}{row['created']}")
+    # columns as wide as their longest cell, as runc's tabwriter makes them
+    columns = {"ID": "id", "PID": "pid", "STATUS": "status", "BUNDLE": "bundle", "CREATED": "created"}
+    table = [list(columns), *([str(row[key]) for key in columns.values()] for row in rows)]
+    widths = [max(len(line[i]) for line in table) + 3 for i in range(len(columns))]
+    for line in table:
+        click.echo("".join(f"{cell:<{width}}" for cell, width in zip(line, widths, strict=True)).rstrip())
 
 
 @click.command("ps")
