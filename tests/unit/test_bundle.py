@@ -108,7 +108,7 @@ def _mutated(change: Any) -> dict[str, Any]:
          "exceeds hard limit"),
         (lambda s: s["root"].update(path=""), "root.path"),
         (lambda s: s.update(hooks={"prestart": [{"path": "/bin/true"}]}), "hooks"),
-        (lambda s: s["linux"].update(seccomp={"defaultAction": "SCMP_ACT_ALLOW"}), "linux.seccomp"),
+        (lambda s: s["linux"].update(seccomp="SCMP_ACT_ALLOW"), "linux.seccomp"),
         (lambda s: s["linux"].update(uidMappings=[{"containerID": 0, "hostID": 1000, "size": 1}]),
          "linux.uidMappings"),
         (lambda s: s["linux"]["namespaces"].append({"type": "user"}), "user namespaces"),

@@ -551,3 +551,33 @@ async def until_exists(path: Path) -> None:
             return
         await asyncio.sleep(0.01)
     raise AssertionError(f"{path} never appeared")
+
+
+# -- seccomp: Kata's disable_guest_seccomp ---------------------------------------------------
+def with_seccomp(bundle: Path, **annotations: str) -> Path:
+    spec = json.loads((bundle / "config.json").read_text())
+    spec["linux"]["seccomp"] = {"defaultAction": "SCMP_ACT_ERRNO", "syscalls": []}
+    spec["annotations"].update(annotations)
+    (bundle / "config.json").write_text(json.dumps(spec))
+    return bundle
+
+
+async def test_seccomp_profile_dropped_by_default(store: StateStore, tmp_path: Path) -> None:
+    """CRI's RuntimeDefault profile must not stop a pod: as Kata with disable_guest_seccomp = true
+    (the default), the container runs and the guest never sees the profile."""
+    bundle = with_seccomp(make_bundle(tmp_path / "b", ["sleep"]))
+    sandbox = await commands.create("c1", str(bundle), options(store))
+    try:
+        assert "seccomp" not in GUESTS["c1"].containers["c1"]["spec"]["linux"]
+    finally:
+        await sandbox.destroy()
+
+
+async def test_seccomp_profile_refused_when_the_guest_should_enforce_it(store: StateStore,
+                                                                        tmp_path: Path) -> None:
+    bundle = with_seccomp(make_bundle(tmp_path / "b", ["sleep"]),
+                          **{"io.katacontainers.config.runtime.disable_guest_seccomp": "false"})
+    with pytest.raises(BundleError, match=r"linux\.seccomp: the guest cannot enforce"):
+        await commands.create("c1", str(bundle), options(store))
+    assert store.sandbox_ids() == []
+    assert "c1" not in GUESTS or not GUESTS["c1"].containers

@@ -31,7 +31,7 @@ RLIMITS = frozenset({
 NAMESPACES = frozenset({"pid", "network", "mount", "ipc", "uts", "user", "cgroup", "time"})
 # Sections for other platforms, and Linux features that need the host kernel or host state.
 UNSUPPORTED_TOP = ("solaris", "windows", "vm", "zos")
-UNSUPPORTED_LINUX = ("seccomp", "uidMappings", "gidMappings", "intelRdt", "personality", "timeOffsets")
+UNSUPPORTED_LINUX = ("uidMappings", "gidMappings", "intelRdt", "personality", "timeOffsets")
 # Bind sources the guest serves itself, as Kata does: its own /proc and /sys, and its own device
 # nodes (a host device node means nothing in the VM); a regular file under /dev is still shared.
 GUEST_SOURCE_ROOTS = ("/proc", "/sys", "/dev")
@@ -125,8 +125,10 @@ class Bundle:
         spec["root"] = {**spec.get("root", {}), "path": guest_rootfs}
         for index, guest_source in (bind_sources or {}).items():
             spec["mounts"][index].update(type="bind", source=guest_source)
-        # host cgroup placement means nothing inside the VM
+        # host cgroup placement means nothing inside the VM; a seccomp profile reaches no further
+        # than here (the sandbox refuses it unless the configuration says to run without it)
         spec.get("linux", {}).pop("cgroupsPath", None)
+        spec.get("linux", {}).pop("seccomp", None)
         return spec
 
 
@@ -260,6 +262,7 @@ def _check_linux(linux: dict[str, Any], where: str) -> None:
     for key in UNSUPPORTED_LINUX:
         if linux.get(key):
             raise _fail(where, f"linux.{key}", "not supported by Kabuto")
+    _expect(linux.get("seccomp", {}), dict, where, "linux.seccomp", "an object")
     namespaces = _expect(linux.get("namespaces", []), list, where, "linux.namespaces", "a list")
     for index, namespace in enumerate(namespaces):
         key = f"linux.namespaces[{index}]"

@@ -28,7 +28,7 @@ from kabuto.hypervisor.base import Hypervisor, HypervisorState, VmStatus
 from kabuto.hypervisor.devices import BlockDevice, DeviceKind, SharedFsDevice
 from kabuto.hypervisor.registry import get_plugin
 from kabuto.runtime import rootfs as rootfs_delivery
-from kabuto.runtime.bundle import Bundle, ContainerIdError, check_container_id
+from kabuto.runtime.bundle import Bundle, BundleError, ContainerIdError, check_container_id
 from kabuto.runtime.rootfs import RootfsError, Storage
 from kabuto.runtime.state import ContainerRecord, SandboxRecord, StateStore, now_rfc3339
 from kabuto.ttrpc.status import Code
@@ -70,10 +70,14 @@ def container_client(agent: AgentClient) -> ContainerClient:
 class VirtSandbox:
     """A running (or restored) sandbox VM. Build with ``create`` or ``attach``; end with ``destroy``."""
 
-    def __init__(self, record: SandboxRecord, store: StateStore, hypervisor: Hypervisor) -> None:
+    def __init__(self, record: SandboxRecord, store: StateStore, hypervisor: Hypervisor, *,
+                 ignore_seccomp: bool = True) -> None:
         self.record = record
         self.store = store
         self.hypervisor = hypervisor
+        #: [runtime] disable_guest_seccomp: a spec's seccomp profile is dropped (Kata's default);
+        #: otherwise refused, as the guest cannot enforce one
+        self.ignore_seccomp = ignore_seccomp
         self.agent: AgentClient | None = None
         self._containers: Any = None
 
@@ -113,7 +117,7 @@ class VirtSandbox:
             config = load_config(config_path, annotations, hypervisor_name)
             record.hypervisor_name = config.runtime.hypervisor_name
             hypervisor = new_hypervisor(config, jailer_root=store.jailer_root)
-            sandbox = cls(record, store, hypervisor)
+            sandbox = cls(record, store, hypervisor, ignore_seccomp=config.runtime.disable_guest_seccomp)
             fs_kind = hypervisor.capabilities.preferred_shared_fs()
             for _, bundle in block_rootfs or []:
                 refuse_binds_without_shared_fs(bundle, fs_kind is not None, hypervisor.name)
@@ -159,7 +163,7 @@ class VirtSandbox:
         state = HypervisorState.from_dict(record.hypervisor_state)
         hypervisor = await backend.restore(config.hypervisor[record.hypervisor_name], state,
                                            jailer_root=store.jailer_root)
-        return cls(record, store, hypervisor)
+        return cls(record, store, hypervisor, ignore_seccomp=config.runtime.disable_guest_seccomp)
 
     @property
     def vm_alive(self) -> bool:
@@ -258,6 +262,10 @@ class VirtSandbox:
         Its host bind mounts are shared beside its rootfs and the guest spec points at them."""
         check_container_id(container_id)
         refuse_binds_without_shared_fs(bundle, bool(self.record.shared_dir), self.hypervisor.name)
+        if bundle.spec.get("linux", {}).get("seccomp") and not self.ignore_seccomp:
+            raise BundleError(f"{bundle.path / 'config.json'}: linux.seccomp: the guest cannot enforce a "
+                              "seccomp profile; [runtime] disable_guest_seccomp = true runs the container "
+                              "without it, as Kata does")
         container = ContainerRecord(id=container_id, bundle=str(bundle.path), created=now_rfc3339(),
                                     annotations=bundle.annotations, process=bundle.spec["process"])
         # refuses an id in use anywhere under the state root, before anything is made for it
