@@ -139,11 +139,13 @@ def test_image_rootfs_from_the_snapshotter(containerd: Containerd, tmp_path: Pat
         containerd.check("image", "remove", image)
 
 
-def test_host_bind_mount(containerd: Containerd, rootfs: Path, tmp_path: Path) -> None:
+def test_host_bind_mount_under_a_seccomp_profile(containerd: Containerd, rootfs: Path,
+                                                 tmp_path: Path) -> None:
     shared = tmp_path / "shared"
     shared.mkdir()
     (shared / "f").write_text("from the host\n")
-    result = containerd.ctr(*run_args(containerd, rootfs, "--rm", "--mount",
+    # --seccomp: ctr adds containerd's default profile, as CRI does for RuntimeDefault pods
+    result = containerd.ctr(*run_args(containerd, rootfs, "--rm", "--seccomp", "--mount",
                                       f"type=bind,src={shared},dst=/host,options=rbind:ro"),
                             "binds", "/bin/sh", "-c", "cat /host/f; echo x > /host/g")
     assert result.returncode != 0 and result.stdout == b"from the host\n", containerd.explain(result)
