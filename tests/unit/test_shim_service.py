@@ -21,6 +21,8 @@ from google.protobuf.any_pb2 import Any as AnyMessage
 from google.protobuf.empty_pb2 import Empty
 from google.protobuf.message import Message
 
+from kabuto.agent.containers import ContainerStats
+from kabuto.protos import containerd_cgroups_v2_pb2 as cgroups_pb
 from kabuto.protos import containerd_events_pb2 as events_pb
 from kabuto.protos import containerd_runtimeoptions_pb2 as options_pb
 from kabuto.protos import containerd_shim_pb2 as pb
@@ -502,4 +504,23 @@ async def test_stdin_closed_before_start_still_ends(shim: Shim, tmp_path: Path) 
     await shim.call("Start", pb.StartRequest(id="c1"), pb.StartResponse)
     waited = await asyncio.wait_for(shim.call("Wait", pb.WaitRequest(id="c1"), pb.WaitResponse), 5)
     assert waited.exit_status == 0 and reader.join() == b"early\n"
+    await shim.call("Delete", pb.DeleteRequest(id="c1"), pb.DeleteResponse)
+
+
+async def test_stats_are_cgroup_v2_metrics_with_the_guests_figures_bounded(
+        shim: Shim, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def stats_container(self: Any, container_id: str) -> ContainerStats:
+        # a hostile or broken guest: negative and unknown figures must not break containerd's fields
+        return ContainerStats(cpu_usage_usec=1500, cpu_user_usec=-1, cpu_system_usec=None,
+                              memory_usage_bytes=2**70, memory_limit_bytes=None, pids_current=3,
+                              pids_limit=None)
+
+    monkeypatch.setattr(fake_vm.FakeContainers, "stats_container", stats_container, raising=False)
+    await shim.create("c1", fake_vm.make_bundle(tmp_path / "bundle", ["sleep"]))
+    response = await shim.call("Stats", pb.StatsRequest(id="c1"), pb.StatsResponse)
+    assert response.stats.type_url == "io.containerd.cgroups.v2.Metrics"
+    metrics = cgroups_pb.Metrics.FromString(response.stats.value)
+    assert (metrics.cpu.usage_usec, metrics.cpu.user_usec, metrics.cpu.system_usec) == (1500, 0, 0)
+    assert (metrics.memory.usage, metrics.memory.usage_limit) == (0, 0)
+    assert (metrics.pids.current, metrics.pids.limit) == (3, 0)
     await shim.call("Delete", pb.DeleteRequest(id="c1"), pb.DeleteResponse)

@@ -433,11 +433,12 @@ class TaskService:
         self._task(request.id)
         stats = await self._sandbox().containers.stats_container(request.id)
         metrics = cgroups_pb.Metrics(
-            pids=cgroups_pb.PidsStat(current=stats.pids_current or 0, limit=stats.pids_limit or 0),
-            cpu=cgroups_pb.CPUStat(usage_usec=stats.cpu_usage_usec or 0, user_usec=stats.cpu_user_usec or 0,
-                                   system_usec=stats.cpu_system_usec or 0),
-            memory=cgroups_pb.MemoryStat(usage=stats.memory_usage_bytes or 0,
-                                         usage_limit=stats.memory_limit_bytes or 0))
+            pids=cgroups_pb.PidsStat(current=_counter(stats.pids_current), limit=_counter(stats.pids_limit)),
+            cpu=cgroups_pb.CPUStat(usage_usec=_counter(stats.cpu_usage_usec),
+                                   user_usec=_counter(stats.cpu_user_usec),
+                                   system_usec=_counter(stats.cpu_system_usec)),
+            memory=cgroups_pb.MemoryStat(usage=_counter(stats.memory_usage_bytes),
+                                         usage_limit=_counter(stats.memory_limit_bytes)))
         return pb.StatsResponse(stats=AnyMessage(type_url=metrics.DESCRIPTOR.full_name,
                                                  value=metrics.SerializeToString()))
 
@@ -559,6 +560,11 @@ async def _cancel(tasks: list[asyncio.Task[Any]]) -> None:
 async def _release(process: Process) -> None:
     await _cancel([t for t in process.tasks if t is not asyncio.current_task()])
     process.stdio.close()
+
+
+def _counter(value: int | None) -> int:
+    """A guest's figure as containerd's unsigned 64-bit field: unknown or out of range reads 0."""
+    return value if value is not None and 0 <= value < 2**64 else 0
 
 
 def _name(process: Process) -> str:
