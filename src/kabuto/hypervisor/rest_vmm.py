@@ -22,22 +22,19 @@ import httpx
 from kabuto.config.model import HypervisorConfig
 from kabuto.errors import HypervisorError, VmTimeout
 from kabuto.hypervisor.base import DEFAULT_JAILER_ROOT, Hypervisor, HypervisorState, VcpuThreadIds, VmStatus
-from kabuto.hypervisor.devices import AgentChannel, ChannelKind
 from kabuto.hypervisor.vmm_process import (
+    HYBRID_VSOCK_AGENT_PORT,
     ApiClient,
     VmmProcess,
     check_socket_path,
     device_from_dict,
     device_to_dict,
+    hybrid_vsock_agent_channel,
     hybrid_vsock_url,
     process_state,
     unlink_quietly,
     vcpu_thread_ids,
 )
-
-#: the port the guest agent listens on, reached with ``CONNECT <port>`` on the hybrid vsock socket
-AGENT_PORT = 1024
-GUEST_CID = 3
 
 
 class RestVmm(Hypervisor):
@@ -131,15 +128,7 @@ class RestVmm(Hypervisor):
         for path in (self.api_socket, self.vsock_socket):
             check_socket_path(self.name, path)
         self._make_vm_dir()
-        self.pending_devices.append(
-            AgentChannel(
-                id="agent",
-                channel=ChannelKind.HYBRID_VSOCK,
-                socket_path=self.vsock_socket,
-                guest_cid=GUEST_CID,
-                port=AGENT_PORT,
-            )
-        )
+        self.pending_devices.append(hybrid_vsock_agent_channel(self.vsock_socket))
         self.status = VmStatus.PREPARED
 
     async def start_vm(self, timeout: float, restore_from: Path | None = None) -> None:
@@ -208,7 +197,7 @@ class RestVmm(Hypervisor):
 
     # -- queries ------------------------------------------------------------------------------
     async def get_agent_socket(self) -> str:
-        return hybrid_vsock_url(self.vsock_socket, AGENT_PORT)
+        return hybrid_vsock_url(self.vsock_socket, HYBRID_VSOCK_AGENT_PORT)
 
     async def disconnect(self) -> None:
         if self._api is not None:

@@ -359,6 +359,17 @@ def hybrid_vsock_url(uds: Path, port: int) -> str:
     return f"hvsock://{uds}:{port}"
 
 
+#: the port the guest agent listens on, reached with ``CONNECT <port>`` on the hybrid vsock socket
+HYBRID_VSOCK_AGENT_PORT = 1024
+HYBRID_VSOCK_GUEST_CID = 3
+
+
+def hybrid_vsock_agent_channel(socket_path: Path) -> AgentChannel:
+    """The agent channel of a VMM whose vsock the host reaches through a Unix socket."""
+    return AgentChannel(id="agent", channel=ChannelKind.HYBRID_VSOCK, socket_path=socket_path,
+                        guest_cid=HYBRID_VSOCK_GUEST_CID, port=HYBRID_VSOCK_AGENT_PORT)
+
+
 # -- devices in saved state ---------------------------------------------------------------
 _DEVICE_TYPES: dict[DeviceKind, type] = {
     DeviceKind.BLOCK: BlockDevice,

@@ -17,12 +17,15 @@ from typing import Any, Self
 from kabuto.config.model import HypervisorConfig
 from kabuto.errors import HypervisorError, HypervisorUnavailable, VmTimeout
 from kabuto.hypervisor.base import DEFAULT_JAILER_ROOT, Hypervisor, HypervisorState, VcpuThreadIds, VmStatus
-from kabuto.hypervisor.devices import AgentChannel, AnyDevice, ChannelKind
+from kabuto.hypervisor.devices import AnyDevice
 from kabuto.hypervisor.dragonball.binding import UNAVAILABLE_REASON, DragonballBinding, current_binding
 from kabuto.hypervisor.dragonball.plugin import CAPABILITIES
+from kabuto.hypervisor.vmm_process import (
+    HYBRID_VSOCK_AGENT_PORT,
+    hybrid_vsock_agent_channel,
+    hybrid_vsock_url,
+)
 
-AGENT_PORT = 1024
-GUEST_CID = 3
 #: bound on one call into the binding (start gets the caller's timeout instead)
 CALL_TIMEOUT = 30.0
 _ID_OK = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -65,15 +68,7 @@ class Dragonball(Hypervisor):
         self.id = id
         self.netns = netns
         self.vm_path.mkdir(parents=True, exist_ok=False, mode=0o750)
-        self.pending_devices.append(
-            AgentChannel(
-                id="agent",
-                channel=ChannelKind.HYBRID_VSOCK,
-                socket_path=self.vsock_socket,
-                guest_cid=GUEST_CID,
-                port=AGENT_PORT,
-            )
-        )
+        self.pending_devices.append(hybrid_vsock_agent_channel(self.vsock_socket))
         self.status = VmStatus.PREPARED
 
     async def start_vm(self, timeout: float, restore_from: Path | None = None) -> None:
@@ -134,7 +129,7 @@ class Dragonball(Hypervisor):
         await self._run(f"remove {device.id}", self._binding.remove_device, self._vm, device.id)
 
     async def get_agent_socket(self) -> str:
-        return f"hvsock://{self.vsock_socket}:{AGENT_PORT}"
+        return hybrid_vsock_url(self.vsock_socket, HYBRID_VSOCK_AGENT_PORT)
 
     async def disconnect(self) -> None:
         """Nothing to drop: the VMM lives in this process."""
