@@ -33,7 +33,7 @@ import psutil
 from kabuto.errors import KabutoError
 from kabuto.runtime.bundle import Bundle, ContainerIdError, check_container_id, load_bundle, process_spec
 from kabuto.runtime.sandbox import DEFAULT_BOOT_TIMEOUT, INIT_EXEC_ID, SandboxError, VirtSandbox
-from kabuto.runtime.state import ContainerRecord, SandboxRecord, StateError, StateStore
+from kabuto.runtime.state import ContainerRecord, SandboxRecord, StateError, StateStore, live_process
 
 CONTAINER_TYPE_ANNOTATION = "io.kubernetes.cri.container-type"
 SANDBOX_ID_ANNOTATION = "io.kubernetes.cri.sandbox-id"
@@ -181,12 +181,10 @@ def _spawn_pump(container_id: str, addresses: list[str]) -> dict[str, Any]:
 def _end_pump(pump: dict[str, Any], grace: float) -> None:
     """Let the pump finish within ``grace`` seconds (its container exited, its last output may
     still be on the way), then end it; a pid reused by another process is left alone."""
-    if not pump:
+    process = live_process(pump)
+    if process is None:
         return
     try:
-        process = psutil.Process(int(pump["pid"]))
-        if abs(process.create_time() - float(pump["create_time"])) > 0.01:
-            return
         _, alive = psutil.wait_procs([process], timeout=grace)
         for method, timeout in ((psutil.Process.terminate, PUMP_EXIT_TIMEOUT),
                                 (psutil.Process.kill, PUMP_EXIT_TIMEOUT)):
@@ -196,7 +194,7 @@ def _end_pump(pump: dict[str, Any], grace: float) -> None:
                 with contextlib.suppress(psutil.Error):
                     method(remaining)
             _, alive = psutil.wait_procs(alive, timeout=timeout)
-    except (psutil.Error, KeyError, ValueError, TypeError):
+    except psutil.Error:
         return
 
 

@@ -79,12 +79,7 @@ class SandboxRecord:
     owner: dict[str, Any] = field(default_factory=dict)
 
     def owned_by_live_process(self) -> bool:
-        """Whether ``owner`` names a process still running (not merely a reused pid)."""
-        try:
-            process = psutil.Process(int(self.owner["pid"]))
-            return abs(process.create_time() - float(self.owner["create_time"])) <= 0.01
-        except (psutil.Error, KeyError, ValueError, TypeError):
-            return False
+        return live_process(self.owner) is not None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1, sort_keys=True)
@@ -93,6 +88,15 @@ class SandboxRecord:
     def from_dict(cls, data: dict[str, Any]) -> SandboxRecord:
         containers = {cid: ContainerRecord(**c) for cid, c in data.pop("containers", {}).items()}
         return cls(**data, containers=containers)
+
+
+def live_process(record: dict[str, Any]) -> psutil.Process | None:
+    """The process a ``{"pid", "create_time"}`` record names, if it still runs (not a reused pid)."""
+    try:
+        process = psutil.Process(int(record["pid"]))
+        return process if abs(process.create_time() - float(record["create_time"])) <= 0.01 else None
+    except (psutil.Error, KeyError, ValueError, TypeError):
+        return None
 
 
 class StateStore:

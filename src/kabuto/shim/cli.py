@@ -26,6 +26,7 @@ from pathlib import Path
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from kabuto.errors import KabutoError
+from kabuto.hypervisor.vmm_process import MAX_UNIX_PATH
 from kabuto.protos import containerd_shim_pb2 as pb
 from kabuto.runtime.bundle import ContainerIdError
 from kabuto.runtime.sandbox import VirtSandbox, remove_dead_sandbox
@@ -46,8 +47,6 @@ CONNECT_TIMEOUT = 2.0
 # containerd marks a task whose shim died as killed
 DEAD_SHIM_EXIT_STATUS = 128 + signal.SIGKILL
 EVENT_FLUSH_TIMEOUT = 5.0
-# sun_path holds 108 bytes including the terminating NUL
-MAX_UNIX_PATH = 107
 
 
 class ShimError(KabutoError):

@@ -41,6 +41,7 @@ from kabuto.runtime.bundle import (
     check_container_id,
     load_bundle,
 )
+from kabuto.runtime.commands import CONTAINER_TYPE_ANNOTATION, OUTPUT_DRAIN_TIMEOUT, SANDBOX_ID_ANNOTATION
 from kabuto.runtime.sandbox import INIT_EXEC_ID, VirtSandbox
 from kabuto.runtime.state import SandboxRecord, StateStore
 from kabuto.shim import mounts
@@ -52,8 +53,6 @@ log = logging.getLogger(__name__)
 
 TASK_SERVICE = "containerd.task.v2.Task"
 RUNTIME_OPTIONS_TYPE = "runtimeoptions.v1.Options"
-SANDBOX_ID_ANNOTATION = "io.kubernetes.cri.sandbox-id"
-CONTAINER_TYPE_ANNOTATION = "io.kubernetes.cri.container-type"
 # a process whose VM or agent channel died is reported with this status (as Kata does)
 LOST_EXIT_STATUS = 255
 # a task deleted or killed before it started ends as SIGKILL'd, as runc's does
@@ -61,7 +60,6 @@ KILLED_EXIT_STATUS = 128 + 9
 CLOSE_IO_TIMEOUT = 30.0
 MAX_EXIT_STATUS = 255
 MAX_PID = 2**31 - 1
-OUTPUT_DRAIN_TIMEOUT = 30.0
 MAX_PROCESS_SPEC_BYTES = 1024 * 1024
 
 
