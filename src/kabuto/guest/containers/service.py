@@ -20,6 +20,7 @@ import socket
 import stat
 import struct
 import termios
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +57,8 @@ MAX_TTY_SIZE = 0xFFFF
 # Fork to "ready" (mounts, lookups) and kill to reported exit, when the caller gives more.
 SETUP_TIMEOUT = 60.0
 KILL_TIMEOUT = 10.0
+# how often a removal looks again for processes SIGKILL has not ended yet
+GONE_POLL_INTERVAL = 0.01
 DEVICE_WAIT = 10.0
 DEVICE_POLL = 0.02
 # Pause: the kernel reports the whole cgroup frozen within this, or the pause is undone.
@@ -427,12 +430,17 @@ class ContainerService:
             # the kill goes on: cgroup v2 delivers SIGKILL to frozen tasks as well)
             with contextlib.suppress(RpcError):
                 await self._set_frozen(container, False)
-        if not container.spec.namespaces & sc.CLONE_NEWPID:
+        shared_pid_namespace = not container.spec.namespaces & sc.CLONE_NEWPID
+        if shared_pid_namespace:
             # No PID namespace whose end takes every process with it: find them by mount namespace.
             for pid in self._pids_of(container):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
         await self._kill_and_reap(processes)
+        if shared_pid_namespace:
+            # the untracked ones (a shell's background jobs) die asynchronously: the rootfs they
+            # hold is unmounted next, so wait (bounded) until none is left in the namespace
+            await self._wait_until_gone(container)
         for process in processes:
             process.close()
         self._remove_cgroup(container.cgroup_dir)
@@ -440,6 +448,15 @@ class ContainerService:
             self._unmount(container.rootfs_mount)
         self.containers.pop(container.id, None)
         log.info("container %s removed", container.id)
+
+    async def _wait_until_gone(self, container: Container) -> None:
+        deadline = time.monotonic() + KILL_TIMEOUT
+        while left := self._pids_of(container):
+            if time.monotonic() > deadline:
+                log.warning("container %s: %d processes outlived SIGKILL for %gs", container.id, len(left),
+                            KILL_TIMEOUT)
+                return
+            await asyncio.sleep(GONE_POLL_INTERVAL)
 
     async def _kill_and_reap(self, processes: list[Process]) -> None:
         for process in processes:
