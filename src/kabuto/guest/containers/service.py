@@ -230,6 +230,16 @@ class ContainerService:
             raise RpcError(Code.NOT_FOUND, f"container {container_id!r} does not exist")
         return container
 
+    def _container_in(self, container_id: str, status: str, action: str) -> Container:
+        """The container, if it is in the state ``action`` starts from."""
+        container = self._container(container_id)
+        if container.status != status:
+            raise RpcError(
+                Code.FAILED_PRECONDITION,
+                f"cannot {action} container {container.id!r}: it is {container.status}, not {status}",
+            )
+        return container
+
     def _process(self, container_id: str, exec_id: str) -> tuple[Container, Process]:
         _ids(container_id, exec_id)
         container = self._container(container_id)
@@ -831,12 +841,7 @@ class ContainerService:
 
     async def pause_container(self, request: pb.PauseContainerRequest) -> pb.PauseContainerResponse:
         async with self._lock:
-            container = self._container(request.container_id)
-            if container.status != "running":
-                raise RpcError(
-                    Code.FAILED_PRECONDITION,
-                    f"cannot pause container {container.id!r}: it is {container.status}, not running",
-                )
+            container = self._container_in(request.container_id, "running", "pause")
             try:
                 await self._set_frozen(container, True)
             except BaseException:
@@ -850,12 +855,7 @@ class ContainerService:
 
     async def resume_container(self, request: pb.ResumeContainerRequest) -> pb.ResumeContainerResponse:
         async with self._lock:
-            container = self._container(request.container_id)
-            if container.status != "paused":
-                raise RpcError(
-                    Code.FAILED_PRECONDITION,
-                    f"cannot resume container {container.id!r}: it is {container.status}, not paused",
-                )
+            container = self._container_in(request.container_id, "paused", "resume")
             await self._set_frozen(container, False)
             container.paused = False
             log.info("container %s resumed", container.id)
