@@ -24,9 +24,10 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from kabuto.guest.containers import syscalls as sc
+from kabuto.guest.containers.deadlines import poll_deadline, until_poll_deadline
 from kabuto.guest.containers.launcher import Launch, run_monitor
 from kabuto.guest.containers.pipes import MessagePipe
 from kabuto.guest.containers.spec import (
@@ -44,7 +45,7 @@ from kabuto.guest.containers.spec import (
 )
 from kabuto.guest.containers.streams import InputStream, OutputStream, StreamClosed
 from kabuto.protos import containers_pb2 as pb
-from kabuto.ttrpc import Code, Method, RpcError, current_call, unary_method
+from kabuto.ttrpc import Code, Method, RpcError, unary_method
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +65,6 @@ DEVICE_POLL = 0.02
 # Pause: the kernel reports the whole cgroup frozen within this, or the pause is undone.
 FREEZE_TIMEOUT = 10.0
 FREEZE_POLL = 0.01
-# A long poll answers this long before the caller's deadline (at most a tenth of the wait).
-POLL_MARGIN = 1.0
 CGROUP_PARENT = "kabuto"
 F_SETPIPE_SZ = 1031
 PIPE_SIZE = 1 << 20
@@ -76,8 +75,6 @@ NAMESPACE_FILES = (  # joined by an exec in this order: mount last, it changes t
     (sc.CLONE_NEWCGROUP, "cgroup"),
     (sc.CLONE_NEWNS, "mnt"),
 )
-
-R = TypeVar("R")
 
 
 def exit_status(wait_status: int) -> int:
@@ -101,23 +98,6 @@ def _ids(container_id: str, exec_id: str = "") -> None:
             check_id(exec_id, "exec id")
     except SpecError as exc:
         raise RpcError(Code.INVALID_ARGUMENT, str(exc)) from None
-
-
-def poll_deadline() -> float | None:
-    """When a long poll must answer: a little before the caller gives up."""
-    deadline = current_call.get().deadline
-    if deadline is None:
-        return None
-    remaining = deadline - asyncio.get_running_loop().time()
-    return deadline - min(POLL_MARGIN, max(remaining, 0) / 10)
-
-
-async def until_poll_deadline(awaitable: Awaitable[R], what: str) -> R:
-    try:
-        async with asyncio.timeout_at(poll_deadline()):
-            return await awaitable
-    except TimeoutError:
-        raise RpcError(Code.DEADLINE_EXCEEDED, f"{what}: nothing yet, call again") from None
 
 
 def setup_deadline() -> float:

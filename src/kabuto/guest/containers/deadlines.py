@@ -1,0 +1,31 @@
+"""The caller's ttrpc deadline: long polls answer a little before it, with nothing consumed."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from typing import TypeVar
+
+from kabuto.ttrpc import Code, RpcError, current_call
+
+# A long poll answers this long before the caller's deadline (at most a tenth of the wait).
+POLL_MARGIN = 1.0
+
+R = TypeVar("R")
+
+
+def poll_deadline() -> float | None:
+    """When a long poll must answer: a little before the caller gives up."""
+    deadline = current_call.get().deadline
+    if deadline is None:
+        return None
+    remaining = deadline - asyncio.get_running_loop().time()
+    return deadline - min(POLL_MARGIN, max(remaining, 0) / 10)
+
+
+async def until_poll_deadline(awaitable: Awaitable[R], what: str) -> R:
+    try:
+        async with asyncio.timeout_at(poll_deadline()):
+            return await awaitable
+    except TimeoutError:
+        raise RpcError(Code.DEADLINE_EXCEEDED, f"{what}: nothing yet, call again") from None
