@@ -38,11 +38,11 @@ from kabuto.guest.containers.spec import (
     ProcessSpec,
     SpecError,
     check_id,
-    parse_mount_options,
     parse_process_json,
     parse_resources,
     parse_spec,
 )
+from kabuto.guest.containers.storage import mount_storage, unmount
 from kabuto.guest.containers.streams import InputStream, OutputStream, StreamClosed
 from kabuto.protos import containers_pb2 as pb
 from kabuto.ttrpc import Code, Method, RpcError, unary_method
@@ -60,8 +60,6 @@ SETUP_TIMEOUT = 60.0
 KILL_TIMEOUT = 10.0
 # how often a removal looks again for processes SIGKILL has not ended yet
 GONE_POLL_INTERVAL = 0.01
-DEVICE_WAIT = 10.0
-DEVICE_POLL = 0.02
 # Pause: the kernel reports the whole cgroup frozen within this, or the pause is undone.
 FREEZE_TIMEOUT = 10.0
 FREEZE_POLL = 0.01
@@ -239,50 +237,6 @@ class ContainerService:
                 del container.processes[process.exec_id]
                 process.close()
 
-    # --- storages ---------------------------------------------------------------------
-
-    async def _mount_storage(self, storage: pb.Storage, mount_point: str) -> None:
-        if not storage.source or len(storage.source) > MAX_PATH_LENGTH or "\0" in storage.source:
-            raise RpcError(Code.INVALID_ARGUMENT, f"storage for {mount_point}: source must be set")
-        if not storage.fstype.isalnum() or len(storage.fstype) > 16:
-            raise RpcError(
-                Code.INVALID_ARGUMENT, f"storage for {mount_point}: bad fstype {storage.fstype[:20]!r}"
-            )
-        if len(storage.options) > 64:
-            raise RpcError(Code.INVALID_ARGUMENT, f"storage for {mount_point}: too many options")
-        try:
-            flags, propagation, data = parse_mount_options(list(storage.options), f"{mount_point} options")
-        except SpecError as exc:
-            raise RpcError(Code.INVALID_ARGUMENT, str(exc)) from None
-        if storage.source.startswith("/dev/"):
-            await self._wait_for_device(storage.source)
-        try:
-            os.makedirs(mount_point, exist_ok=True)
-            sc.mount(storage.source, mount_point, storage.fstype, flags, data or None)
-            if propagation:
-                sc.mount(None, mount_point, None, propagation)
-        except OSError as exc:
-            raise RpcError(
-                Code.INVALID_ARGUMENT,
-                f"cannot mount {storage.source} ({storage.fstype}) on {mount_point}: {exc.strerror or exc}",
-            ) from None
-
-    async def _wait_for_device(self, path: str) -> None:
-        """A hot-plugged disk's node appears once the guest has probed it; not forever."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + DEVICE_WAIT
-        while not _exists(path):
-            if loop.time() >= deadline:
-                raise RpcError(Code.NOT_FOUND, f"block device {path} did not appear within {DEVICE_WAIT:g}s")
-            await asyncio.sleep(DEVICE_POLL)
-
-    @staticmethod
-    def _unmount(path: str) -> None:
-        try:
-            sc.umount2(path, sc.MNT_DETACH)
-        except OSError as exc:
-            log.warning("cannot unmount %s: %s", path, exc)
-
     # --- sandbox ----------------------------------------------------------------------
 
     async def create_sandbox(self, request: pb.CreateSandboxRequest) -> pb.CreateSandboxResponse:
@@ -297,13 +251,13 @@ class ContainerService:
             mounted: list[str] = []
             try:
                 for storage, mount_point in zip(request.storages, mount_points, strict=True):
-                    await self._mount_storage(storage, mount_point)
+                    await mount_storage(storage, mount_point)
                     mounted.append(mount_point)
                 if request.hostname:
                     sc.sethostname(request.hostname)
             except BaseException:
                 for mount_point in reversed(mounted):
-                    self._unmount(mount_point)
+                    unmount(mount_point)
                 raise
             self.storages = mounted
             self.sandbox_created = True
@@ -315,7 +269,7 @@ class ContainerService:
             for container in list(self.containers.values()):
                 await self._remove(container)
             for mount_point in reversed(self.storages):
-                self._unmount(mount_point)
+                unmount(mount_point)
             self.storages = []
             self.sandbox_created = False
             return pb.DestroySandboxResponse()
@@ -341,7 +295,7 @@ class ContainerService:
                         Code.INVALID_ARGUMENT,
                         f"rootfs mount point {mount_point} differs from root.path {spec.root_path}",
                     )
-                await self._mount_storage(request.rootfs, mount_point)
+                await mount_storage(request.rootfs, mount_point)
                 rootfs_mount = mount_point
             elif not _is_dir(spec.root_path):
                 raise RpcError(Code.NOT_FOUND, f"rootfs {spec.root_path} does not exist in the guest")
@@ -352,7 +306,7 @@ class ContainerService:
             except BaseException:
                 self._remove_cgroup(cgroup_dir)
                 if rootfs_mount is not None:
-                    self._unmount(rootfs_mount)
+                    unmount(rootfs_mount)
                 raise
             self.containers[container.id] = container
             log.info("container %s created, init pid %d", container.id, container.init.pid)
@@ -435,7 +389,7 @@ class ContainerService:
             process.close()
         self._remove_cgroup(container.cgroup_dir)
         if container.rootfs_mount is not None:
-            self._unmount(container.rootfs_mount)
+            unmount(container.rootfs_mount)
         self.containers.pop(container.id, None)
         log.info("container %s removed", container.id)
 
@@ -990,10 +944,6 @@ def _lifted_limits(resources: Any) -> dict[str, str]:
             if isinstance(values, dict) and values.get(key) == -1:
                 files[name] = "max"
     return files
-
-
-def _exists(path: str) -> bool:
-    return os.path.exists(path)
 
 
 def _is_dir(path: str) -> bool:

@@ -1,0 +1,65 @@
+"""Storages in the guest: the host's disks and shares, mounted where a request says."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+
+from kabuto.guest.containers import syscalls as sc
+from kabuto.guest.containers.spec import MAX_PATH_LENGTH, SpecError, parse_mount_options
+from kabuto.protos import containers_pb2 as pb
+from kabuto.ttrpc import Code, RpcError
+
+log = logging.getLogger(__name__)
+
+DEVICE_WAIT = 10.0
+DEVICE_POLL = 0.02
+
+
+async def mount_storage(storage: pb.Storage, mount_point: str) -> None:
+    if not storage.source or len(storage.source) > MAX_PATH_LENGTH or "\0" in storage.source:
+        raise RpcError(Code.INVALID_ARGUMENT, f"storage for {mount_point}: source must be set")
+    if not storage.fstype.isalnum() or len(storage.fstype) > 16:
+        raise RpcError(
+            Code.INVALID_ARGUMENT, f"storage for {mount_point}: bad fstype {storage.fstype[:20]!r}"
+        )
+    if len(storage.options) > 64:
+        raise RpcError(Code.INVALID_ARGUMENT, f"storage for {mount_point}: too many options")
+    try:
+        flags, propagation, data = parse_mount_options(list(storage.options), f"{mount_point} options")
+    except SpecError as exc:
+        raise RpcError(Code.INVALID_ARGUMENT, str(exc)) from None
+    if storage.source.startswith("/dev/"):
+        await wait_for_device(storage.source)
+    try:
+        os.makedirs(mount_point, exist_ok=True)
+        sc.mount(storage.source, mount_point, storage.fstype, flags, data or None)
+        if propagation:
+            sc.mount(None, mount_point, None, propagation)
+    except OSError as exc:
+        raise RpcError(
+            Code.INVALID_ARGUMENT,
+            f"cannot mount {storage.source} ({storage.fstype}) on {mount_point}: {exc.strerror or exc}",
+        ) from None
+
+
+async def wait_for_device(path: str) -> None:
+    """A hot-plugged disk's node appears once the guest has probed it; not forever."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + DEVICE_WAIT
+    while not _exists(path):
+        if loop.time() >= deadline:
+            raise RpcError(Code.NOT_FOUND, f"block device {path} did not appear within {DEVICE_WAIT:g}s")
+        await asyncio.sleep(DEVICE_POLL)
+
+
+def unmount(path: str) -> None:
+    try:
+        sc.umount2(path, sc.MNT_DETACH)
+    except OSError as exc:
+        log.warning("cannot unmount %s: %s", path, exc)
+
+
+def _exists(path: str) -> bool:
+    return os.path.exists(path)
