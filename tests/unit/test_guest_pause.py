@@ -24,6 +24,7 @@ from click.testing import CliRunner
 from kabuto.agent import AgentClient
 from kabuto.agent.containers import SERVICE_NAME, ContainerCallError, ContainerClient
 from kabuto.cli.main import cli
+from kabuto.guest.containers import cgroups
 from kabuto.guest.containers import service as service_module
 from kabuto.guest.containers import syscalls as sc
 from kabuto.guest.containers.pipes import MessagePipe
@@ -182,7 +183,7 @@ async def test_a_cgroup_that_does_not_freeze_is_thawed_again(
     guest: tuple[ContainerService, ContainerClient], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     service, client = guest
-    monkeypatch.setattr(service_module, "FREEZE_TIMEOUT", 0.3)
+    monkeypatch.setattr(cgroups, "FREEZE_TIMEOUT", 0.3)
     cgroup = fake_cgroup(tmp_path / "cgroup/kabuto/c1")
     container = plant(service, "c1", cgroup)
     async with kernel(cgroup, can_freeze=False):

@@ -27,6 +27,15 @@ from pathlib import Path
 from typing import Any
 
 from kabuto.guest.containers import syscalls as sc
+from kabuto.guest.containers.cgroups import (
+    cgroup_of,
+    cgroup_stats,
+    create_cgroup,
+    lifted_limits,
+    remove_cgroup,
+    set_frozen,
+    write_limits,
+)
 from kabuto.guest.containers.deadlines import poll_deadline, until_poll_deadline
 from kabuto.guest.containers.launcher import Launch, run_monitor
 from kabuto.guest.containers.pipes import MessagePipe
@@ -60,13 +69,8 @@ SETUP_TIMEOUT = 60.0
 KILL_TIMEOUT = 10.0
 # how often a removal looks again for processes SIGKILL has not ended yet
 GONE_POLL_INTERVAL = 0.01
-# Pause: the kernel reports the whole cgroup frozen within this, or the pause is undone.
-FREEZE_TIMEOUT = 10.0
-FREEZE_POLL = 0.01
-CGROUP_PARENT = "kabuto"
 F_SETPIPE_SZ = 1031
 PIPE_SIZE = 1 << 20
-CGROUP_CONTROLLERS = ("cpu", "cpuset", "memory", "pids")
 NAMESPACE_FILES = (  # joined by an exec in this order: mount last, it changes the root
     (sc.CLONE_NEWIPC, "ipc"),
     (sc.CLONE_NEWUTS, "uts"),
@@ -301,10 +305,10 @@ class ContainerService:
                 raise RpcError(Code.NOT_FOUND, f"rootfs {spec.root_path} does not exist in the guest")
             cgroup_dir = None
             try:
-                cgroup_dir = self._create_cgroup(request.container_id, spec)
+                cgroup_dir = create_cgroup(self.cgroup_root, request.container_id, spec)
                 container = await self._create(request.container_id, spec, cgroup_dir, rootfs_mount)
             except BaseException:
-                self._remove_cgroup(cgroup_dir)
+                remove_cgroup(cgroup_dir)
                 if rootfs_mount is not None:
                     unmount(rootfs_mount)
                 raise
@@ -373,7 +377,7 @@ class ContainerService:
             # as runc: frozen processes run again to take their SIGKILL (a failure is logged,
             # the kill goes on: cgroup v2 delivers SIGKILL to frozen tasks as well)
             with contextlib.suppress(RpcError):
-                await self._set_frozen(container, False)
+                await set_frozen(container.id, container.cgroup_dir, False)
         shared_pid_namespace = not container.spec.namespaces & sc.CLONE_NEWPID
         if shared_pid_namespace:
             # No PID namespace whose end takes every process with it: find them by mount namespace.
@@ -387,7 +391,7 @@ class ContainerService:
             await self._wait_until_gone(container)
         for process in processes:
             process.close()
-        self._remove_cgroup(container.cgroup_dir)
+        remove_cgroup(container.cgroup_dir)
         if container.rootfs_mount is not None:
             unmount(container.rootfs_mount)
         self.containers.pop(container.id, None)
@@ -705,71 +709,9 @@ class ContainerService:
 
     async def stats_container(self, request: pb.StatsContainerRequest) -> pb.StatsContainerResponse:
         container = self._container(request.container_id)
-        response = pb.StatsContainerResponse()
         if container.cgroup_dir is None:
-            return response
-        values = _read_flat_keyed(container.cgroup_dir / "cpu.stat")
-        for key in ("usage_usec", "user_usec", "system_usec"):
-            if key in values:
-                setattr(response, f"cpu_{key}", values[key])
-        for field_name, file_name in (
-            ("memory_usage_bytes", "memory.current"),
-            ("memory_limit_bytes", "memory.max"),
-            ("pids_current", "pids.current"),
-            ("pids_limit", "pids.max"),
-        ):
-            value = _read_number(container.cgroup_dir / file_name)
-            if value is not None:
-                setattr(response, field_name, value)
-        return response
-
-    # --- cgroups --------------------------------------------------------------------------------
-
-    def _create_cgroup(self, container_id: str, spec: ContainerSpec) -> Path | None:
-        """The container's cgroup v2 directory with its limits; None without cgroup v2."""
-        files = dict(spec.resources.files)
-        available = _read_words(self.cgroup_root / "cgroup.controllers")
-        if available is None:
-            if files:
-                raise RpcError(
-                    Code.INVALID_ARGUMENT,
-                    f"config.json: linux.resources sets {', '.join(files)} but the guest has no cgroup v2",
-                )
-            return None
-        parent = self.cgroup_root / CGROUP_PARENT
-        wanted = [c for c in CGROUP_CONTROLLERS if c in available]
-        try:
-            parent.mkdir(exist_ok=True)
-            for directory in (self.cgroup_root, parent):
-                for controller in wanted:
-                    with contextlib.suppress(OSError):  # one missing controller must not stop the others
-                        (directory / "cgroup.subtree_control").write_text(f"+{controller}")
-            cgroup = parent / container_id
-            with contextlib.suppress(OSError):  # an empty one left by an earlier container of that id
-                cgroup.rmdir()
-            cgroup.mkdir()
-        except OSError as exc:
-            if files:
-                raise RpcError(Code.INTERNAL, f"cannot create the container's cgroup: {exc}") from None
-            log.warning("no cgroup for container %s: %s", container_id, exc)
-            return None
-        try:
-            _write_limits(cgroup, files, "config.json: ")
-        except BaseException:
-            self._remove_cgroup(cgroup)
-            raise
-        return cgroup
-
-    @staticmethod
-    def _remove_cgroup(cgroup: Path | None) -> None:
-        if cgroup is None:
-            return
-        try:
-            cgroup.rmdir()
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            log.warning("cannot remove cgroup %s: %s", cgroup, exc)
+            return pb.StatsContainerResponse()
+        return pb.StatsContainerResponse(**cgroup_stats(container.cgroup_dir))
 
     # --- pause, resume, update ---------------------------------------------------------------
 
@@ -777,11 +719,11 @@ class ContainerService:
         async with self._lock:
             container = self._container_in(request.container_id, "running", "pause")
             try:
-                await self._set_frozen(container, True)
+                await set_frozen(container.id, container.cgroup_dir, True)
             except BaseException:
                 # a half-frozen container is neither paused nor running: back to running
                 with contextlib.suppress(RpcError):
-                    await self._set_frozen(container, False)
+                    await set_frozen(container.id, container.cgroup_dir, False)
                 raise
             container.paused = True
             log.info("container %s paused", container.id)
@@ -790,7 +732,7 @@ class ContainerService:
     async def resume_container(self, request: pb.ResumeContainerRequest) -> pb.ResumeContainerResponse:
         async with self._lock:
             container = self._container_in(request.container_id, "paused", "resume")
-            await self._set_frozen(container, False)
+            await set_frozen(container.id, container.cgroup_dir, False)
             container.paused = False
             log.info("container %s resumed", container.id)
         return pb.ResumeContainerResponse()
@@ -806,49 +748,14 @@ class ContainerService:
                 raise RpcError(Code.INVALID_ARGUMENT, f"resources: more than {MAX_SPEC_BYTES} bytes")
             try:
                 raw = json.loads(request.resources or b"{}")
-                files = {**_lifted_limits(raw), **dict(parse_resources(raw).files)}
+                files = {**lifted_limits(raw), **dict(parse_resources(raw).files)}
             except (ValueError, RecursionError) as exc:
                 raise RpcError(Code.INVALID_ARGUMENT, f"resources: invalid JSON: {exc}") from None
             except SpecError as exc:
                 raise RpcError(Code.INVALID_ARGUMENT, str(exc)) from None
-            _write_limits(self._cgroup_of(container, "update"), files, "")
+            write_limits(cgroup_of(container.id, container.cgroup_dir, "update"), files, "")
             log.info("container %s updated: %s", container.id, ", ".join(files))
         return pb.UpdateContainerResponse()
-
-    @staticmethod
-    def _cgroup_of(container: Container, action: str) -> Path:
-        if container.cgroup_dir is None:
-            raise RpcError(
-                Code.FAILED_PRECONDITION,
-                f"cannot {action} container {container.id!r}: it has no cgroup (the guest has no cgroup v2)",
-            )
-        return container.cgroup_dir
-
-    async def _set_frozen(self, container: Container, frozen: bool) -> None:
-        """Write cgroup.freeze, then wait (bounded) until cgroup.events reports the new state."""
-        action = "pause" if frozen else "resume"
-        cgroup = self._cgroup_of(container, action)
-        wanted = int(frozen)
-        try:
-            (cgroup / "cgroup.freeze").write_text(str(wanted))
-        except OSError as exc:
-            raise RpcError(
-                Code.FAILED_PRECONDITION,
-                f"cannot {action} container {container.id!r}: cgroup.freeze: {exc.strerror or exc}",
-            ) from None
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + FREEZE_TIMEOUT
-        call_deadline = poll_deadline()
-        if call_deadline is not None:
-            deadline = min(deadline, call_deadline)
-        while _read_flat_keyed(cgroup / "cgroup.events").get("frozen") != wanted:
-            if loop.time() >= deadline:
-                raise RpcError(
-                    Code.UNAVAILABLE,
-                    f"cannot {action} container {container.id!r}: its cgroup did not report "
-                    f"frozen {wanted} within {FREEZE_TIMEOUT:g}s",
-                )
-            await asyncio.sleep(FREEZE_POLL)
 
     # --- files ------------------------------------------------------------------------------------
 
@@ -915,37 +822,6 @@ class ContainerService:
         return pb.CopyFileOutResponse(data=data, size=info.st_size, mode=stat.S_IMODE(info.st_mode))
 
 
-def _write_limits(cgroup: Path, files: dict[str, str], context: str) -> None:
-    """Write linux.resources' cgroup v2 files (parse_resources' mapping) into ``cgroup``."""
-    enabled = _read_words(cgroup / "cgroup.controllers") or set()
-    for name, value in files.items():
-        controller = name.partition(".")[0]
-        if controller not in enabled:
-            raise RpcError(
-                Code.INVALID_ARGUMENT,
-                f"{context}linux.resources needs the {controller} cgroup controller, "
-                "which the guest kernel does not offer",
-            )
-        try:
-            (cgroup / name).write_text(value)
-        except OSError as exc:
-            raise RpcError(
-                Code.INVALID_ARGUMENT, f"{context}cannot set {name} to {value!r}: {exc.strerror or exc}"
-            ) from None
-
-
-def _lifted_limits(resources: Any) -> dict[str, str]:
-    """An update's -1 lifts a memory or pids limit, as ``runc update`` does (at creation
-    parse_resources skips -1: no limit is there to lift)."""
-    files = {}
-    if isinstance(resources, dict):
-        for section, key, name in (("memory", "limit", "memory.max"), ("pids", "limit", "pids.max")):
-            values = resources.get(section)
-            if isinstance(values, dict) and values.get(key) == -1:
-                files[name] = "max"
-    return files
-
-
 def _is_dir(path: str) -> bool:
     return os.path.isdir(path)
 
@@ -1007,31 +883,6 @@ def _attach_terminal(process: Process, console: socket.socket) -> None:
 
 def _set_window_size(fd: int, rows: int, cols: int) -> None:
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
-
-
-def _read_words(path: Path) -> set[str] | None:
-    try:
-        return set(path.read_text().split())
-    except OSError:
-        return None
-
-
-def _read_number(path: Path) -> int | None:
-    try:
-        text = path.read_text().strip()
-    except OSError:
-        return None
-    return int(text) if text.isdigit() else None
-
-
-def _read_flat_keyed(path: Path) -> dict[str, int]:
-    values = {}
-    with contextlib.suppress(OSError):
-        for line in path.read_text().splitlines():
-            key, _, value = line.partition(" ")
-            if value.strip().isdigit():
-                values[key] = int(value)
-    return values
 
 
 __all__ = ["MAX_ID_LENGTH", "SERVICE_NAME", "ContainerService"]
