@@ -12,7 +12,7 @@ import pytest
 
 from kabuto.guest.containers import launcher
 from kabuto.guest.containers import syscalls as sc
-from kabuto.guest.containers.service import exit_status
+from kabuto.guest.containers.processes import exit_status
 from kabuto.guest.containers.spec import (
     CAPABILITY_NUMBERS,
     SpecError,

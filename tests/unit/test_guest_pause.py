@@ -28,7 +28,8 @@ from kabuto.guest.containers import cgroups
 from kabuto.guest.containers import service as service_module
 from kabuto.guest.containers import syscalls as sc
 from kabuto.guest.containers.pipes import MessagePipe
-from kabuto.guest.containers.service import Container, ContainerService, Process
+from kabuto.guest.containers.processes import Process
+from kabuto.guest.containers.service import Container, ContainerService
 from kabuto.guest.containers.spec import ContainerSpec, parse_process
 from kabuto.guest.containers.streams import OutputStream
 from kabuto.runtime import commands

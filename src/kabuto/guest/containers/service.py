@@ -11,16 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import fcntl
 import json
 import logging
 import os
 import signal
-import socket
 import stat
-import struct
-import termios
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,14 +32,20 @@ from kabuto.guest.containers.cgroups import (
     write_limits,
 )
 from kabuto.guest.containers.deadlines import poll_deadline, until_poll_deadline
-from kabuto.guest.containers.launcher import Launch, run_monitor
-from kabuto.guest.containers.pipes import MessagePipe
+from kabuto.guest.containers.processes import (
+    Process,
+    await_exec,
+    kill_and_reap,
+    pids_in,
+    set_window_size,
+    spawn,
+    wait_until_gone,
+)
 from kabuto.guest.containers.spec import (
     MAX_ID_LENGTH,
     MAX_PATH_LENGTH,
     MAX_SPEC_BYTES,
     ContainerSpec,
-    ProcessSpec,
     SpecError,
     check_id,
     parse_process_json,
@@ -52,7 +53,7 @@ from kabuto.guest.containers.spec import (
     parse_spec,
 )
 from kabuto.guest.containers.storage import mount_storage, unmount
-from kabuto.guest.containers.streams import InputStream, OutputStream, StreamClosed
+from kabuto.guest.containers.streams import OutputStream, StreamClosed
 from kabuto.protos import containers_pb2 as pb
 from kabuto.ttrpc import Code, Method, RpcError, unary_method
 
@@ -64,25 +65,12 @@ MAX_PROCESSES_PER_CONTAINER = 1024
 MAX_STORAGES = 64
 MAX_IO_LENGTH = 1 << 20  # per ReadStdout/WriteStdin/CopyFile call: well below ttrpc's 4 MiB
 MAX_TTY_SIZE = 0xFFFF
-# Fork to "ready" (mounts, lookups) and kill to reported exit, when the caller gives more.
-SETUP_TIMEOUT = 60.0
-KILL_TIMEOUT = 10.0
-# how often a removal looks again for processes SIGKILL has not ended yet
-GONE_POLL_INTERVAL = 0.01
-F_SETPIPE_SZ = 1031
-PIPE_SIZE = 1 << 20
 NAMESPACE_FILES = (  # joined by an exec in this order: mount last, it changes the root
     (sc.CLONE_NEWIPC, "ipc"),
     (sc.CLONE_NEWUTS, "uts"),
     (sc.CLONE_NEWCGROUP, "cgroup"),
     (sc.CLONE_NEWNS, "mnt"),
 )
-
-
-def exit_status(wait_status: int) -> int:
-    """A wait status as a shell reports it: the exit code, or 128+N for signal N."""
-    code = os.waitstatus_to_exitcode(wait_status)
-    return 128 - code if code < 0 else code
 
 
 def check_path(value: str, what: str) -> str:
@@ -100,49 +88,6 @@ def _ids(container_id: str, exec_id: str = "") -> None:
             check_id(exec_id, "exec id")
     except SpecError as exc:
         raise RpcError(Code.INVALID_ARGUMENT, str(exc)) from None
-
-
-def setup_deadline() -> float:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + SETUP_TIMEOUT
-    call_deadline = poll_deadline()
-    return deadline if call_deadline is None else min(deadline, call_deadline)
-
-
-@dataclass
-class Process:
-    exec_id: str
-    spec: ProcessSpec
-    monitor_pid: int
-    stdin: InputStream | None
-    stdout: OutputStream
-    stderr: OutputStream
-    tty_fd: int | None  # the pty master (a dup) for window sizes
-    exit_status: asyncio.Future[int]
-    report: MessagePipe
-    pid: int = 0
-    waited: bool = False
-
-    @property
-    def exited(self) -> bool:
-        return self.exit_status.done()
-
-    def close(self) -> None:
-        if self.stdin is not None:
-            self.stdin.close()
-        self.stdout.close()
-        self.stderr.close()
-        self.report.close()
-        if self.tty_fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(self.tty_fd)
-            self.tty_fd = None
-
-    def signal(self, number: int) -> None:
-        if self.exited:
-            raise RpcError(Code.FAILED_PRECONDITION, f"process {self.exec_id or 'init'} has already exited")
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.pid, number)
 
 
 @dataclass
@@ -321,7 +266,7 @@ class ContainerService:
     ) -> Container:
         start_r, start_w = os.pipe2(os.O_CLOEXEC)
         try:
-            process = await self._spawn(
+            process = await spawn(
                 "",
                 spec.process,
                 container=spec,
@@ -329,6 +274,7 @@ class ContainerService:
                 cgroup_dir=cgroup_dir,
                 namespace_fds=(),
                 pid_namespace_fd=None,
+                tasks=self._tasks,
             )
         except BaseException:
             os.close(start_w)
@@ -339,7 +285,7 @@ class ContainerService:
             mnt_namespace = os.readlink(f"/proc/{process.pid}/ns/mnt")
         except OSError as exc:
             os.close(start_w)
-            await self._kill_and_reap([process])
+            await kill_and_reap([process])
             process.close()
             raise RpcError(Code.INTERNAL, f"the container's init vanished before its start: {exc}") from None
         return Container(container_id, spec, process, start_w, mnt_namespace, cgroup_dir, rootfs_mount)
@@ -360,7 +306,7 @@ class ContainerService:
         finally:
             os.close(start_fd)
         container.started = True
-        await self._await_exec(container.init)
+        await await_exec(container.init)
         return pb.StartContainerResponse(pid=container.init.pid)
 
     async def remove_container(self, request: pb.RemoveContainerRequest) -> pb.RemoveContainerResponse:
@@ -381,14 +327,14 @@ class ContainerService:
         shared_pid_namespace = not container.spec.namespaces & sc.CLONE_NEWPID
         if shared_pid_namespace:
             # No PID namespace whose end takes every process with it: find them by mount namespace.
-            for pid in self._pids_of(container):
+            for pid in pids_in(container.mnt_namespace):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-        await self._kill_and_reap(processes)
+        await kill_and_reap(processes)
         if shared_pid_namespace:
             # the untracked ones (a shell's background jobs) die asynchronously: the rootfs they
             # hold is unmounted next, so wait (bounded) until none is left in the namespace
-            await self._wait_until_gone(container)
+            await wait_until_gone(container.id, container.mnt_namespace)
         for process in processes:
             process.close()
         remove_cgroup(container.cgroup_dir)
@@ -396,26 +342,6 @@ class ContainerService:
             unmount(container.rootfs_mount)
         self.containers.pop(container.id, None)
         log.info("container %s removed", container.id)
-
-    async def _wait_until_gone(self, container: Container) -> None:
-        deadline = time.monotonic() + KILL_TIMEOUT
-        while left := self._pids_of(container):
-            if time.monotonic() > deadline:
-                log.warning("container %s: %d processes outlived SIGKILL for %gs", container.id, len(left),
-                            KILL_TIMEOUT)
-                return
-            await asyncio.sleep(GONE_POLL_INTERVAL)
-
-    async def _kill_and_reap(self, processes: list[Process]) -> None:
-        for process in processes:
-            if not process.exited and process.pid:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(process.pid, signal.SIGKILL)
-        pending = [asyncio.shield(p.exit_status) for p in processes if not p.exited]
-        if pending:
-            _, still = await asyncio.wait(pending, timeout=KILL_TIMEOUT)
-            if still:
-                log.warning("%d processes did not report their exit within %gs", len(still), KILL_TIMEOUT)
 
     # --- processes ----------------------------------------------------------------------
 
@@ -457,7 +383,7 @@ class ContainerService:
                 os.close(fd)
             raise RpcError(Code.FAILED_PRECONDITION, f"container {container.id!r} is not running") from None
         try:
-            process = await self._spawn(
+            process = await spawn(
                 request.exec_id,
                 spec,
                 container=None,
@@ -465,164 +391,14 @@ class ContainerService:
                 cgroup_dir=container.cgroup_dir,
                 namespace_fds=tuple(namespace_fds),
                 pid_namespace_fd=pid_namespace_fd,
+                tasks=self._tasks,
             )
         finally:
             for fd in opened:
                 os.close(fd)
         container.processes[request.exec_id] = process
-        await self._await_exec(process, container)
+        await await_exec(process, container.processes)
         return pb.ExecProcessResponse(pid=process.pid)
-
-    async def _spawn(
-        self,
-        exec_id: str,
-        spec: ProcessSpec,
-        *,
-        container: ContainerSpec | None,
-        start_fd: int | None,
-        cgroup_dir: Path | None,
-        namespace_fds: tuple[tuple[int, int], ...],
-        pid_namespace_fd: int | None,
-    ) -> Process:
-        """Fork the monitor and wait until the child reports ready (or fails)."""
-        child_fds: list[int] = []
-        agent_fds: list[int] = []
-        console: socket.socket | None = None
-        try:
-            console_socket = None
-            stdio: tuple[int, int, int] | None = None
-            stdin_fd: int | None
-            stdout_fd: int | None
-            stderr_fd: int | None
-            if spec.terminal:
-                # The child makes the pty in the container and sends its master (ready comes after).
-                console, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-                console_socket = child_end.detach()
-                child_fds.append(console_socket)
-                stdin_fd = stdout_fd = stderr_fd = None
-            else:
-                stdin_r, stdin_w = os.pipe2(os.O_CLOEXEC)
-                stdout_r, stdout_w = os.pipe2(os.O_CLOEXEC)
-                stderr_r, stderr_w = os.pipe2(os.O_CLOEXEC)
-                child_fds += [stdin_r, stdout_w, stderr_w]
-                agent_fds += [stdin_w, stdout_r, stderr_r]
-                stdio = (stdin_r, stdout_w, stderr_w)
-                stdin_fd, stdout_fd, stderr_fd = stdin_w, stdout_r, stderr_r
-                for fd in (stdout_r, stderr_r):
-                    # Bigger pipes: fewer wake-ups per megabyte (the kernel may refuse; then 64 KiB).
-                    with contextlib.suppress(OSError):
-                        fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_SIZE)
-            monitor_r, monitor_w = os.pipe2(os.O_CLOEXEC)
-            report_r, report_w = os.pipe2(os.O_CLOEXEC)
-            agent_fds += [monitor_r, report_r]
-            child_fds += [monitor_w, report_w]
-            launch = Launch(
-                process=spec,
-                stdio=stdio,
-                monitor_fd=monitor_w,
-                report_fd=report_w,
-                start_fd=start_fd,
-                container=container,
-                namespace_fds=namespace_fds,
-                pid_namespace_fd=pid_namespace_fd,
-                cgroup_procs=None if cgroup_dir is None else str(cgroup_dir / "cgroup.procs"),
-                console_socket=console_socket,
-            )
-            monitor_pid = os.fork()
-            if monitor_pid == 0:
-                run_monitor(launch)  # never returns
-        except OSError as exc:
-            for fd in child_fds + agent_fds:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-            if console is not None:
-                console.close()
-            raise RpcError(Code.RESOURCE_EXHAUSTED, f"cannot start a process: {exc}") from None
-        for fd in child_fds:
-            os.close(fd)
-        for fd in (stdin_fd, stdout_fd, stderr_fd):
-            if fd is not None:
-                os.set_blocking(fd, False)
-        monitor = MessagePipe(monitor_r)
-        process = Process(
-            exec_id=exec_id,
-            spec=spec,
-            monitor_pid=monitor_pid,
-            stdin=None if stdin_fd is None else InputStream(stdin_fd, tty=False),
-            stdout=OutputStream(stdout_fd),
-            stderr=OutputStream(stderr_fd),
-            tty_fd=None,
-            exit_status=asyncio.get_running_loop().create_future(),
-            report=MessagePipe(report_r),
-        )
-        try:
-            async with asyncio.timeout_at(setup_deadline()):
-                first = await monitor.next()
-                if first is None or "pid" not in first:
-                    reason = (first or {}).get("error", "the launcher died")
-                    raise RpcError(Code.INTERNAL, f"cannot start the process: {reason}")
-                process.pid = int(first["pid"])
-                self._watch(monitor, process)
-                report = await process.report.next()
-            if report is not None and "ready" in report and console is not None:
-                _attach_terminal(process, console)
-        except TimeoutError:
-            await self._fail_spawn(process, monitor)
-            raise RpcError(Code.DEADLINE_EXCEEDED, "the process was not set up in time") from None
-        except BaseException:
-            await self._fail_spawn(process, monitor)
-            raise
-        finally:
-            if console is not None:
-                console.close()  # a master still in flight is closed with it
-        if report is None or "ready" not in report:
-            reason = (report or {}).get("error") or "the process died while being set up"
-            await self._fail_spawn(process, monitor)
-            raise RpcError(Code.FAILED_PRECONDITION, f"unable to start container process: {reason}")
-        return process
-
-    async def _fail_spawn(self, process: Process, monitor: MessagePipe) -> None:
-        if process.pid:
-            await self._kill_and_reap([process])
-        else:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(process.monitor_pid, signal.SIGKILL)
-            monitor.close()
-        process.close()
-
-    def _watch(self, monitor: MessagePipe, process: Process) -> None:
-        async def report_exit() -> None:
-            try:
-                message = await monitor.next()
-            finally:
-                monitor.close()
-            status = (message or {}).get("status")
-            # A monitor that vanished without a report: the process is lost, report it as killed.
-            code = exit_status(int(status)) if isinstance(status, int) else 128 + signal.SIGKILL
-            if not process.exit_status.done():
-                process.exit_status.set_result(code)
-            if process.stdin is not None and not process.spec.terminal:
-                process.stdin.close()
-
-        task = asyncio.create_task(report_exit(), name=f"exit of pid {process.pid}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _await_exec(self, process: Process, container: Container | None = None) -> None:
-        """After ready: end of file on the report pipe means the exec succeeded."""
-        try:
-            async with asyncio.timeout_at(setup_deadline()):
-                report = await process.report.next()
-        except TimeoutError:
-            report = {"error": "the process did not exec in time"}
-        process.report.close()
-        if report is not None:
-            await self._kill_and_reap([process])
-            if container is not None:
-                container.processes.pop(process.exec_id, None)
-                process.close()
-            reason = report.get("error", "unexpected report")
-            raise RpcError(Code.FAILED_PRECONDITION, f"unable to start container process: {reason}")
 
     async def wait_process(self, request: pb.WaitProcessRequest) -> pb.WaitProcessResponse:
         container, process = self._process(request.container_id, request.exec_id)
@@ -636,7 +412,7 @@ class ContainerService:
             raise RpcError(Code.INVALID_ARGUMENT, f"signal {request.signal} is not a signal number")
         if request.all:
             container = self._container(request.container_id)
-            for pid in self._pids_of(container):
+            for pid in pids_in(container.mnt_namespace):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, request.signal)
         else:
@@ -687,25 +463,14 @@ class ContainerService:
             )
         if request.rows > MAX_TTY_SIZE or request.cols > MAX_TTY_SIZE:
             raise RpcError(Code.INVALID_ARGUMENT, f"terminal size {request.rows}x{request.cols} is too large")
-        _set_window_size(process.tty_fd, request.rows, request.cols)
+        set_window_size(process.tty_fd, request.rows, request.cols)
         return pb.TtyWinResizeResponse()
 
     # --- inspection ---------------------------------------------------------------------------
 
-    def _pids_of(self, container: Container) -> list[int]:
-        """Processes in the container's mount namespace (seen from the agent's PID namespace)."""
-        pids = []
-        for entry in os.scandir("/proc"):
-            if not entry.name.isdigit():
-                continue
-            with contextlib.suppress(OSError):
-                if os.readlink(f"/proc/{entry.name}/ns/mnt") == container.mnt_namespace:
-                    pids.append(int(entry.name))
-        return sorted(pids)
-
     async def list_processes(self, request: pb.ListProcessesRequest) -> pb.ListProcessesResponse:
         container = self._container(request.container_id)
-        return pb.ListProcessesResponse(pids=self._pids_of(container))
+        return pb.ListProcessesResponse(pids=pids_in(container.mnt_namespace))
 
     async def stats_container(self, request: pb.StatsContainerRequest) -> pb.StatsContainerResponse:
         container = self._container(request.container_id)
@@ -851,38 +616,6 @@ def _errno_code(exc: OSError) -> Code:
     if exc.errno in (errno.EACCES, errno.EPERM):
         return Code.PERMISSION_DENIED
     return Code.INVALID_ARGUMENT
-
-
-def _attach_terminal(process: Process, console: socket.socket) -> None:
-    """Take the pty master the child sent before reporting ready (so it is already
-    queued: no wait) as the process's stdin, output and window-size fd."""
-    try:
-        _, fds, flags, _ = socket.recv_fds(console, 16, 1, socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC)
-    except BlockingIOError:
-        fds, flags = [], 0
-    master = fds[0] if len(fds) == 1 and not flags & socket.MSG_CTRUNC else None
-    if master is None or not os.isatty(master):
-        for fd in fds:
-            os.close(fd)
-        raise RpcError(Code.INTERNAL, "unable to start container process: the launcher sent no terminal")
-    try:
-        stdin_fd = os.dup(master)
-        try:
-            tty_fd = os.dup(master)
-        except OSError:
-            os.close(stdin_fd)
-            raise
-    except OSError as exc:
-        os.close(master)
-        raise RpcError(Code.RESOURCE_EXHAUSTED, f"cannot start a process: {exc}") from None
-    os.set_blocking(master, False)  # shared by the dups: one open file
-    process.stdin = InputStream(stdin_fd, tty=True)
-    process.stdout = OutputStream(master)
-    process.tty_fd = tty_fd
-
-
-def _set_window_size(fd: int, rows: int, cols: int) -> None:
-    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
 
 
 __all__ = ["MAX_ID_LENGTH", "SERVICE_NAME", "ContainerService"]
