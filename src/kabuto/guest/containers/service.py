@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import json
 import logging
 import os
@@ -32,6 +31,7 @@ from kabuto.guest.containers.cgroups import (
     write_limits,
 )
 from kabuto.guest.containers.deadlines import poll_deadline, until_poll_deadline
+from kabuto.guest.containers.files import GUEST_ROOT, Root, container_root, copy_in, copy_out
 from kabuto.guest.containers.processes import (
     Process,
     await_exec,
@@ -524,98 +524,34 @@ class ContainerService:
 
     # --- files ------------------------------------------------------------------------------------
 
-    def _open_file(
-        self, container_id: str, path: str, flags: int, mode: int = 0, *, make_parents: bool = False
-    ) -> int:
-        """Open a guest path, or one inside a container's root that no symlink can leave."""
-        check_path(path, "path")
-        root_path, resolve = "/", 0
-        if container_id:
-            container = self._container(container_id)
-            if container.init.exited:
-                raise RpcError(Code.FAILED_PRECONDITION, f"container {container_id!r} is stopped")
-            root_path = f"/proc/{container.init.pid}/root"
-            resolve = sc.RESOLVE_IN_ROOT | sc.RESOLVE_NO_MAGICLINKS
-        root = os.open(root_path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            relative = path.lstrip("/") or "."
-            if make_parents:
-                _make_parents(root, relative, resolve)
-            return sc.openat2(root, relative, flags | os.O_CLOEXEC, mode, resolve)
-        finally:
-            os.close(root)
+    def _file_root(self, container_id: str) -> Root:
+        """Where a copied path resolves: the guest's root, or a running container's."""
+        if not container_id:
+            return GUEST_ROOT
+        container = self._container(container_id)
+        if container.init.exited:
+            raise RpcError(Code.FAILED_PRECONDITION, f"container {container_id!r} is stopped")
+        return container_root(container.init.pid)
 
     async def copy_file_in(self, request: pb.CopyFileInRequest) -> pb.CopyFileInResponse:
         if len(request.data) > MAX_IO_LENGTH:
             raise RpcError(Code.INVALID_ARGUMENT, f"at most {MAX_IO_LENGTH} bytes per CopyFileIn")
         if request.mode > 0o7777:
             raise RpcError(Code.INVALID_ARGUMENT, f"mode {request.mode:o} is not a permission mode")
-        flags = os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK | (os.O_TRUNC if request.offset == 0 else 0)
-        try:
-            fd = self._open_file(
-                request.container_id, request.path, flags, request.mode or 0o644, make_parents=True
-            )
-            try:
-                if not stat.S_ISREG(os.fstat(fd).st_mode):
-                    raise RpcError(Code.INVALID_ARGUMENT, f"{request.path} is not a regular file")
-                if request.offset == 0 and request.mode:
-                    os.fchmod(fd, request.mode)
-                view = memoryview(request.data)
-                offset = request.offset
-                while view:
-                    written = os.pwrite(fd, view, offset)
-                    view, offset = view[written:], offset + written
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            raise RpcError(_errno_code(exc), f"cannot write {request.path}: {exc.strerror or exc}") from None
+        check_path(request.path, "path")
+        root = self._file_root(request.container_id)
+        copy_in(root, request.path, request.data, request.offset, request.mode)
         return pb.CopyFileInResponse()
 
     async def copy_file_out(self, request: pb.CopyFileOutRequest) -> pb.CopyFileOutResponse:
         max_len = min(request.max_len or MAX_IO_LENGTH, MAX_IO_LENGTH)
-        try:
-            fd = self._open_file(request.container_id, request.path, os.O_RDONLY | os.O_NONBLOCK)
-            try:
-                info = os.fstat(fd)
-                if not stat.S_ISREG(info.st_mode):
-                    raise RpcError(Code.INVALID_ARGUMENT, f"{request.path} is not a regular file")
-                data = os.pread(fd, max_len, request.offset)
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            raise RpcError(_errno_code(exc), f"cannot read {request.path}: {exc.strerror or exc}") from None
+        check_path(request.path, "path")
+        data, info = copy_out(self._file_root(request.container_id), request.path, request.offset, max_len)
         return pb.CopyFileOutResponse(data=data, size=info.st_size, mode=stat.S_IMODE(info.st_mode))
 
 
 def _is_dir(path: str) -> bool:
     return os.path.isdir(path)
-
-
-def _make_parents(root: int, relative: str, resolve: int) -> None:
-    """Create the missing directories (0755) of ``relative`` under ``root``, as Kata's CopyFile."""
-    parts = [part for part in relative.split("/")[:-1] if part]
-    directory_flags = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
-    for index in range(len(parts)):
-        try:
-            os.close(sc.openat2(root, "/".join(parts[: index + 1]), directory_flags, 0, resolve))
-            continue
-        except FileNotFoundError:
-            pass
-        parent = sc.openat2(root, "/".join(parts[:index]) or ".", directory_flags, 0, resolve)
-        try:
-            os.mkdir(parts[index], 0o755, dir_fd=parent)
-        except FileExistsError:
-            pass
-        finally:
-            os.close(parent)
-
-
-def _errno_code(exc: OSError) -> Code:
-    if exc.errno == errno.ENOENT:
-        return Code.NOT_FOUND
-    if exc.errno in (errno.EACCES, errno.EPERM):
-        return Code.PERMISSION_DENIED
-    return Code.INVALID_ARGUMENT
 
 
 __all__ = ["MAX_ID_LENGTH", "SERVICE_NAME", "ContainerService"]
