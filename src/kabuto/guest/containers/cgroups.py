@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from kabuto.guest.containers.deadlines import poll_deadline
+from kabuto.guest.containers.deadlines import deadline_within
 from kabuto.guest.containers.spec import ContainerSpec
 from kabuto.ttrpc import Code, RpcError
 
@@ -91,10 +91,7 @@ async def set_frozen(container_id: str, cgroup_dir: Path | None, frozen: bool) -
             f"cannot {action} container {container_id!r}: cgroup.freeze: {exc.strerror or exc}",
         ) from None
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + FREEZE_TIMEOUT
-    call_deadline = poll_deadline()
-    if call_deadline is not None:
-        deadline = min(deadline, call_deadline)
+    deadline = deadline_within(FREEZE_TIMEOUT)
     while _read_flat_keyed(cgroup / "cgroup.events").get("frozen") != wanted:
         if loop.time() >= deadline:
             raise RpcError(

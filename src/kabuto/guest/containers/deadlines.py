@@ -23,6 +23,14 @@ def poll_deadline() -> float | None:
     return deadline - min(POLL_MARGIN, max(remaining, 0) / 10)
 
 
+def deadline_within(timeout: float) -> float:
+    """``timeout`` from now, or the long-poll deadline if the caller gives up sooner."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    call_deadline = poll_deadline()
+    return deadline if call_deadline is None else min(deadline, call_deadline)
+
+
 async def until_poll_deadline(awaitable: Awaitable[R], what: str) -> R:
     try:
         async with asyncio.timeout_at(poll_deadline()):

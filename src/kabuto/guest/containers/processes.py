@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from kabuto.guest.containers.deadlines import poll_deadline
+from kabuto.guest.containers.deadlines import deadline_within
 from kabuto.guest.containers.launcher import Launch, run_monitor
 from kabuto.guest.containers.pipes import MessagePipe
 from kabuto.guest.containers.spec import ContainerSpec, ProcessSpec
@@ -41,13 +41,6 @@ def exit_status(wait_status: int) -> int:
     """A wait status as a shell reports it: the exit code, or 128+N for signal N."""
     code = os.waitstatus_to_exitcode(wait_status)
     return 128 - code if code < 0 else code
-
-
-def setup_deadline() -> float:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + SETUP_TIMEOUT
-    call_deadline = poll_deadline()
-    return deadline if call_deadline is None else min(deadline, call_deadline)
 
 
 @dataclass
@@ -169,7 +162,7 @@ async def spawn(
         report=MessagePipe(report_r),
     )
     try:
-        async with asyncio.timeout_at(setup_deadline()):
+        async with asyncio.timeout_at(deadline_within(SETUP_TIMEOUT)):
             first = await monitor.next()
             if first is None or "pid" not in first:
                 reason = (first or {}).get("error", "the launcher died")
@@ -230,7 +223,7 @@ async def await_exec(process: Process, processes: dict[str, Process] | None = No
     """After ready: end of file on the report pipe means the exec succeeded (else the process is
     killed, and dropped from ``processes``, its container's execs)."""
     try:
-        async with asyncio.timeout_at(setup_deadline()):
+        async with asyncio.timeout_at(deadline_within(SETUP_TIMEOUT)):
             report = await process.report.next()
     except TimeoutError:
         report = {"error": "the process did not exec in time"}
