@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from kabuto.guest.containers import syscalls as sc
 from kabuto.guest.containers.deadlines import deadline_within
 from kabuto.guest.containers.launcher import Launch, run_monitor
 from kabuto.guest.containers.pipes import MessagePipe
@@ -35,6 +36,12 @@ KILL_TIMEOUT = 10.0
 GONE_POLL_INTERVAL = 0.01
 F_SETPIPE_SZ = 1031
 PIPE_SIZE = 1 << 20
+NAMESPACE_FILES = (  # joined by an exec in this order: mount last, it changes the root
+    (sc.CLONE_NEWIPC, "ipc"),
+    (sc.CLONE_NEWUTS, "uts"),
+    (sc.CLONE_NEWCGROUP, "cgroup"),
+    (sc.CLONE_NEWNS, "mnt"),
+)
 
 
 def exit_status(wait_status: int) -> int:
@@ -186,6 +193,48 @@ async def spawn(
         await fail_spawn(process, monitor)
         raise RpcError(Code.FAILED_PRECONDITION, f"unable to start container process: {reason}")
     return process
+
+
+async def spawn_exec(
+    exec_id: str,
+    spec: ProcessSpec,
+    *,
+    container_id: str,
+    init_pid: int,
+    namespaces: int,
+    cgroup_dir: Path | None,
+    tasks: set[asyncio.Task[None]],
+) -> Process:
+    """Spawn a process in a running container: it joins the namespaces (CLONE_NEW* flags) of its init."""
+    opened: list[int] = []
+    try:
+        namespace_fds = []
+        for ns_type, name in NAMESPACE_FILES:
+            if namespaces & ns_type:
+                opened.append(os.open(f"/proc/{init_pid}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC))
+                namespace_fds.append((ns_type, opened[-1]))
+        pid_namespace_fd = None
+        if namespaces & sc.CLONE_NEWPID:
+            pid_namespace_fd = os.open(f"/proc/{init_pid}/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+            opened.append(pid_namespace_fd)
+    except OSError:
+        for fd in opened:
+            os.close(fd)
+        raise RpcError(Code.FAILED_PRECONDITION, f"container {container_id!r} is not running") from None
+    try:
+        return await spawn(
+            exec_id,
+            spec,
+            container=None,
+            start_fd=None,
+            cgroup_dir=cgroup_dir,
+            namespace_fds=tuple(namespace_fds),
+            pid_namespace_fd=pid_namespace_fd,
+            tasks=tasks,
+        )
+    finally:
+        for fd in opened:
+            os.close(fd)
 
 
 async def fail_spawn(process: Process, monitor: MessagePipe) -> None:

@@ -39,6 +39,7 @@ from kabuto.guest.containers.processes import (
     pids_in,
     set_window_size,
     spawn,
+    spawn_exec,
     wait_until_gone,
 )
 from kabuto.guest.containers.spec import (
@@ -65,12 +66,6 @@ MAX_PROCESSES_PER_CONTAINER = 1024
 MAX_STORAGES = 64
 MAX_IO_LENGTH = 1 << 20  # per ReadStdout/WriteStdin/CopyFile call: well below ttrpc's 4 MiB
 MAX_TTY_SIZE = 0xFFFF
-NAMESPACE_FILES = (  # joined by an exec in this order: mount last, it changes the root
-    (sc.CLONE_NEWIPC, "ipc"),
-    (sc.CLONE_NEWUTS, "uts"),
-    (sc.CLONE_NEWCGROUP, "cgroup"),
-    (sc.CLONE_NEWNS, "mnt"),
-)
 
 
 def check_path(value: str, what: str) -> str:
@@ -365,37 +360,15 @@ class ContainerService:
             spec = parse_process_json(request.process_json)
         except SpecError as exc:
             raise RpcError(Code.INVALID_ARGUMENT, f"process: {exc}") from None
-        opened: list[int] = []
-        try:
-            namespace_fds = []
-            for ns_type, name in NAMESPACE_FILES:
-                if container.spec.namespaces & ns_type:
-                    opened.append(
-                        os.open(f"/proc/{container.init.pid}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC)
-                    )
-                    namespace_fds.append((ns_type, opened[-1]))
-            pid_namespace_fd = None
-            if container.spec.namespaces & sc.CLONE_NEWPID:
-                pid_namespace_fd = os.open(f"/proc/{container.init.pid}/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
-                opened.append(pid_namespace_fd)
-        except OSError:
-            for fd in opened:
-                os.close(fd)
-            raise RpcError(Code.FAILED_PRECONDITION, f"container {container.id!r} is not running") from None
-        try:
-            process = await spawn(
-                request.exec_id,
-                spec,
-                container=None,
-                start_fd=None,
-                cgroup_dir=container.cgroup_dir,
-                namespace_fds=tuple(namespace_fds),
-                pid_namespace_fd=pid_namespace_fd,
-                tasks=self._tasks,
-            )
-        finally:
-            for fd in opened:
-                os.close(fd)
+        process = await spawn_exec(
+            request.exec_id,
+            spec,
+            container_id=container.id,
+            init_pid=container.init.pid,
+            namespaces=container.spec.namespaces,
+            cgroup_dir=container.cgroup_dir,
+            tasks=self._tasks,
+        )
         container.processes[request.exec_id] = process
         await await_exec(process, container.processes)
         return pb.ExecProcessResponse(pid=process.pid)
