@@ -4,6 +4,9 @@ Every size, id and path from a request is checked before use. Calls that wait
 (WaitProcess, ReadStdout/ReadStderr, WriteStdin) give up shortly before the caller's
 ttrpc deadline with DEADLINE_EXCEEDED, having consumed nothing, so the host can call again
 without losing a byte or an exit status.
+
+The handlers check a request and call the modules beside this one: processes.py (spawning,
+watching, killing), cgroups.py, storage.py (mounts) and files.py (copy in and out).
 """
 
 from __future__ import annotations
