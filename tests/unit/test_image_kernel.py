@@ -16,6 +16,7 @@ import pytest
 from kabuto.errors import ImageError
 from kabuto.image import builder, debian, kernel
 from kabuto.image.builder import build_image
+from kabuto.image.rootfs import _install_custom_kernel
 
 SOURCE = debian.Package("linux-source-6.1", "6.1.192-2")
 OPTIONS = {"CONFIG_PVH": "y", "CONFIG_MODULES": "n"}
@@ -193,8 +194,8 @@ def test_the_custom_kernel_leaves_init_no_modules_to_load(tmp_path: Path) -> Non
     vmlinux = tmp_path / "vmlinux"
     vmlinux.write_bytes(b"\x7fELF")
     rootfs = tmp_path / "rootfs"
-    release, missing = builder._install_custom_kernel(kernel.CustomKernel(vmlinux, "6.1.192", "k"), rootfs,
-                                                      tmp_path / "out")
+    release, missing = _install_custom_kernel(kernel.CustomKernel(vmlinux, "6.1.192", "k"), rootfs,
+                                              tmp_path / "out")
     assert (release, missing) == ("6.1.192", [])
     assert (tmp_path / "out").read_bytes() == b"\x7fELF"
     assert (rootfs / "lib/modules/boot-modules").read_text() == ""

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from kabuto.errors import ImageError
-from kabuto.image import builder, elf, modules
+from kabuto.image import elf, modules, rootfs
 from kabuto.image.cpio import DeviceNode, write_newc
 
 
@@ -132,10 +132,10 @@ def test_library_closure_follows_needs_and_names_a_missing_library(tmp_path: Pat
     host_libs = Path("/lib/x86_64-linux-gnu")
     if not (elf.is_elf(ls) and host_libs.is_dir()):
         pytest.skip("needs a Debian x86_64 host's /bin/ls and /lib/x86_64-linux-gnu")
-    found = builder._library_closure(ls, [host_libs])
+    found = rootfs._library_closure(ls, [host_libs])
     assert "libc.so.6" in found and found["libc.so.6"].is_file()
     with pytest.raises(ImageError, match=r"libc\.so\.6|needed by ls"):
-        builder._library_closure(ls, [tmp_path])
+        rootfs._library_closure(ls, [tmp_path])
 
 
 def test_drop_sources_keeps_bytecode_beside_where_the_source_was(tmp_path: Path) -> None:
@@ -143,12 +143,12 @@ def test_drop_sources_keeps_bytecode_beside_where_the_source_was(tmp_path: Path)
     (stdlib / "json/__pycache__").mkdir(parents=True)
     (stdlib / "json/decoder.py").write_text("source")
     (stdlib / "json/__pycache__/decoder.cpython-311.pyc").write_bytes(b"bytecode")
-    guest = tmp_path / builder.GUEST_PYTHONPATH / "kabuto/__pycache__"
+    guest = tmp_path / rootfs.GUEST_PYTHONPATH / "kabuto/__pycache__"
     guest.mkdir(parents=True)
     (guest.parent / "errors.py").write_text("source")
     (guest / "errors.cpython-311.pyc").write_bytes(b"bytecode")
 
-    builder._drop_sources(tmp_path)
+    rootfs._drop_sources(tmp_path)
 
     assert sorted(p.name for p in (stdlib / "json").iterdir()) == ["decoder.pyc"]
     assert (stdlib / "json/decoder.pyc").read_bytes() == b"bytecode"

@@ -8,8 +8,8 @@ import struct
 import pytest
 
 from kabuto.errors import ImageError
-from kabuto.image.builder import extract_vmlinux
 from kabuto.image.elf import XEN_ELFNOTE_PHYS32_ENTRY, has_pvh_entry
+from kabuto.image.rootfs import extract_vmlinux
 
 
 def _elf_with_note(name: bytes, note_type: int) -> bytes:
