@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 
 from kabuto.errors import ImageError
-from kabuto.image import builder, debian
-from kabuto.image.builder import BuildInputs, build_image, installed_image
+from kabuto.image import builder, cache, debian
+from kabuto.image.builder import build_image
+from kabuto.image.cache import BuildInputs, installed_image
+from kabuto.image.rootfs import GUEST_CODE
 
 BASE = BuildInputs(
     flavour="generic",
@@ -52,20 +54,20 @@ def test_code_hash_follows_content_not_bytecode(tmp_path: Path) -> None:
     (tmp_path / "guest/service.py").write_text("x = 1\n")
     (tmp_path / "errors.py").write_text("class E(Exception): ...\n")
     entries = ("errors.py", "guest")
-    before = builder.hash_files(tmp_path, entries, (".py",))
+    before = cache.hash_files(tmp_path, entries, (".py",))
 
     (tmp_path / "guest/__pycache__").mkdir()
     (tmp_path / "guest/__pycache__/service.cpython-311.pyc").write_bytes(b"bytecode")
     (tmp_path / "guest/notes.txt").write_text("not code")
-    assert builder.hash_files(tmp_path, entries, (".py",)) == before
+    assert cache.hash_files(tmp_path, entries, (".py",)) == before
 
     (tmp_path / "guest/service.py").write_text("x = 2\n")
-    assert builder.hash_files(tmp_path, entries, (".py",)) != before
+    assert cache.hash_files(tmp_path, entries, (".py",)) != before
 
 
 def test_guest_code_hash_covers_the_guest_packages() -> None:
-    assert builder.GUEST_CODE == ("__init__.py", "errors.py", "ttrpc", "protos", "guest")
-    assert len(builder.guest_code_hash()) == 64
+    assert GUEST_CODE == ("__init__.py", "errors.py", "ttrpc", "protos", "guest")
+    assert len(cache.guest_code_hash()) == 64
 
 
 class FakeBuild:
@@ -119,12 +121,12 @@ class FakeBuild:
 
 @pytest.fixture
 def fake(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[FakeBuild]:
-    monkeypatch.setenv(builder.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path / "cache"))
     yield FakeBuild(monkeypatch)
 
 
 def image_dirs() -> list[str]:
-    return sorted(p.name for p in builder.image_root().iterdir() if p.is_dir())
+    return sorted(p.name for p in cache.image_root().iterdir() if p.is_dir())
 
 
 async def test_first_build_is_recorded_as_current(fake: FakeBuild) -> None:
@@ -136,7 +138,7 @@ async def test_first_build_is_recorded_as_current(fake: FakeBuild) -> None:
     assert image.missing_modules == ("9p",)
     assert image.dropped_extensions == ("_ssl",)
     assert installed_image() == image
-    manifest = json.loads((image.kernel.parent / builder.MANIFEST).read_text())
+    manifest = json.loads((image.kernel.parent / cache.MANIFEST).read_text())
     assert manifest["inputs"]["guest_code_hash"] == BASE.guest_code_hash
 
 
@@ -172,16 +174,16 @@ async def test_a_failed_build_leaves_nothing_behind(fake: FakeBuild, failing_ste
     with pytest.raises(ImageError, match="failed on purpose"):
         await build_image()
     assert installed_image() is None
-    assert sorted(p.name for p in builder.image_root().iterdir()) == [".lock"]
+    assert sorted(p.name for p in cache.image_root().iterdir()) == [".lock"]
 
 
 async def test_leftovers_of_a_killed_build_are_removed_by_the_next(fake: FakeBuild) -> None:
-    root = builder.image_root()
+    root = cache.image_root()
     (root / ".build-abc-123/rootfs").mkdir(parents=True)
-    (builder.cache_dir() / "debs/.partial-99").mkdir(parents=True)
+    (cache.cache_dir() / "debs/.partial-99").mkdir(parents=True)
     image = await build_image()
-    assert sorted(p.name for p in root.iterdir()) == sorted([".lock", builder.CURRENT_RECORD, image.key])
-    assert not (builder.cache_dir() / "debs/.partial-99").exists()
+    assert sorted(p.name for p in root.iterdir()) == sorted([".lock", cache.CURRENT_RECORD, image.key])
+    assert not (cache.cache_dir() / "debs/.partial-99").exists()
 
 
 async def test_a_failed_rebuild_keeps_the_previous_image(fake: FakeBuild) -> None:
@@ -201,8 +203,8 @@ async def test_installed_image_ignores_a_record_whose_files_are_gone(fake: FakeB
 
 
 def test_installed_image_ignores_a_corrupt_record(fake: FakeBuild) -> None:
-    builder.image_root().mkdir(parents=True)
-    (builder.image_root() / builder.CURRENT_RECORD).write_text("{not json")
+    cache.image_root().mkdir(parents=True)
+    (cache.image_root() / cache.CURRENT_RECORD).write_text("{not json")
     assert installed_image() is None
 
 

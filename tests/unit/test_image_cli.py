@@ -11,13 +11,12 @@ from click.testing import CliRunner
 
 from kabuto.cli.main import cli
 from kabuto.errors import ImageError
-from kabuto.image import builder
-from kabuto.image.builder import GuestImage
+from kabuto.image.cache import CACHE_ENV, GuestImage, _set_current, installed_image
 
 
 @pytest.fixture
 def cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    monkeypatch.setenv(builder.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     monkeypatch.delenv("KABUTO_CONFIG", raising=False)
     return tmp_path / "cache"
 
@@ -29,7 +28,7 @@ def install_fake_image(cache: Path) -> GuestImage:
                        kernel_version="6.1.0-1-amd64", flavour="generic", compression="gzip")
     image.kernel.write_bytes(b"k")
     image.initrd.write_bytes(b"i")
-    builder._set_current(cache / "image", image)
+    _set_current(cache / "image", image)
     return image
 
 
@@ -73,6 +72,6 @@ def test_without_any_image_the_error_says_how_to_build_one(cache: Path) -> None:
 
 def test_installed_image_reads_the_record(cache: Path) -> None:
     image = install_fake_image(cache)
-    found = builder.installed_image()
+    found = installed_image()
     assert found == image
     assert found.kernel_version == "6.1.0-1-amd64" and found.flavour == "generic"

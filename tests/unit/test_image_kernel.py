@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from kabuto.errors import ImageError
-from kabuto.image import builder, debian, kernel
+from kabuto.image import builder, cache, debian, kernel
 from kabuto.image.builder import build_image
 from kabuto.image.rootfs import _install_custom_kernel
 
@@ -160,7 +160,7 @@ async def test_the_custom_flavour_boots_the_built_kernel_with_no_modules(
     """The image builder takes the cached kernel and writes empty module lists for /init."""
     from tests.unit.test_image_cache import BASE, FakeBuild
 
-    monkeypatch.setenv(builder.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path / "cache"))
     fake = FakeBuild(monkeypatch)
     fake.inputs = dataclasses.replace(BASE, flavour="custom", packages=(SOURCE, *BASE.packages[1:]),
                                       extra={"kernel": kernel.kernel_key(SOURCE, OPTIONS)})

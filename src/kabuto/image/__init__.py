@@ -6,10 +6,9 @@ from kabuto.image.builder import (
     DEFAULT_FLAVOUR,
     KERNEL_PACKAGES,
     STEPS,
-    GuestImage,
     build_image,
-    installed_image,
 )
+from kabuto.image.cache import GuestImage, installed_image
 from kabuto.image.paths import boot_paths
 
 __all__ = [

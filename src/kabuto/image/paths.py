@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from kabuto.config.model import HypervisorConfig
 from kabuto.errors import ImageError
-from kabuto.image.builder import installed_image
+from kabuto.image.cache import installed_image
 
 
 def boot_paths(table: HypervisorConfig | None = None) -> dict[str, str]:
