@@ -195,7 +195,12 @@ async def client(
 async def agent_children(pid: int) -> list[str]:
     """The agent's descendants once the monitors of exited processes are gone (bounded)."""
     for _ in range(100):
-        children = [f"{c.pid} {c.name()}" for c in psutil.Process(pid).children(recursive=True)]
+        children = []
+        for child in psutil.Process(pid).children(recursive=True):
+            try:
+                children.append(f"{child.pid} {child.name()}")
+            except psutil.NoSuchProcess:
+                continue  # it exited between the listing and the look: not left behind
         if not children:
             return []
         await asyncio.sleep(0.05)
