@@ -28,11 +28,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from kabuto.errors import KabutoError
-from kabuto.runtime import commands
+from kabuto.runtime import commands, streaming
 from kabuto.runtime.bundle import Bundle, default_spec, load_bundle, process_spec
 from kabuto.runtime.busybox import make_busybox_rootfs
-from kabuto.runtime.sandbox import DEFAULT_BOOT_TIMEOUT, VirtSandbox
-from kabuto.runtime.state import SandboxRecord, StateStore
+from kabuto.runtime.sandbox import DEFAULT_BOOT_TIMEOUT, VirtSandbox, create_sandbox_for
+from kabuto.runtime.state import StateStore
 
 T = TypeVar("T")
 # The container's first process only keeps the container alive; commands are execs.
@@ -74,15 +74,11 @@ class AsyncSandbox:
         self._workdir = Path(tempfile.mkdtemp(prefix="kabuto-sandbox-"))
         try:
             bundle = await asyncio.to_thread(self._prepare_bundle, self._workdir)
-            store = self._options.store
-            store.reserve(SandboxRecord(id=self.id, hypervisor_name=self._options.hypervisor_name or "",
-                                        config_path=self._options.config_path), [self.id])
-            sandbox = await VirtSandbox.create(
-                self.id, store, config_path=self._options.config_path,
-                hypervisor_name=self._options.hypervisor_name, hostname=self.id,
-                block_rootfs=[(self.id, bundle)], boot_timeout=self._options.boot_timeout)
+            options = self._options
+            sandbox = await create_sandbox_for(
+                self.id, bundle, options.store, config_path=options.config_path,
+                hypervisor_name=options.hypervisor_name, hostname=self.id, boot_timeout=options.boot_timeout)
             try:
-                await sandbox.create_container(self.id, bundle)
                 await sandbox.start_container(self.id)
             except BaseException:
                 await sandbox.destroy()
@@ -140,7 +136,7 @@ class AsyncSandbox:
         """
         out, err = bytearray(), bytearray()
 
-        def collector(buffer: bytearray, name: str) -> commands.Sink:
+        def collector(buffer: bytearray, name: str) -> streaming.Sink:
             async def collect(data: bytes) -> None:
                 if len(buffer) + len(data) > MAX_CAPTURE_BYTES:
                     raise KabutoError(f"{name} of {args[0]!r} exceeds {MAX_CAPTURE_BYTES} bytes; "
@@ -149,9 +145,9 @@ class AsyncSandbox:
             return collect
 
         exec_id = await self._exec(args, env, cwd)
-        io = commands.ProcessIO(stdout=collector(out, "stdout"), stderr=collector(err, "stderr"),
+        io = streaming.ProcessIO(stdout=collector(out, "stdout"), stderr=collector(err, "stderr"),
                                 stdin=_once(stdin) if stdin else None)
-        task = asyncio.ensure_future(commands.run_process(self.sandbox, self.id, exec_id, io))
+        task = asyncio.ensure_future(streaming.run_process(self.sandbox, self.id, exec_id, io))
         try:
             status = await asyncio.wait_for(asyncio.shield(task), timeout)
         except TimeoutError:
@@ -164,15 +160,15 @@ class AsyncSandbox:
         """Yield ("stdout", chunk) and ("stderr", chunk) as they come, then ("exit", code)."""
         queue: asyncio.Queue[tuple[str, bytes | int]] = asyncio.Queue(64)
 
-        def into_queue(name: str) -> commands.Sink:
+        def into_queue(name: str) -> streaming.Sink:
             async def put(data: bytes) -> None:
                 await queue.put((name, data))
             return put
 
         exec_id = await self._exec(args, env, cwd)
-        io = commands.ProcessIO(stdout=into_queue("stdout"), stderr=into_queue("stderr"),
+        io = streaming.ProcessIO(stdout=into_queue("stdout"), stderr=into_queue("stderr"),
                                 stdin=_once(stdin) if stdin else None)
-        task = asyncio.ensure_future(commands.run_process(self.sandbox, self.id, exec_id, io))
+        task = asyncio.ensure_future(streaming.run_process(self.sandbox, self.id, exec_id, io))
         task.add_done_callback(lambda t: None if t.cancelled() or t.exception() else queue.put_nowait(
             ("exit", t.result())))
         try:
@@ -225,8 +221,8 @@ class Process:
             err.extend(data)
 
         self._out, self._err = out, err
-        io = commands.ProcessIO(stdout=collect_out, stderr=collect_err)
-        self._task = asyncio.ensure_future(commands.run_process(owner.sandbox, owner.id, exec_id, io))
+        io = streaming.ProcessIO(stdout=collect_out, stderr=collect_err)
+        self._task = asyncio.ensure_future(streaming.run_process(owner.sandbox, owner.id, exec_id, io))
 
     async def wait(self) -> RunResult:
         status = await self._task

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 
-from kabuto.config import load_config
 from kabuto.errors import ConfigError, HypervisorUnavailable
+from kabuto.hypervisor import resolve_config
 from kabuto.hypervisor.base import Hypervisor
 from kabuto.hypervisor.registry import get_plugin, registered_names
 
@@ -53,7 +53,7 @@ def _real_target(name: str) -> Target:
     plugin = get_plugin(name)
     try:
         plugin.backend()
-        table = load_config(None, hypervisor_name=name, validate=False).active_hypervisor
+        table = resolve_config(None, hypervisor_name=name, validate=False).config.active_hypervisor
     except (HypervisorUnavailable, ConfigError) as exc:
         return Target(name, skip_reason=_problems_text(exc) if isinstance(exc, ConfigError) else str(exc))
     availability = plugin.availability(table)

@@ -26,11 +26,9 @@ from conformance_targets import (
     make_jailer_root,
 )
 
-from kabuto.config import load_config
-from kabuto.config.model import HypervisorConfig, KabutoConfig
-from kabuto.hypervisor import new_hypervisor
+from kabuto.config.model import HypervisorConfig
+from kabuto.hypervisor import ResolvedConfig, new_hypervisor, resolve_config
 from kabuto.hypervisor.base import Hypervisor, VmStatus
-from kabuto.hypervisor.registry import get_plugin
 
 FAKE_ENV_CLEARED = ("FAKE_VMM_RECORD", "FAKE_VMM_FAULT")
 BOOT_TIMEOUT = 120.0
@@ -101,11 +99,11 @@ async def host_guest_agent(directory: Path) -> AsyncIterator[Path]:
             await process.wait()
 
 
-def _fake_table(target: Target, host_scratch: Path) -> KabutoConfig:
+def _fake_table(target: Target, host_scratch: Path) -> ResolvedConfig:
     """The backend's built-in table, pointed at the API fake and placeholder boot files."""
     assert target.fake_vmm is not None
-    config = load_config(None, hypervisor_name=target.name, validate=False)
-    table: HypervisorConfig = config.active_hypervisor
+    resolved = resolve_config(None, hypervisor_name=target.name, validate=False)
+    table: HypervisorConfig = resolved.table
     for name in ("vmlinux", "initrd.img"):
         (host_scratch / name).write_bytes(b"\0" * 4096)
     table.path = str(target.fake_vmm)
@@ -114,9 +112,9 @@ def _fake_table(target: Target, host_scratch: Path) -> KabutoConfig:
     table.image = ""
     if table.shared_fs.startswith("virtio-fs"):
         table.virtio_fs_daemon = str(FAKE_VIRTIOFSD)
-    problems = get_plugin(target.name).validate(table)
+    problems = resolved.plugin.validate(table)
     assert not problems, f"the fake's table does not validate: {problems}"
-    return config
+    return resolved
 
 
 def make_scratch() -> Path:
@@ -141,15 +139,15 @@ async def lifecycle(target: Target) -> AsyncIterator[Lifecycle]:
     try:
         async with contextlib.AsyncExitStack() as stack:
             if target.fake_vmm is None:
-                config = load_config(None, hypervisor_name=target.name)
+                resolved = resolve_config(None, hypervisor_name=target.name)
                 guest_scratch = GUEST_SCRATCH
             else:
-                config = _fake_table(target, host_scratch)
+                resolved = _fake_table(target, host_scratch)
                 # the "guest" is this host: its scratch is ours, removed below
                 guest_scratch = str(host_scratch / "guest")
                 agent_socket = await stack.enter_async_context(host_guest_agent(host_scratch))
                 stack.enter_context(_environment(FAKE_AGENT_SOCKET=str(agent_socket)))
-            vm = new_hypervisor(config, jailer_root=root)
+            vm = new_hypervisor(resolved, jailer_root=root)
             state = Lifecycle(target, vm, root, host_scratch, guest_scratch)
             try:
                 await vm.prepare_vm("conformance")

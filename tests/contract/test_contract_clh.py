@@ -195,7 +195,8 @@ async def test_another_process_takes_over_from_saved_state(
     state = HypervisorState.from_dict(json.loads(json.dumps((await vm.save_state()).to_dict())))
     await vm.disconnect()
 
-    again = await CloudHypervisor.restore(config, state, jailer_root=jailer_root)
+    again = await CloudHypervisor.restore(state, jailer_root=jailer_root)
+    assert again.config == config
     assert again.status == VmStatus.RUNNING
     assert sorted(await again.get_pids()) == sorted(state.pids)
     assert sorted((await again.get_thread_ids()).vcpus) == [0, 1]

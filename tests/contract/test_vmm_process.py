@@ -17,7 +17,8 @@ from kabuto.config.model import HypervisorConfig
 from kabuto.errors import HypervisorError
 from kabuto.hypervisor import vmm_process
 from kabuto.hypervisor.cloud_hypervisor.backend import CloudHypervisor
-from kabuto.hypervisor.vmm_process import ApiClient, VmmProcess
+from kabuto.hypervisor.rest_api import ApiClient
+from kabuto.hypervisor.vmm_process import VmmProcess
 
 
 async def test_stop_escalates_to_sigkill(tmp_path: Path) -> None:
@@ -54,9 +55,9 @@ async def test_log_is_capped_and_the_pipe_kept_drained(tmp_path: Path, monkeypat
 async def test_adopt_refuses_a_recycled_pid(tmp_path: Path) -> None:
     proc = VmmProcess("test", "vmm")
     with pytest.raises(HypervisorError, match="belongs to another process"):
-        proc.adopt(os.getpid(), start_time=1.0)
+        proc.adopt({"pid": os.getpid(), "create_time": 1.0})
     with pytest.raises(HypervisorError, match="is gone"):
-        proc.adopt(2**22 + 12345, start_time=0.0)
+        proc.adopt({"pid": 2**22 + 12345, "create_time": 0.0})
 
 
 @pytest.fixture

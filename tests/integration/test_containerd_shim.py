@@ -31,7 +31,7 @@ from containerd_helpers import (
 )
 from test_runtime_helpers import busybox_rootfs, require_guest_image
 
-from kabuto.runtime.commands import CONTAINER_TYPE_ANNOTATION, SANDBOX_ID_ANNOTATION
+from kabuto.runtime.bundle import CONTAINER_TYPE_ANNOTATION, SANDBOX_ID_ANNOTATION
 
 RUNTIME = "io.containerd.kabuto.v2"
 SLEEPER = ["/bin/sh", "-c", "trap 'exit 0' TERM; while :; do sleep 1; done"]

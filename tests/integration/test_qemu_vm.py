@@ -19,10 +19,9 @@ import pytest
 import pytest_asyncio
 
 from kabuto.agent.client import AgentClient, GuestDetails, wait_for_agent
-from kabuto.config import load_config
 from kabuto.config.model import HypervisorConfig
 from kabuto.errors import AgentError, HypervisorError, VmTimeout
-from kabuto.hypervisor import new_hypervisor
+from kabuto.hypervisor import new_hypervisor, resolve_config
 from kabuto.hypervisor.base import HypervisorState, VmStatus
 from kabuto.hypervisor.devices import BlockDevice, NetworkDevice, SharedFsDevice, SharedFsKind
 from kabuto.hypervisor.qemu.backend import QemuHypervisor
@@ -40,7 +39,7 @@ KATA_SECCOMP_SANDBOX = "on,obsolete=deny,spawn=deny,resourcecontrol=deny"
 
 def qemu_table() -> HypervisorConfig:
     """The [hypervisor.qemu] table as `kabuto` would use it: built-in config plus the built image."""
-    return load_config(None, hypervisor_name="qemu").active_hypervisor.model_copy(deep=True)
+    return resolve_config(None, hypervisor_name="qemu").table.model_copy(deep=True)
 
 
 def share_device(root: Path) -> SharedFsDevice:
@@ -55,8 +54,7 @@ async def guest_details(vm: QemuHypervisor) -> GuestDetails:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def vm(module_vm_root: Path, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[QemuHypervisor]:
-    config = load_config(None, hypervisor_name="qemu")
-    hypervisor = new_hypervisor(config, jailer_root=module_vm_root)
+    hypervisor = new_hypervisor(resolve_config(None, hypervisor_name="qemu"), jailer_root=module_vm_root)
     assert isinstance(hypervisor, QemuHypervisor)
     await hypervisor.prepare_vm("shared")
     await hypervisor.add_device(share_device(tmp_path_factory.mktemp("share")))
@@ -212,7 +210,8 @@ async def test_save_restore_round_trip_and_state_for_another_process(
         (clone_pid,) = state.pids
         assert KATA_SECCOMP_SANDBOX in psutil.Process(clone_pid).cmdline()
         await clone.disconnect()
-        again = await QemuHypervisor.restore(clone.config, state)
+        again = await QemuHypervisor.restore(state)
+        assert again.config == sandboxed
         assert again.status == VmStatus.RUNNING
         assert await again.get_pids() == [clone_pid]
         await again.pause_vm()

@@ -27,7 +27,7 @@ from test_runtime_helpers import (
     write_bundle,
 )
 
-from kabuto.runtime.commands import CONTAINER_TYPE_ANNOTATION, SANDBOX_ID_ANNOTATION
+from kabuto.runtime.bundle import CONTAINER_TYPE_ANNOTATION, SANDBOX_ID_ANNOTATION
 
 pytestmark = pytest.mark.vm
 

@@ -15,9 +15,8 @@ import pytest
 from kabuto.agent import AgentAddress, AgentClient, parse_agent_address, wait_for_agent
 from kabuto.agent.client import claim_port
 from kabuto.errors import AgentError
-from kabuto.guest.__main__ import CONTAINER_SERVICE_NAME
-from kabuto.guest.service import SERVICE_NAME, AgentService
-from kabuto.protos import agent_pb2
+from kabuto.guest.service import AgentService
+from kabuto.protos import AGENT_SERVICE, CONTAINER_SERVICE, agent_pb2
 from kabuto.ttrpc import Code, RpcError, Server
 
 AGENT_START_TIMEOUT = 30.0
@@ -98,13 +97,13 @@ async def test_client_against_the_guest_agent(tmp_path: Path) -> None:
             assert await client.check()
             # Other services of the agent share the connection.
             shared = await client.ttrpc.call(
-                SERVICE_NAME, "Check", agent_pb2.CheckRequest(), agent_pb2.CheckResponse, timeout=5
+                AGENT_SERVICE, "Check", agent_pb2.CheckRequest(), agent_pb2.CheckResponse, timeout=5
             )
             assert shared.status == agent_pb2.CheckResponse.SERVING
             # ContainerService loads in the background; once there, it knows its methods.
             with pytest.raises(RpcError) as caught:
                 await client.ttrpc.call(
-                    CONTAINER_SERVICE_NAME,
+                    CONTAINER_SERVICE,
                     "NoSuchMethod",
                     agent_pb2.CheckRequest(),
                     agent_pb2.CheckResponse,
@@ -164,7 +163,7 @@ Handshake = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[boo
 async def hybrid_vsock(path: Path, handshake: Handshake) -> AsyncIterator[list[bytes]]:
     """A fake Firecracker/Cloud Hypervisor vsock socket: a CONNECT line, then the agent."""
     agent = Server()
-    agent.register(SERVICE_NAME, AgentService(started_uptime=0.0).methods())
+    agent.register(AGENT_SERVICE, AgentService(started_uptime=0.0).methods())
     requests: list[bytes] = []
 
     async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -228,7 +227,7 @@ async def test_hybrid_vsock_silent_peer_hits_the_connect_timeout(tmp_path: Path)
 async def agent_ports(directory: Path, count: int) -> AsyncIterator[list[str]]:
     """``count`` Unix sockets served by one in-process agent, as a VMM's virtio-serial ports are."""
     server = Server()
-    server.register(SERVICE_NAME, AgentService(started_uptime=0.0).methods())
+    server.register(AGENT_SERVICE, AgentService(started_uptime=0.0).methods())
     listeners = [await asyncio.start_unix_server(server.serve, path=str(directory / f"agent-{i}.sock"))
                  for i in range(count)]
     try:

@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 
 from kabuto.agent import AgentClient
-from kabuto.agent.containers import SERVICE_NAME, ContainerCallError, ContainerClient, Storage
+from kabuto.agent.containers import ContainerCallError, ContainerClient, Storage
 from kabuto.errors import AgentError
-from kabuto.guest.containers import SERVICE_NAME as GUEST_SERVICE_NAME
+from kabuto.protos import CONTAINER_SERVICE
 from kabuto.protos import containers_pb2 as pb
 from kabuto.ttrpc import Code, RpcError, Server, unary_method
 
@@ -54,7 +54,7 @@ class FakeGuest:
 async def guest_and_client(tmp_path: Path) -> AsyncIterator[tuple[FakeGuest, ContainerClient]]:
     guest = FakeGuest()
     server = Server()
-    server.register(SERVICE_NAME, guest.methods())
+    server.register(CONTAINER_SERVICE, guest.methods())
     socket_path = tmp_path / "agent.sock"
     listener = await asyncio.start_unix_server(server.serve, path=str(socket_path))
     agent = await AgentClient.connect(f"unix://{socket_path}", 5.0, call_timeout=5.0)
@@ -66,8 +66,12 @@ async def guest_and_client(tmp_path: Path) -> AsyncIterator[tuple[FakeGuest, Con
         await listener.wait_closed()
 
 
-def test_client_and_guest_agree_on_the_service_name() -> None:
-    assert SERVICE_NAME == GUEST_SERVICE_NAME == pb.DESCRIPTOR.services_by_name["ContainerService"].full_name
+def test_the_service_names_are_the_protos_own() -> None:
+    """Client and guest both name the services by these constants; the .proto files decide them."""
+    from kabuto.protos import AGENT_SERVICE, agent_pb2
+
+    assert CONTAINER_SERVICE == pb.DESCRIPTOR.services_by_name["ContainerService"].full_name
+    assert AGENT_SERVICE == agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name
 
 
 async def test_create_container_sends_the_spec_and_rootfs(

@@ -9,10 +9,10 @@ import psutil
 import pytest
 
 import kabuto.image
-from kabuto.config import load_config, loader
+from kabuto.config import loader
 from kabuto.config.annotations import MAX_ANNOTATION_VALUE, merge_kernel_params
 from kabuto.errors import AnnotationError, ConfigError
-from kabuto.hypervisor import host, registry
+from kabuto.hypervisor import host, registry, resolve_config
 from kabuto.hypervisor.capabilities import Capabilities
 from kabuto.hypervisor.plugin import Availability, BasePlugin
 
@@ -82,7 +82,7 @@ def refused(excinfo) -> dict[str, str]:
 
 def test_enabled_keys_apply_with_both_prefixes(tmp_path, bin_dir):
     file = config_file(tmp_path, bin_dir, 'enable_annotations = ["default_vcpus", "default_memory"]\n')
-    config = load_config(file, {K + "default_vcpus": "2", KB + "default_memory": "1Gi"})
+    config = resolve_config(file, {K + "default_vcpus": "2", KB + "default_memory": "1Gi"}).config
     assert config.active_hypervisor.default_vcpus == 2.0
     assert config.active_hypervisor.default_memory == 1024
 
@@ -90,14 +90,14 @@ def test_enabled_keys_apply_with_both_prefixes(tmp_path, bin_dir):
 def test_key_not_enabled_is_refused(tmp_path, bin_dir):
     file = config_file(tmp_path, bin_dir, 'enable_annotations = ["default_vcpus"]\n')
     with pytest.raises(AnnotationError) as caught:
-        load_config(file, {K + "default_memory": "512"})
+        resolve_config(file, {K + "default_memory": "512"})
     assert refused(caught) == {
         K + "default_memory": "not allowed by hypervisor.toy.enable_annotations ['default_vcpus']"}
 
 
 def test_nothing_is_enabled_by_default(tmp_path, bin_dir):
     with pytest.raises(AnnotationError, match="not allowed"):
-        load_config(config_file(tmp_path, bin_dir), {K + "default_vcpus": "2"})
+        resolve_config(config_file(tmp_path, bin_dir), {K + "default_vcpus": "2"})
 
 
 def test_patterns_must_match_the_whole_key(tmp_path, bin_dir):
@@ -107,9 +107,9 @@ def test_patterns_must_match_the_whole_key(tmp_path, bin_dir):
         valid_jailer_paths = ["{bin_dir}/*"]
         """)
     with pytest.raises(AnnotationError) as caught:
-        load_config(file, {K + "jailer_path": f"{bin_dir}/jailer"})
+        resolve_config(file, {K + "jailer_path": f"{bin_dir}/jailer"})
     assert "not allowed" in refused(caught)[K + "jailer_path"]
-    config = load_config(file, {K + "default_vcpus": "3", K + "default_max_vcpus": "3"})
+    config = resolve_config(file, {K + "default_vcpus": "3", K + "default_max_vcpus": "3"}).config
     assert (config.active_hypervisor.default_vcpus, config.active_hypervisor.default_maxvcpus) == (3, 3)
 
 
@@ -117,14 +117,14 @@ def test_patterns_must_match_the_whole_key(tmp_path, bin_dir):
 def test_keys_outside_the_annotatable_set_are_refused_even_with_catch_all(tmp_path, bin_dir, key):
     file = config_file(tmp_path, bin_dir, 'enable_annotations = [".*"]\n')
     with pytest.raises(AnnotationError) as caught:
-        load_config(file, {K + key: "x"})
+        resolve_config(file, {K + key: "x"})
     assert refused(caught) == {K + key: "not a hypervisor key annotations may set"}
 
 
 def test_path_annotation_refused_when_allow_list_is_empty(tmp_path, bin_dir):
     file = config_file(tmp_path, bin_dir, 'enable_annotations = ["kernel"]\n')
     with pytest.raises(AnnotationError) as caught:
-        load_config(file, {K + "kernel": f"{bin_dir}/vmlinuz-debug"})
+        resolve_config(file, {K + "kernel": f"{bin_dir}/vmlinuz-debug"})
     assert refused(caught)[K + "kernel"] == (
         "paths from annotations need hypervisor.toy.valid_kernel_paths, which is empty")
 
@@ -143,7 +143,7 @@ def test_path_annotation_must_match_the_globs(tmp_path, bin_dir, value, reason):
         valid_kernel_paths = ["{bin_dir}/vmlinuz*"]
         """)
     with pytest.raises(AnnotationError) as caught:
-        load_config(file, {K + "kernel": value.format(bin=bin_dir)})
+        resolve_config(file, {K + "kernel": value.format(bin=bin_dir)})
     assert reason in refused(caught)[K + "kernel"]
 
 
@@ -154,7 +154,7 @@ def test_path_annotation_within_the_globs_applies(tmp_path, bin_dir):
         valid_jailer_paths = ["{bin_dir}/jailer"]
         """)
     annotations = {K + "kernel": f"{bin_dir}/./vmlinuz-debug", K + "jailer_path": f"{bin_dir}/jailer"}
-    config = load_config(file, annotations)
+    config = resolve_config(file, annotations).config
     assert config.active_hypervisor.kernel == f"{bin_dir}/vmlinuz-debug"
     assert config.active_hypervisor.jailer_path == f"{bin_dir}/jailer"
 
@@ -177,7 +177,7 @@ def test_path_annotation_within_the_globs_applies(tmp_path, bin_dir):
 def test_values_are_converted_to_the_field_type(tmp_path, bin_dir, key, value, expected):
     table = f'enable_annotations = ["{key}"]\nvirtio_fs_extra_args = ["--base"]\n'
     file = config_file(tmp_path, bin_dir, table)
-    config = load_config(file, {K + key: value})
+    config = resolve_config(file, {K + key: value}).config
     assert getattr(config.active_hypervisor, key) == expected
 
 
@@ -196,14 +196,14 @@ def test_values_are_converted_to_the_field_type(tmp_path, bin_dir, key, value, e
 def test_bad_values_are_refused(tmp_path, bin_dir, key, value, reason):
     file = config_file(tmp_path, bin_dir, f'enable_annotations = ["{key}"]\n')
     with pytest.raises(AnnotationError) as caught:
-        load_config(file, {K + key: value})
+        resolve_config(file, {K + key: value})
     assert refused(caught) == {K + key: reason}
 
 
 def test_value_that_fails_validation_names_the_annotation(tmp_path, bin_dir):
     file = config_file(tmp_path, bin_dir, 'enable_annotations = ["default_memory", "default_vcpus"]\n')
     with pytest.raises(AnnotationError) as caught:
-        load_config(file, {K + "default_memory": "16", K + "default_vcpus": "9"})
+        resolve_config(file, {K + "default_memory": "16", K + "default_vcpus": "9"})
     reasons = refused(caught)
     assert reasons["hypervisor.toy.default_memory"] == (
         f"below the minimum of 128 MiB (set by annotation {K}default_memory)")
@@ -220,16 +220,17 @@ def test_every_refusal_is_listed_and_other_prefixes_are_ignored(tmp_path, bin_di
         "io.katacontainers.config_x.hypervisor.path": "/x",
     }
     with pytest.raises(AnnotationError) as caught:
-        load_config(file, annotations)
+        resolve_config(file, annotations)
     assert set(refused(caught)) == {K + "default_memory", K + "path"}
-    config = load_config(file, {k: v for k, v in annotations.items() if not k.startswith(K)})
+    config = resolve_config(file, {k: v for k, v in annotations.items() if not k.startswith(K)}).config
     assert config.active_hypervisor.default_vcpus == 1
 
 
 def test_oversized_and_non_string_values_are_refused(tmp_path, bin_dir):
     file = config_file(tmp_path, bin_dir, 'enable_annotations = ["kernel_params"]\n')
     with pytest.raises(AnnotationError) as caught:
-        load_config(file, {K + "kernel_params": "a" * (MAX_ANNOTATION_VALUE + 1), RT + "enable_pprof": True})
+        resolve_config(file, {K + "kernel_params": "a" * (MAX_ANNOTATION_VALUE + 1),
+                              RT + "enable_pprof": True})
     assert refused(caught) == {
         K + "kernel_params": f"the value is longer than {MAX_ANNOTATION_VALUE} characters",
         RT + "enable_pprof": "the value must be a string",
@@ -239,7 +240,7 @@ def test_oversized_and_non_string_values_are_refused(tmp_path, bin_dir):
 def test_invalid_enable_annotations_regex_is_a_config_error(tmp_path, bin_dir):
     file = config_file(tmp_path, bin_dir, 'enable_annotations = ["default_(vcpus"]\n')
     with pytest.raises(ConfigError) as caught:
-        load_config(file, {K + "default_vcpus": "2"})
+        resolve_config(file, {K + "default_vcpus": "2"})
     assert not isinstance(caught.value, AnnotationError)
     assert caught.value.problems[0].key == "hypervisor.toy.enable_annotations"
 
@@ -251,22 +252,22 @@ def test_runtime_hypervisor_switch_only_to_a_configured_table(tmp_path, bin_dir)
         initrd = "{bin_dir}/initrd.img"
         enable_annotations = ["default_memory"]
         """)
-    config = load_config(file, {RT + "hypervisor_name": "toy2", K + "default_memory": "300"})
+    config = resolve_config(file, {RT + "hypervisor_name": "toy2", K + "default_memory": "300"}).config
     assert config.hypervisor_name == "toy2"
     assert config.active_hypervisor.default_memory == 300  # the switched-to table's rules apply
     with pytest.raises(AnnotationError, match=r"no \[hypervisor.qemu\] table"):
-        load_config(file, {RT + "hypervisor_name": "qemu"})
+        resolve_config(file, {RT + "hypervisor_name": "qemu"})
 
 
 def test_runtime_and_agent_annotations(tmp_path, bin_dir):
     file = config_file(tmp_path, bin_dir, "", '[agent.kata]\nkernel_modules = ["a"]\n')
-    config = load_config(file, {
+    config = resolve_config(file, {
         AG + "kernel_modules": "b p=1; c",
         AG + "enable_tracing": "true",
         RT + "create_container_timeout": "90",
         RT + "experimental": "x,y",
         RT + "disable_guest_seccomp": "false",
-    })
+    }).config
     agent = config.active_agent
     assert agent.kernel_modules == ["a", "b p=1", "c"]
     assert agent.enable_tracing is True
@@ -286,7 +287,7 @@ def test_runtime_and_agent_annotations(tmp_path, bin_dir):
 )
 def test_runtime_and_agent_refusals(tmp_path, bin_dir, key, value, reason):
     with pytest.raises(AnnotationError) as caught:
-        load_config(config_file(tmp_path, bin_dir), {key: value})
+        resolve_config(config_file(tmp_path, bin_dir), {key: value})
     assert [reason in r for r in refused(caught).values()] == [True]
 
 
@@ -297,8 +298,8 @@ def test_merge_kernel_params():
 
 def test_agent_switch_applies_before_agent_keys(tmp_path, bin_dir):
     file = config_file(tmp_path, bin_dir, "", "[agent.kata]\n[agent.other]\n")
-    config = load_config(file, {AG + "enable_tracing": "true", RT + "agent_name": "other"})
+    config = resolve_config(file, {AG + "enable_tracing": "true", RT + "agent_name": "other"}).config
     assert config.runtime.agent_name == "other"
     assert (config.agent["other"].enable_tracing, config.agent["kata"].enable_tracing) == (True, False)
     with pytest.raises(AnnotationError, match=r"no \[agent.nobody\] table"):
-        load_config(file, {RT + "agent_name": "nobody"})
+        resolve_config(file, {RT + "agent_name": "nobody"})

@@ -23,6 +23,7 @@ import pytest
 import test_runtime_fake_vmm as fake_vmm
 from test_runtime_fake_vmm import GUESTS, exists, mounts_below, options
 
+from kabuto.runtime import bundle as bundle_module
 from kabuto.runtime import commands
 from kabuto.runtime.bundle import BundleError, default_spec, load_bundle
 from kabuto.runtime.rootfs import GUEST_SHARE_DIR, binds_path
@@ -127,7 +128,7 @@ async def test_pod_container_binds_and_sandbox_teardown(store: StateStore, tmp_p
     sandbox = await commands.create("pod", str(bind_bundle(tmp_path / "p", bind(host, "/a"))), opts)
     await sandbox.disconnect()
     await commands.start("pod", opts)
-    pod = {commands.CONTAINER_TYPE_ANNOTATION: "container", commands.SANDBOX_ID_ANNOTATION: "pod"}
+    pod = {bundle_module.CONTAINER_TYPE_ANNOTATION: "container", bundle_module.SANDBOX_ID_ANNOTATION: "pod"}
     joined = await commands.create(
         "app", str(bind_bundle(tmp_path / "app", bind(tmp_path / "resolv.conf", "/r", "ro"), **pod)), opts)
     await joined.disconnect()
@@ -157,7 +158,7 @@ async def test_dead_vmm_cleanup_paths_release_bind_shares(store: StateStore, tmp
     opts = options(store)
     sandbox = await commands.create("pod", str(bind_bundle(tmp_path / "p", bind(host, "/a", "rbind"))), opts)
     await sandbox.disconnect()
-    pod = {commands.CONTAINER_TYPE_ANNOTATION: "container", commands.SANDBOX_ID_ANNOTATION: "pod"}
+    pod = {bundle_module.CONTAINER_TYPE_ANNOTATION: "container", bundle_module.SANDBOX_ID_ANNOTATION: "pod"}
     joined = await commands.create(
         "app", str(bind_bundle(tmp_path / "app", bind(tmp_path / "resolv.conf", "/r", "ro"), **pod)), opts)
     await joined.disconnect()
@@ -191,7 +192,7 @@ async def test_missing_source_is_refused_before_anything(store: StateStore, tmp_
     # a pod member too: the running sandbox keeps nothing of it
     sandbox = await commands.create("pod", str(bind_bundle(tmp_path / "p")), options(store))
     await sandbox.disconnect()
-    pod = {commands.CONTAINER_TYPE_ANNOTATION: "container", commands.SANDBOX_ID_ANNOTATION: "pod"}
+    pod = {bundle_module.CONTAINER_TYPE_ANNOTATION: "container", bundle_module.SANDBOX_ID_ANNOTATION: "pod"}
     (tmp_path / "later").mkdir()
     app = bind_bundle(tmp_path / "app", bind(tmp_path / "later", "/later"), **pod)
     (tmp_path / "later").rmdir()  # gone between loading the bundle and creating the container

@@ -11,7 +11,8 @@ import textwrap
 import pytest
 
 import kabuto.image
-from kabuto.config import load_config, loader
+from kabuto.config import loader
+from kabuto.hypervisor import resolve_config
 
 
 @pytest.fixture(autouse=True)
@@ -119,7 +120,7 @@ def kata_file(tmp_path):
 
 def test_kata_runtime_rs_qemu_file_loads_with_its_values(kata_file):
     file, share = kata_file
-    config = load_config(file)
+    config = resolve_config(file).config
     assert config.warnings == []  # every key is one Kabuto knows
     qemu = config.active_hypervisor
     assert config.hypervisor_name == "qemu"
@@ -153,8 +154,8 @@ def test_kata_runtime_rs_qemu_file_loads_with_its_values(kata_file):
 def test_kata_annotations_and_allow_lists_apply(kata_file):
     file, _share = kata_file
     prefix = "io.katacontainers.config.hypervisor."
-    config = load_config(file, {prefix + "kernel_params": "systemd.unified_cgroup_hierarchy=0",
-                                prefix + "default_memory": "2Gi"})
+    config = resolve_config(file, {prefix + "kernel_params": "systemd.unified_cgroup_hierarchy=0",
+                                prefix + "default_memory": "2Gi"}).config
     assert config.active_hypervisor.kernel_params == "cgroup_no_v1=all systemd.unified_cgroup_hierarchy=0"
     assert config.active_hypervisor.default_memory == 2048
 
@@ -164,7 +165,7 @@ def test_go_runtime_spellings_are_accepted(kata_file):
     text = file.read_text().replace('seccomp_sandbox = "on,obsolete=deny"', 'seccompsandbox = "on"')
     text = text.replace('extra_monitor_socket = ""', 'dbg_monitor_socket = "qmp"')
     file.write_text(text)
-    qemu = load_config(file).active_hypervisor
+    qemu = resolve_config(file).config.active_hypervisor
     assert (qemu.seccomp_sandbox, qemu.extra_monitor_socket) == ("on", "qmp")
 
 
@@ -172,6 +173,6 @@ def test_host_paths_of_another_machine_are_reported(kata_file):
     file, share = kata_file
     file.write_text(file.read_text().replace(f"{share}/vmlinux.container", "/usr/share/kata/vmlinux.none"))
     with pytest.raises(loader.ConfigError) as caught:
-        load_config(file)
+        resolve_config(file)
     assert [p.key for p in caught.value.problems] == ["hypervisor.qemu.kernel"]
     assert caught.value.problems[0].reason.startswith("does not exist (leave kernel, initrd and image empty")

@@ -9,10 +9,10 @@ from types import SimpleNamespace
 import pytest
 
 import kabuto.image
-from kabuto.config import load_config, loader
+from kabuto.config import loader
 from kabuto.config.model import KabutoConfig
 from kabuto.errors import ConfigError
-from kabuto.hypervisor import registry
+from kabuto.hypervisor import registry, resolve_config
 from kabuto.hypervisor.capabilities import Capabilities
 from kabuto.hypervisor.plugin import Availability, BasePlugin
 
@@ -80,7 +80,7 @@ def test_explicit_path_wins_over_env_and_system(tmp_path, boot_files, monkeypatc
     env = write(tmp_path / "b" / "c.toml", toy_toml(boot_files, "default_memory = 400\n"))
     write(loader.SYSTEM_PATH, toy_toml(boot_files, "default_memory = 500\n"))
     monkeypatch.setenv(loader.ENV_VAR, str(env))
-    config = load_config(explicit)
+    config = resolve_config(explicit).config
     assert config.source == str(explicit)
     assert config.active_hypervisor.default_memory == 300
 
@@ -89,21 +89,21 @@ def test_env_var_wins_over_system_path(tmp_path, boot_files, monkeypatch):
     env = write(tmp_path / "b" / "c.toml", toy_toml(boot_files, "default_memory = 400\n"))
     write(loader.SYSTEM_PATH, toy_toml(boot_files, "default_memory = 500\n"))
     monkeypatch.setenv(loader.ENV_VAR, str(env))
-    assert load_config().active_hypervisor.default_memory == 400
+    assert resolve_config().config.active_hypervisor.default_memory == 400
 
 
 def test_system_path_then_builtin(boot_files):
     write(loader.SYSTEM_PATH, toy_toml(boot_files, "default_memory = 500\n"))
-    assert load_config().active_hypervisor.default_memory == 500
+    assert resolve_config().config.active_hypervisor.default_memory == 500
     loader.SYSTEM_PATH.unlink()
-    config = load_config(validate=False)
+    config = resolve_config(validate=False).config
     assert config.source == "<built-in default.toml>"
     assert config.hypervisor_name == "qemu"
 
 
 def test_builtin_default_is_qemu_and_needs_only_the_guest_image():
     with pytest.raises(ConfigError) as caught:
-        load_config()
+        resolve_config()
     keys = [p.key for p in caught.value.problems]
     assert keys == ["hypervisor.qemu.kernel"]
     assert "kabuto image build" in caught.value.problems[0].reason
@@ -113,7 +113,7 @@ def test_builtin_default_uses_the_installed_image(monkeypatch, boot_files):
     kernel, initrd = boot_files
     image = SimpleNamespace(kernel=kernel, initrd=initrd)
     monkeypatch.setattr(kabuto.image, "installed_image", lambda: image, raising=False)
-    config = load_config()
+    config = resolve_config().config
     assert config.active_hypervisor.kernel == str(kernel)
     assert config.warnings == []
 
@@ -124,10 +124,10 @@ def test_missing_explicit_file_is_an_error(tmp_path, monkeypatch, origin):
     if origin == "env":
         monkeypatch.setenv(loader.ENV_VAR, str(missing))
         with pytest.raises(ConfigError, match=r"nope\.toml \(from \$KABUTO_CONFIG\) does not exist"):
-            load_config()
+            resolve_config()
     else:
         with pytest.raises(ConfigError, match=r"nope\.toml \(from --config\) does not exist"):
-            load_config(missing)
+            resolve_config(missing)
 
 
 # -- drop-ins ------------------------------------------------------------------------------
@@ -152,7 +152,7 @@ def test_dropins_merge_in_name_order_deeply(tmp_path, boot_files):
         kernel_modules = ["y", "z"]
         """))
     write(tmp_path / "config.d" / "README", "not toml at all [")
-    config = load_config(main)
+    config = resolve_config(main).config
     table = config.active_hypervisor
     assert config.dropins == [str(tmp_path / "config.d" / n) for n in ("10-first.toml", "20-second.toml")]
     assert table.default_memory == 700  # the later file wins
@@ -165,7 +165,7 @@ def test_dropins_merge_in_name_order_deeply(tmp_path, boot_files):
 def test_dropin_may_use_an_alias_for_the_table(tmp_path, boot_files):
     main = write(tmp_path / "configuration.toml", toy_toml(boot_files))
     write(tmp_path / "config.d" / "10.toml", "[hypervisor.toy-alias]\ndefault_memory = 900\n")
-    config = load_config(main)
+    config = resolve_config(main).config
     assert set(config.hypervisor) == {"toy"}
     assert config.active_hypervisor.default_memory == 900
 
@@ -174,13 +174,13 @@ def test_malformed_dropin_names_its_file(tmp_path, boot_files):
     main = write(tmp_path / "configuration.toml", toy_toml(boot_files))
     bad = write(tmp_path / "config.d" / "10.toml", "[hypervisor.toy]\ndefault_memory = = 1\n")
     with pytest.raises(ConfigError, match=rf"{bad}: line 2, column 18"):
-        load_config(main)
+        resolve_config(main)
 
 
 def test_dropin_directory_entry_is_skipped_with_a_warning(tmp_path, boot_files):
     main = write(tmp_path / "configuration.toml", toy_toml(boot_files))
     (tmp_path / "config.d" / "50.toml").mkdir(parents=True)
-    config = load_config(main)
+    config = resolve_config(main).config
     assert any("50.toml is not a regular file" in w for w in config.warnings)
 
 
@@ -198,7 +198,7 @@ def test_dropin_directory_entry_is_skipped_with_a_warning(tmp_path, boot_files):
 def test_malformed_toml_names_file_line_and_column(tmp_path, text, where):
     file = write(tmp_path / "c.toml", text)
     with pytest.raises(ConfigError) as caught:
-        load_config(file)
+        resolve_config(file)
     assert str(caught.value).startswith(f"malformed TOML in {file}: {where}: ")
 
 
@@ -206,13 +206,13 @@ def test_invalid_utf8_names_line_and_column(tmp_path):
     file = tmp_path / "c.toml"
     file.write_bytes(b"[runtime]\nname = \"a\xff\"\n")
     with pytest.raises(ConfigError, match=r"line 2, column 10: not valid UTF-8"):
-        load_config(file)
+        resolve_config(file)
 
 
 def test_oversized_file_is_refused(tmp_path):
     file = write(tmp_path / "c.toml", "# " + "x" * loader.MAX_FILE_BYTES + "\n")
     with pytest.raises(ConfigError, match="larger than"):
-        load_config(file)
+        resolve_config(file)
 
 
 def test_wrong_types_give_one_problem_per_key_with_full_paths(tmp_path, boot_files):
@@ -226,7 +226,7 @@ def test_wrong_types_give_one_problem_per_key_with_full_paths(tmp_path, boot_fil
         dial_timeout_ms = true
         """))
     with pytest.raises(ConfigError) as caught:
-        load_config(file)
+        resolve_config(file)
     found = {p.key: p.value for p in caught.value.problems}
     assert found == {
         "hypervisor.toy.default_vcpus": "two",
@@ -249,7 +249,7 @@ def test_wrong_types_give_one_problem_per_key_with_full_paths(tmp_path, boot_fil
 )
 def test_wrong_shapes_are_config_errors(tmp_path, text, key):
     with pytest.raises(ConfigError) as caught:
-        load_config(write(tmp_path / "c.toml", text))
+        resolve_config(write(tmp_path / "c.toml", text))
     assert [p.key for p in caught.value.problems] == [key]
 
 
@@ -270,7 +270,7 @@ def test_unknown_keys_are_kept_and_reported(tmp_path, boot_files):
         [whatever]
         a = 1
         """))
-    config = load_config(file)
+    config = resolve_config(file).config
     assert config.active_hypervisor.model_extra == {"future_knob": 3}
     assert config.warnings == [
         "unknown key whatever (kept, not used)",
@@ -284,7 +284,7 @@ def test_unknown_keys_are_kept_and_reported(tmp_path, boot_files):
 
 def test_bookkeeping_fields_cannot_be_set_from_toml(tmp_path, boot_files):
     file = write(tmp_path / "c.toml", 'source = "/forged"\n' + toy_toml(boot_files))
-    config = load_config(file)
+    config = resolve_config(file).config
     assert config.source == str(file)
     assert "unknown key source (ignored)" in config.warnings
 
@@ -301,15 +301,15 @@ def test_alias_in_runtime_and_table_name(tmp_path, boot_files):
         initrd = "{initrd}"
         default_memory = 321
         """))
-    config = load_config(file)
+    config = resolve_config(file).config
     assert config.hypervisor_name == "toy"
     assert config.active_hypervisor.default_memory == 321
 
 
 def test_builtin_aliases_resolve(tmp_path):
-    config = load_config(write(tmp_path / "c.toml", "[runtime]\nhypervisor_name = \"clh\"\n"
+    config = resolve_config(write(tmp_path / "c.toml", "[runtime]\nhypervisor_name = \"clh\"\n"
                                                      "[hypervisor.fc]\ndefault_memory = 256\n"),
-                         validate=False)
+                         validate=False).config
     assert config.hypervisor_name == "cloud-hypervisor"
     assert set(config.hypervisor) == {"cloud-hypervisor", "firecracker"}
 
@@ -317,13 +317,13 @@ def test_builtin_aliases_resolve(tmp_path):
 def test_table_and_alias_twice_in_one_file_is_an_error(tmp_path):
     file = write(tmp_path / "c.toml", "[hypervisor.toy]\n[hypervisor.toy-alias]\n")
     with pytest.raises(ConfigError, match="keep one"):
-        load_config(file)
+        resolve_config(file)
 
 
 def test_unknown_hypervisor_lists_registered_names(tmp_path):
     file = write(tmp_path / "c.toml", "[runtime]\nhypervisor_name = \"bochs\"\n")
     with pytest.raises(ConfigError) as caught:
-        load_config(file)
+        resolve_config(file)
     message = str(caught.value)
     assert "unknown hypervisor 'bochs'" in message
     for name in ("qemu", "toy", "cloud-hypervisor", "firecracker", "dragonball"):
@@ -333,16 +333,16 @@ def test_unknown_hypervisor_lists_registered_names(tmp_path):
 def test_hypervisor_name_argument_overrides_and_creates_a_default_table(tmp_path):
     file = write(tmp_path / "c.toml", "[runtime]\nhypervisor_name = \"qemu\"\n")
     with pytest.raises(ConfigError) as caught:
-        load_config(file, hypervisor_name="toy-alias")
+        resolve_config(file, hypervisor_name="toy-alias")
     assert [p.key for p in caught.value.problems] == ["hypervisor.toy.kernel"]
-    config = load_config(file, hypervisor_name="toy", validate=False)
+    config = resolve_config(file, hypervisor_name="toy", validate=False).config
     assert config.hypervisor_name == "toy"
     assert config.active_hypervisor.default_memory == ToyPlugin.default_memory_mib  # adjusted
 
 
 def test_only_the_active_table_is_validated(tmp_path, boot_files):
     file = write(tmp_path / "c.toml", toy_toml(boot_files, "[hypervisor.firecracker]\ndefault_vcpus = 0\n"))
-    assert load_config(file).hypervisor["firecracker"].default_vcpus == 0
+    assert resolve_config(file).config.hypervisor["firecracker"].default_vcpus == 0
 
 
 # -- runtime and agent rules ----------------------------------------------------------------
@@ -362,7 +362,7 @@ def test_runtime_and_agent_rules(tmp_path, boot_files):
         reconnect_timeout_ms = 50
         """))
     with pytest.raises(ConfigError) as caught:
-        load_config(file)
+        resolve_config(file)
     assert {p.key for p in caught.value.problems} == {
         "runtime.internetworking_model", "runtime.agent_name", "agent.kata.reconnect_timeout_ms"}
 
@@ -370,7 +370,8 @@ def test_runtime_and_agent_rules(tmp_path, boot_files):
 def test_to_dict_round_trips_through_the_loader(tmp_path, boot_files):
     import tomli_w
 
-    first = load_config(write(tmp_path / "a" / "c.toml", toy_toml(boot_files, "default_memory = 333\n")))
-    again = load_config(write(tmp_path / "b" / "c.toml", tomli_w.dumps(first.to_dict())))
+    first = resolve_config(write(tmp_path / "a" / "c.toml",
+                                 toy_toml(boot_files, "default_memory = 333\n"))).config
+    again = resolve_config(write(tmp_path / "b" / "c.toml", tomli_w.dumps(first.to_dict()))).config
     assert again.to_dict() == first.to_dict()
     assert isinstance(again, KabutoConfig)

@@ -14,10 +14,11 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import kabuto.image
-from kabuto.config import load_config, loader
+from kabuto.config import loader
 from kabuto.config.annotations import AGENT_PREFIXES, HYPERVISOR_PREFIXES, RUNTIME_PREFIXES
 from kabuto.config.model import AgentConfig, HypervisorConfig, KabutoConfig, RuntimeConfig
 from kabuto.errors import ConfigError
+from kabuto.hypervisor import resolve_config
 
 SETTINGS = settings(
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
@@ -109,7 +110,7 @@ def _load(text: str | bytes, notes: dict[str, str] | None = None,
         file = Path(directory) / "configuration.toml"
         file.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8", "surrogatepass"))
         try:
-            config = load_config(file, notes, hypervisor)
+            config = resolve_config(file, notes, hypervisor).config
         except ConfigError:
             return None
     # whatever loads can also be shown, as `kabuto config show` does

@@ -128,7 +128,7 @@ async def test_a_registered_binding_plugs_in(table, binding, tmp_path: Path) -> 
     assert list((await backend.get_thread_ids()).vcpus) == [0]
     state = await backend.save_state()
     with pytest.raises(HypervisorError, match="ran inside another process"):
-        await type(backend).restore(table, state)
+        await type(backend).restore(state)
     await backend.cleanup()
     assert binding.calls[-1] == ("stop", None)
     assert not (tmp_path / "db1").exists()

@@ -17,12 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from kabuto.agent.client import SERVICE_NAME as CLIENT_SERVICE_NAME
 from kabuto.errors import KabutoError
-from kabuto.guest import channel, containers, service
-from kabuto.guest.__main__ import CONTAINER_SERVICE_NAME
-from kabuto.guest.service import SERVICE_NAME, AgentService, count_cpu_list
-from kabuto.protos import agent_pb2
+from kabuto.guest import channel, service
+from kabuto.guest.service import AgentService, count_cpu_list
+from kabuto.protos import AGENT_SERVICE, agent_pb2
 from kabuto.ttrpc import Client, Server
 
 
@@ -47,14 +45,6 @@ def test_init_handover_is_read_from_kernel_log_records(tmp_path: Path) -> None:
 
 def test_process_start_is_read_from_proc() -> None:
     assert 0 < service.read_process_start_uptime() <= service.read_uptime()
-
-
-def test_client_and_agent_agree_on_the_service_names() -> None:
-    assert (
-        CLIENT_SERVICE_NAME == SERVICE_NAME == agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name
-    )
-    # The agent registers ContainerService by name before importing it.
-    assert CONTAINER_SERVICE_NAME == containers.SERVICE_NAME
 
 
 def fake_ports(root: Path, names: dict[str, str]) -> tuple[Path, Path]:
@@ -119,7 +109,7 @@ async def agent_on_ptys(count: int) -> AsyncIterator[list[str]]:
     the agent keeps it open across host connections.
     """
     server = Server()
-    server.register(SERVICE_NAME, AgentService(started_uptime=0.0).methods())
+    server.register(AGENT_SERVICE, AgentService(started_uptime=0.0).methods())
     ports: list[channel.VirtioSerialChannel] = []
     slave_paths: list[str] = []
     for index in range(count):
@@ -171,7 +161,7 @@ async def host_connection(slave_path: str) -> AsyncIterator[Client]:
 
 async def check(client: Client, timeout: float = 5) -> int:
     answer = await client.call(
-        SERVICE_NAME, "Check", agent_pb2.CheckRequest(), agent_pb2.CheckResponse, timeout=timeout
+        AGENT_SERVICE, "Check", agent_pb2.CheckRequest(), agent_pb2.CheckResponse, timeout=timeout
     )
     return answer.status
 
@@ -214,7 +204,7 @@ async def test_agent_serves_each_host_connection_in_turn(session_ends: SessionEn
             async with host_connection(slave_path) as client:
                 assert await check(client) == agent_pb2.CheckResponse.SERVING
                 details = await client.call(
-                    SERVICE_NAME,
+                    AGENT_SERVICE,
                     "GetGuestDetails",
                     agent_pb2.GuestDetailsRequest(),
                     agent_pb2.GuestDetailsResponse,

@@ -22,7 +22,7 @@ import pytest
 from click.testing import CliRunner
 
 from kabuto.agent import AgentClient
-from kabuto.agent.containers import SERVICE_NAME, ContainerCallError, ContainerClient
+from kabuto.agent.containers import ContainerCallError, ContainerClient
 from kabuto.cli.main import cli
 from kabuto.guest.containers import cgroups
 from kabuto.guest.containers import service as service_module
@@ -32,6 +32,7 @@ from kabuto.guest.containers.processes import Process
 from kabuto.guest.containers.service import Container, ContainerService
 from kabuto.guest.containers.spec import ContainerSpec, parse_process
 from kabuto.guest.containers.streams import OutputStream
+from kabuto.protos import CONTAINER_SERVICE
 from kabuto.runtime import commands
 from kabuto.ttrpc import Code, Server
 
@@ -109,7 +110,7 @@ def plant(
 async def guest(tmp_path: Path) -> AsyncIterator[tuple[ContainerService, ContainerClient]]:
     service = ContainerService(cgroup_root=tmp_path / "cgroup")
     server = Server()
-    server.register(SERVICE_NAME, service.methods())
+    server.register(CONTAINER_SERVICE, service.methods())
     socket_path = tmp_path / "agent.sock"
     listener = await asyncio.start_unix_server(server.serve, path=str(socket_path))
     agent = await AgentClient.connect(f"unix://{socket_path}", 5.0, call_timeout=10.0)

@@ -22,19 +22,14 @@ from kabuto.hypervisor.devices import (
     NetworkDevice,
     SharedFsDevice,
     SharedFsKind,
+    device_from_dict,
+    device_to_dict,
 )
 from kabuto.hypervisor.host import Accelerator
 from kabuto.hypervisor.qemu import plugin
-from kabuto.hypervisor.qemu.backend import (
-    AGENT_PORT_COUNT,
-    CONSOLE_LOG_MAX_BYTES,
-    CONSOLE_TAIL_BYTES,
-    QemuHypervisor,
-    _ConsoleReader,
-    _device_from_dict,
-    _device_to_dict,
-)
+from kabuto.hypervisor.qemu.backend import AGENT_PORT_COUNT, QemuHypervisor
 from kabuto.hypervisor.qemu.cmdline import VmPaths, build_command, kernel_append
+from kabuto.hypervisor.qemu.console import CONSOLE_LOG_MAX_BYTES, CONSOLE_TAIL_BYTES, ConsoleReader
 
 TCG = Accelerator("tcg", "test")
 KVM = Accelerator("kvm", "test")
@@ -151,7 +146,8 @@ async def test_prepare_creates_dir_and_agent_channel(table: HypervisorConfig, vm
     assert await vm.get_agent_sockets() == [f"unix://{vm_root}/sandbox-1/agent.sock"] + [
         f"unix://{vm_root}/sandbox-1/agent-{i}.sock" for i in range(1, AGENT_PORT_COUNT)]
     # another process finds every port again
-    restored = await QemuHypervisor.restore(table, await vm.save_state(), jailer_root=vm_root)
+    restored = await QemuHypervisor.restore(await vm.save_state(), jailer_root=vm_root)
+    assert restored.config == table  # the table it was made with, from the saved state
     assert await restored.get_agent_sockets() == await vm.get_agent_sockets()
     with pytest.raises(HypervisorError, match="needs new"):
         await vm.prepare_vm("sandbox-1")
@@ -191,7 +187,7 @@ async def test_missing_binary(table: HypervisorConfig, vm_root: Path,
     with pytest.raises(HypervisorUnavailable, match="/nonexistent/qemu-system-x86_64"):
         await vm.check()
     await vm.prepare_vm("vm1")
-    with pytest.raises(HypervisorError, match="cannot run /nonexistent/qemu-system-x86_64"):
+    with pytest.raises(HypervisorError, match="QEMU binary /nonexistent/qemu-system-x86_64 not found"):
         await vm.start_vm(timeout=5)
     assert vm.status == VmStatus.STOPPED
     leftover_check(vm_root)
@@ -227,19 +223,20 @@ def test_devices_survive_serialisation(tmp_path: Path) -> None:
         SharedFsDevice("fs0", SharedFsKind.VIRTIO_9P, tmp_path, "tag"),
     ]
     for device in devices:
-        again = _device_from_dict(json.loads(json.dumps(_device_to_dict(device))))
+        again = device_from_dict(json.loads(json.dumps(device_to_dict(device))))
         assert again == device and again.kind == device.kind
 
 
 async def test_restore_of_a_vanished_vm_is_stopped(table: HypervisorConfig, vm_root: Path) -> None:
     state = HypervisorState("qemu", "gone", "running", str(vm_root / "gone"), str(vm_root),
-                            pids=[2**22 + 12345], extra={"pid_create_time": 1.0})
-    vm = await QemuHypervisor.restore(table, state)
+                            pids=[2**22 + 12345], config=table.model_dump(mode="json"),
+                            extra={"qemu": {"pid": 2**22 + 12345, "create_time": 1.0}})
+    vm = await QemuHypervisor.restore(state)
     assert vm.status == VmStatus.STOPPED
     assert await vm.get_pids() == []
     await vm.cleanup()
     with pytest.raises(HypervisorError, match="cannot restore"):
-        await QemuHypervisor.restore(table, HypervisorState("firecracker", "x", "running", "", str(vm_root)))
+        await QemuHypervisor.restore(HypervisorState("firecracker", "x", "running", "", str(vm_root)))
 
 
 async def test_console_from_a_flooding_guest_stays_bounded(vm_root: Path) -> None:
@@ -257,7 +254,7 @@ async def test_console_from_a_flooding_guest_stays_bounded(vm_root: Path) -> Non
         writer.close()
 
     server = await asyncio.start_unix_server(guest, str(socket_path))
-    console = _ConsoleReader(socket_path, log_path)
+    console = ConsoleReader(socket_path, log_path)
     try:
         await console.start()
         async with asyncio.timeout(30):

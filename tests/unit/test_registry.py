@@ -15,10 +15,10 @@ from click.testing import CliRunner
 
 import kabuto.image
 from kabuto.cli.main import cli
-from kabuto.config import load_config, loader
+from kabuto.config import loader
 from kabuto.config.model import HypervisorConfig, KabutoConfig
 from kabuto.errors import ConfigError, HypervisorError
-from kabuto.hypervisor import Hypervisor, new_hypervisor, registry
+from kabuto.hypervisor import Hypervisor, new_hypervisor, registry, resolve, resolve_config
 from kabuto.hypervisor.capabilities import Capabilities
 from kabuto.hypervisor.plugin import Availability, BasePlugin
 
@@ -103,7 +103,7 @@ def test_factory_builds_the_named_backend(tmp_path):
     registry.register_hypervisor_plugin("stub", StubPlugin())
     table = HypervisorConfig(default_memory=300)
     config = KabutoConfig(runtime={"hypervisor_name": "stub-alias"}, hypervisor={"stub": table})
-    backend = new_hypervisor(config, jailer_root=tmp_path)
+    backend = new_hypervisor(resolve(config, validate=False), jailer_root=tmp_path)
     assert isinstance(backend, StubHypervisor)
     assert backend.config is table
     assert backend.jailer_root == tmp_path
@@ -112,13 +112,13 @@ def test_factory_builds_the_named_backend(tmp_path):
 def test_factory_errors():
     registry.register_hypervisor_plugin("stub", StubPlugin())
     with pytest.raises(ConfigError, match=r"no \[hypervisor.stub\] table"):
-        new_hypervisor(KabutoConfig(runtime={"hypervisor_name": "stub"}))
+        resolve(KabutoConfig(runtime={"hypervisor_name": "stub"}))
     with pytest.raises(ConfigError, match=r"unknown hypervisor 'nope'; registered: .*qemu"):
-        new_hypervisor(KabutoConfig(runtime={"hypervisor_name": "nope"}))
+        resolve(KabutoConfig(runtime={"hypervisor_name": "nope"}))
     registry.register_hypervisor_plugin("stub", StubPlugin(backend_class=dict))
     config = KabutoConfig(runtime={"hypervisor_name": "stub"}, hypervisor={"stub": HypervisorConfig()})
     with pytest.raises(HypervisorError, match="not a Hypervisor"):
-        new_hypervisor(config)
+        new_hypervisor(resolve(config, validate=False))
 
 
 def test_broken_builtin_only_warns(fresh_registry, monkeypatch, caplog):
@@ -151,7 +151,7 @@ def test_failing_entry_point_only_warns(fresh_registry, monkeypatch, tmp_path, c
     warnings = registry.load_warnings()
     assert any("'brokenvmm' from kabuto_no_such_module:plugin failed to load" in w for w in warnings)
     assert any("'notaplugin'" in w and "does not implement HypervisorPlugin" in w for w in warnings)
-    config = load_config(validate=False)
+    config = resolve_config(validate=False).config
     assert any("brokenvmm" in w for w in config.warnings)
 
 
@@ -186,14 +186,15 @@ def test_entry_point_plugin_is_registered_configured_and_built(toyvmm, tmp_path)
     file = tmp_path / "configuration.toml"
     file.write_text(f'[runtime]\nhypervisor_name = "toy-vmm"\n'
                     f'[hypervisor.toyvmm]\nkernel = "{kernel}"\ninitrd = "{initrd}"\n')
-    config = load_config(file)
-    assert config.hypervisor_name == "toyvmm"
-    assert config.active_hypervisor.default_memory == 128  # the plugin's own adjust ran
-    backend = new_hypervisor(config, jailer_root=tmp_path)
+    resolved = resolve_config(file)
+    assert resolved.name == "toyvmm"
+    assert resolved.table.default_memory == 128  # the plugin's own adjust ran
+    backend = new_hypervisor(resolved, jailer_root=tmp_path)
+    assert backend.plugin is resolved.plugin  # handed its plugin, not looked up again
     assert type(backend).__module__ == "kabuto_toyvmm"
     file.write_text(file.read_text() + 'machine_type = "q35"\n')
     with pytest.raises(ConfigError) as caught:
-        load_config(file)
+        resolve_config(file)
     assert [p.key for p in caught.value.problems] == ["hypervisor.toyvmm.machine_type"]
 
 

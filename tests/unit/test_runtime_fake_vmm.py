@@ -19,7 +19,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import psutil
 import pytest
@@ -28,11 +28,12 @@ from kabuto.agent.containers import ContainerCallError
 from kabuto.config import loader
 from kabuto.errors import AgentError, KabutoError
 from kabuto.hypervisor import registry
-from kabuto.hypervisor.base import DEFAULT_JAILER_ROOT, Hypervisor, HypervisorState, VcpuThreadIds, VmStatus
+from kabuto.hypervisor.base import Hypervisor, HypervisorState, VcpuThreadIds, VmStatus
 from kabuto.hypervisor.capabilities import Capabilities
-from kabuto.hypervisor.devices import DeviceKind, SharedFsKind
+from kabuto.hypervisor.devices import AgentChannel, ChannelKind, DeviceKind, SharedFsKind
 from kabuto.hypervisor.plugin import Availability, BasePlugin
-from kabuto.runtime import commands
+from kabuto.runtime import bundle as bundle_module
+from kabuto.runtime import commands, control, streaming
 from kabuto.runtime import sandbox as sandbox_module
 from kabuto.runtime.bundle import BundleError, ContainerIdError, default_spec
 from kabuto.runtime.sandbox import SandboxError
@@ -50,6 +51,7 @@ class FakeVmm(Hypervisor):
     async def prepare_vm(self, id: str, netns: str | None = None) -> None:
         self.id = id
         self.vm_path.mkdir(parents=True)
+        self.agent_channel = AgentChannel("agent", ChannelKind.VIRTIO_SERIAL, socket_path=Path("/fake"))
         self.status = VmStatus.PREPARED
 
     async def start_vm(self, timeout: float) -> None:
@@ -95,26 +97,16 @@ class FakeVmm(Hypervisor):
         return [self.pid] if self._alive() else []
 
     async def save_state(self) -> HypervisorState:
-        return HypervisorState(self.name, self.id, self.status.value, str(self.vm_path),
-                               str(self.jailer_root), await self.get_pids(), "unix:///fake",
-                               {"create_time": getattr(self, "create_time", 0.0),
-                                "devices": [{"id": d.id, "path": str(getattr(d, "path", ""))}
-                                            for d in self.devices]})
+        return await self._state({"create_time": getattr(self, "create_time", 0.0)})
 
-    @classmethod
-    async def restore(cls, config: Any, state: HypervisorState,
-                      jailer_root: Path = DEFAULT_JAILER_ROOT) -> Self:
-        self = cls(config, Path(state.jailer_root))
-        self.id = state.id
+    async def _take_over(self, state: HypervisorState) -> None:
         self.pid = state.pids[0] if state.pids else 0
         self.create_time = state.extra["create_time"]
         self.status = VmStatus.RUNNING if self._alive() else VmStatus.STOPPED
-        return self
 
     async def pause_vm(self) -> None: ...
     async def resume_vm(self) -> None: ...
     async def save_vm(self) -> Path: raise NotImplementedError
-    async def get_agent_socket(self) -> str: return "unix:///fake"
     async def disconnect(self) -> None: ...
     async def get_thread_ids(self) -> VcpuThreadIds: return VcpuThreadIds()
     async def check(self) -> None: ...
@@ -359,7 +351,7 @@ class Output:
         self.stdout = bytearray()
         self.stderr = bytearray()
 
-    def io(self, stdin: bytes | None = None) -> commands.ProcessIO:
+    def io(self, stdin: bytes | None = None) -> streaming.ProcessIO:
         async def out(data: bytes) -> None:
             self.stdout.extend(data)
 
@@ -369,7 +361,7 @@ class Output:
         async def chunks() -> Any:
             yield stdin
 
-        return commands.ProcessIO(out, err, chunks() if stdin else None)
+        return streaming.ProcessIO(out, err, chunks() if stdin else None)
 
 
 # -- tests -------------------------------------------------------------------------------------
@@ -465,7 +457,8 @@ async def test_pod_containers_share_one_vm(store: StateStore, tmp_path: Path) ->
     sandbox = await commands.create("pod", str(make_bundle(tmp_path / "p", ["sleep"])), opts)
     await sandbox.disconnect()
     await commands.start("pod", opts)
-    pod_annotations = {commands.CONTAINER_TYPE_ANNOTATION: "container", commands.SANDBOX_ID_ANNOTATION: "pod"}
+    pod_annotations = {bundle_module.CONTAINER_TYPE_ANNOTATION: "container",
+                       bundle_module.SANDBOX_ID_ANNOTATION: "pod"}
     for name in ("app1", "app2"):
         joined = await commands.create(name, str(make_bundle(tmp_path / name, ["sleep"], **pod_annotations)),
                                        opts)
@@ -515,19 +508,19 @@ async def test_block_rootfs_without_shared_fs(store: StateStore, tmp_path: Path)
     assert debugfs_cat(image, "/marker") == "in the rootfs"
     await sandbox.disconnect()
     # no shared fs and no block hot-plug: a second container cannot join after boot
-    pod = {commands.CONTAINER_TYPE_ANNOTATION: "container", commands.SANDBOX_ID_ANNOTATION: "c1"}
+    pod = {bundle_module.CONTAINER_TYPE_ANNOTATION: "container", bundle_module.SANDBOX_ID_ANNOTATION: "c1"}
     with pytest.raises(SandboxError, match="neither a shared filesystem nor block hot-plug"):
         await commands.create("c2", str(make_bundle(tmp_path / "b2", ["sleep"], **pod)), opts)
     await commands.delete("c1", opts, force=True)
 
 
 def test_parse_signal() -> None:
-    assert commands.parse_signal("KILL") == commands.parse_signal("SIGKILL") == 9
-    assert commands.parse_signal("9") == 9
-    assert commands.parse_signal("term") == signal.SIGTERM
+    assert control.parse_signal("KILL") == control.parse_signal("SIGKILL") == 9
+    assert control.parse_signal("9") == 9
+    assert control.parse_signal("term") == signal.SIGTERM
     for bad in ("SIGBOGUS", "0", "999", "-1"):
         with pytest.raises(KabutoError, match="invalid signal"):
-            commands.parse_signal(bad)
+            control.parse_signal(bad)
 
 
 async def test_kill_reaches_a_running_run_through_its_owner(store: StateStore, tmp_path: Path) -> None:
@@ -535,12 +528,12 @@ async def test_kill_reaches_a_running_run_through_its_owner(store: StateStore, t
     opts = options(store)
     run = asyncio.create_task(commands.run("r1", str(make_bundle(tmp_path / "b", ["sleep"])), opts,
                                            Output().io()))
-    control = store.sandbox_dir("r1") / commands.CONTROL_SOCKET
-    await until_exists(control)
+    socket_path = store.sandbox_dir("r1") / control.CONTROL_SOCKET
+    await until_exists(socket_path)
     await commands.kill("r1", "TERM", opts)  # PID 1 ignores it, as under runc
     assert not run.done()
     with pytest.raises(SandboxError, match="'nobody' does not exist"):
-        await commands.kill_via_owner(control, "nobody", signal.SIGKILL, False)
+        await control.kill_via_owner(socket_path, "nobody", signal.SIGKILL, False)
     await commands.kill("r1", "KILL", opts)
     assert await run == 128 + signal.SIGKILL
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import psutil
 
-from kabuto.runtime import commands
+from kabuto.runtime import detached
 from kabuto.runtime.iopump import copy_stream
 
 
@@ -62,9 +62,9 @@ def test_end_pump_terminates_the_recorded_process_only() -> None:
     try:
         created = psutil.Process(process.pid).create_time()
         # another process now holding the pid: left alone
-        commands._end_pump({"pid": process.pid, "create_time": created - 100}, grace=0.0)
+        detached.end_pump({"pid": process.pid, "create_time": created - 100}, grace=0.0)
         assert process.poll() is None
-        commands._end_pump({"pid": process.pid, "create_time": created}, grace=0.0)
+        detached.end_pump({"pid": process.pid, "create_time": created}, grace=0.0)
         # _end_pump may have reaped it already (then Popen cannot see its status)
         process.wait(timeout=10)
         assert not psutil.pid_exists(process.pid) or psutil.Process(process.pid).create_time() != created

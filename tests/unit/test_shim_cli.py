@@ -19,11 +19,11 @@ import test_runtime_fake_vmm as fake_vm
 from google.protobuf.empty_pb2 import Empty
 
 from kabuto.protos import containerd_shim_pb2 as pb
-from kabuto.runtime.bundle import load_bundle
+from kabuto.runtime.bundle import SANDBOX_ID_ANNOTATION, load_bundle
 from kabuto.runtime.sandbox import VirtSandbox
 from kabuto.runtime.state import DEFAULT_STATE_ROOT, STATE_ROOT_ENV, SandboxRecord, StateStore
 from kabuto.shim import cli
-from kabuto.shim.service import SANDBOX_ID_ANNOTATION, TASK_SERVICE
+from kabuto.shim.service import TASK_SERVICE
 from kabuto.ttrpc import Client
 
 # the fake VMM and guest (autouse); `store` fails a test that leaves anything behind

@@ -27,8 +27,9 @@ from kabuto.protos import containerd_events_pb2 as events_pb
 from kabuto.protos import containerd_runtimeoptions_pb2 as options_pb
 from kabuto.protos import containerd_shim_pb2 as pb
 from kabuto.protos import containerd_task_types_pb2 as task_types_pb
+from kabuto.runtime.bundle import CONTAINER_TYPE_ANNOTATION, SANDBOX_ID_ANNOTATION
 from kabuto.runtime.state import StateStore
-from kabuto.shim.service import CONTAINER_TYPE_ANNOTATION, SANDBOX_ID_ANNOTATION, TASK_SERVICE, TaskService
+from kabuto.shim.service import TASK_SERVICE, TaskService
 from kabuto.ttrpc import Client, Code, RpcError, Server
 
 # the fake VMM and guest for every test here; `store` fails a test that leaves anything behind

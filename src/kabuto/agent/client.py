@@ -19,17 +19,16 @@ from google.protobuf.message import Message
 
 from kabuto.agent.address import AgentAddress, parse_agent_address
 from kabuto.errors import AgentError, KabutoError
-from kabuto.protos import agent_pb2
+from kabuto.hypervisor.devices import PORT_LOCK_SUFFIX
+from kabuto.protos import AGENT_SERVICE, agent_pb2
 from kabuto.ttrpc import Client
 
-SERVICE_NAME = "kabuto.agent.v1.AgentService"
 DEFAULT_CALL_TIMEOUT = 10.0
 # The hybrid-vsock answer is one short line ("OK <host port>\n"); more is a broken peer.
 MAX_HANDSHAKE_LINE = 128
 RETRY_INTERVAL = 0.05
 # A unix:// agent address is a virtio-serial port: one host connection at a time. A process
 # claims a port with an flock on this file beside its socket and keeps it while connected.
-PORT_LOCK_SUFFIX = ".lock"
 
 M = TypeVar("M", bound=Message)
 
@@ -193,7 +192,7 @@ class AgentClient:
         """Call an AgentService method; any failure is an AgentError naming the address."""
         try:
             return await self._ttrpc.call(
-                SERVICE_NAME, method, request, response_type, timeout=timeout or self.call_timeout
+                AGENT_SERVICE, method, request, response_type, timeout=timeout or self.call_timeout
             )
         except KabutoError as exc:
             raise AgentError(f"agent at {self.address}: {method} failed: {exc}") from exc

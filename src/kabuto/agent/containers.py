@@ -21,10 +21,10 @@ from google.protobuf.message import Message
 
 from kabuto.agent.client import AgentClient
 from kabuto.errors import AgentError, KabutoError
+from kabuto.protos import CONTAINER_SERVICE
 from kabuto.protos import containers_pb2 as pb
 from kabuto.ttrpc import Code, RpcError
 
-SERVICE_NAME = "kabuto.agent.v1.ContainerService"
 DEFAULT_POLL_INTERVAL = 30.0
 # Per-call chunk for stdin, output and file copies (the guest accepts at most 1 MiB).
 MAX_CHUNK = 1 << 20
@@ -83,7 +83,7 @@ class ContainerClient:
     ) -> M:
         try:
             return await self.agent._ttrpc.call(
-                SERVICE_NAME, method, request, response_type, timeout=timeout or self.agent.call_timeout
+                CONTAINER_SERVICE, method, request, response_type, timeout=timeout or self.agent.call_timeout
             )
         except RpcError as exc:
             raise ContainerCallError(self.agent.address, method, exc.code, exc.message) from exc

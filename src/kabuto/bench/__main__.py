@@ -27,7 +27,7 @@ from pathlib import Path
 from kabuto.bench.containerd import containerd_section
 from kabuto.bench.floor import boot_floor, one_line_initrd
 from kabuto.bench.raw_serial import bench_initrd, raw_copy_seconds
-from kabuto.config import load_config
+from kabuto.hypervisor import resolve_config
 
 
 def _median(values: list[float]) -> float:
@@ -57,8 +57,7 @@ async def _alternate(runs: int, first: Callable[[], Awaitable[float]], second: C
 async def boot_section(runs: int, work: Path) -> list[dict[str, object]]:
     from kabuto.cli.vm_cmd import boot_once
 
-    config = load_config()
-    table = config.active_hypervisor
+    table = resolve_config().table
     floor_initrd = one_line_initrd(work / "one-line.img")
 
     async def kabuto_boot() -> float:
@@ -83,8 +82,7 @@ async def run_section(runs: int, work: Path) -> list[dict[str, object]]:
     import kabuto
     from kabuto.runtime.busybox import make_busybox_rootfs
 
-    config = load_config()
-    table = config.active_hypervisor
+    table = resolve_config().table
     rootfs = make_busybox_rootfs(work / "rootfs")
     kabuto_bin = str(Path(sys.executable).with_name("kabuto"))
     floor_initrd = one_line_initrd(work / "one-line.img")

@@ -10,9 +10,17 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from kabuto.config import KabutoConfig, hypervisor_table, load_config
+from kabuto.config import KabutoConfig
 from kabuto.errors import ConfigError, HypervisorUnavailable
 from kabuto.hypervisor.plugin import Availability
+from kabuto.hypervisor.registry import (
+    aliases_of,
+    get_plugin,
+    hypervisor_names,
+    load_warnings,
+    registered_names,
+)
+from kabuto.hypervisor.resolve import adjusted_table, resolve_config
 
 _CONFIG_OPTION = click.option(
     "--config", "config_path", type=click.Path(dir_okay=False), default=None,
@@ -54,7 +62,7 @@ def show(ctx: click.Context, config_path: str | None, fmt: str, no_validate: boo
     """Print the resolved configuration (after drop-ins and plugin defaults)."""
     path, hypervisor = _options(ctx, config_path)
     try:
-        config = load_config(path, hypervisor_name=hypervisor, validate=not no_validate)
+        config = resolve_config(path, hypervisor_name=hypervisor, validate=not no_validate).config
     except ConfigError as exc:
         _echo_error(exc)
         ctx.exit(1)
@@ -73,7 +81,7 @@ def validate(ctx: click.Context, config_path: str | None) -> None:
     """Exit 1 with one line per problem (key = value: reason), else print 'configuration OK'."""
     path, hypervisor = _options(ctx, config_path)
     try:
-        config = load_config(path, hypervisor_name=hypervisor)
+        config = resolve_config(path, hypervisor_name=hypervisor).config
     except ConfigError as exc:
         _echo_error(exc)
         ctx.exit(1)
@@ -83,8 +91,6 @@ def validate(ctx: click.Context, config_path: str | None) -> None:
 
 def _describe(name: str, config: KabutoConfig | None) -> dict[str, Any]:
     """One plugin's entry for `kabuto hypervisors`; a broken plugin is shown, not fatal."""
-    from kabuto.hypervisor.registry import aliases_of, get_plugin
-
     plugin = get_plugin(name)
     entry: dict[str, Any] = {
         "name": name,
@@ -92,7 +98,7 @@ def _describe(name: str, config: KabutoConfig | None) -> dict[str, Any]:
         "active": config is not None and config.hypervisor_name == name,
     }
     try:
-        availability = plugin.availability(hypervisor_table(config, name))
+        availability = plugin.availability(adjusted_table(config, name))
     except Exception as exc:  # a third-party plugin's bug must not hide the others
         availability = Availability(False, [f"plugin error: {exc}"])
     try:
@@ -124,12 +130,10 @@ def _capability_summary(caps: dict[str, Any]) -> str:
 @click.pass_context
 def hypervisors(ctx: click.Context, config_path: str | None, fmt: str) -> None:
     """List the registered hypervisor plugins, their availability here and capabilities."""
-    from kabuto.hypervisor.registry import load_warnings, registered_names
-
     path, hypervisor = _options(ctx, config_path)
     config: KabutoConfig | None
     try:
-        config = load_config(path, hypervisor_name=hypervisor, validate=False)
+        config = resolve_config(path, hypervisor_name=hypervisor, validate=False).config
     except ConfigError as exc:
         reason = str(exc).splitlines()[0]
         click.echo(f"warning: configuration not used ({reason}); showing defaults", err=True)
@@ -167,18 +171,16 @@ def hypervisors(ctx: click.Context, config_path: str | None, fmt: str) -> None:
 @click.pass_context
 def check(ctx: click.Context, config_path: str | None, fmt: str) -> None:
     """Can this host run the configured hypervisor? Exit 1 (with the reasons) if not."""
-    from kabuto.hypervisor.registry import canonical_name, get_plugin
-
     path, hypervisor = _options(ctx, config_path)
     report: dict[str, Any] = {"hypervisor": hypervisor, "source": None, "problems": [], "availability": None}
     try:
-        config = load_config(path, hypervisor_name=hypervisor)
+        resolved = resolve_config(path, hypervisor_name=hypervisor)
     except ConfigError as exc:
         report["problems"] = [str(p) for p in exc.problems] or [str(exc)]
         if hypervisor:
-            report["hypervisor"] = canonical_name(hypervisor)
+            report["hypervisor"] = hypervisor_names().canonical(hypervisor)
     else:
-        plugin = get_plugin(config.hypervisor_name)
+        config, plugin = resolved.config, resolved.plugin
         report.update(hypervisor=config.hypervisor_name, source=config.source)
         try:
             availability = plugin.availability(config.active_hypervisor)

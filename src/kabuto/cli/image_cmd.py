@@ -69,16 +69,14 @@ def path_command(ctx: click.Context, output_format: str) -> None:
 
 def _hypervisor_table(options: dict[str, str | None]) -> HypervisorConfig | None:
     """The active hypervisor table; values are not validated, since a missing image is what this reports."""
+    from kabuto.hypervisor import resolve_config
+
     try:
-        from kabuto.config.loader import load_config
-    except ImportError:  # the configuration loader is not part of this tree yet
-        return None
-    try:
-        config = load_config(options.get("config_path"), hypervisor_name=options.get("hypervisor_name"),
-                             validate=False)
+        resolved = resolve_config(options.get("config_path"), hypervisor_name=options.get("hypervisor_name"),
+                                  validate=False)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
-    return config.active_hypervisor
+    return resolved.table
 
 
 def register(cli: click.Group) -> None:

@@ -18,13 +18,13 @@ import tempfile
 import termios
 import threading
 import tty
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import click
 
-from kabuto.runtime import commands
+from kabuto.runtime import commands, streaming
 from kabuto.runtime.bundle import default_spec
 from kabuto.runtime.busybox import make_busybox_rootfs
 from kabuto.runtime.sandbox import DEFAULT_BOOT_TIMEOUT
@@ -67,7 +67,7 @@ async def _write_fd(fd: int, data: bytes) -> None:
     await asyncio.get_running_loop().run_in_executor(None, write_all)
 
 
-def _sink(fd: int) -> commands.Sink:
+def _sink(fd: int) -> streaming.Sink:
     async def sink(data: bytes) -> None:
         try:
             await _write_fd(fd, data)
@@ -101,15 +101,15 @@ async def _stdin_chunks() -> AsyncIterator[bytes]:
         yield data
 
 
-def _stdio(terminal: bool) -> commands.ProcessIO:
+def _stdio(terminal: bool) -> streaming.ProcessIO:
     stdin_open = True
     try:
         os.fstat(0)
     except OSError:
         stdin_open = False
     terminal_size = _terminal_size if terminal and os.isatty(0) else None
-    return commands.ProcessIO(stdout=_sink(1), stderr=_sink(2), stdin=_stdin_chunks() if stdin_open else None,
-                              terminal_size=terminal_size)
+    return streaming.ProcessIO(stdout=_sink(1), stderr=_sink(2),
+                               stdin=_stdin_chunks() if stdin_open else None, terminal_size=terminal_size)
 
 
 def _terminal_size() -> tuple[int, int]:
@@ -216,22 +216,26 @@ def create_command(ctx: click.Context, bundle: str | None, pid_file: str | None,
     """
     options = _options(ctx, root, boot_timeout)
 
-    async def create() -> dict[str, Any]:
-        await commands.create_detached(container_id, bundle or os.getcwd(), options)
-        return await commands.state(container_id, options)
-
-    state = asyncio.run(create())
+    pid = asyncio.run(commands.create_detached(container_id, bundle or os.getcwd(), options))
     if pid_file:
-        Path(pid_file).write_text(str(state["pid"]))
+        Path(pid_file).write_text(str(pid))
 
 
-@click.command("start")
-@_root_option
-@click.argument("container_id")
-@click.pass_context
-def start_command(ctx: click.Context, root: Path | None, container_id: str) -> None:
-    """Start a created container's process."""
-    asyncio.run(commands.start(container_id, _options(ctx, root)))
+def _container_verb(name: str, verb: Callable[[str, commands.RuntimeOptions], Awaitable[Any]],
+                    doc: str) -> click.Command:
+    """A command that takes only CONTAINER_ID (and --root) and runs one runtime verb."""
+    @click.command(name, help=doc)
+    @_root_option
+    @click.argument("container_id")
+    @click.pass_context
+    def command(ctx: click.Context, root: Path | None, container_id: str) -> None:
+        asyncio.run(verb(container_id, _options(ctx, root)))
+    return command
+
+
+start_command = _container_verb("start", commands.start, "Start a created container's process.")
+pause_command = _container_verb("pause", commands.pause, "Freeze every process of a running container.")
+resume_command = _container_verb("resume", commands.resume, "Let a paused container run again.")
 
 
 @click.command("state")
@@ -241,24 +245,6 @@ def start_command(ctx: click.Context, root: Path | None, container_id: str) -> N
 def state_command(ctx: click.Context, root: Path | None, container_id: str) -> None:
     """Print the container's OCI state as JSON."""
     click.echo(json.dumps(asyncio.run(commands.state(container_id, _options(ctx, root))), indent=2))
-
-
-@click.command("pause")
-@_root_option
-@click.argument("container_id")
-@click.pass_context
-def pause_command(ctx: click.Context, root: Path | None, container_id: str) -> None:
-    """Freeze every process of a running container."""
-    asyncio.run(commands.pause(container_id, _options(ctx, root)))
-
-
-@click.command("resume")
-@_root_option
-@click.argument("container_id")
-@click.pass_context
-def resume_command(ctx: click.Context, root: Path | None, container_id: str) -> None:
-    """Let a paused container run again."""
-    asyncio.run(commands.resume(container_id, _options(ctx, root)))
 
 
 def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:

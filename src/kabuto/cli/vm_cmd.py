@@ -13,8 +13,7 @@ from typing import Any
 import click
 
 from kabuto.agent.client import GuestDetails, wait_for_agent
-from kabuto.config import load_config
-from kabuto.hypervisor import new_hypervisor
+from kabuto.hypervisor import new_hypervisor, resolve_config
 from kabuto.hypervisor.base import DEFAULT_JAILER_ROOT
 
 DEFAULT_BOOT_TIMEOUT = 60.0
@@ -33,9 +32,9 @@ async def boot_once(
     config_path: str | None, hypervisor_name: str | None, timeout: float, jailer_root: Path
 ) -> BootReport:
     """Boot, health-check and stop one VM; whatever happens, nothing is left behind."""
-    config = load_config(config_path, hypervisor_name=hypervisor_name)
-    hypervisor = new_hypervisor(config, jailer_root=jailer_root)
-    report = BootReport(config.runtime.hypervisor_name, f"boot-{secrets.token_hex(4)}")
+    resolved = resolve_config(config_path, hypervisor_name=hypervisor_name)
+    hypervisor = new_hypervisor(resolved, jailer_root=jailer_root)
+    report = BootReport(resolved.name, f"boot-{secrets.token_hex(4)}")
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     try:

@@ -17,7 +17,8 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from kabuto.config.model import AgentConfig, HypervisorConfig, KabutoConfig
+from kabuto.config.model import AgentConfig, HypervisorConfig, KabutoConfig, RuntimeConfig
+from kabuto.config.rules import HypervisorNames, path_allowed, valid_paths_key
 from kabuto.errors import AnnotationError, Problem
 
 HYPERVISOR_PREFIXES = ("io.katacontainers.config.hypervisor.", "io.kabuto.config.hypervisor.")
@@ -149,8 +150,6 @@ def check_enable_annotations(table: HypervisorConfig) -> list[Problem]:
 
 
 def _hypervisor_value(name: str, table: HypervisorConfig, suffix: str, raw: str) -> tuple[str, Any]:
-    from kabuto.hypervisor.plugin import path_allowed, valid_paths_key
-
     key = _HYPERVISOR_KEYS.get(suffix)
     if key is None:
         raise _Refused("not a hypervisor key annotations may set")
@@ -190,15 +189,13 @@ def _apply_agent(agent: AgentConfig, suffix: str, raw: str) -> str:
     return f"agent.kata.{suffix}"
 
 
-def _apply_runtime(config: KabutoConfig, file_tables: set[str], suffix: str, raw: str) -> str:
-    from kabuto.config.model import RuntimeConfig
-    from kabuto.hypervisor.registry import canonical_name
-
+def _apply_runtime(config: KabutoConfig, file_tables: set[str], names: HypervisorNames, suffix: str,
+                   raw: str) -> str:
     runtime = config.runtime
     if suffix not in _RUNTIME_KEYS:
         raise _Refused("not a runtime key annotations may set")
     if suffix == "hypervisor_name":
-        name = canonical_name(raw)
+        name = names.canonical(raw)
         if name not in file_tables:
             raise _Refused(f"the configuration has no [hypervisor.{name}] table to switch to")
         runtime.hypervisor_name = name
@@ -230,14 +227,17 @@ def _strip_prefix(key: str, prefixes: tuple[str, ...]) -> str | None:
 
 
 def apply_annotations(
-    config: KabutoConfig, annotations: Mapping[str, str], file_tables: set[str]
+    config: KabutoConfig, annotations: Mapping[str, str], file_tables: set[str],
+    names: HypervisorNames | None = None,
 ) -> dict[str, str]:
     """Apply every annotation for us, or raise AnnotationError listing each refused one.
 
     ``file_tables`` names the hypervisor tables the operator's files define: the only ones
-    a runtime.hypervisor_name annotation may switch to. Returns {config key path: annotation}
+    a runtime.hypervisor_name annotation may switch to (by a name or an alias in ``names``).
+    Returns {config key path: annotation}
     for the keys changed, so that later validation problems can name the annotation.
     """
+    names = names if names is not None else HypervisorNames()
     problems: list[Problem] = []
     applied: dict[str, str] = {}
     # switch tables first, so that the other annotations apply to the chosen ones
@@ -260,7 +260,7 @@ def apply_annotations(
             if "\0" in raw:
                 raise _Refused("the value contains a NUL character")
             if runtime_suffix is not None:
-                applied[_apply_runtime(config, file_tables, runtime_suffix, raw)] = key
+                applied[_apply_runtime(config, file_tables, names, runtime_suffix, raw)] = key
             elif agent_suffix is not None:
                 name = config.runtime.agent_name
                 agent = config.agent.setdefault(name, AgentConfig())

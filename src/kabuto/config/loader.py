@@ -1,9 +1,10 @@
-"""Find, read, merge, check and adjust the configuration (the path Kata runtime-rs takes).
+"""Find, read, merge and type the configuration, then apply the annotations.
 
 File search: the ``path`` argument, else ``$KABUTO_CONFIG``, else /etc/kabuto/configuration.toml,
 else the built-in default shipped in this package. Drop-ins from ``config.d/*.toml`` beside
-the file are deep-merged in name order. Then: strict types, unknown keys as warnings,
-annotations, and the active hypervisor plugin's ``adjust`` and ``validate``.
+the file are deep-merged in name order. Then: strict types, unknown keys as warnings and
+annotations. The active hypervisor plugin's ``adjust`` and ``validate`` come after, in
+kabuto.hypervisor.resolve: this package is data and rules on data.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from kabuto.bounded import FileTooLarge, read_bounded
 from kabuto.config.annotations import apply_annotations, check_enable_annotations
-from kabuto.config.model import AgentConfig, HypervisorConfig, KabutoConfig
-from kabuto.errors import AnnotationError, ConfigError, Problem
+from kabuto.config.model import HypervisorConfig, KabutoConfig
+from kabuto.config.rules import HypervisorNames, prefixed
+from kabuto.errors import ConfigError, Problem
 
 ENV_VAR = "KABUTO_CONFIG"
 SYSTEM_PATH = Path("/etc/kabuto/configuration.toml")
@@ -29,10 +32,6 @@ BUILTIN_NAME = "default.toml"
 #: a configuration file is operator input, but still bounded (Kata's largest is ~40 KiB)
 MAX_FILE_BYTES = 1 << 20
 
-INTERNETWORKING_MODELS = ("macvtap", "none", "tcfilter", "l3forwarding")
-VFIO_MODES = ("", "vfio", "guest-kernel")
-EMPTYDIR_MODES = ("shared-fs", "block-encrypted", "block-plain")
-LOG_LEVELS = ("trace", "debug", "info", "warn", "error", "critical")
 
 
 def config_path(path: str | os.PathLike[str] | None = None) -> Path | None:
@@ -59,29 +58,29 @@ def load_config(
     annotations: Mapping[str, str] | None = None,
     hypervisor_name: str | None = None,
     *,
-    validate: bool = True,
+    names: HypervisorNames | None = None,
 ) -> KabutoConfig:
-    """Return the adjusted, validated configuration; raise ConfigError listing every problem.
+    """Read, merge and type the configuration and apply the annotations; raise ConfigError.
 
     ``annotations`` are the OCI spec's (untrusted; see kabuto.config.annotations) and
     ``hypervisor_name`` overrides ``[runtime] hypervisor_name`` (the CLI's --hypervisor).
-    ``validate=False`` skips only the final value checks (for showing a configuration that
-    cannot run yet); unreadable files, wrong types and refused annotations still raise.
+    ``names`` are the registered hypervisors: aliases are resolved and an unknown name is
+    refused; without it every name is taken as written. The tables are data here: the
+    hypervisor registry's ``resolve`` has the plugin adjust and validate them.
     """
-    from kabuto.hypervisor.registry import canonical_name, get_plugin, load_warnings, registered_names
-
+    names = names if names is not None else HypervisorNames()
     file = config_path(path)
-    warnings: list[str] = list(load_warnings())
+    warnings: list[str] = []
     if file is None:
         source = f"<built-in {BUILTIN_NAME}>"
-        data = _normalise_aliases(_parse(builtin_default_text(), source), source, canonical_name)
+        data = _normalise_aliases(_parse(builtin_default_text(), source), source, names)
         dropins: list[Path] = []
     else:
         source = str(file)
-        data = _normalise_aliases(_parse(_read(file), source), source, canonical_name)
+        data = _normalise_aliases(_parse(_read(file), source), source, names)
         dropins = _dropin_files(file.parent / DROPIN_DIR, warnings)
         for dropin in dropins:
-            overlay = _normalise_aliases(_parse(_read(dropin), str(dropin)), str(dropin), canonical_name)
+            overlay = _normalise_aliases(_parse(_read(dropin), str(dropin)), str(dropin), names)
             data = deep_merge(data, overlay)
 
     config, dropped = _build(data, source)
@@ -90,104 +89,32 @@ def load_config(
     warnings += [f"unknown key {key} (ignored)" for key in dropped]
     warnings += [f"unknown key {key} (kept, not used)" for key in _unknown_keys(config)]
     file_tables = set(config.hypervisor)
-    for name in sorted(file_tables - set(registered_names())):
-        warnings.append(f"[hypervisor.{name}]: no plugin registered under that name (kept, not used)")
-
-    name = canonical_name(hypervisor_name or config.runtime.hypervisor_name)
-    get_plugin(name)  # unknown name: ConfigError listing the registered ones
+    if names.registered:
+        for name in sorted(file_tables - names.registered):
+            warnings.append(f"[hypervisor.{name}]: no plugin registered under that name (kept, not used)")
+        name = names.require(hypervisor_name or config.runtime.hypervisor_name)
+    else:
+        name = hypervisor_name or config.runtime.hypervisor_name
     config.runtime.hypervisor_name = name
     config.hypervisor.setdefault(name, HypervisorConfig())
     config.warnings = warnings
 
-    regex_problems = _prefixed(f"hypervisor.{name}", check_enable_annotations(config.hypervisor[name]))
+    regex_problems = prefixed(f"hypervisor.{name}", check_enable_annotations(config.hypervisor[name]))
     if regex_problems:
         raise ConfigError(f"invalid configuration {source}", regex_problems)
-    from_annotations = apply_annotations(config, annotations or {}, file_tables)
-    name = config.runtime.hypervisor_name  # an annotation may have switched it
-    plugin = get_plugin(name)
-    table = config.hypervisor[name]
-    plugin.adjust(table)
-    if validate:
-        # the regexes of a table an annotation switched to were not checked above
-        own = check_enable_annotations(table) + plugin.validate(table)
-        problems = _prefixed(f"hypervisor.{name}", own) + _common_problems(config)
-        _raise_if_any(problems, from_annotations, source)
+    config.annotated = apply_annotations(config, annotations or {}, file_tables, names)
     return config
-
-
-def _raise_if_any(problems: list[Problem], from_annotations: dict[str, str], source: str) -> None:
-    if not problems:
-        return
-    marked = [
-        Problem(p.key, p.value, f"{p.reason} (set by annotation {from_annotations[_base_key(p.key)]})")
-        if _base_key(p.key) in from_annotations else p
-        for p in problems
-    ]
-    if marked != problems:
-        raise AnnotationError(f"annotations make the configuration {source} invalid", marked)
-    raise ConfigError(f"invalid configuration {source}", problems)
-
-
-def _base_key(key: str) -> str:
-    return re.sub(r"\[\d+\]$", "", key)
-
-
-def _prefixed(prefix: str, problems: list[Problem]) -> list[Problem]:
-    return [Problem(f"{prefix}.{p.key}", p.value, p.reason) for p in problems]
-
-
-def _common_problems(config: KabutoConfig) -> list[Problem]:
-    """Kata's [runtime] and [agent] rules (the hypervisor's belong to its plugin)."""
-    problems: list[Problem] = []
-    runtime = config.runtime
-    if not runtime.name:
-        problems.append(Problem("runtime.name", runtime.name, "must not be empty"))
-    for key, allowed in (("internetworking_model", INTERNETWORKING_MODELS), ("vfio_mode", VFIO_MODES),
-                         ("emptydir_mode", EMPTYDIR_MODES), ("log_level", LOG_LEVELS)):
-        value = getattr(runtime, key)
-        if value not in allowed:
-            choices = ", ".join(map(repr, allowed))
-            problems.append(Problem(f"runtime.{key}", value, f"must be one of {choices}"))
-    if runtime.create_container_timeout <= 0:
-        problems.append(Problem("runtime.create_container_timeout", runtime.create_container_timeout,
-                                "must be a positive number of seconds"))
-    if config.agent and runtime.agent_name not in config.agent:
-        have = ", ".join(sorted(config.agent))
-        problems.append(Problem("runtime.agent_name", runtime.agent_name,
-                                f"no [agent.{runtime.agent_name}] table (have: {have})"))
-    for name, agent in config.agent.items():
-        problems += _agent_problems(f"agent.{name}", agent)
-    return problems
-
-
-def _agent_problems(prefix: str, agent: AgentConfig) -> list[Problem]:
-    problems: list[Problem] = []
-    if agent.dial_timeout_ms <= 0:
-        problems.append(Problem(f"{prefix}.dial_timeout_ms", agent.dial_timeout_ms, "must be positive"))
-    elif agent.reconnect_timeout_ms < agent.dial_timeout_ms:
-        problems.append(Problem(f"{prefix}.reconnect_timeout_ms", agent.reconnect_timeout_ms,
-                                f"below dial_timeout_ms ({agent.dial_timeout_ms})"))
-    if agent.log_level not in LOG_LEVELS:
-        problems.append(Problem(f"{prefix}.log_level", agent.log_level,
-                                f"must be one of {', '.join(LOG_LEVELS)}"))
-    for key in ("container_pipe_size", "server_port", "log_port", "passfd_listener_port", "dial_timeout",
-                "request_timeout_ms", "create_container_timeout", "health_check_request_timeout_ms",
-                "cdh_api_timeout_ms", "launch_process_timeout"):
-        if getattr(agent, key) < 0:
-            problems.append(Problem(f"{prefix}.{key}", getattr(agent, key), "must not be negative"))
-    return problems
 
 
 # -- reading -------------------------------------------------------------------------------
 
 def _read(file: Path) -> str:
     try:
-        with file.open("rb") as stream:
-            raw = stream.read(MAX_FILE_BYTES + 1)
+        raw = read_bounded(file, MAX_FILE_BYTES)
     except OSError as exc:
         raise ConfigError(f"cannot read configuration file {file}: {exc.strerror or exc}") from None
-    if len(raw) > MAX_FILE_BYTES:
-        raise ConfigError(f"configuration file {file} is larger than {MAX_FILE_BYTES} bytes")
+    except FileTooLarge as exc:
+        raise ConfigError(f"configuration file {file} is {exc}") from None
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -242,14 +169,14 @@ def deep_merge(base: dict[str, Any], overlay: Mapping[str, Any]) -> dict[str, An
     return merged
 
 
-def _normalise_aliases(data: dict[str, Any], source: str, canonical: Any) -> dict[str, Any]:
+def _normalise_aliases(data: dict[str, Any], source: str, names: HypervisorNames) -> dict[str, Any]:
     """``[hypervisor.clh]`` becomes ``[hypervisor.cloud-hypervisor]`` before files are merged."""
     tables = data.get("hypervisor")
     if not isinstance(tables, dict):
         return data
     renamed: dict[str, Any] = {}
     for name, table in tables.items():
-        target = canonical(name)
+        target = names.canonical(name)
         if target in renamed:
             raise ConfigError(f"{source}: [hypervisor.{name}] and another table both name {target!r}; "
                               "keep one")
@@ -260,7 +187,7 @@ def _normalise_aliases(data: dict[str, Any], source: str, canonical: Any) -> dic
 # -- checking ------------------------------------------------------------------------------
 
 #: KabutoConfig fields that record where the configuration came from, not TOML keys
-_BOOKKEEPING = ("source", "dropins", "warnings")
+_BOOKKEEPING = ("source", "dropins", "warnings", "annotated")
 
 
 def _build(data: dict[str, Any], source: str) -> tuple[KabutoConfig, list[str]]:
@@ -317,18 +244,3 @@ def _unknown_keys(model: BaseModel, path: str = "") -> Iterator[str]:
             for index, item in enumerate(value):
                 if isinstance(item, BaseModel):
                     yield from _unknown_keys(item, f"{child}[{index}]")
-
-
-def hypervisor_table(config: KabutoConfig | None, name: str) -> HypervisorConfig:
-    """A copy of ``[hypervisor.<name>]`` adjusted by its plugin, or the plugin's defaults.
-
-    For showing every plugin's availability (``kabuto hypervisors``) without validating.
-    """
-    from kabuto.hypervisor.registry import canonical_name, get_plugin
-
-    name = canonical_name(name)
-    present = config.hypervisor.get(name) if config is not None else None
-    table = present.model_copy(deep=True) if present is not None else HypervisorConfig()
-    if present is None or config is None or name != config.runtime.hypervisor_name:
-        get_plugin(name).adjust(table)
-    return table

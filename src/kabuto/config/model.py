@@ -302,6 +302,8 @@ class KabutoConfig(BaseModel):
     source: str = Field(default="<built-in>", exclude=True)
     dropins: list[str] = Field(default_factory=list, exclude=True)
     warnings: list[str] = Field(default_factory=list, exclude=True)
+    #: config key path -> the annotation that set it, so that a later problem can name it
+    annotated: dict[str, str] = Field(default_factory=dict, exclude=True)
 
     @property
     def hypervisor_name(self) -> str:

@@ -16,21 +16,17 @@ import sys
 from pathlib import Path
 
 from kabuto.guest import channel, init
-from kabuto.guest.service import SERVICE_NAME, AgentService, read_uptime
+from kabuto.guest.service import AgentService, read_uptime
+from kabuto.protos import AGENT_SERVICE, CONTAINER_SERVICE
 from kabuto.ttrpc import Method, Server
 
 log = logging.getLogger("kabuto.guest")
 
-CONTAINER_SERVICE_NAME = "kabuto.agent.v1.ContainerService"
 PORT_DISCOVERY_INTERVAL = 0.1
 
 
 async def load_container_service() -> dict[str, Method]:
     module = await asyncio.to_thread(importlib.import_module, "kabuto.guest.containers")
-    if module.SERVICE_NAME != CONTAINER_SERVICE_NAME:
-        raise RuntimeError(
-            f"kabuto.guest.containers serves {module.SERVICE_NAME}, not {CONTAINER_SERVICE_NAME}"
-        )
     return module.ContainerService().methods()
 
 
@@ -61,10 +57,10 @@ async def serve(args: argparse.Namespace, started_uptime: float) -> None:
     init.Reaper().install(loop)
     service = AgentService(started_uptime)
     server = Server()
-    server.register(SERVICE_NAME, service.methods())
+    server.register(AGENT_SERVICE, service.methods())
     # Importing ContainerService takes as long as the rest of the agent: done in a thread
     # while the agent already answers Check, so the host sees it ready sooner.
-    server.register_loading(CONTAINER_SERVICE_NAME, load_container_service())
+    server.register_loading(CONTAINER_SERVICE, load_container_service())
 
     if args.listen is None:
         primary = await channel.wait_for_port(args.port_name, args.port_timeout)

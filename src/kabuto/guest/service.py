@@ -11,7 +11,6 @@ import kabuto
 from kabuto.protos import agent_pb2
 from kabuto.ttrpc import Method, unary_method
 
-SERVICE_NAME = "kabuto.agent.v1.AgentService"
 # Lets the Shutdown answer leave the guest before the power goes.
 SHUTDOWN_GRACE = 0.1
 

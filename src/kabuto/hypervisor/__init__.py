@@ -1,4 +1,5 @@
-"""The Hypervisor interface, its devices and capabilities, the plugin registry and factory."""
+"""The Hypervisor interface, its devices and capabilities, the plugin registry, and the one road
+from configuration to backend (resolve, new_hypervisor, restore_hypervisor)."""
 
 from kabuto.hypervisor.base import Hypervisor, HypervisorState, VcpuThreadIds, VmStatus
 from kabuto.hypervisor.capabilities import Capabilities
@@ -14,11 +15,13 @@ from kabuto.hypervisor.devices import (
     VfioDevice,
 )
 from kabuto.hypervisor.plugin import Availability, HypervisorPlugin
-from kabuto.hypervisor.registry import (
-    get_plugin,
+from kabuto.hypervisor.registry import get_plugin, register_hypervisor_plugin, registered_names
+from kabuto.hypervisor.resolve import (
+    ResolvedConfig,
     new_hypervisor,
-    register_hypervisor_plugin,
-    registered_names,
+    resolve,
+    resolve_config,
+    restore_hypervisor,
 )
 
 __all__ = [
@@ -32,6 +35,7 @@ __all__ = [
     "HypervisorPlugin",
     "HypervisorState",
     "NetworkDevice",
+    "ResolvedConfig",
     "SharedFsDevice",
     "SharedFsKind",
     "SharedFsMount",
@@ -42,4 +46,7 @@ __all__ = [
     "new_hypervisor",
     "register_hypervisor_plugin",
     "registered_names",
+    "resolve",
+    "resolve_config",
+    "restore_hypervisor",
 ]

@@ -6,12 +6,15 @@ import abc
 import enum
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 from kabuto.config.model import HypervisorConfig
 from kabuto.errors import HypervisorError, HypervisorUnavailable, UnsupportedOperation
 from kabuto.hypervisor.capabilities import Capabilities
-from kabuto.hypervisor.devices import AnyDevice
+from kabuto.hypervisor.devices import AgentChannel, AnyDevice, device_from_dict, device_to_dict
+
+if TYPE_CHECKING:
+    from kabuto.hypervisor.plugin import HypervisorPlugin
 
 DEFAULT_JAILER_ROOT = Path("/run/kabuto/vm")
 
@@ -26,7 +29,9 @@ class VmStatus(enum.StrEnum):
 
 @dataclass
 class HypervisorState:
-    """What ``save_state`` returns: enough for another process to find and drive the VM."""
+    """What ``save_state`` returns: enough for another process to find and drive the VM, with
+    the effective table it booted with (after annotations and the plugin's adjust), as Kata
+    keeps HypervisorConfig in its hypervisor state."""
 
     hypervisor_name: str
     id: str
@@ -35,7 +40,11 @@ class HypervisorState:
     jailer_root: str
     pids: list[int] = field(default_factory=list)
     agent_socket: str = ""
+    config: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def table(self) -> HypervisorConfig:
+        return HypervisorConfig.model_validate(self.config)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -58,15 +67,26 @@ class Hypervisor(abc.ABC):
     #: registry name of the backend ("qemu", "cloud-hypervisor" ...)
     name: ClassVar[str]
     capabilities: ClassVar[Capabilities]
+    #: the plugin of the backend's own package, for a backend built without the registry
+    default_plugin: ClassVar[HypervisorPlugin | None] = None
 
-    def __init__(self, config: HypervisorConfig, jailer_root: Path = DEFAULT_JAILER_ROOT) -> None:
+    def __init__(self, config: HypervisorConfig, jailer_root: Path = DEFAULT_JAILER_ROOT, *,
+                 plugin: HypervisorPlugin | None = None) -> None:
         self.config = config
+        chosen = plugin if plugin is not None else self.default_plugin
+        if chosen is None:
+            raise HypervisorError(f"{self.name}: built without its plugin "
+                                  "(build it with kabuto.hypervisor.new_hypervisor)")
+        #: the plugin the registry resolved this backend's name to (its availability rules)
+        self.plugin: HypervisorPlugin = chosen
         self.jailer_root = Path(jailer_root)
         self.id = ""
         self.netns: str | None = None
         self.status = VmStatus.NEW
         self.pending_devices: list[AnyDevice] = []
         self.devices: list[AnyDevice] = []
+        #: set by prepare_vm: where the guest agent is reached
+        self.agent_channel: AgentChannel | None = None
         #: phase -> seconds since start_vm began, for backends that can tell (shown by `vm boot`)
         self.boot_timings: dict[str, float] = {}
 
@@ -118,8 +138,9 @@ class Hypervisor(abc.ABC):
     async def hypervisor_config(self) -> HypervisorConfig:
         return self.config
 
-    async def _state(self, agent_socket: str, extra: dict[str, Any] | None = None) -> HypervisorState:
-        """What every backend's ``save_state`` records, plus the backend's own ``extra``."""
+    async def _state(self, extra: dict[str, Any] | None = None) -> HypervisorState:
+        """What every backend's ``save_state`` records (``restore`` reads it back), plus the
+        backend's own ``extra``."""
         return HypervisorState(
             hypervisor_name=self.name,
             id=self.id,
@@ -127,11 +148,18 @@ class Hypervisor(abc.ABC):
             vm_path=str(self.vm_path),
             jailer_root=str(self.jailer_root),
             pids=await self.get_pids(),
-            agent_socket=agent_socket,
-            extra=extra or {},
+            agent_socket=self.agent_channel.url() if self.agent_channel else "",
+            config=self.config.model_dump(mode="json"),
+            extra={
+                "netns": self.netns,
+                "agent": device_to_dict(self.agent_channel) if self.agent_channel else None,
+                "devices": [device_to_dict(d) for d in self.devices],
+                "pending_devices": [device_to_dict(d) for d in self.pending_devices],
+                **(extra or {}),
+            },
         )
 
-    def get_jailer_root(self) -> str:
+    async def get_jailer_root(self) -> str:
         return str(self.jailer_root)
 
     # -- the interface ----------------------------------------------------------------------
@@ -161,9 +189,11 @@ class Hypervisor(abc.ABC):
     async def save_vm(self) -> Path:
         """Save the (paused) VM's state to a file under the VM directory and return it."""
 
-    @abc.abstractmethod
     async def get_agent_socket(self) -> str:
         """``unix:///path``, ``vsock://CID:PORT`` or ``hvsock:///path:PORT``."""
+        if self.agent_channel is None:
+            raise self._error("no agent channel: call prepare_vm first")
+        return self.agent_channel.url()
 
     async def get_agent_sockets(self) -> list[str]:
         """Every address of the agent, the primary one first. A channel that takes one host
@@ -193,9 +223,7 @@ class Hypervisor(abc.ABC):
             raise HypervisorUnavailable(f"{self.name}: " + "; ".join(reasons))
 
     def _unavailability_reasons(self) -> list[str]:
-        from kabuto.hypervisor.registry import get_plugin  # the registry imports this module
-
-        availability = get_plugin(self.name).availability(self.config)
+        availability = self.plugin.availability(self.config)
         reasons = [] if availability.available else list(availability.reasons)
         if self.config.kernel and not Path(self.config.kernel).is_file():
             reasons.append(f"guest kernel {self.config.kernel} does not exist")
@@ -205,11 +233,30 @@ class Hypervisor(abc.ABC):
     async def save_state(self) -> HypervisorState: ...
 
     @classmethod
+    async def restore(cls, state: HypervisorState, *, jailer_root: Path = DEFAULT_JAILER_ROOT,
+                      plugin: HypervisorPlugin | None = None) -> Self:
+        """Rebuild a backend driving the VM described by ``state`` (saved by another process),
+        with the table saved in it: never the configuration file as it reads now."""
+        if state.hypervisor_name != cls.name:
+            raise HypervisorError(f"{cls.name}: cannot restore state saved by {state.hypervisor_name!r}")
+        self = cls(state.table(), Path(state.jailer_root or jailer_root), plugin=plugin)
+        self.id = state.id
+        if Path(state.vm_path) != self.vm_path:
+            raise self._error(f"saved VM path {state.vm_path} does not match {self.vm_path}")
+        extra = state.extra
+        self.status = VmStatus(state.status)
+        self.netns = extra.get("netns")
+        agent = device_from_dict(extra["agent"]) if extra.get("agent") else None
+        self.agent_channel = agent if isinstance(agent, AgentChannel) else None
+        self.devices = [device_from_dict(d) for d in extra.get("devices", [])]
+        self.pending_devices = [device_from_dict(d) for d in extra.get("pending_devices", [])]
+        await self._take_over(state)
+        return self
+
     @abc.abstractmethod
-    async def restore(
-        cls, config: HypervisorConfig, state: HypervisorState, jailer_root: Path = DEFAULT_JAILER_ROOT
-    ) -> Self:
-        """Rebuild a backend driving the VM described by ``state`` (saved by another process)."""
+    async def _take_over(self, state: HypervisorState) -> None:
+        """``restore``'s own part: adopt the processes ``state`` names and reconnect; a VM that
+        is gone comes back STOPPED."""
 
     async def _hotplug_add(self, device: AnyDevice) -> None:
         raise self._unsupported(f"hot-plugging a {device.kind.value} device")

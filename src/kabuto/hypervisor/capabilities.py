@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from kabuto.hypervisor.devices import ChannelKind, DeviceKind, SharedFsKind
 
@@ -37,3 +38,16 @@ class Capabilities:
             "jailer": self.jailer,
             "notes": list(self.notes),
         }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Capabilities:
+        """What ``to_dict`` wrote (a sandbox record's); unknown kinds raise ValueError."""
+        return cls(
+            hotplug=frozenset(DeviceKind(k) for k in data.get("hotplug", [])),
+            pause=bool(data.get("pause", False)),
+            snapshot=bool(data.get("snapshot", False)),
+            shared_fs=frozenset(SharedFsKind(k) for k in data.get("shared_fs", [])),
+            agent_channels=tuple(ChannelKind(k) for k in data.get("agent_channels", [])),
+            jailer=bool(data.get("jailer", False)),
+            notes=tuple(str(n) for n in data.get("notes", [])),
+        )

@@ -7,8 +7,9 @@ added after boot is hot-plugged where the backend's capabilities allow it.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 
 class DeviceKind(enum.StrEnum):
@@ -62,6 +63,15 @@ class NetworkDevice(Device):
         self.kind = DeviceKind.NETWORK
 
 
+#: a host process claims a virtio-serial agent port (one connection at a time) by a lock file
+#: at the port's socket path plus this suffix
+PORT_LOCK_SUFFIX = ".lock"
+#: the vsock port the guest agent listens on (reached with ``CONNECT <port>`` over hybrid vsock)
+AGENT_VSOCK_PORT = 1024
+#: the guest's CID where the VMM's vsock is private to the VM (hybrid vsock)
+HYBRID_VSOCK_GUEST_CID = 3
+
+
 @dataclass
 class AgentChannel(Device):
     """The host end of the guest agent's transport."""
@@ -70,13 +80,26 @@ class AgentChannel(Device):
     # virtio-serial and hybrid vsock: the host Unix socket
     socket_path: Path | None = None
     # vsock / hybrid vsock
-    guest_cid: int = 3
-    port: int = 1024
+    guest_cid: int = HYBRID_VSOCK_GUEST_CID
+    port: int = AGENT_VSOCK_PORT
     # virtio-serial: the port name the guest finds under /dev/virtio-ports/
     name: str = "agent.channel.0"
 
     def __post_init__(self) -> None:
         self.kind = DeviceKind.AGENT_CHANNEL
+
+    def url(self) -> str:
+        """The address the agent client dials: vsock://CID:PORT, hvsock://UDS:PORT or unix://UDS."""
+        if self.channel == ChannelKind.VSOCK:
+            return f"vsock://{self.guest_cid}:{self.port}"
+        if self.channel == ChannelKind.HYBRID_VSOCK:
+            return f"hvsock://{self.socket_path}:{self.port}"
+        return f"unix://{self.socket_path}"
+
+
+def hybrid_vsock_agent_channel(socket_path: Path) -> AgentChannel:
+    """The agent channel of a VMM whose vsock the host reaches through a Unix socket."""
+    return AgentChannel(id="agent", channel=ChannelKind.HYBRID_VSOCK, socket_path=socket_path)
 
 
 @dataclass
@@ -115,3 +138,31 @@ class VfioDevice(Device):
 
 
 AnyDevice = BlockDevice | NetworkDevice | AgentChannel | SharedFsDevice | VfioDevice
+
+
+# -- the one device serialiser, for saved state -----------------------------------------------
+_DEVICE_TYPES: dict[DeviceKind, type[Any]] = {
+    DeviceKind.BLOCK: BlockDevice,
+    DeviceKind.NETWORK: NetworkDevice,
+    DeviceKind.AGENT_CHANNEL: AgentChannel,
+    DeviceKind.SHARED_FS: SharedFsDevice,
+    DeviceKind.VFIO: VfioDevice,
+}
+_FIELD_TYPES: dict[str, type[Any]] = {"path": Path, "socket_path": Path, "host_path": Path,
+                                      "daemon_socket": Path, "channel": ChannelKind, "fs": SharedFsKind}
+
+
+def device_to_dict(device: AnyDevice) -> dict[str, Any]:
+    """JSON-ready: enums as their values, paths as strings, ``kind`` naming the type."""
+    return {key: (value.value if isinstance(value, enum.Enum) else str(value) if isinstance(value, Path)
+                  else value)
+            for key, value in asdict(device).items()}
+
+
+def device_from_dict(data: dict[str, Any]) -> AnyDevice:
+    cls = _DEVICE_TYPES[DeviceKind(data["kind"])]
+    names = {f.name for f in fields(cls) if f.init}
+    kwargs = {key: (_FIELD_TYPES[key](value) if key in _FIELD_TYPES and value is not None else value)
+              for key, value in data.items() if key in names}
+    device: AnyDevice = cls(**kwargs)
+    return device

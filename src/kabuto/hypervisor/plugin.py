@@ -1,8 +1,8 @@
 """Hypervisor plugins: each VMM adjusts and validates its own configuration table.
 
-As in Kata runtime-rs, a plugin is registered under a name; ``load_config`` calls its
-``adjust`` (defaults, units, path resolution) and then ``validate`` on the table whose
-name ``[runtime] hypervisor_name`` picks.
+As in Kata runtime-rs, a plugin is registered under a name; ``kabuto.hypervisor.resolve``
+calls its ``adjust`` (defaults, units, path resolution) and then ``validate`` on the table
+whose name ``[runtime] hypervisor_name`` picks, and builds the backend it names.
 """
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from kabuto.config.model import HypervisorConfig
+from kabuto.config.rules import LOG_LEVELS, path_allowed, valid_paths_key
 from kabuto.errors import ImageError, Problem
 
 if TYPE_CHECKING:
@@ -66,7 +66,6 @@ BLOCK_AIO_MODES = ("io_uring", "native", "threads")
 VIRTIO_FS_CACHE_MODES = ("never", "auto", "always")
 ROOTFS_DRIVERS = ("virtio-blk-pci", "virtio-blk-ccw", "virtio-blk-mmio", "virtio-pmem", "virtio-scsi")
 HUGEPAGE_TYPES = ("hugetlbfs", "thp")
-LOG_LEVELS = ("trace", "debug", "info", "warn", "error", "critical")
 COLD_PLUG_VFIO = ("no-port", "root-port", "bridge-port", "switch-port")
 MONITOR_SOCKETS = ("hmp", "qmp", "qmp-pretty")
 ACCELERATORS = ("auto", "kvm", "tcg")
@@ -272,44 +271,9 @@ def _negative_numbers(table: HypervisorConfig) -> list[Problem]:
     return problems
 
 
-_VALID_PATHS = {
-    "path": "valid_hypervisor_paths",
-    "kernel": "valid_kernel_paths",
-    "initrd": "valid_initrd_paths",
-    "image": "valid_image_paths",
-    "firmware": "valid_firmware_paths",
-    "jailer_path": "valid_jailer_paths",
-    "virtio_fs_daemon": "valid_virtio_fs_daemon_paths",
-    "ctlpath": "valid_ctlpaths",
-    "file_mem_backend": "valid_file_mem_backends",
-    "entropy_source": "valid_entropy_sources",
-    "vhost_user_store_path": "valid_vhost_user_store_paths",
-}
-
-
-def valid_paths_key(key: str) -> str | None:
-    """The ``valid_*_paths`` list that guards ``key``, if any."""
-    return _VALID_PATHS.get(key)
-
-
 def _valid_paths_for(table: HypervisorConfig, key: str) -> list[str]:
     guard = valid_paths_key(key)
     return list(getattr(table, guard)) if guard else []
-
-
-def path_allowed(value: str, globs: list[str]) -> bool:
-    """True when ``value`` matches one of ``globs`` (an empty list allows everything).
-
-    Matching is on the normalised path, so ``..`` cannot climb out of an allowed directory,
-    and ``*`` also matches ``/`` as in Kata's glob patterns. An empty value is allowed only
-    when ``""`` is listed (Kata's valid_entropy_sources does that).
-    """
-    if not globs:
-        return True
-    if not value:
-        return "" in globs
-    normalised = os.path.normpath(value)
-    return any(glob and fnmatchcase(normalised, glob) for glob in globs)
 
 
 def check_path(key: str, value: str, globs: list[str], executable: bool = False) -> list[Problem]:

@@ -1,15 +1,12 @@
-"""Registry of hypervisor plugins and the factory that builds a backend from the config."""
+"""Registry of hypervisor plugins: built-in ones, entry points, names and aliases."""
 
 from __future__ import annotations
 
 import importlib
 import logging
 from importlib.metadata import entry_points
-from pathlib import Path
 
-from kabuto.config.model import KabutoConfig
-from kabuto.errors import ConfigError, HypervisorError
-from kabuto.hypervisor.base import DEFAULT_JAILER_ROOT, Hypervisor
+from kabuto.config.rules import HypervisorNames
 from kabuto.hypervisor.plugin import HypervisorPlugin
 
 log = logging.getLogger(__name__)
@@ -103,24 +100,12 @@ def aliases_of(name: str) -> list[str]:
     return sorted(alias for alias, target in _aliases.items() if target == name)
 
 
-def get_plugin(name: str) -> HypervisorPlugin:
+def hypervisor_names() -> HypervisorNames:
+    """What the configuration loader needs to know of the registry: names and aliases."""
     _load()
-    plugin = _plugins.get(canonical_name(name))
-    if plugin is None:
-        raise ConfigError(
-            f"unknown hypervisor {name!r}; registered: {', '.join(registered_names()) or '(none)'}"
-        )
-    return plugin
+    return HypervisorNames(frozenset(_plugins), dict(_aliases))
 
 
-def new_hypervisor(config: KabutoConfig, jailer_root: Path = DEFAULT_JAILER_ROOT) -> Hypervisor:
-    """Build the backend named by ``runtime.hypervisor_name`` with its table."""
-    name = canonical_name(config.runtime.hypervisor_name)
-    plugin = get_plugin(name)
-    table = config.hypervisor.get(name)
-    if table is None:
-        raise ConfigError(f"runtime.hypervisor_name = {name!r} but there is no [hypervisor.{name}] table")
-    cls = plugin.backend()
-    if not (isinstance(cls, type) and issubclass(cls, Hypervisor)):
-        raise HypervisorError(f"plugin {name!r} returned {cls!r}, which is not a Hypervisor")
-    return cls(table, jailer_root=jailer_root)
+def get_plugin(name: str) -> HypervisorPlugin:
+    """The plugin registered as ``name`` (or an alias); ConfigError naming the registered ones."""
+    return _plugins[hypervisor_names().require(name)]

@@ -15,26 +15,20 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar
 
 import httpx
 
 from kabuto.config.model import HypervisorConfig
 from kabuto.errors import HypervisorError, VmTimeout
 from kabuto.hypervisor.base import DEFAULT_JAILER_ROOT, Hypervisor, HypervisorState, VcpuThreadIds, VmStatus
-from kabuto.hypervisor.vmm_process import (
-    HYBRID_VSOCK_AGENT_PORT,
-    ApiClient,
-    VmmProcess,
-    check_socket_path,
-    device_from_dict,
-    device_to_dict,
-    hybrid_vsock_agent_channel,
-    hybrid_vsock_url,
-    process_state,
-    unlink_quietly,
-    vcpu_thread_ids,
-)
+from kabuto.hypervisor.devices import hybrid_vsock_agent_channel
+from kabuto.hypervisor.plugin import HypervisorPlugin
+from kabuto.hypervisor.rest_api import ApiClient, ApiTransportError
+from kabuto.hypervisor.vmm_process import VmmProcess, check_socket_path, unlink_quietly, vcpu_thread_ids
+
+#: after an API connection failure, how long to wait for the VMM's exit to show
+EXIT_NOTICE = 0.5
 
 
 class RestVmm(Hypervisor):
@@ -52,8 +46,9 @@ class RestVmm(Hypervisor):
     vm_id_pattern: ClassVar[re.Pattern[str]]
     vm_id_rule: ClassVar[str]
 
-    def __init__(self, config: HypervisorConfig, jailer_root: Path = DEFAULT_JAILER_ROOT) -> None:
-        super().__init__(config, jailer_root)
+    def __init__(self, config: HypervisorConfig, jailer_root: Path = DEFAULT_JAILER_ROOT, *,
+                 plugin: HypervisorPlugin | None = None) -> None:
+        super().__init__(config, jailer_root, plugin=plugin)
         self._vmm: VmmProcess | None = None
         self._api: ApiClient | None = None
         # what start_vm was doing, for a timeout's message
@@ -101,6 +96,11 @@ class RestVmm(Hypervisor):
         """What ``_vmm_argv`` runs: the VMM, or a launcher that execs it."""
         return self.vmm_program
 
+    @property
+    def _spawn_netns(self) -> str | None:
+        """The netns the VMM is spawned in (None where a launcher joins it itself)."""
+        return self.netns
+
     def _make_vm_dir(self) -> None:
         self.vm_path.mkdir(parents=True, exist_ok=False, mode=0o750)
 
@@ -115,8 +115,8 @@ class RestVmm(Hypervisor):
         """What ``save_state`` records beyond the shared fields."""
         return {}
 
-    def _take_over(self, extra: dict[str, Any]) -> None:
-        """``restore``'s part for what ``_own_state`` recorded: check it, adopt processes."""
+    def _adopt_helpers(self, extra: dict[str, Any]) -> None:
+        """``restore``'s part for what ``_own_state`` recorded: adopt the helper processes."""
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def prepare_vm(self, id: str, netns: str | None = None) -> None:
@@ -125,10 +125,10 @@ class RestVmm(Hypervisor):
             raise self._error(f"invalid VM id {id!r}: use {self.vm_id_rule}")
         self.id = id
         self.netns = netns
-        for path in (self.api_socket, self.vsock_socket):
-            check_socket_path(self.name, path)
+        check_socket_path(self.name, self.api_socket, self.vsock_socket)
         self._make_vm_dir()
-        self.pending_devices.append(hybrid_vsock_agent_channel(self.vsock_socket))
+        self.agent_channel = hybrid_vsock_agent_channel(self.vsock_socket)
+        self.pending_devices.append(self.agent_channel)
         self.status = VmStatus.PREPARED
 
     async def start_vm(self, timeout: float, restore_from: Path | None = None) -> None:
@@ -156,7 +156,7 @@ class RestVmm(Hypervisor):
     async def _launch(self, deadline: float) -> None:
         argv = self._vmm_argv()
         self._vmm = VmmProcess(self.name, self._spawned_program, self._vmm_log)
-        await self._vmm.spawn(argv, cwd=self.vm_path)
+        await self._vmm.spawn(argv, cwd=self.vm_path, netns=self._spawn_netns)
         self._stage = f"waiting for the API socket {self.api_socket}"
         await self._vmm.wait_for_socket(self.api_socket, deadline - time.monotonic())
         self._api = self._api_client()
@@ -196,9 +196,6 @@ class RestVmm(Hypervisor):
         return self.snapshot_dir
 
     # -- queries ------------------------------------------------------------------------------
-    async def get_agent_socket(self) -> str:
-        return hybrid_vsock_url(self.vsock_socket, HYBRID_VSOCK_AGENT_PORT)
-
     async def disconnect(self) -> None:
         if self._api is not None:
             await self._api.aclose()
@@ -234,40 +231,22 @@ class RestVmm(Hypervisor):
                 unlink_quietly(path)
 
     async def save_state(self) -> HypervisorState:
-        return await self._state(
-            await self.get_agent_socket() if self.id else "",
-            {
-                "api_socket": str(self.api_socket) if self.id else "",
-                "vmm": process_state(self._vmm),
-                "netns": self.netns,
-                "devices": [device_to_dict(d) for d in self.devices],
-                "pending_devices": [device_to_dict(d) for d in self.pending_devices],
-                **self._own_state(),
-            },
-        )
+        return await self._state({
+            "api_socket": str(self.api_socket) if self.id else "",
+            "vmm": self._vmm.record() if self._vmm is not None else None,
+            **self._own_state(),
+        })
 
-    @classmethod
-    async def restore(
-        cls, config: HypervisorConfig, state: HypervisorState, jailer_root: Path = DEFAULT_JAILER_ROOT
-    ) -> Self:
+    async def _take_over(self, state: HypervisorState) -> None:
         """Drive the VM another process started (its VMM adopted, never spawned again)."""
-        if state.hypervisor_name != cls.name:
-            raise HypervisorError(f"{cls.name}: cannot restore state saved by {state.hypervisor_name!r}")
-        self = cls(config, Path(state.jailer_root or jailer_root))
         extra = state.extra
-        self.id = state.id
-        self.status = VmStatus(state.status)
-        self.netns = extra.get("netns")
-        self.devices = [device_from_dict(d) for d in extra.get("devices", [])]
-        self.pending_devices = [device_from_dict(d) for d in extra.get("pending_devices", [])]
-        self._take_over(extra)
+        self._adopt_helpers(extra)
         vmm = extra.get("vmm")
         if vmm and self.status in (VmStatus.RUNNING, VmStatus.PAUSED):
             self._vmm = VmmProcess(self.name, self.vmm_program, self._vmm_log)
-            self._vmm.adopt(vmm["pid"], vmm["start_time"])
+            self._vmm.adopt(vmm)
             self._api = self._api_client()
             await self._call("GET", self.probe_endpoint)
-        return self
 
     # -- API ----------------------------------------------------------------------------------
     def _api_client(self) -> ApiClient:
@@ -285,6 +264,13 @@ class RestVmm(Hypervisor):
         try:
             return await self._api.request(method, self.api_root + endpoint, body)
         except HypervisorError as exc:
-            if self._vmm is not None and await self._vmm.died(exc):
+            if self._vmm is not None and await self._vmm_died(exc):
                 raise self._error(f"{what}: {self._vmm.exit_description()}") from None
             raise
+
+    async def _vmm_died(self, error: HypervisorError) -> bool:
+        """Whether the VMM is gone; after a failed connection, give its exit a moment to show."""
+        assert self._vmm is not None
+        if isinstance(error, ApiTransportError):
+            return await self._vmm.wait_exit(EXIT_NOTICE)
+        return not self._vmm.alive()

@@ -1,6 +1,7 @@
-"""Plumbing shared by backends that spawn a VMM and drive it over a REST API on a Unix socket.
-
-Not a backend: Cloud Hypervisor and Firecracker both use it, neither imports the other.
+"""The VMM-process toolkit every backend that runs a process uses (QEMU, Cloud Hypervisor,
+Firecracker; virtiofsd beside them): spawn in a network namespace, a capped log, bounded waits,
+one liveness rule, adoption by another kabuto process, SIGTERM then SIGKILL, sun_path and
+netns path rules, and vCPU threads by name.
 """
 
 from __future__ import annotations
@@ -12,60 +13,47 @@ import re
 import signal
 import stat
 import time
-from collections.abc import Callable
-from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import httpx
 import psutil
 
 from kabuto.errors import HypervisorError, HypervisorUnavailable, VmTimeout
-from kabuto.hypervisor.devices import (
-    AgentChannel,
-    AnyDevice,
-    BlockDevice,
-    ChannelKind,
-    DeviceKind,
-    NetworkDevice,
-    SharedFsDevice,
-    SharedFsKind,
-    VfioDevice,
-)
+from kabuto.processes import live_process, process_record, still_running
 
 #: sun_path is 108 bytes including the terminating NUL
 MAX_UNIX_PATH = 107
+#: where ``ip netns add NAME`` puts a named network namespace
+NETNS_RUN_DIR = Path("/run/netns")
 #: how much of a VMM's log an error message quotes
 LOG_TAIL_BYTES = 2048
 #: a VMM's output includes the guest's serial console, which the guest controls: cap the log
 LOG_CAP_BYTES = 4 << 20
-#: bound on every API call; a VMM that does not answer in this time is treated as hung
-API_TIMEOUT = 10.0
-#: bound on an API answer's body (vm.info is a few KiB)
-MAX_API_ANSWER_BYTES = 1 << 20
-#: after SIGTERM, how long a process gets before SIGKILL
+#: after SIGTERM, how long a process gets before SIGKILL; after SIGKILL, how long it gets to go
 TERM_GRACE = 3.0
 _POLL = 0.02
-#: after an API connection failure, how long to wait for the VMM's exit to show
-EXIT_NOTICE = 0.5
 #: after an exit, how long the output copier gets to read what is left in the pipe
 OUTPUT_DRAIN_TIMEOUT = 1.0
 
 
-def check_socket_path(backend: str, path: Path) -> None:
-    if len(os.fsencode(path)) > MAX_UNIX_PATH:
+def check_socket_path(backend: str, *paths: Path) -> None:
+    """Refuse a Unix socket path that does not fit sun_path, naming the longest."""
+    longest = max(paths, key=lambda p: len(os.fsencode(p)))
+    if len(os.fsencode(longest)) > MAX_UNIX_PATH:
         raise HypervisorError(
-            f"{backend}: socket path {path} is longer than {MAX_UNIX_PATH} bytes; "
+            f"{backend}: socket path {longest} is longer than {MAX_UNIX_PATH} bytes; "
             "use a shorter jailer root or VM id"
         )
 
 
+def netns_path(netns: str) -> str:
+    """A network namespace given as a path, or as a name ``ip netns`` made."""
+    return netns if netns.startswith("/") else str(NETNS_RUN_DIR / netns)
+
+
 def netns_prefix(netns: str | None) -> list[str]:
-    """Run a command inside a network namespace (a path, or a name under /run/netns)."""
-    if not netns:
-        return []
-    path = netns if netns.startswith("/") else f"/run/netns/{netns}"
-    return ["nsenter", f"--net={path}", "--"]
+    """The command prefix that runs a command inside ``netns`` (nothing without one)."""
+    return ["nsenter", f"--net={netns_path(netns)}", "--"] if netns else []
 
 
 class VmmProcess:
@@ -92,16 +80,24 @@ class VmmProcess:
             return self._adopted.pid
         return None
 
-    def start_time(self) -> float:
+    @property
+    def returncode(self) -> int | None:
+        """The exit status of a child that exited (negative: the signal); None otherwise."""
+        return self._proc.returncode if self._proc is not None else None
+
+    def record(self) -> dict[str, Any] | None:
+        """What ``adopt`` needs in another kabuto process, or None if nothing runs."""
         pid = self.pid
         if pid is None:
-            return 0.0
+            return None
         try:
-            return psutil.Process(pid).create_time()
+            return process_record(pid)
         except psutil.Error:
-            return 0.0
+            return None
 
-    async def spawn(self, argv: list[str], cwd: Path | None = None) -> None:
+    async def spawn(self, argv: list[str], cwd: Path | None = None, netns: str | None = None) -> None:
+        """Start ``argv`` (inside ``netns`` when given); its output goes to the capped log."""
+        argv = [*netns_prefix(netns), *argv]
         try:
             self._proc = await asyncio.create_subprocess_exec(
                 *argv,
@@ -109,7 +105,9 @@ class VmmProcess:
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
                 cwd=cwd,
-                start_new_session=True,  # a Ctrl-C aimed at kabuto must not kill the VM
+                # a Ctrl-C aimed at kabuto must not kill the VM, and the VM outlives this process
+                # when its state is saved for a later one
+                start_new_session=True,
             )
         except FileNotFoundError as exc:
             raise HypervisorUnavailable(f"{self.backend}: {self.what} binary {argv[0]} not found") from exc
@@ -135,8 +133,9 @@ class VmmProcess:
             if log is not None:
                 log.close()
 
-    async def _output_done(self) -> None:
-        """Give the output copier a moment to reach EOF after an exit, then stop it."""
+    async def output_done(self) -> None:
+        """Give the output copier a moment to reach EOF after an exit (so that ``log_tail`` has the
+        last words), then stop it."""
         if self._pump is None:
             return
         with contextlib.suppress(TimeoutError, asyncio.CancelledError):
@@ -145,28 +144,27 @@ class VmmProcess:
         with contextlib.suppress(asyncio.CancelledError):
             await self._pump
 
-    def adopt(self, pid: int, start_time: float) -> None:
-        """Take over a process another kabuto process spawned; refuse a recycled pid."""
+    def adopt(self, record: dict[str, Any]) -> None:
+        """Take over the process another kabuto process spawned (``record()``); refuse a
+        recycled pid."""
+        pid = int(record["pid"])
         try:
-            proc = psutil.Process(pid)
-            if start_time and abs(proc.create_time() - start_time) > 1.0:
-                raise HypervisorError(f"{self.backend}: pid {pid} now belongs to another process")
+            psutil.Process(pid)
         except psutil.NoSuchProcess as exc:
             raise HypervisorError(f"{self.backend}: {self.what} (pid {pid}) is gone") from exc
-        self._adopted = proc
+        process = live_process(record)
+        if process is None:
+            raise HypervisorError(f"{self.backend}: pid {pid} now belongs to another process "
+                                  f"(or {self.what} has exited)")
+        self._adopted = process
 
     def alive(self) -> bool:
         if self._proc is not None:
             return self._proc.returncode is None
-        if self._adopted is not None:
-            try:
-                return self._adopted.is_running() and self._adopted.status() != psutil.STATUS_ZOMBIE
-            except psutil.Error:
-                return False
-        return False
+        return self._adopted is not None and still_running(self._adopted)
 
     def exit_description(self) -> str:
-        code = self._proc.returncode if self._proc is not None else None
+        code = self.returncode
         if code is None:
             status = "exited"
         elif code < 0:
@@ -190,7 +188,7 @@ class VmmProcess:
             if self._proc is not None:
                 await asyncio.sleep(0)  # let the child watcher record an exit
             if not self.alive():
-                await self._output_done()
+                await self.output_done()
                 raise HypervisorError(f"{self.backend}: {self.exit_description()} before opening {path}")
             if (await _connectable(path)) if probe else _is_socket(path):
                 return
@@ -198,45 +196,39 @@ class VmmProcess:
                 raise VmTimeout(f"{self.backend}: {self.what} did not open {path} within {timeout:g}s")
             await asyncio.sleep(_POLL)
 
-    async def died(self, error: HypervisorError) -> bool:
-        """Whether the process is gone; after a failed connection, give its exit a moment to show."""
-        if isinstance(error, ApiTransportError):
-            return await self.wait_exit(EXIT_NOTICE)
-        return not self.alive()
-
-    async def wait_exit(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
+    async def wait_exit(self, timeout: float | None) -> bool:
+        """Whether the process is gone within ``timeout`` seconds (None: the caller bounds it)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         while self.alive():
-            if time.monotonic() >= deadline:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
                 return False
             if self._proc is not None:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._proc.wait(), timeout=max(deadline - time.monotonic(), 0.0))
+                    await asyncio.wait_for(self._proc.wait(), timeout=remaining)
             else:
                 await asyncio.sleep(_POLL)
         return True
 
+    async def kill(self, timeout: float = TERM_GRACE) -> bool:
+        """SIGKILL and wait (bounded) until it is gone; reaps our own child."""
+        return await self._signal_and_wait(signal.SIGKILL, timeout)
+
     async def stop(self, grace: float = TERM_GRACE) -> None:
         """SIGTERM, then SIGKILL after ``grace``; reaps our own child."""
-        pid = self.pid
-        if pid is None:
-            return
-        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, grace)):
-            if not self.alive():
-                break
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-            if await self.wait_exit(wait):
-                break
-        await self._output_done()
+        if self.pid is not None and not await self._signal_and_wait(signal.SIGTERM, grace):
+            await self.kill(grace)
+        await self.output_done()
         self._adopted = None
 
-
-def process_state(proc: VmmProcess | None) -> dict[str, Any] | None:
-    """What ``VmmProcess.adopt`` needs in another kabuto process, or None if nothing runs."""
-    if proc is None or proc.pid is None:
-        return None
-    return {"pid": proc.pid, "start_time": proc.start_time()}
+    async def _signal_and_wait(self, sig: signal.Signals, timeout: float) -> bool:
+        pid = self.pid
+        if pid is None:
+            return True
+        if self.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        return await self.wait_exit(timeout)
 
 
 class CappedLog:
@@ -278,64 +270,6 @@ async def _connectable(path: Path) -> bool:
     return True
 
 
-class ApiTransportError(HypervisorError):
-    """The API socket failed (refused, reset): the VMM may have just died."""
-
-
-class ApiClient:
-    """HTTP/1.1 over a Unix socket; every non-2xx answer becomes a HypervisorError with the body."""
-
-    def __init__(
-        self,
-        backend: str,
-        socket_path: Path,
-        describe_error: Callable[[httpx.Response], str],
-        timeout: float = API_TIMEOUT,
-    ) -> None:
-        self.backend = backend
-        self.socket_path = socket_path
-        self._describe_error = describe_error
-        self._client = httpx.AsyncClient(
-            transport=httpx.AsyncHTTPTransport(uds=str(socket_path)),
-            base_url="http://localhost",
-            timeout=timeout,
-        )
-
-    async def request(self, method: str, path: str, body: Any = None) -> httpx.Response:
-        try:
-            async with self._client.stream(method, path, json=body) as streamed:
-                content = bytearray()
-                async for chunk in streamed.aiter_bytes():
-                    content += chunk
-                    if len(content) > MAX_API_ANSWER_BYTES:
-                        raise HypervisorError(
-                            f"{self.backend}: {method} {path}: answer exceeds {MAX_API_ANSWER_BYTES} bytes"
-                        )
-            response = httpx.Response(
-                streamed.status_code,
-                headers=streamed.headers,
-                content=bytes(content),
-                request=streamed.request,
-            )
-        except httpx.TimeoutException as exc:
-            raise VmTimeout(f"{self.backend}: {method} {path} got no answer within the API timeout") from exc
-        except httpx.TransportError as exc:
-            raise ApiTransportError(
-                f"{self.backend}: {method} {path} failed: {exc or type(exc).__name__}"
-            ) from exc
-        except httpx.HTTPError as exc:
-            raise HypervisorError(
-                f"{self.backend}: {method} {path} failed: {exc or type(exc).__name__}"
-            ) from exc
-        if not response.is_success:
-            detail = self._describe_error(response)
-            raise HypervisorError(f"{self.backend}: {method} {path} -> {response.status_code}: {detail}")
-        return response
-
-    async def aclose(self) -> None:
-        await self._client.aclose()
-
-
 def vcpu_thread_ids(pid: int, name_pattern: re.Pattern[str]) -> dict[int, int]:
     """vCPU index -> tid, from the thread names under /proc/<pid>/task (the API does not say)."""
     result: dict[int, int] = {}
@@ -353,55 +287,6 @@ def vcpu_thread_ids(pid: int, name_pattern: re.Pattern[str]) -> dict[int, int]:
         if match:
             result[int(match.group(1))] = int(task.name)
     return result
-
-
-def hybrid_vsock_url(uds: Path, port: int) -> str:
-    return f"hvsock://{uds}:{port}"
-
-
-#: the port the guest agent listens on, reached with ``CONNECT <port>`` on the hybrid vsock socket
-HYBRID_VSOCK_AGENT_PORT = 1024
-HYBRID_VSOCK_GUEST_CID = 3
-
-
-def hybrid_vsock_agent_channel(socket_path: Path) -> AgentChannel:
-    """The agent channel of a VMM whose vsock the host reaches through a Unix socket."""
-    return AgentChannel(id="agent", channel=ChannelKind.HYBRID_VSOCK, socket_path=socket_path,
-                        guest_cid=HYBRID_VSOCK_GUEST_CID, port=HYBRID_VSOCK_AGENT_PORT)
-
-
-# -- devices in saved state ---------------------------------------------------------------
-_DEVICE_TYPES: dict[DeviceKind, type] = {
-    DeviceKind.BLOCK: BlockDevice,
-    DeviceKind.NETWORK: NetworkDevice,
-    DeviceKind.AGENT_CHANNEL: AgentChannel,
-    DeviceKind.SHARED_FS: SharedFsDevice,
-    DeviceKind.VFIO: VfioDevice,
-}
-_PATH_FIELDS = {"path", "socket_path", "host_path", "daemon_socket"}
-
-
-def device_to_dict(device: AnyDevice) -> dict[str, Any]:
-    data = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(device).items()}
-    data["kind"] = device.kind.value
-    return data
-
-
-def device_from_dict(data: dict[str, Any]) -> AnyDevice:
-    cls = _DEVICE_TYPES[DeviceKind(data["kind"])]
-    kwargs: dict[str, Any] = {}
-    for f in fields(cls):
-        if not f.init or f.name not in data:
-            continue
-        value = data[f.name]
-        if f.name in _PATH_FIELDS and value is not None:
-            value = Path(value)
-        elif f.name == "channel":
-            value = ChannelKind(value)
-        elif f.name == "fs":
-            value = SharedFsKind(value)
-        kwargs[f.name] = value
-    return cls(**kwargs)
 
 
 def unlink_quietly(path: Path) -> None:

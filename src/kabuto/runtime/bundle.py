@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kabuto.bounded import FileTooLarge, read_bounded
 from kabuto.errors import KabutoError
 
 CONFIG_FILE = "config.json"
@@ -78,6 +79,12 @@ def _guest_provided(source: str) -> bool:
     return bool(under) and not (under[0] == "/dev" and os.path.isfile(source))
 
 
+#: what containerd's CRI plugin annotates a container with: "sandbox" (the pod's own, pause) or
+#: "container" (one that joins the pod named by SANDBOX_ID_ANNOTATION)
+CONTAINER_TYPE_ANNOTATION = "io.kubernetes.cri.container-type"
+SANDBOX_ID_ANNOTATION = "io.kubernetes.cri.sandbox-id"
+
+
 @dataclass
 class Bundle:
     """A checked bundle: its directory, the parsed spec and the absolute rootfs path."""
@@ -93,6 +100,14 @@ class Bundle:
     @property
     def annotations(self) -> dict[str, str]:
         return dict(self.spec.get("annotations") or {})
+
+    @property
+    def pod_sandbox_id(self) -> str | None:
+        """The sandbox this container joins, as CRI annotates it; None for a sandbox of its own."""
+        annotations = self.annotations
+        if annotations.get(CONTAINER_TYPE_ANNOTATION) == "container":
+            return annotations.get(SANDBOX_ID_ANNOTATION) or None
+        return None
 
     @property
     def hostname(self) -> str:
@@ -139,14 +154,13 @@ def load_bundle(directory: str | Path) -> Bundle:
         raise BundleError(f"bundle {bundle_dir} does not exist or is not a directory")
     config = bundle_dir / CONFIG_FILE
     try:
-        with config.open("rb") as file:
-            raw = file.read(MAX_CONFIG_BYTES + 1)
+        raw = read_bounded(config, MAX_CONFIG_BYTES)
     except FileNotFoundError:
         raise BundleError(f"JSON specification file {CONFIG_FILE} not found in {bundle_dir}") from None
     except OSError as exc:
         raise BundleError(f"cannot read {config}: {exc.strerror}") from None
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise BundleError(f"{config} is larger than {MAX_CONFIG_BYTES} bytes")
+    except FileTooLarge as exc:
+        raise BundleError(f"{config} is {exc}") from None
     try:
         spec = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -7,50 +7,38 @@ Each process claims an agent port of its own, so ``run`` and ``exec`` stream wit
 meanwhile other calls (``exec``, ``state``, ``kill``...) reach the same sandbox.
 ``run`` keeps everything in one process and removes the sandbox at the end.
 
-A container joins an existing sandbox (a pod) when its annotations say so, as CRI does:
-``io.kubernetes.cri.container-type=container`` and ``io.kubernetes.cri.sandbox-id=<id>``.
-Otherwise each container gets a sandbox of its own, named after it.
+A container joins an existing sandbox (a pod) when its annotations say so, as CRI does
+(``Bundle.pod_sandbox_id``); otherwise each container gets a sandbox of its own, named after it.
+Beside this file: streaming one process's stdio (streaming.py), a detached container's output
+pump (detached.py) and the control socket of a streaming ``run`` (control.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import os
 import secrets
-import select
-import signal
-import subprocess
-import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import psutil
-
 from kabuto.errors import KabutoError
-from kabuto.runtime.bundle import Bundle, ContainerIdError, check_container_id, load_bundle, process_spec
-from kabuto.runtime.sandbox import DEFAULT_BOOT_TIMEOUT, INIT_EXEC_ID, SandboxError, VirtSandbox
-from kabuto.runtime.state import ContainerRecord, SandboxRecord, StateError, StateStore, live_process
+from kabuto.runtime.bundle import ContainerIdError, check_container_id, load_bundle, process_spec
+from kabuto.runtime.control import CONTROL_SOCKET, control_socket, kill_via_owner, parse_signal
+from kabuto.runtime.detached import end_pump, spawn_pump
+from kabuto.runtime.sandbox import (
+    DEFAULT_BOOT_TIMEOUT,
+    INIT_EXEC_ID,
+    SandboxError,
+    VirtSandbox,
+    create_sandbox_for,
+)
+from kabuto.runtime.state import ContainerRecord, SandboxRecord, StateError, StateStore
+from kabuto.runtime.streaming import OUTPUT_DRAIN_TIMEOUT, ProcessIO, run_process
 
-CONTAINER_TYPE_ANNOTATION = "io.kubernetes.cri.container-type"
-SANDBOX_ID_ANNOTATION = "io.kubernetes.cri.sandbox-id"
 OCI_VERSION = "1.0.2"
-# After the process exits, its remaining output drains within this bound.
-OUTPUT_DRAIN_TIMEOUT = 30.0
 # A sandbox whose lock is held this long is busy streaming: `kill` goes through its owner.
 BUSY_LOCK_TIMEOUT = 2.0
-CONTROL_SOCKET = "control.sock"
-CONTROL_TIMEOUT = 30.0
-CONTROL_LINE_LIMIT = 4096
-# A detached container's output pump reaches the agent within this, or `create` fails.
-PUMP_READY_TIMEOUT = 60.0
-# Once ended by `delete`, the pump has this long to go before SIGKILL.
-PUMP_EXIT_TIMEOUT = 5.0
-
-Sink = Callable[[bytes], Awaitable[None]]
 
 
 @dataclass
@@ -61,39 +49,6 @@ class RuntimeOptions:
     boot_timeout: float = DEFAULT_BOOT_TIMEOUT
 
 
-@dataclass
-class ProcessIO:
-    """Where a process's output goes and where its input comes from (None: /dev/null)."""
-
-    stdout: Sink | None = None
-    stderr: Sink | None = None
-    stdin: AsyncIterator[bytes] | None = None
-    #: (rows, cols) of the local terminal, for a process with a terminal (sent again on SIGWINCH)
-    terminal_size: Callable[[], tuple[int, int]] | None = None
-
-
-def parse_signal(value: str | int) -> int:
-    """``KILL``, ``SIGKILL``, ``9``: runc's spellings."""
-    if isinstance(value, int) or str(value).isdigit():
-        number = int(value)
-        if not 0 < number < signal.NSIG:
-            raise KabutoError(f"invalid signal {value!r}")
-        return number
-    name = str(value).upper()
-    name = name if name.startswith("SIG") else f"SIG{name}"
-    try:
-        return int(signal.Signals[name])
-    except KeyError:
-        raise KabutoError(f"invalid signal {value!r}") from None
-
-
-def _pod_sandbox(bundle: Bundle) -> str | None:
-    annotations = bundle.annotations
-    if annotations.get(CONTAINER_TYPE_ANNOTATION) == "container" and annotations.get(SANDBOX_ID_ANNOTATION):
-        return annotations[SANDBOX_ID_ANNOTATION]
-    return None
-
-
 # -- create / start ----------------------------------------------------------------------------
 async def create(container_id: str, bundle_dir: str, options: RuntimeOptions) -> VirtSandbox:
     """``runc create``: the container exists, its process waits for ``start``. Returns the sandbox,
@@ -101,7 +56,7 @@ async def create(container_id: str, bundle_dir: str, options: RuntimeOptions) ->
     check_container_id(container_id)
     bundle = load_bundle(bundle_dir)
     store = options.store
-    pod = _pod_sandbox(bundle)
+    pod = bundle.pod_sandbox_id
     if pod is not None:
         with store.sandbox_lock(pod):
             sandbox = await VirtSandbox.attach(pod, store)
@@ -112,33 +67,25 @@ async def create(container_id: str, bundle_dir: str, options: RuntimeOptions) ->
                 await sandbox.disconnect()
                 raise
         return sandbox
-    record = SandboxRecord(id=container_id, hypervisor_name=options.hypervisor_name or "",
-                           config_path=options.config_path)
-    store.reserve(record, [container_id])
-    sandbox = await VirtSandbox.create(
-        container_id, store, config_path=options.config_path, hypervisor_name=options.hypervisor_name,
-        annotations=bundle.annotations, hostname="", block_rootfs=[(container_id, bundle)],
-        boot_timeout=options.boot_timeout)
-    try:
-        await sandbox.create_container(container_id, bundle)
-    except BaseException:
-        await sandbox.destroy()
-        raise
-    return sandbox
+    return await create_sandbox_for(container_id, bundle, store, config_path=options.config_path,
+                                    hypervisor_name=options.hypervisor_name,
+                                    boot_timeout=options.boot_timeout)
 
 
-async def create_detached(container_id: str, bundle_dir: str, options: RuntimeOptions) -> None:
+async def create_detached(container_id: str, bundle_dir: str, options: RuntimeOptions) -> int:
     """``runc create`` from the command line: as runc's container process keeps create's stdio,
     an output pump (kabuto.runtime.iopump) inherits this process's stdout and stderr and copies
-    the container's output there until its process exits. ``run`` streams itself and has none."""
+    the container's output there until its process exits. ``run`` streams itself and has none.
+    Returns the host pid that holds the container (its VMM), for ``--pid-file``."""
     sandbox = await create(container_id, bundle_dir, options)
     try:
         addresses = await sandbox.hypervisor.get_agent_sockets()
+        pids = await sandbox.hypervisor.get_pids()
     finally:
         await sandbox.disconnect()
     pump: dict[str, Any] = {}
     try:
-        pump = await asyncio.to_thread(_spawn_pump, container_id, addresses)
+        pump = await asyncio.to_thread(spawn_pump, container_id, addresses)
         with options.store.sandbox_lock(sandbox.id):
             record = options.store.load(sandbox.id)
             record.containers[container_id].io_pump = pump
@@ -146,56 +93,9 @@ async def create_detached(container_id: str, bundle_dir: str, options: RuntimeOp
     except BaseException:
         with contextlib.suppress(KabutoError):
             await delete(container_id, options, force=True)
-        await asyncio.to_thread(_end_pump, pump, 0.0)
+        await asyncio.to_thread(end_pump, pump, 0.0)
         raise
-
-
-def _spawn_pump(container_id: str, addresses: list[str]) -> dict[str, Any]:
-    """Start the pump and wait (bounded) until it holds its agent connection."""
-    ready_read, ready_write = os.pipe()
-    try:
-        command = [sys.executable, "-m", "kabuto.runtime.iopump", "--ready-fd", str(ready_write),
-                   "--container", container_id, *(f"--agent={address}" for address in addresses)]
-        # its own session: a Ctrl-C meant for the caller's shell does not end the container's output
-        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, pass_fds=(ready_write,),
-                                   start_new_session=True, close_fds=True)
-    finally:
-        os.close(ready_write)
-    try:
-        readable, _, _ = select.select([ready_read], [], [], PUMP_READY_TIMEOUT)
-        ready = bool(readable) and os.read(ready_read, 1) == b"1"
-    finally:
-        os.close(ready_read)
-    pump = {"pid": process.pid, "create_time": psutil.Process(process.pid).create_time()}
-    if not ready:
-        _end_pump(pump, grace=0.0)
-        process.wait()
-        raise SandboxError(f"container {container_id!r}: its output pump could not reach the agent "
-                           f"within {PUMP_READY_TIMEOUT:g}s")
-    # never waited for: it outlives this process, as runc's container process outlives runc
-    # (a returncode keeps Popen from warning that it still runs)
-    process.returncode = 0
-    return pump
-
-
-def _end_pump(pump: dict[str, Any], grace: float) -> None:
-    """Let the pump finish within ``grace`` seconds (its container exited, its last output may
-    still be on the way), then end it; a pid reused by another process is left alone."""
-    process = live_process(pump)
-    if process is None:
-        return
-    try:
-        _, alive = psutil.wait_procs([process], timeout=grace)
-        for method, timeout in ((psutil.Process.terminate, PUMP_EXIT_TIMEOUT),
-                                (psutil.Process.kill, PUMP_EXIT_TIMEOUT)):
-            if not alive:
-                return
-            for remaining in alive:
-                with contextlib.suppress(psutil.Error):
-                    method(remaining)
-            _, alive = psutil.wait_procs(alive, timeout=timeout)
-    except psutil.Error:
-        return
+    return pids[0] if pids else 0
 
 
 @contextlib.asynccontextmanager
@@ -257,10 +157,11 @@ async def state(container_id: str, options: RuntimeOptions) -> dict[str, Any]:
     """OCI state JSON. A sandbox busy with another call (its lock held) reports what is recorded."""
     try:
         async with attached(container_id, options, lock_timeout=1.0) as sandbox:
-            if not sandbox.vm_alive:
-                await reap(sandbox)
-            else:
+            if sandbox.vm_alive:
                 await sandbox.refresh_status(container_id)
+            # also a VMM that died after attach found it alive: its host resources go now
+            if not await sandbox.vmm_running():
+                await reap(sandbox)
             return _oci_state(sandbox.record, container_id, await sandbox.hypervisor.get_pids())
     except KabutoError as exc:
         if isinstance(exc, ContainerIdError):
@@ -340,60 +241,6 @@ async def kill(container_id: str, signal_value: str | int, options: RuntimeOptio
                               all_processes)
 
 
-@contextlib.asynccontextmanager
-async def _control_socket(sandbox: VirtSandbox) -> AsyncIterator[None]:
-    """While this `run` lasts, a `kabuto kill` that cannot take the sandbox's lock reaches the
-    containers through it: one JSON line in, one line out."""
-    path = sandbox.directory / CONTROL_SOCKET
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            async with asyncio.timeout(CONTROL_TIMEOUT):
-                request = json.loads(await reader.readuntil(b"\n"))
-                await sandbox.kill(str(request["container"]), parse_signal(int(request["signal"])),
-                                   all_processes=bool(request.get("all")))
-            answer = "ok"
-        except (KabutoError, ValueError, KeyError, TypeError, asyncio.IncompleteReadError,
-                asyncio.LimitOverrunError, TimeoutError) as exc:
-            answer = f"error: {exc}"
-        with contextlib.suppress(OSError):
-            writer.write(answer.encode()[:CONTROL_LINE_LIMIT] + b"\n")
-            await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_unix_server(serve, path=str(path), limit=CONTROL_LINE_LIMIT)
-    try:
-        yield
-    finally:
-        server.close()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(CONTROL_TIMEOUT):
-                await server.wait_closed()
-        _unlink(path)
-
-
-def _unlink(path: Path) -> None:
-    path.unlink(missing_ok=True)
-
-
-async def kill_via_owner(path: Path, container_id: str, number: int, all_processes: bool) -> None:
-    request = json.dumps({"container": container_id, "signal": number, "all": all_processes})
-    try:
-        async with asyncio.timeout(CONTROL_TIMEOUT):
-            reader, writer = await asyncio.open_unix_connection(str(path), limit=CONTROL_LINE_LIMIT)
-            try:
-                writer.write(request.encode() + b"\n")
-                await writer.drain()
-                answer = (await reader.readline()).decode(errors="replace").strip()
-            finally:
-                writer.close()
-    except (OSError, TimeoutError, ValueError) as exc:
-        raise SandboxError(f"container {container_id!r}: its sandbox is busy and its owner cannot be "
-                           f"reached ({exc})") from None
-    if answer != "ok":
-        raise SandboxError(answer.removeprefix("error: ") or f"container {container_id!r}: no answer")
-
-
 async def delete(container_id: str, options: RuntimeOptions, *, force: bool = False) -> None:
     """``runc delete``: a stopped (or created) container goes; ``--force`` kills a running one.
     The sandbox's own container takes the whole sandbox with it (its VM stops)."""
@@ -408,7 +255,7 @@ async def delete(container_id: str, options: RuntimeOptions, *, force: bool = Fa
         if container_id == sandbox.id and others and not force:
             raise SandboxError(f"cannot delete sandbox container {container_id}: containers "
                                f"{', '.join(others)} still belong to it (use --force)")
-        await _end_pumps(sandbox, [container_id, *(others if container_id == sandbox.id else [])])
+        await end_pumps(sandbox, [container_id, *(others if container_id == sandbox.id else [])])
         if container_id == sandbox.id or (not sandbox.vm_alive and not others):
             await sandbox.destroy()
         elif sandbox.vm_alive:
@@ -417,7 +264,7 @@ async def delete(container_id: str, options: RuntimeOptions, *, force: bool = Fa
             await sandbox.release_container(container_id)
 
 
-async def _end_pumps(sandbox: VirtSandbox, container_ids: list[str]) -> None:
+async def end_pumps(sandbox: VirtSandbox, container_ids: list[str]) -> None:
     """The output pumps of containers about to go: a stopped container's pump gets the time its
     last output needs; the others' output ends with their process."""
     def grace(container: ContainerRecord) -> float:
@@ -425,71 +272,7 @@ async def _end_pumps(sandbox: VirtSandbox, container_ids: list[str]) -> None:
 
     pumped = [sandbox.record.containers[c] for c in container_ids
               if c in sandbox.record.containers and sandbox.record.containers[c].io_pump]
-    await asyncio.gather(*(asyncio.to_thread(_end_pump, c.io_pump, grace(c)) for c in pumped))
-
-
-# -- exec / run --------------------------------------------------------------------------------
-async def run_process(sandbox: VirtSandbox, container_id: str, exec_id: str, io: ProcessIO,
-                      on_signal: Callable[[Callable[[int], None]], None] | None = None) -> int:
-    """Stream one process's stdio until it exits; return its exit status (128+N for signal N).
-
-    ``on_signal`` receives a function that forwards a signal number to the process.
-    """
-    loop = asyncio.get_running_loop()
-    forwarded: set[asyncio.Task[None]] = set()
-
-    def forward(number: int) -> None:
-        if number == signal.SIGWINCH:
-            # a window change resizes the container's terminal, as runc does; never a signal
-            if io.terminal_size is None:
-                return
-            rows, cols = io.terminal_size()
-            task = loop.create_task(_resize_quietly(sandbox, container_id, exec_id, rows, cols))
-        else:
-            task = loop.create_task(_signal_quietly(sandbox, container_id, exec_id, number))
-        forwarded.add(task)
-        task.add_done_callback(forwarded.discard)
-
-    if on_signal is not None:
-        on_signal(forward)
-    if io.terminal_size is not None:
-        forward(signal.SIGWINCH)
-
-    async def pump(stream: str, sink: Sink | None) -> None:
-        while chunk := await sandbox.read_output(container_id, exec_id, stream):
-            if sink is not None:
-                await sink(chunk)
-
-    async def feed() -> None:
-        if io.stdin is not None:
-            async for data in io.stdin:
-                await sandbox.write_stdin(container_id, exec_id, data)
-        await sandbox.close_stdin(container_id, exec_id)
-
-    pumps = [asyncio.create_task(pump("stdout", io.stdout)), asyncio.create_task(pump("stderr", io.stderr))]
-    feeder = asyncio.create_task(feed())
-    try:
-        status = await sandbox.wait_process(container_id, exec_id)
-        assert status is not None
-        async with asyncio.timeout(OUTPUT_DRAIN_TIMEOUT):
-            await asyncio.gather(*pumps)
-        return status
-    finally:
-        for task in (*pumps, feeder, *forwarded):
-            task.cancel()
-        await asyncio.gather(*pumps, feeder, *forwarded, return_exceptions=True)
-
-
-async def _signal_quietly(sandbox: VirtSandbox, container_id: str, exec_id: str, number: int) -> None:
-    # a process that just exited cannot be signalled: nothing to report
-    with contextlib.suppress(KabutoError):
-        await sandbox.kill(container_id, number, exec_id=exec_id)
-
-
-async def _resize_quietly(sandbox: VirtSandbox, container_id: str, exec_id: str, rows: int,
-                          cols: int) -> None:
-    with contextlib.suppress(KabutoError):
-        await sandbox.resize_terminal(container_id, exec_id, rows, cols)
+    await asyncio.gather(*(asyncio.to_thread(end_pump, c.io_pump, grace(c)) for c in pumped))
 
 
 async def exec_in(container_id: str, args: list[str], options: RuntimeOptions, io: ProcessIO, *,
@@ -518,7 +301,7 @@ async def run(container_id: str, bundle_dir: str, options: RuntimeOptions, io: P
             await sandbox.start_container(container_id)
             await sandbox.release_vmm_control()
         # streaming holds only this process's agent port: other calls reach the sandbox meanwhile
-        async with _control_socket(sandbox):
+        async with control_socket(sandbox):
             status = await run_process(sandbox, container_id, INIT_EXEC_ID, io, on_signal)
     finally:
         await _end_run(sandbox, container_id, store)

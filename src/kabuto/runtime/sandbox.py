@@ -1,9 +1,14 @@
 """The VirtContainer handler: one VM (a sandbox) holding one or more containers.
 
-Start procedure (after Kata runtime-rs): load_config -> new_hypervisor -> prepare_vm -> shared
+Start procedure (after Kata runtime-rs): resolve_config -> new_hypervisor -> prepare_vm -> shared
 fs (or rootfs block devices) added -> start_vm -> agent reached -> CreateSandbox -> containers.
 Every step that fails undoes the ones before it: the VM is stopped, mounts and images are
 removed and the state directory is gone.
+
+The record keeps what the sandbox was made with: the effective configuration (after
+annotations and the plugin's adjust; the hypervisor table inside the hypervisor's saved state)
+and the capabilities the runtime chose its strategies by. ``attach`` rebuilds from that, never
+from the configuration file as it reads now.
 """
 
 from __future__ import annotations
@@ -21,12 +26,12 @@ from typing import Any
 from kabuto.agent.client import AgentClient, wait_for_agent
 from kabuto.agent.containers import ContainerCallError, ContainerClient
 from kabuto.agent.containers import Storage as AgentStorage
-from kabuto.config import load_config
+from kabuto.config.model import KabutoConfig
 from kabuto.errors import AgentError, HypervisorError, KabutoError
-from kabuto.hypervisor import new_hypervisor
+from kabuto.hypervisor import new_hypervisor, resolve_config, restore_hypervisor
 from kabuto.hypervisor.base import Hypervisor, HypervisorState, VmStatus
+from kabuto.hypervisor.capabilities import Capabilities
 from kabuto.hypervisor.devices import BlockDevice, DeviceKind, SharedFsDevice
-from kabuto.hypervisor.registry import get_plugin
 from kabuto.runtime import rootfs as rootfs_delivery
 from kabuto.runtime.bundle import Bundle, BundleError, ContainerIdError, check_container_id
 from kabuto.runtime.rootfs import RootfsError, Storage
@@ -70,14 +75,15 @@ def container_client(agent: AgentClient) -> ContainerClient:
 class VirtSandbox:
     """A running (or restored) sandbox VM. Build with ``create`` or ``attach``; end with ``destroy``."""
 
-    def __init__(self, record: SandboxRecord, store: StateStore, hypervisor: Hypervisor, *,
-                 ignore_seccomp: bool = True) -> None:
+    def __init__(self, record: SandboxRecord, store: StateStore, hypervisor: Hypervisor,
+                 config: KabutoConfig, capabilities: Capabilities) -> None:
         self.record = record
         self.store = store
         self.hypervisor = hypervisor
-        #: [runtime] disable_guest_seccomp: a spec's seccomp profile is dropped (Kata's default);
-        #: otherwise refused, as the guest cannot enforce one
-        self.ignore_seccomp = ignore_seccomp
+        #: the effective [runtime] and [agent] tables this sandbox was made with
+        self.config = config
+        #: what the runtime chooses its strategies by (rootfs delivery, hot-plug)
+        self.capabilities = capabilities
         self.agent: AgentClient | None = None
         self._containers: Any = None
 
@@ -114,11 +120,14 @@ class VirtSandbox:
         hypervisor: Hypervisor | None = None
         sandbox: VirtSandbox | None = None
         try:
-            config = load_config(config_path, annotations, hypervisor_name)
-            record.hypervisor_name = config.runtime.hypervisor_name
-            hypervisor = new_hypervisor(config, jailer_root=store.jailer_root)
-            sandbox = cls(record, store, hypervisor, ignore_seccomp=config.runtime.disable_guest_seccomp)
-            fs_kind = hypervisor.capabilities.preferred_shared_fs()
+            resolved = resolve_config(config_path, annotations, hypervisor_name)
+            hypervisor = new_hypervisor(resolved, jailer_root=store.jailer_root)
+            capabilities = hypervisor.capabilities
+            record.hypervisor_name = resolved.name
+            record.config = resolved.config.model_dump(mode="json", include={"runtime", "agent"})
+            record.capabilities = capabilities.to_dict()
+            sandbox = cls(record, store, hypervisor, resolved.config, capabilities)
+            fs_kind = capabilities.preferred_shared_fs()
             for _, bundle in block_rootfs or []:
                 refuse_binds_without_shared_fs(bundle, fs_kind is not None, hypervisor.name)
             await hypervisor.check()
@@ -158,12 +167,15 @@ class VirtSandbox:
         record = store.load(sandbox_id)
         if not record.hypervisor_state:
             raise SandboxError(f"sandbox {sandbox_id!r} is still being created (or its creator died)")
-        config = load_config(record.config_path, hypervisor_name=record.hypervisor_name, validate=False)
-        backend = get_plugin(record.hypervisor_name).backend()
-        state = HypervisorState.from_dict(record.hypervisor_state)
-        hypervisor = await backend.restore(config.hypervisor[record.hypervisor_name], state,
-                                           jailer_root=store.jailer_root)
-        return cls(record, store, hypervisor, ignore_seccomp=config.runtime.disable_guest_seccomp)
+        try:
+            config = KabutoConfig.model_validate(record.config)
+            capabilities = Capabilities.from_dict(record.capabilities)
+            state = HypervisorState.from_dict(record.hypervisor_state)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise SandboxError(f"sandbox {sandbox_id!r}: its record {store.record_path(sandbox_id)} is "
+                               f"damaged: {exc}") from None
+        hypervisor = await restore_hypervisor(state, jailer_root=store.jailer_root)
+        return cls(record, store, hypervisor, config, capabilities)
 
     @property
     def vm_alive(self) -> bool:
@@ -222,11 +234,12 @@ class VirtSandbox:
         try:
             return await call
         except KabutoError as exc:
-            if not await self._vmm_alive():
+            if not await self.vmm_running():
                 raise SandboxError(f"sandbox {self.id!r}: the VM exited ({what} failed)") from exc
             raise
 
-    async def _vmm_alive(self) -> bool:
+    async def vmm_running(self) -> bool:
+        """Whether the VMM process is still there (its pids, not the recorded status)."""
         return bool(await self.hypervisor.get_pids())
 
     # -- containers --------------------------------------------------------------------------
@@ -246,7 +259,7 @@ class VirtSandbox:
         device_id = f"rootfs-{container_id}"
         device = next((d for d in self.hypervisor.devices if d.id == device_id), None)
         if device is None:
-            if not self.hypervisor.capabilities.can_hotplug(DeviceKind.BLOCK):
+            if not self.capabilities.can_hotplug(DeviceKind.BLOCK):
                 raise SandboxError(
                     f"{self.hypervisor.name} has neither a shared filesystem nor block hot-plug: "
                     f"container {container_id!r} cannot join a running sandbox")
@@ -262,7 +275,9 @@ class VirtSandbox:
         Its host bind mounts are shared beside its rootfs and the guest spec points at them."""
         check_container_id(container_id)
         refuse_binds_without_shared_fs(bundle, bool(self.record.shared_dir), self.hypervisor.name)
-        if bundle.spec.get("linux", {}).get("seccomp") and not self.ignore_seccomp:
+        # [runtime] disable_guest_seccomp: a spec's seccomp profile is dropped (Kata's default);
+        # otherwise refused, as the guest cannot enforce one
+        if bundle.spec.get("linux", {}).get("seccomp") and not self.config.runtime.disable_guest_seccomp:
             raise BundleError(f"{bundle.path / 'config.json'}: linux.seccomp: the guest cannot enforce a "
                               "seccomp profile; [runtime] disable_guest_seccomp = true runs the container "
                               "without it, as Kata does")
@@ -306,7 +321,7 @@ class VirtSandbox:
     async def refresh_status(self, container_id: str) -> ContainerRecord:
         """Ask the agent whether the container's first process has exited (never blocks long)."""
         container = self.container(container_id)
-        if not await self._vmm_alive():
+        if not await self.vmm_running():
             container.status = "stopped"
         elif container.status in ("running", "paused") and self._containers is not None:
             status = await self.wait_process(container_id, INIT_EXEC_ID, timeout=STATUS_POLL)
@@ -352,7 +367,7 @@ class VirtSandbox:
 
     async def remove_container(self, container_id: str) -> None:
         container = self.container(container_id)
-        if self._containers is not None and await self._vmm_alive():
+        if self._containers is not None and await self.vmm_running():
             await self._agent_call("RemoveContainer", self.containers.remove_container(container_id))
         await self._release_rootfs(container)
         self.record.containers.pop(container_id, None)
@@ -364,7 +379,7 @@ class VirtSandbox:
             await rootfs_delivery.unshare_container(Path(self.record.shared_dir), container.id)
         elif kind == "block":
             device = next((d for d in self.hypervisor.devices if d.id == container.rootfs["device_id"]), None)
-            if device is not None and self.vm_alive and self.hypervisor.capabilities.can_hotplug(device.kind):
+            if device is not None and self.vm_alive and self.capabilities.can_hotplug(device.kind):
                 with contextlib.suppress(KabutoError):
                     await self.hypervisor.remove_device(device)
             if not self.vm_alive or device is None:
@@ -393,7 +408,7 @@ class VirtSandbox:
         except AgentError:
             # the client's "no answer within the timeout" (the process still runs), unless
             # the channel or the VM is what failed
-            if timeout is None or self.agent is None or self.agent.closed or not await self._vmm_alive():
+            if timeout is None or self.agent is None or self.agent.closed or not await self.vmm_running():
                 raise
             return None
 
@@ -439,7 +454,7 @@ class VirtSandbox:
     # -- teardown ----------------------------------------------------------------------------
     async def destroy(self) -> None:
         """Stop the VM and remove everything: mounts, images, VM directory, state."""
-        if self._containers is not None and await self._vmm_alive():
+        if self._containers is not None and await self.vmm_running():
             with contextlib.suppress(KabutoError, OSError, TimeoutError):
                 await self.containers.destroy_sandbox()
         await self._teardown()
@@ -464,6 +479,37 @@ class VirtSandbox:
         self.store.remove(self.id)
         if errors:
             raise SandboxError(f"sandbox {self.id!r} removed, but: " + "; ".join(errors))
+
+
+async def create_sandbox_for(
+    container_id: str,
+    bundle: Bundle,
+    store: StateStore,
+    *,
+    config_path: str | None = None,
+    hypervisor_name: str | None = None,
+    hostname: str = "",
+    boot_timeout: float = DEFAULT_BOOT_TIMEOUT,
+    owner: dict[str, Any] | None = None,
+) -> VirtSandbox:
+    """A sandbox of its own for ``container_id`` (named after it), with the container created
+    in it: what ``kabuto create``, containerd's first task and the Python API all start with.
+
+    The bundle's annotations override configuration keys; ``owner`` names a long-lived process
+    that manages the sandbox (the shim). Any failure leaves nothing: no VM, record or mount.
+    """
+    store.reserve(SandboxRecord(id=container_id, hypervisor_name=hypervisor_name or "",
+                                config_path=config_path, owner=dict(owner or {})), [container_id])
+    sandbox = await VirtSandbox.create(
+        container_id, store, config_path=config_path, hypervisor_name=hypervisor_name,
+        annotations=bundle.annotations, hostname=hostname, block_rootfs=[(container_id, bundle)],
+        boot_timeout=boot_timeout)
+    try:
+        await sandbox.create_container(container_id, bundle)
+    except BaseException:
+        await sandbox.destroy()
+        raise
+    return sandbox
 
 
 def new_sandbox_id(prefix: str = "sb") -> str:

@@ -25,9 +25,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
-
+from kabuto.bounded import read_bounded
 from kabuto.errors import KabutoError
+from kabuto.processes import live_process
 from kabuto.runtime.bundle import ContainerExistsError, ContainerIdError
 
 DEFAULT_STATE_ROOT = Path("/run/kabuto")
@@ -74,6 +74,10 @@ class SandboxRecord:
     shared_dir: str = ""
     share_tag: str = ""
     containers: dict[str, ContainerRecord] = field(default_factory=dict)
+    #: the effective [runtime] and [agent] tables the sandbox was made with (after annotations)
+    config: dict[str, Any] = field(default_factory=dict)
+    #: the capabilities the runtime chose its strategies by (Capabilities.to_dict)
+    capabilities: dict[str, Any] = field(default_factory=dict)
     #: the long-lived process that manages this sandbox, if not the CLI (containerd's shim):
     #: {"name": ..., "pid": ..., "create_time": ...}
     owner: dict[str, Any] = field(default_factory=dict)
@@ -88,15 +92,6 @@ class SandboxRecord:
     def from_dict(cls, data: dict[str, Any]) -> SandboxRecord:
         containers = {cid: ContainerRecord(**c) for cid, c in data.pop("containers", {}).items()}
         return cls(**data, containers=containers)
-
-
-def live_process(record: dict[str, Any]) -> psutil.Process | None:
-    """The process a ``{"pid", "create_time"}`` record names, if it still runs (not a reused pid)."""
-    try:
-        process = psutil.Process(int(record["pid"]))
-        return process if abs(process.create_time() - float(record["create_time"])) <= 0.01 else None
-    except (psutil.Error, KeyError, ValueError, TypeError):
-        return None
 
 
 class StateStore:
@@ -139,16 +134,11 @@ class StateStore:
     def load(self, sandbox_id: str) -> SandboxRecord:
         path = self.record_path(sandbox_id)
         try:
-            with path.open("rb") as file:
-                raw = file.read(MAX_RECORD_BYTES + 1)
+            return SandboxRecord.from_dict(json.loads(read_bounded(path, MAX_RECORD_BYTES)))
         except FileNotFoundError:
             raise ContainerIdError(f"sandbox {sandbox_id!r} does not exist") from None
         except OSError as exc:
             raise StateError(f"cannot read {path}: {exc.strerror}") from None
-        try:
-            if len(raw) > MAX_RECORD_BYTES:
-                raise ValueError(f"larger than {MAX_RECORD_BYTES} bytes")
-            return SandboxRecord.from_dict(json.loads(raw))
         except (ValueError, TypeError) as exc:
             raise StateError(f"state file {path} is damaged: {exc}") from None
 

@@ -25,15 +25,16 @@ from pathlib import Path
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from kabuto.bounded import FileTooLarge, read_bounded
 from kabuto.errors import KabutoError
 from kabuto.hypervisor.vmm_process import MAX_UNIX_PATH
 from kabuto.protos import containerd_shim_pb2 as pb
-from kabuto.runtime.bundle import ContainerIdError
+from kabuto.runtime.bundle import SANDBOX_ID_ANNOTATION, ContainerIdError
 from kabuto.runtime.sandbox import VirtSandbox, remove_dead_sandbox
 from kabuto.runtime.state import STATE_ROOT_ENV, StateError, StateStore
 from kabuto.shim import mounts
 from kabuto.shim.events import Publisher
-from kabuto.shim.service import SANDBOX_ID_ANNOTATION, TASK_SERVICE, TaskService
+from kabuto.shim.service import TASK_SERVICE, TaskService
 from kabuto.ttrpc import Server
 
 log = logging.getLogger("kabuto.shim")
@@ -96,9 +97,9 @@ def _grouping(bundle: Path, task_id: str) -> str:
     """The pod a task belongs to (CRI's sandbox id), else the task itself."""
     config = bundle / "config.json"
     try:
-        with config.open("rb") as file:
-            raw = file.read(MAX_SPEC_BYTES + 1)
-        spec = json.loads(raw) if len(raw) <= MAX_SPEC_BYTES else None
+        spec = json.loads(read_bounded(config, MAX_SPEC_BYTES))
+    except FileTooLarge:
+        spec = None
     except (OSError, ValueError) as exc:
         raise ShimError(f"cannot read {config}: {exc}") from None
     if not isinstance(spec, dict):

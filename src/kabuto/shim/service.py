@@ -1,10 +1,10 @@
 """The ``containerd.task.v2.Task`` service: containerd's tasks, run in this shim's sandbox VM.
 
 The first task created makes the sandbox (boots the VM); tasks of the same pod join it. Every
-process (a task's init, or an exec) gets its stdio pumped between containerd's FIFOs and the
-agent and a waiter that records its exit and tells containerd (TaskExit). The pid containerd
-sees for a task or exec is the VMM's, as in Kata: guest pids mean nothing on the host; ``Pids``
-lists the guest's.
+process (a task's init, or an exec) is supervised (kabuto.shim.supervision): its stdio pumped
+between containerd's FIFOs and the agent, a waiter that records its exit and tells containerd.
+The pid containerd sees for a task or exec is the VMM's, as in Kata: guest pids mean nothing on
+the host; ``Pids`` lists the guest's.
 """
 
 from __future__ import annotations
@@ -19,15 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
 from google.protobuf import text_format
 from google.protobuf.any_pb2 import Any as AnyMessage
 from google.protobuf.empty_pb2 import Empty
 from google.protobuf.message import DecodeError, Message
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from kabuto.agent.containers import ContainerCallError
 from kabuto.errors import AnnotationError, ConfigError, KabutoError
+from kabuto.processes import process_record
 from kabuto.protos import containerd_cgroups_v2_pb2 as cgroups_pb
 from kabuto.protos import containerd_events_pb2 as events_pb
 from kabuto.protos import containerd_runtimeoptions_pb2 as options_pb
@@ -41,49 +40,23 @@ from kabuto.runtime.bundle import (
     check_container_id,
     load_bundle,
 )
-from kabuto.runtime.commands import CONTAINER_TYPE_ANNOTATION, OUTPUT_DRAIN_TIMEOUT, SANDBOX_ID_ANNOTATION
-from kabuto.runtime.sandbox import INIT_EXEC_ID, VirtSandbox
-from kabuto.runtime.state import SandboxRecord, StateStore
+from kabuto.runtime.sandbox import INIT_EXEC_ID, VirtSandbox, create_sandbox_for
+from kabuto.runtime.state import StateStore
 from kabuto.shim import mounts
 from kabuto.shim.events import Publisher
-from kabuto.shim.stdio import ProcessStdio, StdioError, write_all
+from kabuto.shim.stdio import ProcessStdio, StdioError
+from kabuto.shim.supervision import LOST_EXIT_STATUS, Process, Supervisor, describe, now, release
 from kabuto.ttrpc import Code, Method, RpcError, unary_method
 
 log = logging.getLogger(__name__)
 
 TASK_SERVICE = "containerd.task.v2.Task"
 RUNTIME_OPTIONS_TYPE = "runtimeoptions.v1.Options"
-# a process whose VM or agent channel died is reported with this status (as Kata does)
-LOST_EXIT_STATUS = 255
 # a task deleted or killed before it started ends as SIGKILL'd, as runc's does
 KILLED_EXIT_STATUS = 128 + 9
 CLOSE_IO_TIMEOUT = 30.0
-MAX_EXIT_STATUS = 255
 MAX_PID = 2**31 - 1
 MAX_PROCESS_SPEC_BYTES = 1024 * 1024
-
-
-def _now() -> Timestamp:
-    timestamp = Timestamp()
-    timestamp.GetCurrentTime()
-    return timestamp
-
-
-@dataclass
-class Process:
-    """A task's init process (exec_id "") or an exec'd one."""
-
-    container_id: str
-    exec_id: str
-    stdio: ProcessStdio
-    spec: dict[str, Any] | None = None  # an exec's OCI process, until it starts
-    status: int = types_pb.CREATED
-    exit_status: int = 0
-    exited_at: Timestamp | None = None
-    exited: asyncio.Event = field(default_factory=asyncio.Event)
-    stdin_pump: asyncio.Task[None] | None = None
-    stdin_closing: asyncio.Event = field(default_factory=asyncio.Event)  # containerd's CloseIO
-    tasks: list[asyncio.Task[Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -128,6 +101,7 @@ class TaskService:
         self.publisher = publisher
         self._on_idle = on_idle
         self.sandbox: VirtSandbox | None = None
+        self.supervisor = Supervisor(self._sandbox, publisher, self._vmm_pid)
         self.tasks: dict[str, Task] = {}
         self._lock = asyncio.Lock()
         # Creates under way, by task id: containerd gives up on one by deleting it (or shutting
@@ -238,35 +212,21 @@ class TaskService:
         if self.sandbox is not None:
             await self.sandbox.create_container(request.id, bundle)
             return
-        annotations = bundle.annotations
-        if annotations.get(CONTAINER_TYPE_ANNOTATION) == "container":
+        if bundle.pod_sandbox_id is not None:
             raise RpcError(Code.FAILED_PRECONDITION,
-                           f"container {request.id!r} belongs to sandbox "
-                           f"{annotations.get(SANDBOX_ID_ANNOTATION)!r}, which this shim does not run")
-        config_path = _config_path(request.options)
-        self.store.reserve(SandboxRecord(id=request.id, hypervisor_name="", config_path=config_path),
-                           [request.id])
-        sandbox = await VirtSandbox.create(
-            request.id, self.store, config_path=config_path, annotations=annotations,
-            block_rootfs=[(request.id, bundle)])
-        try:
-            await sandbox.create_container(request.id, bundle)
-        except BaseException:
-            await sandbox.destroy()
-            raise
+                           f"container {request.id!r} belongs to sandbox {bundle.pod_sandbox_id!r}, "
+                           "which this shim does not run")
         # the kabuto CLI sees this sandbox under the same state root: it reads, the shim acts
-        me = psutil.Process()
-        sandbox.record.owner = {"name": "containerd-shim-kabuto-v2", "pid": me.pid,
-                                "create_time": me.create_time()}
-        await sandbox.save()
-        self.sandbox = sandbox
+        owner = {"name": "containerd-shim-kabuto-v2", **process_record(os.getpid())}
+        self.sandbox = await create_sandbox_for(request.id, bundle, self.store,
+                                                config_path=_config_path(request.options), owner=owner)
 
     async def start(self, request: pb.StartRequest) -> pb.StartResponse:
         process = self._process(request.id, request.exec_id)
         sandbox = self._sandbox()
         if process.status != types_pb.CREATED:
             status = types_pb.Status.Name(process.status).lower()
-            raise RpcError(Code.FAILED_PRECONDITION, f"{_name(process)} cannot start: it is {status}")
+            raise RpcError(Code.FAILED_PRECONDITION, f"{describe(process)} cannot start: it is {status}")
         try:
             if process.exec_id:
                 assert process.spec is not None
@@ -275,13 +235,13 @@ class TaskService:
                 await sandbox.start_container(process.container_id)
         except BaseException:
             # never ran: containerd's side of the FIFOs sees the end now, and Wait returns
-            self._exited(process, LOST_EXIT_STATUS)
+            self.supervisor.exited(process, LOST_EXIT_STATUS)
             raise
         process.status = types_pb.RUNNING
         if process.stdio.stdin_fd is None:  # no stdin from containerd: the process reads end of file
             with contextlib.suppress(KabutoError):
                 await sandbox.close_stdin(process.container_id, process.exec_id)
-        self._supervise(process)
+        self.supervisor.supervise(process)
         pid = await self._vmm_pid()
         if process.exec_id:
             self.publisher.publish(events_pb.TaskExecStarted(container_id=process.container_id,
@@ -289,72 +249,6 @@ class TaskService:
         else:
             self.publisher.publish(events_pb.TaskStart(container_id=process.container_id, pid=pid))
         return pb.StartResponse(pid=pid)
-
-    def _supervise(self, process: Process) -> None:
-        pumps = [asyncio.create_task(self._pump_output(process, stream)) for stream in ("stdout", "stderr")
-                 if not (stream == "stderr" and process.stdio.terminal)]
-        process.tasks += pumps
-        if process.stdio.stdin_fd is not None:
-            process.stdin_pump = asyncio.create_task(self._pump_stdin(process))
-            process.tasks.append(process.stdin_pump)
-        self._watch_exit(process, pumps)
-
-    def _watch_exit(self, process: Process, pumps: list[asyncio.Task[None]]) -> None:
-        process.tasks.append(asyncio.create_task(self._wait_exit(process, pumps)))
-
-    async def _pump_output(self, process: Process, stream: str) -> None:
-        sandbox = self._sandbox()
-        while chunk := await sandbox.read_output(process.container_id, process.exec_id, stream):
-            fd = process.stdio.output_fd(stream)
-            if fd is not None:
-                await write_all(fd, chunk)
-
-    async def _pump_stdin(self, process: Process) -> None:
-        sandbox = self._sandbox()
-        try:
-            while (data := process.stdio.read_stdin()) != b"":
-                if data is None:
-                    if process.stdin_closing.is_set():  # CloseIO, and everything before it is sent
-                        break
-                    await process.stdio.wait_stdin(process.stdin_closing)
-                else:
-                    await sandbox.write_stdin(process.container_id, process.exec_id, data)
-            await self._end_stdin(process)
-        except KabutoError as exc:  # the process exited, or its VM: its stdin goes nowhere
-            log.debug("%s: stdin ends: %s", _name(process), exc)
-
-    async def _end_stdin(self, process: Process) -> None:
-        if process.stdio.stdin_fd is None:
-            return
-        process.stdio.close_stdin()
-        if process.status in (types_pb.RUNNING, types_pb.PAUSED):
-            await self._sandbox().close_stdin(process.container_id, process.exec_id)
-
-    async def _wait_exit(self, process: Process, pumps: list[asyncio.Task[None]]) -> None:
-        sandbox = self._sandbox()
-        try:
-            status = await sandbox.wait_process(process.container_id, process.exec_id)
-            assert status is not None
-            if not 0 <= status <= MAX_EXIT_STATUS:  # the guest's word: bounded before containerd sees it
-                log.warning("%s: the guest reported exit status %d", _name(process), status)
-                status = LOST_EXIT_STATUS
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(OUTPUT_DRAIN_TIMEOUT):
-                    await asyncio.gather(*pumps, return_exceptions=True)
-        except KabutoError as exc:
-            log.warning("%s: lost (%s)", _name(process), exc)
-            status = LOST_EXIT_STATUS
-        await _cancel([*pumps, *([process.stdin_pump] if process.stdin_pump else [])])
-        self._exited(process, status)
-        self.publisher.publish(events_pb.TaskExit(
-            container_id=process.container_id, id=process.exec_id or process.container_id,
-            pid=await self._vmm_pid(), exit_status=status, exited_at=process.exited_at))
-
-    @staticmethod
-    def _exited(process: Process, status: int) -> None:
-        process.stdio.close()
-        process.status, process.exit_status, process.exited_at = types_pb.STOPPED, status, _now()
-        process.exited.set()
 
     # -- exec --------------------------------------------------------------------------------
     async def exec(self, request: pb.ExecProcessRequest) -> Empty:
@@ -376,12 +270,12 @@ class TaskService:
     async def kill(self, request: pb.KillRequest) -> Empty:
         process = self._process(request.id, request.exec_id)
         if process.status == types_pb.STOPPED:
-            raise RpcError(Code.NOT_FOUND, f"{_name(process)}: process already finished")
+            raise RpcError(Code.NOT_FOUND, f"{describe(process)}: process already finished")
         await self._sandbox().kill(process.container_id, request.signal, exec_id=process.exec_id,
                                    all_processes=request.all)
         if process.status == types_pb.CREATED and not process.exec_id and not process.tasks:
             # the created task's process waited for Start; its end is reported like any other
-            self._watch_exit(process, [])
+            self.supervisor.watch_exit(process, [])
         return Empty()
 
     async def resize_pty(self, request: pb.ResizePtyRequest) -> Empty:
@@ -488,17 +382,17 @@ class TaskService:
         process = self._process(request.id, request.exec_id)
         if process.status in (types_pb.RUNNING, types_pb.PAUSED):
             raise RpcError(Code.FAILED_PRECONDITION,
-                           f"cannot delete {_name(process)}: it is still running")
+                           f"cannot delete {describe(process)}: it is still running")
         pid = await self._vmm_pid()
         if not process.exited.is_set():
-            self._exited(process, KILLED_EXIT_STATUS)
+            self.supervisor.exited(process, KILLED_EXIT_STATUS)
         if request.exec_id:
-            await _release(process)
+            await release(process)
             del task.execs[request.exec_id]
         else:
             async with self._lock:
                 await self._remove_task(task)
-        exited_at = process.exited_at or _now()
+        exited_at = process.exited_at or now()
         self.publisher.publish(events_pb.TaskDelete(
             container_id=request.id, id=request.exec_id or request.id, pid=pid,
             exit_status=process.exit_status, exited_at=exited_at))
@@ -511,7 +405,7 @@ class TaskService:
             raise RpcError(Code.FAILED_PRECONDITION, f"cannot delete sandbox task {task.id!r}: "
                                                      f"tasks {', '.join(others)} still belong to it")
         for process in (task.init, *task.execs.values()):
-            await _release(process)
+            await release(process)
         if task.id == sandbox.id:
             await sandbox.destroy()
             self.sandbox = None
@@ -536,7 +430,7 @@ class TaskService:
         """The shim is going: stop whatever still runs (a VM left without tasks goes too)."""
         for task in self.tasks.values():
             for process in (task.init, *task.execs.values()):
-                await _release(process)
+                await release(process)
         if self.sandbox is not None:
             with contextlib.suppress(KabutoError):
                 await self.sandbox.destroy()
@@ -548,27 +442,9 @@ class TaskService:
         self.tasks.clear()
 
 
-async def _cancel(tasks: list[asyncio.Task[Any]]) -> None:
-    """Cancel and wait: a pump still registered on a FIFO must let go before the FIFO closes."""
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-
-
-async def _release(process: Process) -> None:
-    await _cancel([t for t in process.tasks if t is not asyncio.current_task()])
-    process.stdio.close()
-
-
 def _counter(value: int | None) -> int:
     """A guest's figure as containerd's unsigned 64-bit field: unknown or out of range reads 0."""
     return value if value is not None and 0 <= value < 2**64 else 0
-
-
-def _name(process: Process) -> str:
-    if process.exec_id:
-        return f"exec {process.exec_id!r} of task {process.container_id!r}"
-    return f"task {process.container_id!r}"
 
 
 def _config_path(options: AnyMessage) -> str | None:

@@ -4,6 +4,6 @@ Imports only the standard library, google.protobuf, kabuto.ttrpc and kabuto.prot
 the rest of the guest agent.
 """
 
-from kabuto.guest.containers.service import SERVICE_NAME, ContainerService
+from kabuto.guest.containers.service import ContainerService
 
-__all__ = ["SERVICE_NAME", "ContainerService"]
+__all__ = ["ContainerService"]

@@ -63,7 +63,6 @@ from kabuto.ttrpc import Code, Method, RpcError, unary_method
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = "kabuto.agent.v1.ContainerService"
 MAX_CONTAINERS = 256
 MAX_PROCESSES_PER_CONTAINER = 1024
 MAX_STORAGES = 64
@@ -530,4 +529,4 @@ def _is_dir(path: str) -> bool:
     return os.path.isdir(path)
 
 
-__all__ = ["MAX_ID_LENGTH", "SERVICE_NAME", "ContainerService"]
+__all__ = ["MAX_ID_LENGTH", "ContainerService"]

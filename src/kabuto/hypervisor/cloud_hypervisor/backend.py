@@ -16,6 +16,7 @@ from kabuto.config.model import HypervisorConfig
 from kabuto.errors import HypervisorError
 from kabuto.hypervisor.base import DEFAULT_JAILER_ROOT, VmStatus
 from kabuto.hypervisor.cloud_hypervisor.plugin import CAPABILITIES
+from kabuto.hypervisor.cloud_hypervisor.plugin import plugin as clh_plugin
 from kabuto.hypervisor.devices import (
     AgentChannel,
     AnyDevice,
@@ -25,14 +26,9 @@ from kabuto.hypervisor.devices import (
     SharedFsDevice,
     SharedFsKind,
 )
+from kabuto.hypervisor.plugin import HypervisorPlugin
 from kabuto.hypervisor.rest_vmm import RestVmm
-from kabuto.hypervisor.vmm_process import (
-    VmmProcess,
-    check_socket_path,
-    netns_prefix,
-    process_state,
-    unlink_quietly,
-)
+from kabuto.hypervisor.vmm_process import VmmProcess, check_socket_path, unlink_quietly
 
 MIB = 1 << 20
 VIRTIO_BLK_SERIAL_MAX = 20
@@ -56,6 +52,7 @@ def describe_error(response: httpx.Response) -> str:
 class CloudHypervisor(RestVmm):
     name = "cloud-hypervisor"
     capabilities = CAPABILITIES
+    default_plugin = clh_plugin
     vmm_program = "cloud-hypervisor"
     api_root = "/api/v1/"
     probe_endpoint = "vmm.ping"
@@ -64,8 +61,9 @@ class CloudHypervisor(RestVmm):
     vm_id_rule = "1-64 letters, digits, '.', '_' or '-'"
     describe_api_error = staticmethod(describe_error)
 
-    def __init__(self, config: HypervisorConfig, jailer_root: Path = DEFAULT_JAILER_ROOT) -> None:
-        super().__init__(config, jailer_root)
+    def __init__(self, config: HypervisorConfig, jailer_root: Path = DEFAULT_JAILER_ROOT, *,
+                 plugin: HypervisorPlugin | None = None) -> None:
+        super().__init__(config, jailer_root, plugin=plugin)
         # device id -> the virtiofsd serving it
         self._virtiofsd: dict[str, VmmProcess] = {}
 
@@ -131,7 +129,7 @@ class CloudHypervisor(RestVmm):
         config_file.write_text(json.dumps(config))
 
     def _vmm_argv(self) -> list[str]:
-        argv = [*netns_prefix(self.netns), self.config.path, "--api-socket", f"path={self.api_socket}"]
+        argv = [self.config.path, "--api-socket", f"path={self.api_socket}"]
         if self.config.disable_seccomp:
             argv += ["--seccomp", "false"]
         if self.config.enable_debug:
@@ -144,7 +142,6 @@ class CloudHypervisor(RestVmm):
         sock = self._fs_socket(device)
         check_socket_path(self.name, sock)
         argv = [
-            *netns_prefix(self.netns),
             self.config.virtio_fs_daemon,
             f"--socket-path={sock}",
             f"--shared-dir={device.host_path}",
@@ -153,7 +150,7 @@ class CloudHypervisor(RestVmm):
         ]
         daemon = VmmProcess(self.name, "virtiofsd", self.vm_path / f"virtiofsd-{device.id}.log")
         self._virtiofsd[device.id] = daemon
-        await daemon.spawn(argv, cwd=self.vm_path)
+        await daemon.spawn(argv, cwd=self.vm_path, netns=self.netns)
         self._stage = f"waiting for virtiofsd's socket {sock}"
         await daemon.wait_for_socket(sock, deadline - time.monotonic(), probe=False)
         device.daemon_socket = sock
@@ -275,12 +272,12 @@ class CloudHypervisor(RestVmm):
             await self._stop_virtiofsd(device_id)
 
     def _own_state(self) -> dict[str, Any]:
-        return {"virtiofsd": {dev: process_state(p) for dev, p in self._virtiofsd.items()}}
+        return {"virtiofsd": {dev: p.record() for dev, p in self._virtiofsd.items()}}
 
-    def _take_over(self, extra: dict[str, Any]) -> None:
+    def _adopt_helpers(self, extra: dict[str, Any]) -> None:
         for device_id, proc in extra.get("virtiofsd", {}).items():
             daemon = VmmProcess(self.name, "virtiofsd")
-            daemon.adopt(proc["pid"], proc["start_time"])
+            daemon.adopt(proc)
             self._virtiofsd[device_id] = daemon
 
 

@@ -65,3 +65,6 @@ class CloudHypervisorPlugin(BasePlugin):
         from kabuto.hypervisor.cloud_hypervisor.backend import CloudHypervisor
 
         return CloudHypervisor
+
+
+plugin = CloudHypervisorPlugin()

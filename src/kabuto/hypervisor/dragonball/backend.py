@@ -12,19 +12,16 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 from kabuto.config.model import HypervisorConfig
 from kabuto.errors import HypervisorError, HypervisorUnavailable, VmTimeout
 from kabuto.hypervisor.base import DEFAULT_JAILER_ROOT, Hypervisor, HypervisorState, VcpuThreadIds, VmStatus
-from kabuto.hypervisor.devices import AnyDevice
+from kabuto.hypervisor.devices import AnyDevice, hybrid_vsock_agent_channel
 from kabuto.hypervisor.dragonball.binding import UNAVAILABLE_REASON, DragonballBinding, current_binding
 from kabuto.hypervisor.dragonball.plugin import CAPABILITIES
-from kabuto.hypervisor.vmm_process import (
-    HYBRID_VSOCK_AGENT_PORT,
-    hybrid_vsock_agent_channel,
-    hybrid_vsock_url,
-)
+from kabuto.hypervisor.dragonball.plugin import plugin as dragonball_plugin
+from kabuto.hypervisor.plugin import HypervisorPlugin
 
 #: bound on one call into the binding (start gets the caller's timeout instead)
 CALL_TIMEOUT = 30.0
@@ -38,9 +35,11 @@ def _device_config(device: AnyDevice) -> dict[str, Any]:
 class Dragonball(Hypervisor):
     name = "dragonball"
     capabilities = CAPABILITIES
+    default_plugin = dragonball_plugin
 
-    def __init__(self, config: HypervisorConfig, jailer_root: Path = DEFAULT_JAILER_ROOT) -> None:
-        super().__init__(config, jailer_root)
+    def __init__(self, config: HypervisorConfig, jailer_root: Path = DEFAULT_JAILER_ROOT, *,
+                 plugin: HypervisorPlugin | None = None) -> None:
+        super().__init__(config, jailer_root, plugin=plugin)
         binding = current_binding()
         if binding is None:
             raise HypervisorUnavailable(f"{self.name}: {UNAVAILABLE_REASON}")
@@ -68,7 +67,8 @@ class Dragonball(Hypervisor):
         self.id = id
         self.netns = netns
         self.vm_path.mkdir(parents=True, exist_ok=False, mode=0o750)
-        self.pending_devices.append(hybrid_vsock_agent_channel(self.vsock_socket))
+        self.agent_channel = hybrid_vsock_agent_channel(self.vsock_socket)
+        self.pending_devices.append(self.agent_channel)
         self.status = VmStatus.PREPARED
 
     async def start_vm(self, timeout: float, restore_from: Path | None = None) -> None:
@@ -128,9 +128,6 @@ class Dragonball(Hypervisor):
     async def _hotplug_remove(self, device: AnyDevice) -> None:
         await self._run(f"remove {device.id}", self._binding.remove_device, self._vm, device.id)
 
-    async def get_agent_socket(self) -> str:
-        return hybrid_vsock_url(self.vsock_socket, HYBRID_VSOCK_AGENT_PORT)
-
     async def disconnect(self) -> None:
         """Nothing to drop: the VMM lives in this process."""
 
@@ -160,13 +157,9 @@ class Dragonball(Hypervisor):
             raise HypervisorUnavailable(f"{self.name}: {UNAVAILABLE_REASON}")
 
     async def save_state(self) -> HypervisorState:
-        return await self._state(await self.get_agent_socket() if self.id else "")
+        return await self._state()
 
-    @classmethod
-    async def restore(
-        cls, config: HypervisorConfig, state: HypervisorState, jailer_root: Path = DEFAULT_JAILER_ROOT
-    ) -> Self:
+    async def _take_over(self, state: HypervisorState) -> None:
         # An in-process VM dies with the process that ran it: another process cannot take over.
-        raise HypervisorError(
-            f"{cls.name}: the VM {state.id!r} ran inside another process; it cannot be driven from this one"
-        )
+        raise self._error(f"the VM {state.id!r} ran inside another process; "
+                          "it cannot be driven from this one")

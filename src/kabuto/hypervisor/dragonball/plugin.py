@@ -78,3 +78,6 @@ class DragonballPlugin(BasePlugin):
         from kabuto.hypervisor.dragonball.backend import Dragonball
 
         return Dragonball
+
+
+plugin = DragonballPlugin()

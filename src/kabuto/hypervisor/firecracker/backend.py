@@ -23,8 +23,9 @@ from kabuto.errors import HypervisorError
 from kabuto.hypervisor.base import VmStatus
 from kabuto.hypervisor.devices import AgentChannel, AnyDevice, BlockDevice, DeviceKind, NetworkDevice
 from kabuto.hypervisor.firecracker.plugin import CAPABILITIES
+from kabuto.hypervisor.firecracker.plugin import plugin as firecracker_plugin
 from kabuto.hypervisor.rest_vmm import RestVmm
-from kabuto.hypervisor.vmm_process import netns_prefix, unlink_quietly
+from kabuto.hypervisor.vmm_process import netns_path, unlink_quietly
 
 #: after SendCtrlAltDel, how long the guest gets to reboot (Firecracker exits on guest reboot)
 SHUTDOWN_GRACE = 3.0
@@ -52,6 +53,7 @@ def resource_id(device_id: str) -> str:
 class Firecracker(RestVmm):
     name = "firecracker"
     capabilities = CAPABILITIES
+    default_plugin = firecracker_plugin
     vmm_program = "firecracker"
     probe_endpoint = "/"
     vcpu_thread = re.compile(r"fc_vcpu ?(\d+)")
@@ -69,6 +71,11 @@ class Firecracker(RestVmm):
     def _spawned_program(self) -> str:
         # the jailer execs Firecracker, so the process (and its pid) becomes Firecracker's
         return "jailer" if self.jailed else self.vmm_program
+
+    @property
+    def _spawn_netns(self) -> str | None:
+        # the jailer joins the netns itself (--netns) before it execs Firecracker
+        return None if self.jailed else self.netns
 
     @property
     def jail_root(self) -> Path:
@@ -160,7 +167,7 @@ class Firecracker(RestVmm):
         if self.config.disable_seccomp:
             fc_args.append("--no-seccomp")
         if not self.jailed:
-            return [*netns_prefix(self.netns), self.config.path, *fc_args]
+            return [self.config.path, *fc_args]
         argv = [
             self.config.jailer_path,
             "--id", self.id,
@@ -170,7 +177,7 @@ class Firecracker(RestVmm):
             "--chroot-base-dir", str(self.vm_path),
         ]  # fmt: skip
         if self.netns:
-            argv += ["--netns", self.netns if self.netns.startswith("/") else f"/run/netns/{self.netns}"]
+            argv += ["--netns", netns_path(self.netns)]
         return [*argv, "--", *fc_args]
 
     async def _configure(self) -> None:
@@ -259,9 +266,3 @@ class Firecracker(RestVmm):
         return (await self._call("GET", "/")).json()
 
     # -- host side --------------------------------------------------------------------------
-    def _own_state(self) -> dict[str, Any]:
-        return {"jailed": self.jailed}
-
-    def _take_over(self, extra: dict[str, Any]) -> None:
-        if bool(extra.get("jailed")) != self.jailed:
-            raise self._error("the saved VM and this config disagree on using the jailer")

@@ -70,3 +70,6 @@ class FirecrackerPlugin(BasePlugin):
         from kabuto.hypervisor.firecracker.backend import Firecracker
 
         return Firecracker
+
+
+plugin = FirecrackerPlugin()

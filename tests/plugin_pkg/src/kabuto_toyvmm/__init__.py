@@ -7,12 +7,10 @@ Kabuto discovers, configures and builds third-party backends.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Self
 
 from kabuto.config.model import HypervisorConfig
 from kabuto.errors import Problem
 from kabuto.hypervisor import Capabilities, Hypervisor, HypervisorState, VcpuThreadIds
-from kabuto.hypervisor.base import DEFAULT_JAILER_ROOT
 from kabuto.hypervisor.devices import ChannelKind
 from kabuto.hypervisor.plugin import Availability, BasePlugin
 
@@ -62,11 +60,8 @@ class ToyVmm(Hypervisor):
     async def save_state(self) -> HypervisorState:
         raise self._unsupported("save_state")
 
-    @classmethod
-    async def restore(
-        cls, config: HypervisorConfig, state: HypervisorState, jailer_root: Path = DEFAULT_JAILER_ROOT
-    ) -> Self:
-        return cls(config, jailer_root=jailer_root)
+    async def _take_over(self, state: HypervisorState) -> None:
+        raise self._unsupported("restore")
 
 
 class ToyVmmPlugin(BasePlugin):

@@ -1,0 +1,143 @@
+"""Rules on configuration data that do not need a VMM: which hypervisor names exist, which
+keys a ``valid_*_paths`` list guards, glob matching of paths, the [runtime] and [agent] checks,
+and naming the annotation behind a problem.
+
+The hypervisor registry hands the loader a ``HypervisorNames``; config/ never asks for it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+
+from kabuto.config.model import AgentConfig, KabutoConfig
+from kabuto.errors import AnnotationError, ConfigError, Problem
+
+INTERNETWORKING_MODELS = ("macvtap", "none", "tcfilter", "l3forwarding")
+VFIO_MODES = ("", "vfio", "guest-kernel")
+EMPTYDIR_MODES = ("shared-fs", "block-encrypted", "block-plain")
+LOG_LEVELS = ("trace", "debug", "info", "warn", "error", "critical")
+
+
+@dataclass(frozen=True)
+class HypervisorNames:
+    """The registered hypervisor names and the aliases that select them (``clh``)."""
+
+    registered: frozenset[str] = frozenset()
+    aliases: Mapping[str, str] = field(default_factory=dict)
+
+    def canonical(self, name: str) -> str:
+        return self.aliases.get(name, name)
+
+    def require(self, name: str) -> str:
+        """The canonical name; ConfigError listing the registered ones if it is none of them."""
+        canonical = self.canonical(name)
+        if canonical not in self.registered:
+            raise ConfigError(
+                f"unknown hypervisor {name!r}; registered: {', '.join(sorted(self.registered)) or '(none)'}"
+            )
+        return canonical
+
+
+_VALID_PATHS = {
+    "path": "valid_hypervisor_paths",
+    "kernel": "valid_kernel_paths",
+    "initrd": "valid_initrd_paths",
+    "image": "valid_image_paths",
+    "firmware": "valid_firmware_paths",
+    "jailer_path": "valid_jailer_paths",
+    "virtio_fs_daemon": "valid_virtio_fs_daemon_paths",
+    "ctlpath": "valid_ctlpaths",
+    "file_mem_backend": "valid_file_mem_backends",
+    "entropy_source": "valid_entropy_sources",
+    "vhost_user_store_path": "valid_vhost_user_store_paths",
+}
+
+
+def valid_paths_key(key: str) -> str | None:
+    """The ``valid_*_paths`` list that guards ``key``, if any."""
+    return _VALID_PATHS.get(key)
+
+
+def path_allowed(value: str, globs: list[str]) -> bool:
+    """True when ``value`` matches one of ``globs`` (an empty list allows everything).
+
+    Matching is on the normalised path, so ``..`` cannot climb out of an allowed directory,
+    and ``*`` also matches ``/`` as in Kata's glob patterns. An empty value is allowed only
+    when ``""`` is listed (Kata's valid_entropy_sources does that).
+    """
+    if not globs:
+        return True
+    if not value:
+        return "" in globs
+    normalised = os.path.normpath(value)
+    return any(glob and fnmatchcase(normalised, glob) for glob in globs)
+
+
+def prefixed(prefix: str, problems: list[Problem]) -> list[Problem]:
+    return [Problem(f"{prefix}.{p.key}", p.value, p.reason) for p in problems]
+
+
+def common_problems(config: KabutoConfig) -> list[Problem]:
+    """Kata's [runtime] and [agent] rules (the hypervisor's belong to its plugin)."""
+    problems: list[Problem] = []
+    runtime = config.runtime
+    if not runtime.name:
+        problems.append(Problem("runtime.name", runtime.name, "must not be empty"))
+    for key, allowed in (("internetworking_model", INTERNETWORKING_MODELS), ("vfio_mode", VFIO_MODES),
+                         ("emptydir_mode", EMPTYDIR_MODES), ("log_level", LOG_LEVELS)):
+        value = getattr(runtime, key)
+        if value not in allowed:
+            choices = ", ".join(map(repr, allowed))
+            problems.append(Problem(f"runtime.{key}", value, f"must be one of {choices}"))
+    if runtime.create_container_timeout <= 0:
+        problems.append(Problem("runtime.create_container_timeout", runtime.create_container_timeout,
+                                "must be a positive number of seconds"))
+    if config.agent and runtime.agent_name not in config.agent:
+        have = ", ".join(sorted(config.agent))
+        problems.append(Problem("runtime.agent_name", runtime.agent_name,
+                                f"no [agent.{runtime.agent_name}] table (have: {have})"))
+    for name, agent in config.agent.items():
+        problems += _agent_problems(f"agent.{name}", agent)
+    return problems
+
+
+def _agent_problems(prefix: str, agent: AgentConfig) -> list[Problem]:
+    problems: list[Problem] = []
+    if agent.dial_timeout_ms <= 0:
+        problems.append(Problem(f"{prefix}.dial_timeout_ms", agent.dial_timeout_ms, "must be positive"))
+    elif agent.reconnect_timeout_ms < agent.dial_timeout_ms:
+        problems.append(Problem(f"{prefix}.reconnect_timeout_ms", agent.reconnect_timeout_ms,
+                                f"below dial_timeout_ms ({agent.dial_timeout_ms})"))
+    if agent.log_level not in LOG_LEVELS:
+        problems.append(Problem(f"{prefix}.log_level", agent.log_level,
+                                f"must be one of {', '.join(LOG_LEVELS)}"))
+    for key in ("container_pipe_size", "server_port", "log_port", "passfd_listener_port", "dial_timeout",
+                "request_timeout_ms", "create_container_timeout", "health_check_request_timeout_ms",
+                "cdh_api_timeout_ms", "launch_process_timeout"):
+        if getattr(agent, key) < 0:
+            problems.append(Problem(f"{prefix}.{key}", getattr(agent, key), "must not be negative"))
+    return problems
+
+
+def raise_problems(config: KabutoConfig, problems: list[Problem]) -> None:
+    """Raise ConfigError listing ``problems`` (AnnotationError naming the annotation behind any
+    key one set); return when there are none."""
+    if not problems:
+        return
+    from_annotations = config.annotated
+    marked = [
+        Problem(p.key, p.value, f"{p.reason} (set by annotation {from_annotations[_base_key(p.key)]})")
+        if _base_key(p.key) in from_annotations else p
+        for p in problems
+    ]
+    if marked != problems:
+        raise AnnotationError(f"annotations make the configuration {config.source} invalid", marked)
+    raise ConfigError(f"invalid configuration {config.source}", problems)
+
+
+def _base_key(key: str) -> str:
+    return re.sub(r"\[\d+\]$", "", key)

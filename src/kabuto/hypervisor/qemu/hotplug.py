@@ -1,0 +1,103 @@
+"""PCI hot-plug through QMP: virtio-blk (or virtio-scsi) disks and virtio-net NICs, each on a
+free hot-plug slot (a PCIe root port on q35, the root bus on pc), undone on failure."""
+
+from __future__ import annotations
+
+import asyncio
+
+from qemu.qmp import EventListener
+
+from kabuto.config.model import HypervisorConfig
+from kabuto.errors import HypervisorError, UnsupportedOperation, VmTimeout
+from kabuto.hypervisor.devices import AnyDevice, BlockDevice, NetworkDevice
+from kabuto.hypervisor.qemu.cmdline import (
+    block_device_args,
+    blockdev_args,
+    hotplug_bus,
+    net_device_args,
+    netdev_args,
+    root_port_count,
+)
+from kabuto.hypervisor.qemu.qmp import QmpSession
+
+DEVICE_RELEASE_TIMEOUT = 10.0
+
+
+class Hotplug:
+    """What a running VM's hot-plugged PCI devices occupy: device id -> bus."""
+
+    def __init__(self, qmp: QmpSession, config: HypervisorConfig, slots: dict[str, str],
+                 vhost_net: bool) -> None:
+        self.qmp = qmp
+        self.config = config
+        self.slots = slots
+        self.vhost_net = vhost_net
+
+    async def add(self, device: AnyDevice) -> None:
+        if isinstance(device, BlockDevice):
+            await self._add_block(device)
+        elif isinstance(device, NetworkDevice):
+            await self._add_net(device)
+        else:
+            raise UnsupportedOperation(f"qemu: hot-plugging a {device.kind.value} device is not supported "
+                                       "by this VMM")
+
+    async def _add_block(self, device: BlockDevice) -> None:
+        driver = self.config.block_device_driver or "virtio-blk"
+        bus = self._take_slot(device.id) if driver == "virtio-blk" else None
+        try:
+            await self.qmp.call("blockdev-add", blockdev_args(device))
+            try:
+                await self.qmp.call("device_add", block_device_args(device, driver, bus))
+            except BaseException:
+                await self.qmp.call("blockdev-del", {"node-name": f"drive-{device.id}"})
+                raise
+        except BaseException:
+            self.slots.pop(device.id, None)
+            raise
+        device.guest_address = f"serial:{block_device_args(device, driver, None)['serial']}"
+
+    async def _add_net(self, device: NetworkDevice) -> None:
+        bus = self._take_slot(device.id)
+        try:
+            await self.qmp.call("netdev_add", netdev_args(device, vhost=self.vhost_net))
+            try:
+                await self.qmp.call("device_add", net_device_args(device, bus))
+            except BaseException:
+                await self.qmp.call("netdev_del", {"id": f"net-{device.id}"})
+                raise
+        except BaseException:
+            self.slots.pop(device.id, None)
+            raise
+
+    async def remove(self, device: AnyDevice) -> None:
+        if not isinstance(device, BlockDevice | NetworkDevice):
+            raise UnsupportedOperation(f"qemu: hot-unplugging a {device.kind.value} device is not supported "
+                                       "by this VMM")
+        listener = EventListener("DEVICE_DELETED", lambda e: e["data"].get("device") == device.id)
+        with self.qmp.listen(listener):
+            await self.qmp.call("device_del", {"id": device.id})
+            try:
+                async with asyncio.timeout(DEVICE_RELEASE_TIMEOUT):
+                    await listener.get()
+            except TimeoutError:
+                raise VmTimeout(f"qemu: the guest did not release device {device.id} within "
+                                f"{DEVICE_RELEASE_TIMEOUT:g}s") from None
+        if isinstance(device, BlockDevice):
+            await self.qmp.call("blockdev-del", {"node-name": f"drive-{device.id}"})
+        else:
+            await self.qmp.call("netdev_del", {"id": f"net-{device.id}"})
+        self.slots.pop(device.id, None)
+
+    def _take_slot(self, device_id: str) -> str | None:
+        if self.config.machine_type != "q35":
+            return hotplug_bus(self.config.machine_type, 0)
+        used = set(self.slots.values())
+        for index in range(root_port_count(self.config)):
+            bus = hotplug_bus("q35", index)
+            if bus not in used:
+                self.slots[device_id] = bus
+                return bus
+        raise HypervisorError(f"qemu: no free hot-plug slot for {device_id}: all "
+                              f"{root_port_count(self.config)} PCIe root ports are in use "
+                              "(raise pcie_root_port)")
