@@ -5,10 +5,12 @@ No kernel is compiled here: the compile step is replaced by a stand-in.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -82,7 +84,8 @@ class FakeCompile:
     async def download(self, packages: list[debian.Package], deb_dir: Path) -> list[Path]:
         return [deb_dir / f"{p.deb_prefix()}all.deb" for p in packages]
 
-    async def compile(self, deb: Path, staging: Path, options: dict[str, str], jobs: int) -> str:
+    async def compile(self, deb: Path, staging: Path, options: dict[str, str], jobs: int,
+                      heartbeat: Any = None) -> str:
         self.calls += 1
         (staging / "out").mkdir()
         (staging / "out" / "vmlinux").write_bytes(b"\x7fELF")
@@ -200,3 +203,23 @@ def test_the_custom_kernel_leaves_init_no_modules_to_load(tmp_path: Path) -> Non
     assert (tmp_path / "out").read_bytes() == b"\x7fELF"
     assert (rootfs / "lib/modules/boot-modules").read_text() == ""
     assert (rootfs / "lib/modules/demand-aliases").read_text() == ""
+
+
+async def test_a_long_compile_reports_how_far_it_got(tmp_path: Path, monkeypatch) -> None:
+    """make -s is silent for minutes; the heartbeat counts the objects built so far."""
+    monkeypatch.setattr(kernel, "HEARTBEAT_INTERVAL", 0.01)
+    for name in ("a.o", "sub/b.o", "c.c"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("")
+    heard: list[str] = []
+    first = asyncio.Event()
+
+    def hear(line: str) -> None:
+        heard.append(line)
+        first.set()
+
+    ticker = asyncio.create_task(kernel._count_objects(tmp_path, hear))
+    async with asyncio.timeout(10):
+        await first.wait()
+    ticker.cancel()
+    assert heard[0].startswith("2 objects compiled in ")

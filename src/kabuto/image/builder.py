@@ -168,7 +168,8 @@ async def _build(inputs: BuildInputs, root: Path, report: Progress) -> GuestImag
         out.mkdir()
         if source is not None:
             report(STEPS[3])
-            built = await kernel.build_kernel(source, cache_dir(), kernel.fragment_options())
+            built = await kernel.build_kernel(source, cache_dir(), kernel.fragment_options(),
+                                              heartbeat=lambda detail: report(f"{STEPS[3]}: {detail}"))
             report(STEPS[4])
             kernel_version, missing = await asyncio.to_thread(_install_custom_kernel, built, rootfs,
                                                               out / KERNEL_NAME)

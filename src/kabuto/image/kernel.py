@@ -19,6 +19,8 @@ import re
 import shutil
 import signal
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +41,8 @@ UNPACK_TIMEOUT = 900.0
 CONFIGURE_TIMEOUT = 300.0
 # ~1000 CPU-seconds on an idle host; a shared one can be several times slower.
 MAKE_TIMEOUT = 3600.0
+#: seconds between two reports of how far the compile got
+HEARTBEAT_INTERVAL = 30.0
 _OUTPUT_TAIL = 3000
 
 _OPTION = re.compile(r"^(CONFIG_[A-Za-z0-9_]+)=(.*)$")
@@ -116,8 +120,10 @@ def cached_kernel(cache: Path, key: str) -> CustomKernel | None:
 
 
 async def build_kernel(source: debian.Package, cache: Path, options: dict[str, str],
-                       jobs: int | None = None) -> CustomKernel:
+                       jobs: int | None = None,
+                       heartbeat: Callable[[str], None] | None = None) -> CustomKernel:
     """The kernel for ``source`` + ``options`` from the cache, built first if it is not there.
+    ``heartbeat`` hears how far the compile got, every HEARTBEAT_INTERVAL seconds.
 
     The caller holds the image build lock, so no other build runs in ``<cache>/kernel``.
     """
@@ -136,7 +142,7 @@ async def build_kernel(source: debian.Package, cache: Path, options: dict[str, s
     staging = Path(tempfile.mkdtemp(prefix=f".build-{key}-", dir=root))
     try:
         deb, = await debian.download([source], cache / "debs")
-        release = await _compile(deb, staging, options, jobs or os.cpu_count() or 1)
+        release = await _compile(deb, staging, options, jobs or os.cpu_count() or 1, heartbeat=heartbeat)
         out = staging / key
         out.mkdir()
         shutil.move(staging / "out" / KERNEL_NAME, out / KERNEL_NAME)
@@ -152,7 +158,8 @@ async def build_kernel(source: debian.Package, cache: Path, options: dict[str, s
     return CustomKernel(root / key / KERNEL_NAME, release, key)
 
 
-async def _compile(deb: Path, staging: Path, options: dict[str, str], jobs: int) -> str:
+async def _compile(deb: Path, staging: Path, options: dict[str, str], jobs: int,
+                   heartbeat: Callable[[str], None] | None = None) -> str:
     """Unpack the source, configure it with ``options`` and build vmlinux; its kernel release."""
     unpacked = staging / "deb"
     await debian.extract(deb, unpacked)
@@ -173,10 +180,24 @@ async def _compile(deb: Path, staging: Path, options: dict[str, str], jobs: int)
     if unmet:
         raise ImageError(f"kernel options in {FRAGMENT.name} not accepted by {source_dir.name} "
                          f"(unmet dependencies?): {', '.join(unmet)}")
-    await _run([*make, f"-j{jobs}", KERNEL_NAME], MAKE_TIMEOUT)
+    ticker = asyncio.create_task(_count_objects(out, heartbeat)) if heartbeat else None
+    try:
+        await _run([*make, f"-j{jobs}", KERNEL_NAME], MAKE_TIMEOUT)
+    finally:
+        if ticker is not None:
+            ticker.cancel()
     if not elf.has_pvh_entry((out / KERNEL_NAME).read_bytes()):
         raise ImageError("the built vmlinux has no PVH entry note (is CONFIG_PVH in the fragment?)")
     return (await _run([*make, "kernelrelease"], CONFIGURE_TIMEOUT)).strip().splitlines()[-1]
+
+
+async def _count_objects(out: Path, heartbeat: Callable[[str], None]) -> None:
+    """make -s prints nothing for minutes: say how many objects exist so far."""
+    started = time.monotonic()
+    while True:
+        await asyncio.sleep(HEARTBEAT_INTERVAL)
+        objects = await asyncio.to_thread(lambda: sum(1 for _ in out.rglob("*.o")))
+        heartbeat(f"{objects} objects compiled in {time.monotonic() - started:.0f} s")
 
 
 async def _run(args: list[str], timeout: float) -> str:
