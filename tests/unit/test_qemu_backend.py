@@ -62,7 +62,7 @@ def test_plugin_defaults_and_capabilities(table: HypervisorConfig) -> None:
     assert ChannelKind.VIRTIO_SERIAL in caps.agent_channels
 
 
-@pytest.mark.parametrize(("key", "value"), [("machine_type", "microvm"), ("shared_fs", "virtio-fs"),
+@pytest.mark.parametrize(("key", "value"), [("machine_type", "microvm"), ("shared_fs", "inline-virtio-fs"),
                                             ("block_device_driver", "nvme")])
 def test_plugin_rejects_what_the_backend_cannot_do(table: HypervisorConfig, key: str, value: str) -> None:
     setattr(table, key, value)
@@ -105,6 +105,36 @@ def test_command_line_tcg(table: HypervisorConfig, tmp_path: Path) -> None:
     assert _option(args, "-fsdev") == [
         f"local,id=fs-share0,path={tmp_path / 'share'},security_model=none,multidevs=remap"]
     assert "-incoming" not in args and "-sandbox" not in args
+
+
+def test_virtio_fs_is_the_default_and_shapes_memory_and_capabilities(table: HypervisorConfig,
+                                                                      tmp_path: Path) -> None:
+    assert table.shared_fs == "virtio-fs"
+    assert table.virtio_fs_daemon and os.access(table.virtio_fs_daemon, os.X_OK), table.virtio_fs_daemon
+    caps = plugin.capabilities_for(table)
+    assert caps.shared_fs == {SharedFsKind.VIRTIO_FS} and not caps.snapshot  # vhost-user-fs blocks migration
+    share = SharedFsDevice("share0", SharedFsKind.VIRTIO_FS, tmp_path, "shared",
+                           daemon_socket=tmp_path / "fs-share0.sock")
+    args = build_command(table, TCG, VmPaths(tmp_path), [share], "vm1")
+    assert _option(args, "-machine") == ["q35,sata=off,smbus=off,vmport=off,smm=off,memory-backend=guest-ram"]
+    assert _option(args, "-object") == ["memory-backend-memfd,id=guest-ram,size=512M,share=on"]
+    assert f"socket,id=chr-share0,path={tmp_path}/fs-share0.sock" in _option(args, "-chardev")
+    vhost = "vhost-user-fs-pci,id=share0,chardev=chr-share0,tag=shared,queue-size=1024"
+    assert vhost in _option(args, "-device")
+    table.file_mem_backend = "/dev/shm"
+    args = build_command(table, TCG, VmPaths(tmp_path), [share], "vm1")
+    assert _option(args, "-object") == [
+        "memory-backend-file,id=guest-ram,size=512M,mem-path=/dev/shm,share=on"]
+
+
+@pytest.mark.parametrize(("shared_fs", "kinds"), [("virtio-9p", {SharedFsKind.VIRTIO_9P}), ("none", set())])
+def test_capabilities_follow_the_configured_shared_fs(table: HypervisorConfig, shared_fs: str,
+                                                      kinds: set[SharedFsKind]) -> None:
+    table.shared_fs = shared_fs
+    table.disable_block_device_use = True
+    caps = plugin.capabilities_for(table)
+    assert caps.shared_fs == kinds and caps.snapshot
+    assert not caps.can_hotplug(DeviceKind.BLOCK) and caps.can_hotplug(DeviceKind.NETWORK)
 
 
 def test_command_line_kvm_sandbox_incoming_pc(table: HypervisorConfig, tmp_path: Path) -> None:

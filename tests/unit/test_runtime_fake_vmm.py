@@ -121,7 +121,10 @@ class FakePlugin(BasePlugin):
     def __init__(self, backend_class: type[Hypervisor]) -> None:
         self.backend_class = backend_class
 
-    def adjust(self, table: Any) -> None: ...
+    def adjust(self, table: Any) -> None:
+        # as a real plugin does: the backend's shared filesystem unless the table names one
+        if not table.shared_fs:
+            table.shared_fs = "virtio-9p" if self.backend_class.capabilities.shared_fs else "none"
     def validate(self, table: Any) -> list[Any]: return []
     def capabilities(self) -> Capabilities: return self.backend_class.capabilities
     def availability(self, table: Any) -> Availability: return Availability(True)

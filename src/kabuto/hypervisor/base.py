@@ -66,7 +66,9 @@ class Hypervisor(abc.ABC):
 
     #: registry name of the backend ("qemu", "cloud-hypervisor" ...)
     name: ClassVar[str]
-    capabilities: ClassVar[Capabilities]
+    #: what the backend can do at all; an instance's ``capabilities`` is this as its table
+    #: configures it (the plugin's capabilities_for)
+    capabilities: Capabilities
     #: the plugin of the backend's own package, for a backend built without the registry
     default_plugin: ClassVar[HypervisorPlugin | None] = None
 
@@ -79,6 +81,7 @@ class Hypervisor(abc.ABC):
                                   "(build it with kabuto.hypervisor.new_hypervisor)")
         #: the plugin the registry resolved this backend's name to (its availability rules)
         self.plugin: HypervisorPlugin = chosen
+        self.capabilities = chosen.capabilities_for(config)
         self.jailer_root = Path(jailer_root)
         self.id = ""
         self.netns: str | None = None

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from kabuto.config.model import HypervisorConfig
 from kabuto.hypervisor.devices import ChannelKind, DeviceKind, SharedFsKind
+
+#: [hypervisor.*] shared_fs values -> the device kind they name ("none": no shared filesystem)
+SHARED_FS_VALUES = {
+    "virtio-fs": SharedFsKind.VIRTIO_FS,
+    "virtio-fs-nydus": SharedFsKind.VIRTIO_FS,
+    "inline-virtio-fs": SharedFsKind.VIRTIO_FS,
+    "virtio-9p": SharedFsKind.VIRTIO_9P,
+}
 
 
 @dataclass(frozen=True)
@@ -18,6 +27,13 @@ class Capabilities:
     jailer: bool = False
     # extra facts a backend wants to publish (shown by `kabuto hypervisors`)
     notes: tuple[str, ...] = field(default_factory=tuple)
+
+    def configured(self, table: HypervisorConfig) -> Capabilities:
+        """What the backend can do as ``table`` configures it: only the shared filesystem it
+        names (``shared_fs = "none"``: none), and no block devices under disable_block_device_use."""
+        chosen = SHARED_FS_VALUES.get(table.shared_fs)
+        hotplug = self.hotplug - {DeviceKind.BLOCK} if table.disable_block_device_use else self.hotplug
+        return replace(self, shared_fs=self.shared_fs & {chosen} if chosen else frozenset(), hotplug=hotplug)
 
     def can_hotplug(self, kind: DeviceKind) -> bool:
         return kind in self.hotplug

@@ -52,7 +52,11 @@ class HypervisorPlugin(Protocol):
     def validate(self, table: HypervisorConfig) -> list[Problem]:
         """Return every problem found (an empty list means valid). Keys are table-relative."""
 
-    def capabilities(self) -> Capabilities: ...
+    def capabilities(self) -> Capabilities:
+        """What the backend can do at all (``kabuto hypervisors`` shows it)."""
+
+    def capabilities_for(self, table: HypervisorConfig) -> Capabilities:
+        """What it can do as ``table`` configures it: the runtime chooses its strategies by this."""
 
     def availability(self, table: HypervisorConfig) -> Availability:
         """Can this host run it with this table? Must not start a VM or block."""
@@ -129,6 +133,9 @@ class BasePlugin:
         problems += self._validate_resources(table)
         problems += self._validate_choices(table)
         return problems
+
+    def capabilities_for(self, table: HypervisorConfig) -> Capabilities:
+        return self.capabilities().configured(table)
 
     def _validate_paths(self, table: HypervisorConfig) -> list[Problem]:
         problems: list[Problem] = []

@@ -6,7 +6,6 @@ import contextlib
 import json
 import math
 import re
-import time
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,8 @@ from kabuto.hypervisor.devices import (
 )
 from kabuto.hypervisor.plugin import HypervisorPlugin
 from kabuto.hypervisor.rest_vmm import RestVmm
-from kabuto.hypervisor.vmm_process import VmmProcess, check_socket_path, unlink_quietly
+from kabuto.hypervisor.virtiofsd import Virtiofsds
+from kabuto.hypervisor.vmm_process import VmmProcess
 
 MIB = 1 << 20
 VIRTIO_BLK_SERIAL_MAX = 20
@@ -64,8 +64,7 @@ class CloudHypervisor(RestVmm):
     def __init__(self, config: HypervisorConfig, jailer_root: Path = DEFAULT_JAILER_ROOT, *,
                  plugin: HypervisorPlugin | None = None) -> None:
         super().__init__(config, jailer_root, plugin=plugin)
-        # device id -> the virtiofsd serving it
-        self._virtiofsd: dict[str, VmmProcess] = {}
+        self._virtiofsd = Virtiofsds(self)
 
     # -- paths ------------------------------------------------------------------------------
     @property
@@ -80,9 +79,6 @@ class CloudHypervisor(RestVmm):
     def snapshot_dir(self) -> Path:
         return self.vm_path / "snapshot"
 
-    def _fs_socket(self, device: SharedFsDevice) -> Path:
-        return self.vm_path / f"fs-{device.id}.sock"
-
     # -- lifecycle --------------------------------------------------------------------------
     async def add_device(self, device: AnyDevice) -> AnyDevice:
         # Refuse what this VMM can never do, also before boot, so the runtime learns early.
@@ -94,9 +90,8 @@ class CloudHypervisor(RestVmm):
 
     async def _boot(self, deadline: float, restore_from: Path | None) -> None:
         await self._call("GET", "vmm.ping")
-        for device in self.pending_devices:
-            if isinstance(device, SharedFsDevice):
-                await self._start_virtiofsd(device, deadline)
+        self._stage = "waiting for virtiofsd"
+        await self._virtiofsd.start_all(self.pending_devices, deadline)
         if restore_from is not None:
             await self._call("PUT", "vm.restore", {"source_url": f"file://{restore_from}", "prefault": False})
             await self._call("PUT", "vm.resume")  # a restored VM starts paused
@@ -123,7 +118,7 @@ class CloudHypervisor(RestVmm):
                     f"the snapshot shares a directory as {fs.get('id')!r} (tag {fs.get('tag')!r}): "
                     "add the same shared-fs device before restoring"
                 )
-            fs["socket"] = str(self._fs_socket(device))
+            fs["socket"] = str(self._virtiofsd.socket(device.id))
         if isinstance(config.get("vsock"), dict):
             config["vsock"]["socket"] = str(self.vsock_socket)
         config_file.write_text(json.dumps(config))
@@ -135,25 +130,6 @@ class CloudHypervisor(RestVmm):
         if self.config.enable_debug:
             argv.append("-v")
         return argv
-
-    async def _start_virtiofsd(self, device: SharedFsDevice, deadline: float) -> None:
-        if not self.config.virtio_fs_daemon:
-            raise self._error(f"shared fs {device.id}: virtio_fs_daemon is not configured")
-        sock = self._fs_socket(device)
-        check_socket_path(self.name, sock)
-        argv = [
-            self.config.virtio_fs_daemon,
-            f"--socket-path={sock}",
-            f"--shared-dir={device.host_path}",
-            f"--cache={self.config.virtio_fs_cache or 'never'}",
-            *self.config.virtio_fs_extra_args,
-        ]
-        daemon = VmmProcess(self.name, "virtiofsd", self.vm_path / f"virtiofsd-{device.id}.log")
-        self._virtiofsd[device.id] = daemon
-        await daemon.spawn(argv, cwd=self.vm_path, netns=self.netns)
-        self._stage = f"waiting for virtiofsd's socket {sock}"
-        await daemon.wait_for_socket(sock, deadline - time.monotonic(), probe=False)
-        device.daemon_socket = sock
 
     def _vm_config(self) -> dict[str, Any]:
         cfg = self.config
@@ -235,11 +211,11 @@ class CloudHypervisor(RestVmm):
         elif isinstance(device, NetworkDevice):
             await self._call("PUT", "vm.add-net", _net(device))
         elif isinstance(device, SharedFsDevice):
-            await self._start_virtiofsd(device, time.monotonic() + DAEMON_START_TIMEOUT)
+            await self._virtiofsd.start(device, DAEMON_START_TIMEOUT)
             try:
                 await self._call("PUT", "vm.add-fs", self._fs(device))
             except BaseException:
-                await self._stop_virtiofsd(device.id)
+                await self._virtiofsd.stop(device.id)
                 raise
         else:
             raise self._unsupported(f"hot-plugging a {device.kind.value} device")
@@ -247,17 +223,11 @@ class CloudHypervisor(RestVmm):
     async def _hotplug_remove(self, device: AnyDevice) -> None:
         await self._call("PUT", "vm.remove-device", {"id": device.id})
         if isinstance(device, SharedFsDevice):
-            await self._stop_virtiofsd(device.id)
-
-    async def _stop_virtiofsd(self, device_id: str) -> None:
-        daemon = self._virtiofsd.pop(device_id, None)
-        if daemon is not None:
-            await daemon.stop()
-        unlink_quietly(self.vm_path / f"fs-{device_id}.sock")
+            await self._virtiofsd.stop(device.id)
 
     # -- queries ----------------------------------------------------------------------------
     def _helper_processes(self) -> list[VmmProcess]:
-        return list(self._virtiofsd.values())
+        return self._virtiofsd.processes()
 
     async def info(self) -> dict[str, Any]:
         """vm.info: the VM's config, state and device tree as Cloud Hypervisor reports them."""
@@ -268,17 +238,13 @@ class CloudHypervisor(RestVmm):
 
     # -- host side --------------------------------------------------------------------------
     async def _stop_helpers(self) -> None:
-        for device_id in list(self._virtiofsd):
-            await self._stop_virtiofsd(device_id)
+        await self._virtiofsd.stop_all()
 
     def _own_state(self) -> dict[str, Any]:
-        return {"virtiofsd": {dev: p.record() for dev, p in self._virtiofsd.items()}}
+        return {"virtiofsd": self._virtiofsd.records()}
 
     def _adopt_helpers(self, extra: dict[str, Any]) -> None:
-        for device_id, proc in extra.get("virtiofsd", {}).items():
-            daemon = VmmProcess(self.name, "virtiofsd")
-            daemon.adopt(proc)
-            self._virtiofsd[device_id] = daemon
+        self._virtiofsd.adopt(extra.get("virtiofsd", {}))
 
 
 def _disk(device: BlockDevice) -> dict[str, Any]:

@@ -38,6 +38,7 @@ from kabuto.hypervisor.qemu.hotplug import Hotplug
 from kabuto.hypervisor.qemu.plugin import CAPABILITIES
 from kabuto.hypervisor.qemu.plugin import plugin as qemu_plugin
 from kabuto.hypervisor.qemu.qmp import QmpSession
+from kabuto.hypervisor.virtiofsd import Virtiofsds
 from kabuto.hypervisor.vmm_process import VmmProcess, check_socket_path
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,7 @@ class QemuHypervisor(Hypervisor):
         super().__init__(config, jailer_root, plugin=plugin)
         self.accelerator: Accelerator | None = None
         self._qemu: VmmProcess | None = None
+        self._virtiofsd = Virtiofsds(self)
         self._qmp = QmpSession("", Path())
         self._console: ConsoleReader | None = None
         #: the virtio-serial agent ports after the primary one (none for vsock)
@@ -119,12 +121,15 @@ class QemuHypervisor(Hypervisor):
             raise self._error(f"saved VM state {restore_from} does not exist")
         self.accelerator = choose_accelerator(self.config.accel)
         self._vhost_net = use_vhost_net(self.config, self.accelerator, _exists(DEV_VHOST_NET))
-        command = build_command(self.config, self.accelerator, self.paths, self.pending_devices, self.id,
-                                incoming=restore_from is not None, vhost_net=self._vhost_net)
-        log.debug("qemu command: %s", command)
         started = time.monotonic()
         try:
             async with asyncio.timeout(timeout):
+                # virtio-fs shares: their daemons' sockets go on QEMU's command line
+                await self._virtiofsd.start_all(self.pending_devices, started + timeout)
+                self.boot_timings["virtiofsd_ready"] = time.monotonic() - started
+                command = build_command(self.config, self.accelerator, self.paths, self.pending_devices,
+                                        self.id, incoming=restore_from is not None, vhost_net=self._vhost_net)
+                log.debug("qemu command: %s", command)
                 self._qemu = VmmProcess(self.name, "QEMU", self.paths.qemu_log)
                 await self._qemu.spawn(command, netns=self.netns)
                 self.boot_timings["vmm_spawned"] = time.monotonic() - started
@@ -194,6 +199,7 @@ class QemuHypervisor(Hypervisor):
         if self._qemu is not None and not await self._qemu.wait_exit(STOP_GRACE_TIMEOUT):
             log.warning("qemu: VM %s did not quit within %gs, killing it", self.id, STOP_GRACE_TIMEOUT)
         await self._kill()
+        await self._virtiofsd.stop_all()
         await self.disconnect()
         self.status = VmStatus.STOPPED
 
@@ -240,8 +246,9 @@ class QemuHypervisor(Hypervisor):
         return VcpuThreadIds({int(cpu["cpu-index"]): int(cpu["thread-id"]) for cpu in cpus})
 
     async def get_pids(self) -> list[int]:
-        qemu = self._qemu
-        return [qemu.pid] if qemu is not None and qemu.pid is not None and qemu.alive() else []
+        """QEMU's pid first, then its virtiofsd daemons'."""
+        processes = [self._qemu, *self._virtiofsd.processes()]
+        return [p.pid for p in processes if p is not None and p.pid is not None and p.alive()]
 
     # -- teardown -----------------------------------------------------------------------------
     async def disconnect(self) -> None:
@@ -252,6 +259,7 @@ class QemuHypervisor(Hypervisor):
 
     async def cleanup(self) -> None:
         await self._kill()
+        await self._virtiofsd.stop_all()
         await self.disconnect()
         if self.id:
             shutil.rmtree(self.vm_path, ignore_errors=True)
@@ -265,6 +273,7 @@ class QemuHypervisor(Hypervisor):
     async def save_state(self) -> HypervisorState:
         return await self._state({
             "qemu": self._qemu.record() if self._qemu is not None else None,
+            "virtiofsd": self._virtiofsd.records(),
             "qmp_socket": str(self.paths.qmp_socket),
             "accelerator": self.accelerator.name if self.accelerator else "",
             "hotplug_slots": dict(self._hotplug_slots),
@@ -287,6 +296,7 @@ class QemuHypervisor(Hypervisor):
             self.status = VmStatus.STOPPED
             return
         self._qemu = qemu
+        self._virtiofsd.adopt(extra.get("virtiofsd", {}))
         await self._qmp.connect(None, wait_for_socket=False)
         running = (await self._qmp.call("query-status")).get("running")
         self.status = VmStatus.RUNNING if running else VmStatus.PAUSED

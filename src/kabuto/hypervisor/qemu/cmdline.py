@@ -35,6 +35,7 @@ LEAN_MACHINE_OPTIONS = {
 #: virtio-blk's serial is at most 20 bytes; the guest finds the disk by it (/sys/block/vdX/serial)
 BLOCK_SERIAL_MAX = 20
 VIRTIO_SERIAL_BUS = "virtio-serial0"
+MEMORY_BACKEND_ID = "guest-ram"
 SCSI_BUS = "scsi0"
 
 # Kernel parameters that shorten boot without changing what the guest can do (after Kata's
@@ -211,9 +212,14 @@ def device_cmdline(device: AnyDevice, table: HypervisorConfig, vhost_net: bool =
     if isinstance(device, NetworkDevice):
         return ["-netdev", _netdev_opt(netdev_args(device, vhost=vhost_net)),
                 "-device", _device_opt(net_device_args(device, None))]
+    if isinstance(device, SharedFsDevice) and device.fs == SharedFsKind.VIRTIO_FS:
+        if device.daemon_socket is None:
+            raise HypervisorError(f"qemu: virtio-fs share {device.id} has no virtiofsd socket")
+        return ["-chardev", f"socket,id=chr-{device.id},path={_path_opt(device.daemon_socket)}",
+                "-device", _device_opt({"driver": "vhost-user-fs-pci", "id": device.id,
+                                        "chardev": f"chr-{device.id}", "tag": device.mount_tag,
+                                        "queue-size": table.virtio_fs_queue_size or 1024})]
     if isinstance(device, SharedFsDevice):
-        if device.fs != SharedFsKind.VIRTIO_9P:
-            raise HypervisorError(f"qemu: shared fs {device.fs.value} is not supported (needs virtiofsd)")
         # multidevs=remap: a share spanning several host filesystems keeps inode numbers unique
         fsdev = (f"local,id=fs-{device.id},path={_path_opt(device.host_path)},security_model=none,"
                  "multidevs=remap")
@@ -241,14 +247,17 @@ def build_command(
         raise HypervisorError("qemu: no guest kernel configured (build one with `kabuto image build`)")
     vcpus = max(1, math.ceil(table.default_vcpus))
     maxvcpus = max(vcpus, table.default_maxvcpus)
+    memory = memory_backend(table, devices)
     args = [
         table.path,
         "-name", f"kabuto-{name}",
         "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
         "-S",
-        "-machine", f"{table.machine_type},{_machine_extra(table)}".rstrip(","),
+        "-machine", ",".join([table.machine_type, *_machine_extra(table),
+                              *([f"memory-backend={MEMORY_BACKEND_ID}"] if memory else [])]),
         *accel_args(accel, table),
         "-m", f"{table.default_memory}M",
+        *memory,
         "-smp", f"{vcpus},maxcpus={maxvcpus}",
         "-qmp", f"unix:{_path_opt(paths.qmp_socket)},server=on,wait=off",
         "-chardev", f"socket,id=console,path={_path_opt(paths.console_socket)},server=on,wait=off",
@@ -279,7 +288,21 @@ def build_command(
     return args
 
 
-def _machine_extra(table: HypervisorConfig) -> str:
-    extra = [*LEAN_MACHINE_OPTIONS.get(table.machine_type, ()),
-             *(a.strip() for a in table.machine_accelerators.split(",") if a.strip())]
-    return ",".join(extra)
+def _machine_extra(table: HypervisorConfig) -> list[str]:
+    return [*LEAN_MACHINE_OPTIONS.get(table.machine_type, ()),
+            *(a.strip() for a in table.machine_accelerators.split(",") if a.strip())]
+
+
+def memory_backend(table: HypervisorConfig, devices: list[AnyDevice]) -> list[str]:
+    """Guest RAM that a vhost-user daemon (virtiofsd) can map: a memfd, or the file
+    ``file_mem_backend`` names, shared. Without either, QEMU's private anonymous RAM."""
+    vhost_user = any(isinstance(d, SharedFsDevice) and d.fs == SharedFsKind.VIRTIO_FS for d in devices)
+    if not (vhost_user or table.file_mem_backend):
+        return []
+    size = f"size={table.default_memory}M"
+    if table.file_mem_backend:
+        mem_path = _path_opt(Path(table.file_mem_backend))
+        backend = f"memory-backend-file,id={MEMORY_BACKEND_ID},{size},mem-path={mem_path}"
+    else:
+        backend = f"memory-backend-memfd,id={MEMORY_BACKEND_ID},{size}"
+    return ["-object", f"{backend},share=on"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from kabuto.config.model import HypervisorConfig
@@ -21,13 +22,13 @@ CAPABILITIES = Capabilities(
     hotplug=frozenset({DeviceKind.BLOCK, DeviceKind.NETWORK}),
     pause=True,
     snapshot=True,
-    shared_fs=frozenset({SharedFsKind.VIRTIO_9P}),
+    shared_fs=frozenset({SharedFsKind.VIRTIO_FS, SharedFsKind.VIRTIO_9P}),
     agent_channels=(ChannelKind.VIRTIO_SERIAL, ChannelKind.VSOCK),
     jailer=False,
     notes=(
         "machine q35: PCI(e) hot-plug of virtio-blk and virtio-net through QMP",
         "agent over virtio-serial here; vsock where /dev/vhost-vsock exists",
-        "shared fs: virtio-9p (virtio-fs would need virtiofsd, not run by this backend)",
+        "shared fs: virtio-fs (a virtiofsd per share, guest memory shared) or virtio-9p",
     ),
 )
 
@@ -41,7 +42,15 @@ class QemuPlugin(BasePlugin):
     min_memory_mib = 64
     default_machine_type = "q35"
     block_drivers = ("virtio-blk", "virtio-scsi")
-    shared_fs_kinds = ("virtio-9p", "virtio-fs", "none")
+    # virtio-fs first: Kata's default for QEMU
+    shared_fs_kinds = ("virtio-fs", "virtio-9p", "none")
+    #: where Debian's QEMU (qemu-system-common) and Kata install virtiofsd
+    virtiofsd_paths = ("/usr/lib/qemu/virtiofsd", "/usr/libexec/virtiofsd", "virtiofsd")
+
+    def adjust(self, table: HypervisorConfig) -> None:
+        super().adjust(table)
+        if table.shared_fs == "virtio-fs" and not table.virtio_fs_daemon:
+            table.virtio_fs_daemon = find_binary("", *self.virtiofsd_paths)
 
     def validate(self, table: HypervisorConfig) -> list[Problem]:
         problems = super().validate(table)
@@ -50,14 +59,21 @@ class QemuPlugin(BasePlugin):
                 Problem("machine_type", table.machine_type,
                         f"must be one of {', '.join(MACHINE_TYPES)} (hot-plug needs PCI)")
             )
-        if table.shared_fs == "virtio-fs":
-            problems.append(Problem("shared_fs", table.shared_fs,
-                                    "virtio-fs needs virtiofsd, which this backend does not run yet; "
-                                    "use virtio-9p"))
+        if table.shared_fs == "virtio-fs" and not table.virtio_fs_daemon:
+            problems.append(Problem("virtio_fs_daemon", "", "shared_fs = virtio-fs needs virtiofsd, found at "
+                                    f"none of {', '.join(self.virtiofsd_paths)} "
+                                    "(apt-get install qemu-system-common)"))
         return problems
 
     def capabilities(self) -> Capabilities:
         return CAPABILITIES
+
+    def capabilities_for(self, table: HypervisorConfig) -> Capabilities:
+        configured = super().capabilities_for(table)
+        # a vhost-user-fs device blocks migration, QEMU's snapshot
+        if SharedFsKind.VIRTIO_FS in configured.shared_fs:
+            return replace(configured, snapshot=False)
+        return configured
 
     def availability(self, table: HypervisorConfig) -> Availability:
         # a configured path must itself work: never fall back to another binary on PATH
