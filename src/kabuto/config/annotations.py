@@ -6,7 +6,7 @@ the whole key: unlike Kata, ``"path"`` does not also enable ``jailer_path``), an
 changes only to one matching the key's ``valid_*_paths`` globs, which must not be empty.
 Runtime and agent keys are not gated (as in Kata) but only a short, harmless list exists.
 Anything else under these prefixes is refused with an AnnotationError, and so is a value for a
-key Kabuto refuses (kabuto.config.coverage); one for a key Kabuto does not apply is set and
+key Kabuto refuses (kabuto.config.keys); one for a key Kabuto does not apply is set and
 warned about by the loader. Annotations with other prefixes are none of our business and are
 ignored.
 """
@@ -19,7 +19,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from kabuto.config.coverage import refusal
+from kabuto.config.keys import refusal
 from kabuto.config.model import AgentConfig, HypervisorConfig, KabutoConfig, RuntimeConfig
 from kabuto.config.rules import HypervisorNames, path_allowed, valid_paths_key
 from kabuto.errors import AnnotationError, Problem
@@ -124,7 +124,7 @@ def _converter(model: type, key: str) -> Callable[[str], Any]:
 
 
 def _refuse_unsupported(kind: str, key: str, value: Any, model: type) -> None:
-    """A key Kabuto refuses (kabuto.config.coverage) is refused here too, naming the annotation."""
+    """A key Kabuto refuses (kabuto.config.keys) is refused here too, naming the annotation."""
     why = refusal(kind, key, value, model)
     if why:
         raise _Refused(why)

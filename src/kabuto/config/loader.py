@@ -3,7 +3,7 @@
 File search: the ``path`` argument, else ``$KABUTO_CONFIG``, else /etc/kabuto/configuration.toml,
 else the built-in default shipped in this package. Drop-ins from ``config.d/*.toml`` beside
 the file are deep-merged in name order. Then: strict types, unknown keys as warnings,
-annotations, a warning for each set key Kabuto does not apply (kabuto.config.coverage), and
+annotations, a warning for each set key Kabuto does not apply (kabuto.config.keys), and
 the agent timeouts made consistent. The active hypervisor plugin's ``adjust`` and ``validate``
 come after, in kabuto.hypervisor.resolve: this package is data and rules on data.
 """
@@ -22,7 +22,7 @@ from pydantic import BaseModel, ValidationError
 
 from kabuto.bounded import FileTooLarge, read_bounded
 from kabuto.config.annotations import apply_annotations, check_enable_annotations
-from kabuto.config.coverage import unapplied_warnings
+from kabuto.config.keys import unapplied_warnings
 from kabuto.config.model import HypervisorConfig, KabutoConfig
 from kabuto.config.rules import HypervisorNames, prefixed, reconcile_agent_timeouts
 from kabuto.errors import ConfigError, Problem

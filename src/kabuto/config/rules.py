@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 
-from kabuto.config.coverage import refused_problems
+from kabuto.config.keys import refused_problems
 from kabuto.config.model import AgentConfig, KabutoConfig
 from kabuto.errors import AnnotationError, ConfigError, Problem
 
