@@ -121,7 +121,39 @@ def kata_file(tmp_path):
 def test_kata_runtime_rs_qemu_file_loads_with_its_values(kata_file):
     file, share = kata_file
     config = resolve_config(file).config
-    assert config.warnings == []  # every key is one Kabuto knows
+    # every key is one Kabuto knows; the ones it does not apply are named, once each
+    not_applied = "parsed, not applied by Kabuto"
+    not_qemu = "parsed, not applied by the qemu backend (only cloud-hypervisor)"
+    assert config.warnings == [
+        f'hypervisor.qemu.vm_rootfs_driver = "virtio-pmem": {not_applied}',
+        f'hypervisor.qemu.rootfs_type = "ext4": {not_applied}',
+        f"hypervisor.qemu.overhead_vcpus = 0.25: {not_applied}",
+        f"hypervisor.qemu.overhead_memory = 48: {not_applied}",
+        f"hypervisor.qemu.memory_slots = 12: {not_applied}",
+        f'hypervisor.qemu.block_device_aio = "io_uring": {not_applied}',
+        f"hypervisor.qemu.block_device_logical_sector_size = 512: {not_applied}",
+        f"hypervisor.qemu.block_device_physical_sector_size = 4096: {not_applied}",
+        f"hypervisor.qemu.queue_size = 128: {not_applied}",
+        f"hypervisor.qemu.num_queues = 1: {not_applied}",
+        f'hypervisor.qemu.cold_plug_vfio = "no-port": {not_applied}',
+        f'hypervisor.qemu.virtio_fs_daemon = "{share}/virtiofsd": {not_qemu}',
+        f"hypervisor.qemu.virtio_fs_queue_size = 512: {not_qemu}",
+        f'hypervisor.qemu.virtio_fs_cache = "auto": {not_qemu}',
+        f'hypervisor.qemu.virtio_fs_extra_args = ["--thread-pool-size=2"]: {not_qemu}',
+        f"hypervisor.qemu.network_queues = 1: {not_applied}",
+        f"hypervisor.qemu.tdx_quote_generation_service_socket_port = 0: {not_applied}",
+        f"agent.kata.enable_debug = true: {not_applied}",
+        f'agent.kata.kernel_modules = ["e1000e InterruptThrottleRate=3000,3000,3000 EEE=1"]: {not_applied}',
+        f"agent.kata.dial_timeout_ms = 20: {not_applied}",
+        f"agent.kata.reconnect_timeout_ms = 4000: {not_applied}",
+        f"agent.kata.create_container_timeout = 45: {not_applied}",
+        f"agent.kata.mem_agent.mem_agent_enable = true: {not_applied}",
+        f"agent.kata.mem_agent.memcg_swappiness_max = 40: {not_applied}",
+        f"agent.kata.mem_agent.compact_force_times = 9223372036854775807: {not_applied}",
+        f"runtime.sandbox_cgroup_only = true: {not_applied}",
+        f"runtime.static_sandbox_resource_mgmt = true: {not_applied}",
+        f'runtime.dan_conf = "/run/kata-containers/dans": {not_applied}',
+    ]
     qemu = config.active_hypervisor
     assert config.hypervisor_name == "qemu"
     assert qemu.path == f"{share}/qemu-system-x86_64"

@@ -5,8 +5,10 @@ table's ``enable_annotations`` allows it (each entry a regular expression that m
 the whole key: unlike Kata, ``"path"`` does not also enable ``jailer_path``), and a path
 changes only to one matching the key's ``valid_*_paths`` globs, which must not be empty.
 Runtime and agent keys are not gated (as in Kata) but only a short, harmless list exists.
-Anything else under these prefixes is refused with an AnnotationError; annotations with
-other prefixes are none of our business and are ignored.
+Anything else under these prefixes is refused with an AnnotationError, and so is a value for a
+key Kabuto refuses (kabuto.config.keys); one for a key Kabuto does not apply is set and
+warned about by the loader. Annotations with other prefixes are none of our business and are
+ignored.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from kabuto.config.keys import refusal
 from kabuto.config.model import AgentConfig, HypervisorConfig, KabutoConfig, RuntimeConfig
 from kabuto.config.rules import HypervisorNames, path_allowed, valid_paths_key
 from kabuto.errors import AnnotationError, Problem
@@ -120,6 +123,13 @@ def _converter(model: type, key: str) -> Callable[[str], Any]:
     return str
 
 
+def _refuse_unsupported(kind: str, key: str, value: Any, model: type) -> None:
+    """A key Kabuto refuses (kabuto.config.keys) is refused here too, naming the annotation."""
+    why = refusal(kind, key, value, model)
+    if why:
+        raise _Refused(why)
+
+
 def merge_kernel_params(current: str, extra: str) -> str:
     """Kata's rule: a parameter in ``extra`` replaces every one with the same name in ``current``."""
     added = extra.split()
@@ -172,6 +182,7 @@ def _hypervisor_value(name: str, table: HypervisorConfig, suffix: str, raw: str)
     if key == "virtio_fs_extra_args":
         return key, [*table.virtio_fs_extra_args, *_list(raw)]
     value = _converter(HypervisorConfig, key)(raw)
+    _refuse_unsupported("hypervisor", key, value, HypervisorConfig)
     if key == "guest_hook_path" and value and not os.path.isabs(value):
         raise _Refused("must be an absolute path")
     if key in ("pcie_root_port", "pcie_switch_port") and value > 16:
@@ -185,7 +196,9 @@ def _apply_agent(agent: AgentConfig, suffix: str, raw: str) -> str:
     if suffix == "kernel_modules":
         agent.kernel_modules = [*agent.kernel_modules, *(m.strip() for m in raw.split(";") if m.strip())]
     else:
-        setattr(agent, suffix, _converter(AgentConfig, suffix)(raw))
+        value = _converter(AgentConfig, suffix)(raw)
+        _refuse_unsupported("agent", suffix, value, AgentConfig)
+        setattr(agent, suffix, value)
     return f"agent.kata.{suffix}"
 
 
@@ -215,7 +228,9 @@ def _apply_runtime(config: KabutoConfig, file_tables: set[str], names: Hyperviso
     elif suffix == "experimental":
         runtime.experimental = [*runtime.experimental, *_list(raw)]
     else:
-        setattr(runtime, suffix, _converter(RuntimeConfig, suffix)(raw))
+        value = _converter(RuntimeConfig, suffix)(raw)
+        _refuse_unsupported("runtime", suffix, value, RuntimeConfig)
+        setattr(runtime, suffix, value)
     return f"runtime.{suffix}"
 
 

@@ -2,9 +2,10 @@
 
 File search: the ``path`` argument, else ``$KABUTO_CONFIG``, else /etc/kabuto/configuration.toml,
 else the built-in default shipped in this package. Drop-ins from ``config.d/*.toml`` beside
-the file are deep-merged in name order. Then: strict types, unknown keys as warnings and
-annotations. The active hypervisor plugin's ``adjust`` and ``validate`` come after, in
-kabuto.hypervisor.resolve: this package is data and rules on data.
+the file are deep-merged in name order. Then: strict types, unknown keys as warnings,
+annotations, a warning for each set key Kabuto does not apply (kabuto.config.keys), and
+the agent timeouts made consistent. The active hypervisor plugin's ``adjust`` and ``validate``
+come after, in kabuto.hypervisor.resolve: this package is data and rules on data.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from pydantic import BaseModel, ValidationError
 
 from kabuto.bounded import FileTooLarge, read_bounded
 from kabuto.config.annotations import apply_annotations, check_enable_annotations
+from kabuto.config.keys import unapplied_warnings
 from kabuto.config.model import HypervisorConfig, KabutoConfig
-from kabuto.config.rules import HypervisorNames, prefixed
+from kabuto.config.rules import HypervisorNames, prefixed, reconcile_agent_timeouts
 from kabuto.errors import ConfigError, Problem
 
 ENV_VAR = "KABUTO_CONFIG"
@@ -103,6 +105,9 @@ def load_config(
     if regex_problems:
         raise ConfigError(f"invalid configuration {source}", regex_problems)
     config.annotated = apply_annotations(config, annotations or {}, file_tables, names)
+    # what the files and annotations asked for, before reconciling changes any value
+    config.warnings += unapplied_warnings(config)
+    config.warnings += reconcile_agent_timeouts(config)
     return config
 
 

@@ -1,6 +1,6 @@
 """Rules on configuration data that do not need a VMM: which hypervisor names exist, which
-keys a ``valid_*_paths`` list guards, glob matching of paths, the [runtime] and [agent] checks,
-and naming the annotation behind a problem.
+keys a ``valid_*_paths`` list guards, glob matching of paths, the [runtime] and [agent] checks
+(and the agent timeouts made consistent), and naming the annotation behind a problem.
 
 The hypervisor registry hands the loader a ``HypervisorNames``; config/ never asks for it.
 """
@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 
+from kabuto.config.keys import refused_problems
 from kabuto.config.model import AgentConfig, KabutoConfig
 from kabuto.errors import AnnotationError, ConfigError, Problem
 
@@ -102,7 +103,25 @@ def common_problems(config: KabutoConfig) -> list[Problem]:
                                 f"no [agent.{runtime.agent_name}] table (have: {have})"))
     for name, agent in config.agent.items():
         problems += _agent_problems(f"agent.{name}", agent)
-    return problems
+    return problems + refused_problems(config)
+
+
+def reconcile_agent_timeouts(config: KabutoConfig) -> list[str]:
+    """Raise an unset reconnect_timeout_ms to a larger dial_timeout_ms; the warnings saying so.
+
+    Kata's stock Firecracker file sets dial_timeout_ms = 45000 and leaves reconnect_timeout_ms at
+    its default (3000), which Kata's own rule refuses. Only a reconnect_timeout_ms the files left
+    unset is raised: one written below dial_timeout_ms stays an error (``_agent_problems``).
+    """
+    warnings = []
+    for name, agent in config.agent.items():
+        dial = agent.dial_timeout_ms
+        if dial > agent.reconnect_timeout_ms and "reconnect_timeout_ms" not in agent.model_fields_set:
+            warnings.append(f"agent.{name}.dial_timeout_ms = {dial} without "
+                            f"agent.{name}.reconnect_timeout_ms: reconnect_timeout_ms raised from "
+                            f"{agent.reconnect_timeout_ms} to {dial}")
+            agent.reconnect_timeout_ms = dial
+    return warnings
 
 
 def _agent_problems(prefix: str, agent: AgentConfig) -> list[Problem]:
@@ -111,7 +130,8 @@ def _agent_problems(prefix: str, agent: AgentConfig) -> list[Problem]:
         problems.append(Problem(f"{prefix}.dial_timeout_ms", agent.dial_timeout_ms, "must be positive"))
     elif agent.reconnect_timeout_ms < agent.dial_timeout_ms:
         problems.append(Problem(f"{prefix}.reconnect_timeout_ms", agent.reconnect_timeout_ms,
-                                f"below dial_timeout_ms ({agent.dial_timeout_ms})"))
+                                f"below {prefix}.dial_timeout_ms ({agent.dial_timeout_ms}); "
+                                "raise it, or leave it unset to follow dial_timeout_ms"))
     if agent.log_level not in LOG_LEVELS:
         problems.append(Problem(f"{prefix}.log_level", agent.log_level,
                                 f"must be one of {', '.join(LOG_LEVELS)}"))

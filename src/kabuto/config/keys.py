@@ -1,0 +1,409 @@
+"""What Kabuto does with every configuration key: applied (and where), warned, or refused.
+
+No key is a silent no-op. A key Kabuto does not act on is ``WARNED``: a value other than the
+model's default gives one warning per key at load (``config.warnings``), so an untouched
+built-in default stays quiet while a Kata file that sets such a key is told so. A key whose
+value Kabuto cannot honour without weakening what the operator asked for (a confidential
+guest, a rootless VMM, an agent policy) is ``Refused``: a value other than the default is a
+problem naming the key. An ``Applied`` key names the modules that read it, which
+tests/unit/test_config_coverage.py checks, and, when only some built-in backends apply it,
+which ones: under another built-in backend a set value warns as well.
+
+kabuto.config.coverage renders this registry as the table in docs/configuration.md.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel
+
+from kabuto.config.model import AgentConfig, FactoryConfig, HypervisorConfig, KabutoConfig, RuntimeConfig
+from kabuto.errors import Problem
+
+QEMU, CLH, FC, DB = "qemu", "cloud-hypervisor", "firecracker", "dragonball"
+#: the backends Kabuto ships; a third-party plugin's own use of keys is unknown here
+BUILTIN_BACKENDS = frozenset({QEMU, CLH, FC, DB})
+#: keys whose value a warning must not repeat
+SECRET_KEYS = frozenset({"runtime.jaeger_password"})
+MAX_SHOWN_VALUE = 80
+
+
+@dataclass(frozen=True)
+class Applied:
+    """Read outside the parsing: ``where`` for the docs, ``reads`` the modules (under src/kabuto)
+    that read it; ``backends``: the built-in backends that apply it (or whose plugin refuses a set
+    value), None for all."""
+
+    where: str
+    reads: tuple[str, ...]
+    backends: frozenset[str] | None = None
+
+
+@dataclass(frozen=True)
+class Refused:
+    """A value other than the default is an error; ``why`` says what would go wrong."""
+
+    why: str
+
+
+class _Warned:
+    def __repr__(self) -> str:
+        return "WARNED"
+
+
+#: parsed, not applied by Kabuto (a set value warns)
+WARNED = _Warned()
+Coverage = Applied | Refused | _Warned
+
+_ALL_BACKENDS = ("hypervisor/qemu/cmdline.py", "hypervisor/cloud_hypervisor/backend.py",
+                 "hypervisor/firecracker/backend.py", "hypervisor/dragonball/backend.py")
+_PATH_RULES = Applied("path rules: annotations and plugin validate", ("config/rules.py",))
+
+
+def _qemu(where: str, *reads: str) -> Applied:
+    return Applied(f"qemu {where}", reads or ("hypervisor/qemu/cmdline.py",), frozenset({QEMU}))
+
+
+def _clh(where: str) -> Applied:
+    return Applied(f"cloud-hypervisor {where}", ("hypervisor/cloud_hypervisor/backend.py",), frozenset({CLH}))
+
+
+#: ``<table kind>.<key>`` (nested tables dotted: ``hypervisor.factory.enable_template``) -> coverage
+REGISTRY: dict[str, Coverage] = {
+    # [hypervisor.<name>]: boot
+    "hypervisor.path": Applied("all backends: the VMM binary (dragonball: refused by its plugin)",
+                               ("hypervisor/qemu/cmdline.py", "hypervisor/cloud_hypervisor/backend.py",
+                                "hypervisor/firecracker/backend.py")),
+    "hypervisor.ctlpath": WARNED,
+    "hypervisor.jailer_path": Applied("firecracker: the jailer (plugins without one refuse it)",
+                                      ("hypervisor/firecracker/backend.py", "hypervisor/plugin.py")),
+    "hypervisor.kernel": Applied("all backends", _ALL_BACKENDS),
+    "hypervisor.image": Applied("all backends", ("hypervisor/qemu/cmdline.py", "hypervisor/rest_vmm.py",
+                                                 "hypervisor/dragonball/backend.py")),
+    "hypervisor.initrd": Applied("all backends", _ALL_BACKENDS),
+    "hypervisor.kernel_params": Applied("all backends", ("hypervisor/qemu/cmdline.py",
+                                                         "hypervisor/rest_vmm.py",
+                                                         "hypervisor/dragonball/backend.py")),
+    "hypervisor.kernel_verity_params": WARNED,
+    "hypervisor.firmware": Applied("qemu cmdline (-bios), cloud-hypervisor (dragonball: refused)",
+                                   ("hypervisor/qemu/cmdline.py", "hypervisor/cloud_hypervisor/backend.py"),
+                                   frozenset({QEMU, CLH, DB})),
+    "hypervisor.firmware_volume": WARNED,
+    "hypervisor.machine_type": Applied("qemu cmdline and hot-plug (dragonball: refused)",
+                                       ("hypervisor/qemu/cmdline.py", "hypervisor/qemu/hotplug.py"),
+                                       frozenset({QEMU, DB})),
+    "hypervisor.machine_accelerators": _qemu("cmdline (-machine)"),
+    "hypervisor.accel": _qemu("backend (accelerator choice)", "hypervisor/qemu/backend.py"),
+    "hypervisor.cpu_features": _qemu("cmdline (-cpu)"),
+    "hypervisor.vm_rootfs_driver": WARNED,
+    "hypervisor.rootfs_type": WARNED,
+    "hypervisor.prefetch_list_path": WARNED,
+    "hypervisor.guest_extension_images": WARNED,
+    # cpu and memory
+    "hypervisor.default_vcpus": Applied("all backends", _ALL_BACKENDS),
+    "hypervisor.overhead_vcpus": WARNED,
+    "hypervisor.default_maxvcpus": Applied(
+        "qemu cmdline (-smp maxcpus), cloud-hypervisor, dragonball",
+        ("hypervisor/qemu/cmdline.py", "hypervisor/cloud_hypervisor/backend.py",
+         "hypervisor/dragonball/backend.py"), frozenset({QEMU, CLH, DB})),
+    "hypervisor.default_memory": Applied("all backends", _ALL_BACKENDS),
+    "hypervisor.overhead_memory": WARNED,
+    "hypervisor.default_maxmemory": WARNED,
+    "hypervisor.memory_slots": WARNED,
+    "hypervisor.memory_offset": WARNED,
+    "hypervisor.default_bridges": WARNED,
+    "hypervisor.enable_virtio_mem": WARNED,
+    "hypervisor.enable_mem_prealloc": WARNED,
+    "hypervisor.enable_hugepages": _clh("(hugepages memory)"),
+    "hypervisor.hugepage_type": WARNED,
+    "hypervisor.file_mem_backend": WARNED,
+    "hypervisor.reclaim_guest_freed_memory": WARNED,
+    "hypervisor.enable_guest_swap": WARNED,
+    "hypervisor.guest_swap_path": WARNED,
+    "hypervisor.guest_swap_size_percent": WARNED,
+    "hypervisor.guest_swap_create_threshold_secs": WARNED,
+    "hypervisor.disable_nested_virtualization": WARNED,
+    # devices
+    # the plugin clears block_device_driver, but every backend still hands disks to the guest
+    "hypervisor.disable_block_device_use": WARNED,
+    "hypervisor.block_device_driver": _qemu("cmdline and hot-plug (virtio-blk or virtio-scsi)",
+                                            "hypervisor/qemu/cmdline.py", "hypervisor/qemu/hotplug.py"),
+    "hypervisor.block_device_aio": WARNED,
+    "hypervisor.block_device_cache_set": WARNED,
+    "hypervisor.block_device_cache_direct": WARNED,
+    "hypervisor.block_device_cache_noflush": WARNED,
+    "hypervisor.block_device_logical_sector_size": WARNED,
+    "hypervisor.block_device_physical_sector_size": WARNED,
+    "hypervisor.disk_rate_limiter_bw_max_rate": WARNED,
+    "hypervisor.disk_rate_limiter_ops_max_rate": WARNED,
+    "hypervisor.disk_rate_limiter_bw_one_time_burst": WARNED,
+    "hypervisor.disk_rate_limiter_ops_one_time_burst": WARNED,
+    "hypervisor.queue_size": WARNED,
+    "hypervisor.num_queues": WARNED,
+    "hypervisor.enable_iothreads": WARNED,
+    "hypervisor.indep_iothreads": WARNED,
+    "hypervisor.enable_vhost_user_store": WARNED,
+    "hypervisor.vhost_user_store_path": WARNED,
+    "hypervisor.hotplug_vfio_on_root_bus": WARNED,
+    "hypervisor.cold_plug_vfio": WARNED,
+    "hypervisor.pcie_root_port": Applied("qemu cmdline (hot-plug root ports; dragonball: refused)",
+                                         ("hypervisor/qemu/cmdline.py",), frozenset({QEMU, DB})),
+    "hypervisor.pcie_switch_port": WARNED,
+    "hypervisor.enable_iommu": WARNED,
+    "hypervisor.enable_iommu_platform": WARNED,
+    "hypervisor.disable_vhost_net": _qemu("cmdline (tap vhost)"),
+    "hypervisor.entropy_source": _clh("(rng)"),
+    "hypervisor.pflashes": WARNED,
+    "hypervisor.disable_image_nvdimm": WARNED,
+    # shared filesystem
+    "hypervisor.shared_fs": Applied("each plugin accepts only its backend's kinds; "
+                                    "cloud-hypervisor (virtio-fs memory)",
+                                    ("hypervisor/plugin.py", "hypervisor/cloud_hypervisor/backend.py")),
+    "hypervisor.virtio_fs_daemon": _clh("(virtiofsd)"),
+    "hypervisor.virtio_fs_cache_size": WARNED,
+    "hypervisor.virtio_fs_queue_size": _clh("(virtio-fs queue)"),
+    "hypervisor.virtio_fs_cache": _clh("(virtiofsd --cache)"),
+    "hypervisor.virtio_fs_is_dax": WARNED,
+    "hypervisor.virtio_fs_extra_args": _clh("(virtiofsd arguments)"),
+    "hypervisor.msize_9p": WARNED,
+    # network
+    "hypervisor.rx_rate_limiter_max_rate": WARNED,
+    "hypervisor.tx_rate_limiter_max_rate": WARNED,
+    "hypervisor.network_queues": WARNED,
+    # security and annotations
+    "hypervisor.enable_annotations": Applied("annotations", ("config/annotations.py",)),
+    "hypervisor.valid_hypervisor_paths": _PATH_RULES,
+    "hypervisor.valid_ctlpaths": _PATH_RULES,
+    "hypervisor.valid_jailer_paths": _PATH_RULES,
+    "hypervisor.valid_virtio_fs_daemon_paths": _PATH_RULES,
+    "hypervisor.valid_vhost_user_store_paths": _PATH_RULES,
+    "hypervisor.valid_file_mem_backends": _PATH_RULES,
+    "hypervisor.valid_entropy_sources": _PATH_RULES,
+    "hypervisor.valid_kernel_paths": _PATH_RULES,
+    "hypervisor.valid_image_paths": _PATH_RULES,
+    "hypervisor.valid_initrd_paths": _PATH_RULES,
+    "hypervisor.valid_firmware_paths": _PATH_RULES,
+    "hypervisor.guest_hook_path": WARNED,
+    "hypervisor.seccomp_sandbox": _qemu("cmdline (-sandbox)"),
+    "hypervisor.selinux_label": Refused("Kabuto does not label the VMM: it would run unconfined"),
+    "hypervisor.rootless": Refused("Kabuto runs the VMM as the calling user, not a rootless one"),
+    "hypervisor.rootless_user": Refused("Kabuto runs the VMM as the calling user, not this one"),
+    "hypervisor.disable_seccomp": Applied("cloud-hypervisor and firecracker (--seccomp false)",
+                                          ("hypervisor/cloud_hypervisor/backend.py",
+                                           "hypervisor/firecracker/backend.py"), frozenset({CLH, FC})),
+    "hypervisor.disable_selinux": WARNED,
+    "hypervisor.disable_guest_selinux": Refused("the guest has no SELinux to enable"),
+    "hypervisor.confidential_guest": Refused("Kabuto boots no confidential guests: it would run an "
+                                             "ordinary one"),
+    "hypervisor.sev_snp_guest": Refused("Kabuto boots no SEV-SNP guests: it would run an ordinary one"),
+    "hypervisor.snp_id_block": WARNED,
+    "hypervisor.snp_id_auth": WARNED,
+    "hypervisor.snp_guest_policy": WARNED,
+    "hypervisor.initdata": Refused("Kabuto hands no initdata (policy, attestation) to the guest"),
+    "hypervisor.tdx_quote_generation_service_socket_port": WARNED,
+    # debug
+    "hypervisor.enable_debug": Applied("qemu cmdline (no quiet), cloud-hypervisor (-v)",
+                                       ("hypervisor/qemu/cmdline.py",
+                                        "hypervisor/cloud_hypervisor/backend.py"), frozenset({QEMU, CLH})),
+    "hypervisor.log_level": WARNED,
+    "hypervisor.extra_monitor_socket": WARNED,
+    "hypervisor.debug_console_enabled": WARNED,
+    "hypervisor.use_legacy_serial": WARNED,
+    "hypervisor.guest_memory_dump_path": WARNED,
+    "hypervisor.guest_memory_dump_paging": WARNED,
+    "hypervisor.disable_nesting_checks": WARNED,
+    # remote hypervisor and VM templating
+    "hypervisor.hypervisor_socket": WARNED,
+    "hypervisor.hypervisor_timeout": WARNED,
+    "hypervisor.default_gpus": WARNED,
+    "hypervisor.default_gpu_model": WARNED,
+    "hypervisor.boot_to_be_template": WARNED,
+    "hypervisor.boot_from_template": WARNED,
+    "hypervisor.memory_path": WARNED,
+    "hypervisor.device_state_path": WARNED,
+    "hypervisor.factory.enable_template": WARNED,
+    "hypervisor.factory.template_path": WARNED,
+    # [agent.<name>]: Kabuto's agent client keeps its own timeouts and ports
+    "agent.enable_debug": WARNED,
+    "agent.log_level": WARNED,
+    "agent.enable_tracing": WARNED,
+    "agent.debug_console_enabled": WARNED,
+    "agent.visible_cdi_devices": WARNED,
+    "agent.kernel_modules": WARNED,
+    "agent.container_pipe_size": WARNED,
+    "agent.server_port": WARNED,
+    "agent.log_port": WARNED,
+    "agent.passfd_listener_port": WARNED,
+    "agent.dial_timeout": WARNED,
+    "agent.dial_timeout_ms": WARNED,
+    "agent.reconnect_timeout_ms": WARNED,
+    "agent.request_timeout_ms": WARNED,
+    "agent.create_container_timeout": WARNED,
+    "agent.health_check_request_timeout_ms": WARNED,
+    "agent.cdh_api_timeout_ms": WARNED,
+    "agent.launch_process_timeout": WARNED,
+    "agent.policy": Refused("Kabuto's guest agent enforces no policy: every request would be allowed"),
+    **{f"agent.mem_agent.{key}": WARNED for key in (
+        "mem_agent_enable", "memcg_disable", "memcg_swap", "memcg_swappiness_max", "memcg_period_secs",
+        "memcg_period_psi_percent_limit", "memcg_eviction_psi_percent_limit",
+        "memcg_eviction_run_aging_count_min", "compact_disable", "compact_period_secs",
+        "compact_period_psi_percent_limit", "compact_psi_percent_limit", "compact_sec_max", "compact_order",
+        "compact_threshold", "compact_force_times",
+    )},
+    # [runtime]
+    "runtime.name": WARNED,
+    "runtime.hypervisor_name": Applied("runtime: picks the plugin and table",
+                                       ("hypervisor/resolve.py", "runtime/sandbox.py")),
+    "runtime.agent_name": WARNED,
+    "runtime.enable_debug": WARNED,
+    "runtime.log_level": WARNED,
+    "runtime.internetworking_model": WARNED,
+    "runtime.disable_guest_seccomp": Applied("runtime: a bundle's seccomp profile is refused unless true",
+                                             ("runtime/sandbox.py",)),
+    "runtime.disable_new_netns": WARNED,
+    "runtime.sandbox_cgroup_only": WARNED,
+    "runtime.sandbox_bind_mounts": WARNED,
+    "runtime.static_sandbox_resource_mgmt": WARNED,
+    "runtime.enable_vcpus_pinning": WARNED,
+    "runtime.enable_tracing": WARNED,
+    "runtime.jaeger_endpoint": WARNED,
+    "runtime.jaeger_user": WARNED,
+    "runtime.jaeger_password": WARNED,
+    "runtime.enable_pprof": WARNED,
+    "runtime.vfio_mode": WARNED,
+    "runtime.emptydir_mode": WARNED,
+    "runtime.experimental": WARNED,
+    "runtime.keep_abnormal": WARNED,
+    "runtime.dan_conf": WARNED,
+    "runtime.shared_mounts": WARNED,
+    "runtime.use_passfd_io": WARNED,
+    "runtime.passfd_listener_port": WARNED,
+    "runtime.pod_resource_api_sock": WARNED,
+    "runtime.kubelet_root_dir": WARNED,
+    "runtime.create_container_timeout": WARNED,
+    # [factory] (the Go runtime's)
+    "factory.enable_template": WARNED,
+    "factory.template_path": WARNED,
+    "factory.vm_cache_number": WARNED,
+    "factory.vm_cache_endpoint": WARNED,
+}
+
+#: the model behind each table kind; a field holding one model is a table of its own
+TABLES: dict[str, type[BaseModel]] = {
+    "hypervisor": HypervisorConfig, "agent": AgentConfig, "runtime": RuntimeConfig, "factory": FactoryConfig,
+}
+
+
+def model_keys() -> Iterator[str]:
+    """Every registry key the models define (nested single tables dotted, lists of tables whole)."""
+    for kind, model in TABLES.items():
+        yield from _fields(kind, model)
+
+
+def _fields(prefix: str, model: type[BaseModel]) -> Iterator[str]:
+    for name, info in model.model_fields.items():
+        nested = info.annotation
+        if isinstance(nested, type) and issubclass(nested, BaseModel):
+            yield from _fields(f"{prefix}.{name}", nested)
+        else:
+            yield f"{prefix}.{name}"
+
+
+# -- applying the registry to a configuration ---------------------------------------------
+
+def _active_tables(config: KabutoConfig) -> Iterator[tuple[str, str, BaseModel]]:
+    """(registry kind, config path prefix, table) for the tables Kabuto uses."""
+    name = config.runtime.hypervisor_name
+    if name in config.hypervisor:
+        yield "hypervisor", f"hypervisor.{name}", config.hypervisor[name]
+    agent_name = config.runtime.agent_name
+    if agent_name in config.agent:
+        yield "agent", f"agent.{agent_name}", config.agent[agent_name]
+    yield "runtime", "runtime", config.runtime
+    yield "factory", "factory", config.factory
+
+
+def _set_values(kind: str, path: str, table: BaseModel) -> Iterator[tuple[str, str, Any]]:
+    """(registry key, config key path, value) for each field whose value is not the default."""
+    defaults = type(table)()  # every field has a default, so the model's own default is the reference
+    for name in type(table).model_fields:
+        value, default = getattr(table, name), getattr(defaults, name)
+        if isinstance(value, BaseModel) and f"{kind}.{name}" not in REGISTRY:
+            yield from _set_values(f"{kind}.{name}", f"{path}.{name}", value)
+        elif value != default:
+            yield f"{kind}.{name}", f"{path}.{name}", value
+
+
+def _shown(key: str, value: Any) -> str:
+    if key in SECRET_KEYS:
+        return "(set, not shown)"
+    if isinstance(value, BaseModel):
+        value = value.model_dump(mode="json", exclude_none=True)
+    elif isinstance(value, list):
+        value = [v.model_dump(mode="json", exclude_none=True) if isinstance(v, BaseModel) else v
+                 for v in value]
+    text = str(value) if isinstance(value, int | float) and not isinstance(value, bool) else json.dumps(value)
+    return text if len(text) <= MAX_SHOWN_VALUE else text[: MAX_SHOWN_VALUE - 3] + "..."
+
+
+def _not_applied(entry: Coverage, backend: str) -> str | None:
+    """Why a set value of this key does nothing under ``backend``, or None when it is used."""
+    if entry is WARNED:
+        return "parsed, not applied by Kabuto"
+    if isinstance(entry, Applied) and entry.backends is not None and backend in BUILTIN_BACKENDS \
+            and backend not in entry.backends:
+        return f"parsed, not applied by the {backend} backend (only {', '.join(sorted(entry.backends))})"
+    return None
+
+
+def unapplied_warnings(config: KabutoConfig) -> list[str]:
+    """One warning per key of the active tables that is set (or annotated) but not applied."""
+    backend = config.runtime.hypervisor_name
+    annotated = config.annotated
+    warnings: list[str] = []
+    for kind, prefix, table in _active_tables(config):
+        set_paths = {path: (key, value) for key, path, value in _set_values(kind, prefix, table)}
+        # an annotation asked for the key explicitly: say so even when it wrote the default
+        for path in annotated:
+            if path.startswith(f"{prefix}.") and path not in set_paths:
+                key = f"{kind}.{path[len(prefix) + 1:]}"
+                if key in REGISTRY:
+                    set_paths[path] = (key, _get(table, path[len(prefix) + 1:]))
+        for path, (key, value) in set_paths.items():
+            reason = _not_applied(REGISTRY[key], backend)
+            if reason is None:
+                continue
+            origin = f" (set by annotation {annotated[path]})" if path in annotated else ""
+            warnings.append(f"{path} = {_shown(key, value)}: {reason}{origin}")
+    return warnings
+
+
+def refused_problems(config: KabutoConfig) -> list[Problem]:
+    """A problem for each key of the active tables Kabuto refuses to take a set value for."""
+    problems: list[Problem] = []
+    for kind, prefix, table in _active_tables(config):
+        for key, path, value in _set_values(kind, prefix, table):
+            entry = REGISTRY[key]
+            if isinstance(entry, Refused):
+                shown = value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+                problems.append(Problem(path, shown, f"not supported by Kabuto: {entry.why}"))
+    return problems
+
+
+def refusal(kind: str, key: str, value: Any, model: type[BaseModel]) -> str | None:
+    """Why an annotation may not set ``key`` to ``value``, or None (for kabuto.config.annotations)."""
+    entry = REGISTRY.get(f"{kind}.{key}")
+    if isinstance(entry, Refused) and value != model.model_fields[key].get_default(call_default_factory=True):
+        return f"not supported by Kabuto: {entry.why}"
+    return None
+
+
+def _get(table: BaseModel, dotted: str) -> Any:
+    value: Any = table
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value

@@ -1,0 +1,240 @@
+"""The coverage registry: every key is applied (and read where it says), warned or refused; the
+loader warns and refuses by it, annotations included; docs/configuration.md shows its table."""
+
+from __future__ import annotations
+
+import re
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import kabuto
+import kabuto.image
+from kabuto.config import annotations, coverage, keys, load_config, loader
+from kabuto.config.keys import REGISTRY, WARNED, Applied, Refused
+from kabuto.config.model import AgentConfig, HypervisorConfig, RuntimeConfig
+from kabuto.config.rules import common_problems
+from kabuto.errors import AnnotationError
+from kabuto.hypervisor import registry
+
+SRC = Path(kabuto.__file__).parent
+DOC = SRC.parents[1] / "docs" / "configuration.md"
+K = "io.katacontainers.config.hypervisor."
+NOT_APPLIED = "parsed, not applied by Kabuto"
+
+
+@pytest.fixture(autouse=True)
+def isolated(monkeypatch, tmp_path):
+    monkeypatch.delenv(loader.ENV_VAR, raising=False)
+    monkeypatch.setattr(loader, "SYSTEM_PATH", tmp_path / "absent.toml")
+    monkeypatch.setattr(kabuto.image, "installed_image", lambda: None, raising=False)
+
+
+def load(tmp_path, text: str, annotations: dict[str, str] | None = None):
+    file = tmp_path / "configuration.toml"
+    file.write_text(textwrap.dedent(text))
+    return load_config(file, annotations)
+
+
+def unapplied(config) -> list[str]:
+    return [w for w in config.warnings if "parsed, not applied" in w]
+
+
+# -- the registry itself -------------------------------------------------------------------
+
+def test_every_model_field_is_classified_and_nothing_else():
+    fields = list(keys.model_keys())
+    assert sorted(set(fields) - set(REGISTRY)) == [], "classify the new fields in kabuto/config/keys.py"
+    assert sorted(set(REGISTRY) - set(fields)) == [], "the registry names fields the models do not have"
+
+
+def test_every_entry_is_one_of_the_three():
+    for key, entry in REGISTRY.items():
+        assert entry is WARNED or isinstance(entry, Applied | Refused), key
+
+
+@pytest.mark.parametrize("key", [k for k, e in REGISTRY.items() if isinstance(e, Applied)])
+def test_an_applied_key_is_read_where_the_registry_says(key):
+    entry = REGISTRY[key]
+    assert entry.reads, f"{key}: name the modules that read it"
+    name = key.rsplit(".", 1)[-1]
+    # an attribute read, or the key as a string (the valid_*_paths table, getattr)
+    read = re.compile(rf"\.{name}\b|[\"']{name}[\"']")
+    for module in entry.reads:
+        text = (SRC / module).read_text()
+        assert read.search(text), f"{key}: {module} does not read it"
+    # a key "applied" only inside config/ is a rule on data, not a no-op: only the rules may claim it
+    if all(module.startswith("config/") for module in entry.reads):
+        assert key == "hypervisor.enable_annotations" or "valid_" in key, key
+
+
+def test_backends_named_are_the_built_in_ones():
+    builtin = {name for name in registry.registered_names() if name in keys.BUILTIN_BACKENDS}
+    assert builtin == keys.BUILTIN_BACKENDS
+    for key, entry in REGISTRY.items():
+        if isinstance(entry, Applied) and entry.backends is not None:
+            assert entry.backends <= keys.BUILTIN_BACKENDS, key
+
+
+def test_every_annotation_targets_a_classified_key():
+    targets = [f"hypervisor.{key}" for key in annotations._HYPERVISOR_KEYS.values()]
+    targets += [f"agent.{key}" for key in annotations._AGENT_KEYS]
+    targets += [f"runtime.{key}" for key in annotations._RUNTIME_KEYS]
+    assert [t for t in targets if t not in REGISTRY] == []
+
+
+def test_the_issue_keys_are_not_claimed_applied():
+    for key in ("hypervisor.block_device_aio", "hypervisor.file_mem_backend", "hypervisor.default_maxmemory",
+                "hypervisor.memory_slots", "hypervisor.msize_9p", "hypervisor.enable_iothreads",
+                "hypervisor.rx_rate_limiter_max_rate", "hypervisor.tx_rate_limiter_max_rate",
+                "hypervisor.disk_rate_limiter_bw_max_rate", "runtime.enable_tracing",
+                "runtime.jaeger_endpoint",
+                "runtime.create_container_timeout", "runtime.sandbox_cgroup_only",
+                "runtime.enable_vcpus_pinning", "agent.kernel_modules"):
+        assert REGISTRY[key] is WARNED, key
+
+
+def test_the_doc_shows_the_generated_table():
+    assert coverage.table_in(DOC.read_text()) == coverage.render_markdown(), (
+        "run: python -m kabuto.config.coverage --write docs/configuration.md")
+
+
+# -- warnings ------------------------------------------------------------------------------
+
+def test_the_built_in_default_warns_about_nothing():
+    assert load_config().warnings == []
+
+
+def test_a_set_key_kabuto_does_not_apply_warns_once_and_a_default_value_does_not(tmp_path):
+    config = load(tmp_path, """\
+        [hypervisor.qemu]
+        memory_slots = 12
+        msize_9p = 8192
+        enable_iothreads = false
+        block_device_aio = "io_uring"
+        [agent.kata]
+        kernel_modules = ["e1000e"]
+        [runtime]
+        enable_tracing = true
+        jaeger_password = "hunter2"
+        """)
+    assert unapplied(config) == [
+        f"hypervisor.qemu.memory_slots = 12: {NOT_APPLIED}",
+        f'hypervisor.qemu.block_device_aio = "io_uring": {NOT_APPLIED}',
+        f'agent.kata.kernel_modules = ["e1000e"]: {NOT_APPLIED}',
+        f"runtime.enable_tracing = true: {NOT_APPLIED}",
+        f"runtime.jaeger_password = (set, not shown): {NOT_APPLIED}",
+    ]
+
+
+def test_a_key_only_some_backends_apply_warns_under_the_others(tmp_path):
+    text = """\
+        [runtime]
+        hypervisor_name = "{name}"
+        [hypervisor.{name}]
+        firmware = "/opt/OVMF.fd"
+        disable_seccomp = true
+        """
+    assert unapplied(load(tmp_path, text.format(name="qemu"))) == [
+        "hypervisor.qemu.disable_seccomp = true: parsed, not applied by the qemu backend "
+        "(only cloud-hypervisor, firecracker)"]
+    assert unapplied(load(tmp_path, text.format(name="firecracker"))) == [
+        'hypervisor.firecracker.firmware = "/opt/OVMF.fd": parsed, not applied by the firecracker backend '
+        "(only cloud-hypervisor, dragonball, qemu)"]
+
+
+def test_tables_kabuto_does_not_use_are_not_checked(tmp_path):
+    config = load(tmp_path, """\
+        [hypervisor.qemu]
+        [hypervisor.firecracker]
+        memory_slots = 12
+        rootless = true
+        [agent.kata]
+        [agent.other]
+        policy = "package agent_policy"
+        """)
+    assert unapplied(config) == []
+    assert common_problems(config) == []
+
+
+def test_an_annotation_for_a_key_kabuto_does_not_apply_warns_naming_it(tmp_path):
+    config = load(tmp_path, """\
+        [hypervisor.qemu]
+        enable_annotations = ["memory_slots", "msize_9p"]
+        """, {K + "memory_slots": "12", K + "msize_9p": "8192",
+              "io.katacontainers.config.runtime.sandbox_cgroup_only": "true"})
+    assert unapplied(config) == [
+        f"hypervisor.qemu.memory_slots = 12: {NOT_APPLIED} (set by annotation {K}memory_slots)",
+        # the default value, but asked for explicitly
+        f"hypervisor.qemu.msize_9p = 8192: {NOT_APPLIED} (set by annotation {K}msize_9p)",
+        f"runtime.sandbox_cgroup_only = true: {NOT_APPLIED} "
+        "(set by annotation io.katacontainers.config.runtime.sandbox_cgroup_only)",
+    ]
+
+
+# -- refusals ------------------------------------------------------------------------------
+
+def test_a_refused_key_set_in_a_file_is_a_problem_naming_it(tmp_path):
+    config = load(tmp_path, """\
+        [hypervisor.qemu]
+        rootless = true
+        confidential_guest = true
+        disable_guest_selinux = true
+        [agent.kata]
+        policy = "package agent_policy"
+        """)
+    problems = {p.key: p.reason for p in common_problems(config)}
+    assert set(problems) == {"hypervisor.qemu.rootless", "hypervisor.qemu.confidential_guest",
+                             "agent.kata.policy"}
+    assert all(reason.startswith("not supported by Kabuto: ") for reason in problems.values())
+
+
+def test_a_refused_key_set_by_an_annotation_is_refused_by_name(tmp_path):
+    text = """\
+        [hypervisor.qemu]
+        enable_annotations = ["rootless"]
+        """
+    with pytest.raises(AnnotationError) as caught:
+        load(tmp_path, text, {K + "rootless": "true"})
+    [problem] = caught.value.problems
+    assert (problem.key, problem.value) == (K + "rootless", "true")
+    assert problem.reason.startswith("not supported by Kabuto: ")
+    # its default is harmless
+    assert load(tmp_path, text, {K + "rootless": "false"}).active_hypervisor.rootless is False
+
+
+def test_refusal_compares_with_the_model_default():
+    assert keys.refusal("hypervisor", "rootless", False, HypervisorConfig) is None
+    assert keys.refusal("hypervisor", "rootless", True, HypervisorConfig)
+    assert keys.refusal("agent", "kernel_modules", ["x"], AgentConfig) is None
+    assert keys.refusal("runtime", "enable_pprof", True, RuntimeConfig) is None
+
+
+# -- Kata's stock Firecracker timeouts -----------------------------------------------------
+
+def test_dial_timeout_alone_raises_reconnect_timeout_with_a_warning(tmp_path):
+    config = load(tmp_path, """\
+        [hypervisor.firecracker]
+        [runtime]
+        hypervisor_name = "firecracker"
+        [agent.kata]
+        dial_timeout_ms = 45000
+        """)
+    agent = config.agent["kata"]
+    assert (agent.dial_timeout_ms, agent.reconnect_timeout_ms) == (45000, 45000)
+    assert ("agent.kata.dial_timeout_ms = 45000 without agent.kata.reconnect_timeout_ms: "
+            "reconnect_timeout_ms raised from 3000 to 45000") in config.warnings
+    assert common_problems(config) == []
+
+
+def test_both_timeouts_set_inconsistently_are_refused_naming_both(tmp_path):
+    config = load(tmp_path, """\
+        [agent.kata]
+        dial_timeout_ms = 45000
+        reconnect_timeout_ms = 3000
+        """)
+    assert config.agent["kata"].reconnect_timeout_ms == 3000
+    [problem] = common_problems(config)
+    assert problem.key == "agent.kata.reconnect_timeout_ms"
+    assert "agent.kata.dial_timeout_ms (45000)" in problem.reason
