@@ -85,7 +85,7 @@ def test_every_annotation_targets_a_classified_key():
 
 
 def test_the_issue_keys_are_not_claimed_applied():
-    for key in ("hypervisor.block_device_aio", "hypervisor.file_mem_backend", "hypervisor.default_maxmemory",
+    for key in ("hypervisor.block_device_aio", "hypervisor.default_maxmemory",
                 "hypervisor.memory_slots", "hypervisor.msize_9p", "hypervisor.enable_iothreads",
                 "hypervisor.rx_rate_limiter_max_rate", "hypervisor.tx_rate_limiter_max_rate",
                 "hypervisor.disk_rate_limiter_bw_max_rate", "runtime.enable_tracing",

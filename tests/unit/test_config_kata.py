@@ -123,7 +123,6 @@ def test_kata_runtime_rs_qemu_file_loads_with_its_values(kata_file):
     config = resolve_config(file).config
     # every key is one Kabuto knows; the ones it does not apply are named, once each
     not_applied = "parsed, not applied by Kabuto"
-    not_qemu = "parsed, not applied by the qemu backend (only cloud-hypervisor)"
     assert config.warnings == [
         f'hypervisor.qemu.vm_rootfs_driver = "virtio-pmem": {not_applied}',
         f'hypervisor.qemu.rootfs_type = "ext4": {not_applied}',
@@ -136,10 +135,6 @@ def test_kata_runtime_rs_qemu_file_loads_with_its_values(kata_file):
         f"hypervisor.qemu.queue_size = 128: {not_applied}",
         f"hypervisor.qemu.num_queues = 1: {not_applied}",
         f'hypervisor.qemu.cold_plug_vfio = "no-port": {not_applied}',
-        f'hypervisor.qemu.virtio_fs_daemon = "{share}/virtiofsd": {not_qemu}',
-        f"hypervisor.qemu.virtio_fs_queue_size = 512: {not_qemu}",
-        f'hypervisor.qemu.virtio_fs_cache = "auto": {not_qemu}',
-        f'hypervisor.qemu.virtio_fs_extra_args = ["--thread-pool-size=2"]: {not_qemu}',
         f"hypervisor.qemu.network_queues = 1: {not_applied}",
         f"hypervisor.qemu.tdx_quote_generation_service_socket_port = 0: {not_applied}",
         f"agent.kata.enable_debug = true: {not_applied}",

@@ -120,7 +120,7 @@ REGISTRY: dict[str, Coverage] = {
     "hypervisor.enable_mem_prealloc": WARNED,
     "hypervisor.enable_hugepages": _clh("(hugepages memory)"),
     "hypervisor.hugepage_type": WARNED,
-    "hypervisor.file_mem_backend": WARNED,
+    "hypervisor.file_mem_backend": _qemu("guest RAM on memory-backend-file at this path, shared"),
     "hypervisor.reclaim_guest_freed_memory": WARNED,
     "hypervisor.enable_guest_swap": WARNED,
     "hypervisor.guest_swap_path": WARNED,
@@ -128,8 +128,9 @@ REGISTRY: dict[str, Coverage] = {
     "hypervisor.guest_swap_create_threshold_secs": WARNED,
     "hypervisor.disable_nested_virtualization": WARNED,
     # devices
-    # the plugin clears block_device_driver, but every backend still hands disks to the guest
-    "hypervisor.disable_block_device_use": WARNED,
+    # the plugin clears block_device_driver; the configured capabilities have no block hot-plug
+    "hypervisor.disable_block_device_use": Applied("capabilities: no block hot-plug",
+                                                   ("hypervisor/capabilities.py",)),
     "hypervisor.block_device_driver": _qemu("cmdline and hot-plug (virtio-blk or virtio-scsi)",
                                             "hypervisor/qemu/cmdline.py", "hypervisor/qemu/hotplug.py"),
     "hypervisor.block_device_aio": WARNED,
@@ -160,15 +161,23 @@ REGISTRY: dict[str, Coverage] = {
     "hypervisor.pflashes": WARNED,
     "hypervisor.disable_image_nvdimm": WARNED,
     # shared filesystem
-    "hypervisor.shared_fs": Applied("each plugin accepts only its backend's kinds; "
-                                    "cloud-hypervisor (virtio-fs memory)",
-                                    ("hypervisor/plugin.py", "hypervisor/cloud_hypervisor/backend.py")),
-    "hypervisor.virtio_fs_daemon": _clh("(virtiofsd)"),
+    "hypervisor.shared_fs": Applied("each plugin accepts only its backend's kinds; the configured "
+                                    "capabilities share the rootfs by it (none: as a block device)",
+                                    ("hypervisor/plugin.py", "hypervisor/capabilities.py",
+                                     "hypervisor/cloud_hypervisor/backend.py")),
+    "hypervisor.virtio_fs_daemon": Applied("the virtiofsd binary (qemu: found when empty)",
+                                           ("hypervisor/virtiofsd.py", "hypervisor/qemu/plugin.py"),
+                                           frozenset({QEMU, CLH})),
     "hypervisor.virtio_fs_cache_size": WARNED,
-    "hypervisor.virtio_fs_queue_size": _clh("(virtio-fs queue)"),
-    "hypervisor.virtio_fs_cache": _clh("(virtiofsd --cache)"),
+    "hypervisor.virtio_fs_queue_size": Applied("the virtio-fs queue size",
+                                               ("hypervisor/qemu/cmdline.py",
+                                                "hypervisor/cloud_hypervisor/backend.py"),
+                                               frozenset({QEMU, CLH})),
+    "hypervisor.virtio_fs_cache": Applied("virtiofsd's cache mode", ("hypervisor/virtiofsd.py",),
+                                          frozenset({QEMU, CLH})),
     "hypervisor.virtio_fs_is_dax": WARNED,
-    "hypervisor.virtio_fs_extra_args": _clh("(virtiofsd arguments)"),
+    "hypervisor.virtio_fs_extra_args": Applied("virtiofsd's extra arguments", ("hypervisor/virtiofsd.py",),
+                                               frozenset({QEMU, CLH})),
     "hypervisor.msize_9p": WARNED,
     # network
     "hypervisor.rx_rate_limiter_max_rate": WARNED,
