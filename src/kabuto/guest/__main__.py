@@ -150,7 +150,8 @@ async def _serve_channels(first: channel.Channels, args: argparse.Namespace, ser
         deadline = loop.time() + args.port_timeout
         while loop.time() < deadline:
             serve_ports(channel.find_ports(channel.PORT_NAME_PREFIX))
-            serve_ports(channel.find_channels(args.port_name, "off").ports)  # a primary probed late
+            if args.port_name not in served and (primary := channel.find_port(args.port_name)):
+                serve_ports({args.port_name: primary})  # probed after a vsock device was found
             if not vsock_served and channel.serves_vsock(args.vsock):
                 await serve_vsock()
             await asyncio.sleep(PORT_DISCOVERY_INTERVAL)
