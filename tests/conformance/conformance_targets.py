@@ -4,8 +4,11 @@ Each registered hypervisor gives a ``<name>[real]`` target, run against its real
 plugin says this host can run it and skipped with the plugin's own reason otherwise. A backend
 whose VMM cannot be installed here but has an API test double in tests/contract also gives a
 ``<name>[api-fake]`` target: the real backend drives the fake VMM's published REST API, whose
-hybrid vsock proxies to a real Kabuto guest agent running on this host (in its own mount and UTS
-namespaces), so agent and container calls go end to end through the backend's agent channel.
+hybrid vsock proxies to the guest agent's code run on this host (``--listen unix://``, in its own
+mount and UTS namespaces), so agent and container calls go end to end through the backend's agent
+channel. The fake stands in for the VMM and for the guest behind its vsock: such a row does not
+test the shipped image, its /init or the agent's AF_VSOCK listener (a real guest does, in
+tests/integration/test_guest_vsock.py).
 
 Which targets exist is decided here, at collection; the fixtures are in conftest.py.
 """

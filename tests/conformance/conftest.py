@@ -70,7 +70,11 @@ def _environment(**values: str) -> Iterator[None]:
 
 @contextlib.asynccontextmanager
 async def host_guest_agent(directory: Path) -> AsyncIterator[Path]:
-    """A real guest agent on this host, in its own mount and UTS namespaces, on a Unix socket."""
+    """The guest agent's code on this host, in its own mount and UTS namespaces, on a Unix socket.
+
+    It stands in for the guest behind an API fake's hybrid vsock; the shipped image and the
+    agent's vsock listener are not what runs here.
+    """
     unshare = shutil.which("unshare")
     if unshare is None or os.geteuid() != 0:
         pytest.skip("the host-side guest agent needs root and util-linux unshare")

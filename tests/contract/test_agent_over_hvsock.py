@@ -1,4 +1,9 @@
-"""The real Kabuto agent client and guest agent, through each fake VMM's hybrid vsock."""
+"""The real Kabuto agent client through each fake VMM's hybrid vsock to the guest agent's code.
+
+The agent runs on this host on a Unix socket (``--listen``) that the fake proxies ``CONNECT 1024``
+to: this checks the backend's hvsock address and handshake, not that a guest serves vsock (the
+shipped image's agent does so in a real guest in tests/integration/test_guest_vsock.py).
+"""
 
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ from kabuto.hypervisor.firecracker.backend import Firecracker
 
 @pytest.fixture
 async def guest_agent() -> AsyncIterator[Path]:
-    """``python -m kabuto.guest`` listening on a Unix socket, where the fake VMM proxies to."""
+    """``python -m kabuto.guest`` on this host, on a Unix socket the fake VMM proxies to."""
     sock = Path(tempfile.mkdtemp(prefix="kbg-", dir="/tmp")) / "agent.sock"
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "kabuto.guest", "--listen", f"unix://{sock}", stderr=asyncio.subprocess.DEVNULL

@@ -1,5 +1,5 @@
-"""The guest agent's parts that run anywhere: port lookup, the virtio-serial session
-loop (on a pty, whose hang-up behaves like a virtio-serial port's), reaping, start-up."""
+"""The guest agent's parts that run anywhere: port and vsock device lookup, the virtio-serial
+session loop (on a pty, whose hang-up behaves like a virtio-serial port's), reaping, start-up."""
 
 from __future__ import annotations
 
@@ -19,7 +19,9 @@ import pytest
 
 from kabuto.errors import KabutoError
 from kabuto.guest import channel, service
+from kabuto.guest.__main__ import describe, parse_args
 from kabuto.guest.service import AgentService, count_cpu_list
+from kabuto.hypervisor.devices import AGENT_VSOCK_PORT
 from kabuto.protos import AGENT_SERVICE, agent_pb2
 from kabuto.ttrpc import Client, Server
 
@@ -92,9 +94,80 @@ def test_find_port_creates_a_missing_device_node(tmp_path: Path) -> None:
     assert os.major(node.stat().st_rdev) == 1 and os.minor(node.stat().st_rdev) == 3
 
 
-async def test_waiting_for_a_missing_port_is_bounded() -> None:
-    with pytest.raises(channel.ChannelError, match="no virtio-serial port named 'no-such-port'"):
-        await channel.wait_for_port("no-such-port", 0.1)
+def fake_vsock(sys_root: Path, *devices: str) -> None:
+    """The vsock virtio driver's sysfs directory as Linux shows it, with ``devices`` bound."""
+    driver = sys_root / "bus/virtio/drivers" / channel.VSOCK_DRIVER
+    driver.mkdir(parents=True)
+    for name in ("bind", "unbind", "uevent"):
+        (driver / name).touch()
+    for device in devices:
+        (driver / device).symlink_to(f"../../../../devices/pci0000:00/0000:00:04.0/{device}")
+
+
+def test_vsock_devices_are_the_ones_bound_to_the_vsock_driver(tmp_path: Path) -> None:
+    assert channel.vsock_devices(tmp_path) is None
+    fake_vsock(tmp_path)
+    assert channel.vsock_devices(tmp_path) == []
+    (tmp_path / "bus/virtio/drivers" / channel.VSOCK_DRIVER / "virtio3").symlink_to("../x/virtio3")
+    assert channel.vsock_devices(tmp_path) == ["virtio3"]
+
+
+@pytest.mark.parametrize(
+    ("mode", "devices", "serves"),
+    [("auto", ("virtio3",), True), ("auto", (), False), ("on", (), True), ("off", ("virtio3",), False)],
+)
+def test_vsock_is_served_as_the_mode_and_the_devices_say(
+    tmp_path: Path, mode: str, devices: tuple[str, ...], serves: bool
+) -> None:
+    fake_vsock(tmp_path, *devices)
+    assert channel.serves_vsock(mode, tmp_path) is serves
+
+
+async def test_a_vm_with_a_vsock_device_and_no_port_has_a_channel(tmp_path: Path) -> None:
+    dev, sys_root = fake_ports(tmp_path, {})
+    fake_vsock(sys_root, "virtio0")
+    found = await channel.wait_for_channels("agent.channel.0", "auto", 0.1, dev, sys_root)
+    assert found == channel.Channels({}, vsock=True)
+
+
+async def test_a_vm_with_both_channels_serves_both(tmp_path: Path) -> None:
+    dev, sys_root = fake_ports(tmp_path, {"vport0p1": "agent.channel.0"})
+    (dev / "vport0p1").touch()
+    fake_vsock(sys_root, "virtio0")
+    found = await channel.wait_for_channels("agent.channel.0", "auto", 0.1, dev, sys_root)
+    assert found == channel.Channels({"agent.channel.0": dev / "vport0p1"}, vsock=True)
+
+
+@pytest.mark.parametrize(
+    ("mode", "driver", "why"),
+    [
+        ("auto", False, "no vsock transport (no vmw_vsock_virtio_transport driver in this kernel)"),
+        ("auto", True, "no vsock device (none bound to vmw_vsock_virtio_transport)"),
+        ("off", True, "vsock is off"),
+    ],
+)
+async def test_waiting_for_a_vm_without_any_channel_is_bounded(
+    tmp_path: Path, mode: str, driver: bool, why: str
+) -> None:
+    dev, sys_root = fake_ports(tmp_path, {})
+    if driver:
+        fake_vsock(sys_root)
+    with pytest.raises(channel.ChannelError) as failed:
+        await channel.wait_for_channels("no-such-port", mode, 0.1, dev, sys_root)
+    assert str(failed.value) == f"no agent channel within 0.1s: no virtio-serial port named 'no-such-port' " \
+                                f"appeared and {why}"
+
+
+def test_the_guest_serves_vsock_on_the_port_the_host_dials() -> None:
+    assert channel.DEFAULT_VSOCK_PORT == AGENT_VSOCK_PORT
+    args = parse_args([])
+    assert (args.vsock, args.vsock_port) == ("auto", AGENT_VSOCK_PORT)
+    assert parse_args(["--vsock", "on", "--vsock-port", "2048"]).vsock_port == 2048
+
+
+def test_a_task_groups_errors_are_reported_by_what_they_are() -> None:
+    group = BaseExceptionGroup("unhandled errors in a TaskGroup", [channel.ChannelError("cannot listen")])
+    assert describe(group) == "ChannelError: cannot listen"
 
 
 # -- the session loop on a pty -------------------------------------------------------------
@@ -286,9 +359,11 @@ def test_reaper_collects_every_child_and_reports_watched_exits() -> None:
     [
         (["--listen", "tcp://0.0.0.0:1"], "unsupported listen address 'tcp://0.0.0.0:1'"),
         (["--listen", "vsock://port"], "bad vsock address"),
+        # off: a host that is itself a VM may have a vsock device the agent would serve
         (
-            ["--port-name", "no-such-port", "--port-timeout", "0.1"],
-            "no virtio-serial port named 'no-such-port'",
+            ["--port-name", "no-such-port", "--port-timeout", "0.1", "--vsock", "off"],
+            "no agent channel within 0.1s: no virtio-serial port named 'no-such-port' appeared and vsock "
+            "is off",
         ),
     ],
 )
@@ -298,3 +373,13 @@ def test_agent_start_up_failures_are_reported(args: list[str], message: str) -> 
     )
     assert result.returncode == 1
     assert message in result.stderr
+
+
+@pytest.mark.parametrize("port", ["0", "4294967295", "port"])
+def test_a_bad_vsock_port_is_refused_before_anything_starts(port: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "kabuto.guest", "--vsock-port", port], capture_output=True, text=True,
+        timeout=60, check=False,
+    )
+    assert result.returncode == 2
+    assert f"invalid vsock_port value: '{port}'" in result.stderr

@@ -1,8 +1,10 @@
 """Entry point: ``python3 -m kabuto.guest [--listen ADDRESS]``.
 
 In the VM the image's /init mounts /proc, /sys, /dev and execs this as PID 1; it then
-serves the virtio-serial port named agent.channel.0 and every other agent.channel.N port,
-each to its own host connection, all with the same services and container state. On a host
+serves every channel the VM has, each host connection a session with the same services and
+container state: the virtio-serial port named agent.channel.0 and every other agent.channel.N
+port, and AF_VSOCK port 1024 (``--vsock-port``) when a virtio vsock device is bound (QEMU's
+vhost-vsock, the hybrid vsock of Firecracker, Cloud Hypervisor and Dragonball). On a host
 (tests) it listens on ``unix:///path`` or ``vsock://PORT`` instead.
 """
 
@@ -30,6 +32,14 @@ async def load_container_service() -> dict[str, Method]:
     return module.ContainerService().methods()
 
 
+def vsock_port(text: str) -> int:
+    port = int(text)
+    # 0xFFFFFFFF is VMADDR_PORT_ANY
+    if not 0 < port < 0xFFFFFFFF:
+        raise ValueError(text)
+    return port
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python3 -m kabuto.guest", description="Kabuto guest agent")
     parser.add_argument(
@@ -46,7 +56,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--port-timeout",
         type=float,
         default=30.0,
-        help="seconds to wait for the virtio-serial port to appear (default: %(default)s)",
+        help="seconds to wait for a virtio-serial port or vsock device to appear, and to look for"
+        " more agent ports and a late vsock device after that (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--vsock",
+        choices=channel.VSOCK_MODES,
+        default="auto",
+        help="serve AF_VSOCK when a virtio vsock device is bound (auto), also without one, e.g. over"
+        " the loopback transport at CID 1 (on), or never (off) (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--vsock-port",
+        type=vsock_port,
+        default=channel.DEFAULT_VSOCK_PORT,
+        help="AF_VSOCK port to serve (default: %(default)s)",
     )
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser.parse_args(argv)
@@ -63,18 +87,18 @@ async def serve(args: argparse.Namespace, started_uptime: float) -> None:
     server.register_loading(CONTAINER_SERVICE, load_container_service())
 
     if args.listen is None:
-        primary = await channel.wait_for_port(args.port_name, args.port_timeout)
-        serving = asyncio.create_task(_serve_ports({args.port_name: primary}, server, args.port_timeout))
+        found = await channel.wait_for_channels(args.port_name, args.vsock, args.port_timeout)
+        serving = asyncio.create_task(_serve_channels(found, args, server))
     elif args.listen.startswith("unix://"):
         listener = await channel.listen_unix(Path(args.listen.removeprefix("unix://")), server.serve)
         log.info("serving on %s", args.listen)
         serving = asyncio.create_task(listener.serve_forever())
     elif args.listen.startswith("vsock://"):
         try:
-            vsock_port = int(args.listen.removeprefix("vsock://"))
+            port = int(args.listen.removeprefix("vsock://"))
         except ValueError:
             raise channel.ChannelError(f"bad vsock address {args.listen!r}: expected vsock://PORT") from None
-        listener = await channel.listen_vsock(vsock_port, server.serve)
+        listener = await channel.listen_vsock(port, server.serve)
         log.info("serving on %s", args.listen)
         serving = asyncio.create_task(listener.serve_forever())
     else:
@@ -92,14 +116,16 @@ async def serve(args: argparse.Namespace, started_uptime: float) -> None:
     serving.cancel()
 
 
-async def _serve_ports(first: dict[str, Path], server: Server, discovery_time: float) -> None:
-    """Serve the primary port now and every other agent.channel.N port as the guest probes it
-    (for ``discovery_time`` seconds), all at once; a port that stops serving ends the agent."""
+async def _serve_channels(first: channel.Channels, args: argparse.Namespace, server: Server) -> None:
+    """Serve the channels found, then every agent.channel.N port the guest probes later and (auto)
+    a vsock device bound later, for ``--port-timeout`` seconds, all at once; a channel that stops
+    serving ends the agent."""
     loop = asyncio.get_running_loop()
     served: set[str] = set()
+    vsock_served = False
     async with asyncio.TaskGroup() as group:
 
-        def serve_new(ports: dict[str, Path]) -> None:
+        def serve_ports(ports: dict[str, Path]) -> None:
             for name, path in ports.items():
                 if name not in served:
                     served.add(name)
@@ -107,11 +133,35 @@ async def _serve_ports(first: dict[str, Path], server: Server, discovery_time: f
                     log.info("serving on virtio-serial port %s (%s)", name, path)
                     group.create_task(port.serve_forever(server.serve))
 
-        serve_new(first)
-        deadline = loop.time() + discovery_time
+        async def serve_vsock() -> None:
+            nonlocal vsock_served
+            vsock_served = True
+            listener = await channel.listen_vsock(args.vsock_port, server.serve)
+            devices = ", ".join(channel.vsock_devices() or ["none"])
+            log.info("serving on vsock port %d (vsock device: %s)", args.vsock_port, devices)
+            group.create_task(listener.serve_forever())
+
+        serve_ports(first.ports)
+        if first.vsock:
+            await serve_vsock()
+        elif args.vsock != "off":
+            log.info("not serving vsock: %s (looking for %gs more)", channel.why_no_vsock(args.vsock),
+                     args.port_timeout)
+        deadline = loop.time() + args.port_timeout
         while loop.time() < deadline:
-            serve_new(channel.find_ports(channel.PORT_NAME_PREFIX))
+            serve_ports(channel.find_ports(channel.PORT_NAME_PREFIX))
+            if args.port_name not in served and (primary := channel.find_port(args.port_name)):
+                serve_ports({args.port_name: primary})  # probed after a vsock device was found
+            if not vsock_served and channel.serves_vsock(args.vsock):
+                await serve_vsock()
             await asyncio.sleep(PORT_DISCOVERY_INTERVAL)
+
+
+def describe(exc: BaseException) -> str:
+    """An error for the console; a task group's sub-errors are what ended the agent."""
+    if isinstance(exc, BaseExceptionGroup):
+        return "; ".join(describe(sub) for sub in exc.exceptions)
+    return f"{type(exc).__name__}: {exc}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except BaseException as exc:  # PID 1 must report and power off whatever happened
-        init.fatal(f"{type(exc).__name__}: {exc}")
+        init.fatal(describe(exc))
         return 1
     if init.is_init():
         init.power_off()

@@ -1,4 +1,4 @@
-"""Where the agent listens: the virtio-serial port, or a Unix / vsock socket.
+"""Where the agent listens: the virtio-serial port, AF_VSOCK, or (on a host) a Unix socket.
 
 A virtio-serial port is a single byte stream that stays open in the guest while host
 clients come and go: when the host side disconnects, reads return EOF (and poll reports
@@ -21,6 +21,7 @@ import signal
 import socket
 import stat
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,16 @@ HOST_POLL_INTERVAL = 0.1
 READ_CHUNK = 256 * 1024
 WRITE_HIGH_WATER = 1 << 20
 WRITE_LOW_WATER = 256 * 1024
+# Kata's agent vsock port (the host side's kabuto.hypervisor.devices.AGENT_VSOCK_PORT, which the
+# guest does not import); the host may pass another as agent_vsock_port= on the kernel command line.
+DEFAULT_VSOCK_PORT = 1024
+# The guest driver of a virtio vsock device, whether the host end is vhost-vsock (QEMU) or the
+# VMM's own hybrid vsock (Firecracker, Cloud Hypervisor, Dragonball): its module's name, which
+# Linux uses as the driver's name under /sys/bus/virtio/drivers/ when built in too.
+VSOCK_DRIVER = "vmw_vsock_virtio_transport"
+# --vsock: serve it when the VM has a vsock device, always (any transport, such as the loopback
+# one at CID 1), or never
+VSOCK_MODES = ("auto", "on", "off")
 
 Serve = Callable[..., Awaitable[None]]  # (reader, writer, **options), as ttrpc.Server.serve
 
@@ -78,15 +89,56 @@ def find_ports(prefix: str, dev: Path = Path("/dev"), sys_root: Path = Path("/sy
     return {name: path for name, path in found.items() if path is not None}
 
 
-async def wait_for_port(name: str, timeout: float) -> Path:
-    """Ports appear once the virtio console driver has probed them; wait, but not forever."""
+def vsock_devices(sys_root: Path = Path("/sys")) -> list[str] | None:
+    """The virtio devices bound to the vsock transport (``virtioN``), or None if the kernel
+    lacks that driver (the module was not loaded, or the kernel has no virtio vsock)."""
+    try:
+        entries = list((sys_root / "bus" / "virtio" / "drivers" / VSOCK_DRIVER).iterdir())
+    except OSError:
+        return None
+    return sorted(entry.name for entry in entries if entry.name.startswith("virtio"))
+
+
+def serves_vsock(mode: str, sys_root: Path = Path("/sys")) -> bool:
+    return mode == "on" or (mode == "auto" and bool(vsock_devices(sys_root)))
+
+
+@dataclass(frozen=True)
+class Channels:
+    """What the agent serves: virtio-serial ports (name -> device node) and/or AF_VSOCK."""
+
+    ports: dict[str, Path]
+    vsock: bool
+
+
+def find_channels(port_name: str, vsock: str, dev: Path = Path("/dev"),
+                  sys_root: Path = Path("/sys")) -> Channels:
+    port = find_port(port_name, dev, sys_root)
+    return Channels({port_name: port} if port else {}, serves_vsock(vsock, sys_root))
+
+
+def why_no_vsock(mode: str, sys_root: Path = Path("/sys")) -> str:
+    if mode == "off":
+        return "vsock is off"
+    if vsock_devices(sys_root) is None:
+        return f"no vsock transport (no {VSOCK_DRIVER} driver in this kernel)"
+    return f"no vsock device (none bound to {VSOCK_DRIVER})"
+
+
+async def wait_for_channels(port_name: str, vsock: str, timeout: float, dev: Path = Path("/dev"),
+                            sys_root: Path = Path("/sys")) -> Channels:
+    """The channels present once one is: drivers may still be probing, so wait, but not forever.
+
+    A VM may have a virtio-serial port, a vsock device or both; with neither it has no agent.
+    """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    while (path := find_port(name)) is None:
+    while not (found := find_channels(port_name, vsock, dev, sys_root)).ports and not found.vsock:
         if loop.time() >= deadline:
-            raise ChannelError(f"no virtio-serial port named {name!r} appeared within {timeout:g}s")
+            raise ChannelError(f"no agent channel within {timeout:g}s: no virtio-serial port named "
+                               f"{port_name!r} appeared and {why_no_vsock(vsock, sys_root)}")
         await asyncio.sleep(PORT_POLL_INTERVAL)
-    return path
+    return found
 
 
 class _PortTransport(asyncio.Transport):

@@ -3,6 +3,12 @@
 # Every command here costs a fork under TCG, so only what the agent cannot do itself is here.
 # Kernel command-line words of the form name=value reach this script as variables:
 #   agent_log_level=DEBUG   passed to the agent as --log-level
+#   agent_vsock_port=1024   the AF_VSOCK port the agent serves (--vsock-port; 1024, Kata's, by default)
+#   agent_vsock=auto        serve vsock when a virtio vsock device is bound (auto, the default), also
+#                           without one, e.g. for the loopback transport at CID 1 (on), or never (off)
+#   kabuto_vsock_probe=1    beside the agent, call it over vsock at CID 1 from inside the guest and
+#                           print KABUTO-VSOCK-OK or KABUTO-VSOCK-FAILED (needs agent_vsock=on
+#                           where the VM has no vsock device)
 #   kabuto_probe=1          check the image (python, agent imports, modules), print a marker, power off
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 export HOME=/root PYTHONPATH=/usr/lib/kabuto PYTHONDONTWRITEBYTECODE=1 PYTHONUTF8=1
@@ -34,4 +40,8 @@ if [ -n "$kabuto_probe" ]; then
     python3 -S -c "@PROBE@" && echo KABUTO-PROBE-OK || echo KABUTO-PROBE-FAILED
     poweroff -f
 fi
-exec python3 -S -m kabuto.guest ${agent_log_level:+--log-level "$agent_log_level"}
+if [ -n "$kabuto_vsock_probe" ]; then
+    python3 -S -m kabuto.guest.probe ${agent_vsock_port:+--port "$agent_vsock_port"} &
+fi
+exec python3 -S -m kabuto.guest ${agent_log_level:+--log-level "$agent_log_level"} \
+    ${agent_vsock:+--vsock "$agent_vsock"} ${agent_vsock_port:+--vsock-port "$agent_vsock_port"}
