@@ -223,17 +223,22 @@ class Containerd:
         """Shim processes serving this containerd (their command line names its address)."""
         return processes_naming(self.address)
 
-    def vmms(self) -> list[psutil.Process]:
-        """Processes other than shims whose command line names the state root: the VMMs."""
+    def sandbox_processes(self) -> list[psutil.Process]:
+        """Processes other than shims whose command line names the state root: the VMMs and
+        their helpers (a virtiofsd per virtio-fs share)."""
         shims = {shim.pid for shim in self.shims()}
         return [p for p in processes_naming(str(self.state_root)) if p.pid not in shims]
+
+    def vmms(self) -> list[psutil.Process]:
+        """The sandbox processes that are VMMs: one per VM."""
+        return [p for p in self.sandbox_processes() if p.name() != "virtiofsd"]
 
     def leftovers(self) -> list[str]:
         """Shims, processes naming the state root, mounts below either directory (a rootfs from the
         snapshotter), anything in the state root beyond the lock file and empty parent
         directories, and any container or task containerd still knows."""
         found = [f"shim {describe(p)}" for p in self.shims()]
-        found += [f"process {describe(p)}" for p in self.vmms()]
+        found += [f"process {describe(p)}" for p in self.sandbox_processes()]
         with open("/proc/self/mountinfo") as mountinfo:
             points = [line.split()[4] for line in mountinfo]
         found += [f"mount {point}" for point in points

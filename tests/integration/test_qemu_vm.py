@@ -54,7 +54,10 @@ async def guest_details(vm: QemuHypervisor) -> GuestDetails:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def vm(module_vm_root: Path, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[QemuHypervisor]:
-    hypervisor = new_hypervisor(resolve_config(None, hypervisor_name="qemu"), jailer_root=module_vm_root)
+    resolved = resolve_config(None, hypervisor_name="qemu")
+    # the 9p share below: a virtio-fs one (vhost-user) would block save_vm's migration
+    resolved.table.shared_fs = "virtio-9p"
+    hypervisor = new_hypervisor(resolved, jailer_root=module_vm_root)
     assert isinstance(hypervisor, QemuHypervisor)
     await hypervisor.prepare_vm("shared")
     await hypervisor.add_device(share_device(tmp_path_factory.mktemp("share")))

@@ -216,6 +216,8 @@ class QemuHypervisor(Hypervisor):
     async def save_vm(self) -> Path:
         """Pause the VM and migrate its state into ``<vm dir>/vm.state``; the VM stays paused."""
         self._require(VmStatus.RUNNING, VmStatus.PAUSED, operation="save")
+        if not self.capabilities.snapshot:
+            raise self._unsupported(f"snapshot with shared_fs = {self.config.shared_fs!r}")
         if self.status == VmStatus.RUNNING:
             await self.pause_vm()
         await migration.save_to(self._qmp, self.paths.saved_state)
