@@ -18,7 +18,7 @@ import kabuto
 SRC = Path(kabuto.__file__).parent
 BACKENDS = ("qemu", "cloud_hypervisor", "firecracker", "dragonball")
 RANK = {
-    "kabuto": 0, "errors": 0, "processes": 0, "bounded": 0, "protos": 0,
+    "kabuto": 0, "errors": 0, "processes": 0, "bounded": 0, "doctables": 0, "protos": 0,
     "ttrpc": 1, "config": 1,
     "image": 2,
     "hypervisor": 3,

@@ -6,10 +6,7 @@ the matrix markers in FILE (docs/backends.md), so the docs always show what the 
 
 from __future__ import annotations
 
-import argparse
-import sys
-from pathlib import Path
-
+from kabuto.doctables import DocTable
 from kabuto.hypervisor.capabilities import Capabilities
 from kabuto.hypervisor.devices import DeviceKind
 from kabuto.hypervisor.registry import get_plugin, registered_names
@@ -51,27 +48,8 @@ def render_markdown(names: list[str] | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def matrix_in(text: str) -> str:
-    """The generated table in a document, between the markers."""
-    start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
-    return text[start:end].strip("\n") + "\n"
-
-
-def write_into(path: Path) -> None:
-    text = path.read_text()
-    start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
-    path.write_text(text[:start] + "\n" + render_markdown() + text[end:])
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--write", type=Path, help="replace the matrix in this Markdown file")
-    args = parser.parse_args(argv)
-    if args.write:
-        write_into(args.write)
-    else:
-        sys.stdout.write(render_markdown())
-
+DOC_TABLE = DocTable(BEGIN, END, render_markdown)
+matrix_in = DOC_TABLE.table_in
 
 if __name__ == "__main__":
-    main()
+    DOC_TABLE.main(__doc__.splitlines()[0])

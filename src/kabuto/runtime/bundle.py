@@ -11,6 +11,7 @@ import copy
 import json
 import os
 import re
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -253,14 +254,9 @@ def _check_process(process: dict[str, Any], where: str) -> None:
             raise _fail(where, "process.user.additionalGids", f"{gid!r} is not a group id")
     if user.get("username"):
         raise _fail(where, "process.user.username", "not supported on Linux (use uid and gid)")
-    rlimits = _expect(process.get("rlimits", []), list, where, "process.rlimits", "a list")
     seen: set[str] = set()
-    for index, limit in enumerate(rlimits):
-        key = f"process.rlimits[{index}]"
-        _expect(limit, dict, where, key, "an object with type, soft and hard")
-        kind = limit.get("type")
-        if kind not in RLIMITS:
-            raise _fail(where, f"{key}.type", f"unknown rlimit type {kind!r}")
+    for key, limit, kind in _typed_entries(process.get("rlimits", []), where, "process.rlimits", RLIMITS,
+                                           "rlimit", "an object with type, soft and hard"):
         if kind in seen:
             raise _fail(where, f"{key}.type", f"duplicate rlimit {kind}")
         seen.add(kind)
@@ -272,18 +268,25 @@ def _check_process(process: dict[str, Any], where: str) -> None:
             raise _fail(where, key, f"soft limit {limit['soft']} exceeds hard limit {limit['hard']}")
 
 
+def _typed_entries(items: Any, where: str, field: str, known: Collection[str], noun: str,
+                   shape: str) -> Iterator[tuple[str, dict[str, Any], str]]:
+    """(key, entry, type) of each entry of the list ``field``: an object whose ``type`` is known."""
+    for index, entry in enumerate(_expect(items, list, where, field, "a list")):
+        key = f"{field}[{index}]"
+        _expect(entry, dict, where, key, shape)
+        kind = entry.get("type")
+        if kind not in known:
+            raise _fail(where, f"{key}.type", f"unknown {noun} type {kind!r}")
+        yield key, entry, kind
+
+
 def _check_linux(linux: dict[str, Any], where: str) -> None:
     for key in UNSUPPORTED_LINUX:
         if linux.get(key):
             raise _fail(where, f"linux.{key}", "not supported by Kabuto")
     _expect(linux.get("seccomp", {}), dict, where, "linux.seccomp", "an object")
-    namespaces = _expect(linux.get("namespaces", []), list, where, "linux.namespaces", "a list")
-    for index, namespace in enumerate(namespaces):
-        key = f"linux.namespaces[{index}]"
-        _expect(namespace, dict, where, key, "an object")
-        kind = namespace.get("type")
-        if kind not in NAMESPACES:
-            raise _fail(where, f"{key}.type", f"unknown namespace type {kind!r}")
+    for key, namespace, kind in _typed_entries(linux.get("namespaces", []), where, "linux.namespaces",
+                                               NAMESPACES, "namespace", "an object"):
         if kind == "user":
             raise _fail(where, f"{key}.type", "user namespaces are not supported (the VM is the boundary)")
         if namespace.get("path"):

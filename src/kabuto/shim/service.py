@@ -336,21 +336,27 @@ class TaskService:
 
     # -- pause / resume / update / checkpoint -------------------------------------------------
     async def pause(self, request: pb.PauseRequest) -> Empty:
-        task = self._task(request.id)
-        if task.init.status != types_pb.RUNNING:
-            raise RpcError(Code.FAILED_PRECONDITION, f"task {request.id!r} is not running")
-        await self._sandbox().pause_container(request.id)
-        task.init.status = types_pb.PAUSED
-        self.publisher.publish(events_pb.TaskPaused(container_id=request.id))
-        return Empty()
+        return await self._freeze(request.id, frozen=True)
 
     async def resume(self, request: pb.ResumeRequest) -> Empty:
-        task = self._task(request.id)
-        if task.init.status != types_pb.PAUSED:
-            raise RpcError(Code.FAILED_PRECONDITION, f"task {request.id!r} is not paused")
-        await self._sandbox().resume_container(request.id)
-        task.init.status = types_pb.RUNNING
-        self.publisher.publish(events_pb.TaskResumed(container_id=request.id))
+        return await self._freeze(request.id, frozen=False)
+
+    async def _freeze(self, task_id: str, frozen: bool) -> Empty:
+        """Pause (``frozen``) a running task or resume a paused one, and tell containerd."""
+        task = self._task(task_id)
+        sandbox = self._sandbox()
+        if frozen:
+            needed, then, change, event = (types_pb.RUNNING, types_pb.PAUSED, sandbox.pause_container,
+                                           events_pb.TaskPaused)
+        else:
+            needed, then, change, event = (types_pb.PAUSED, types_pb.RUNNING, sandbox.resume_container,
+                                           events_pb.TaskResumed)
+        if task.init.status != needed:
+            raise RpcError(Code.FAILED_PRECONDITION,
+                           f"task {task_id!r} is not {types_pb.Status.Name(needed).lower()}")
+        await change(task_id)
+        task.init.status = then
+        self.publisher.publish(event(container_id=task_id))
         return Empty()
 
     async def update(self, request: pb.UpdateTaskRequest) -> Empty:
