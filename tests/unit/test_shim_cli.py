@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
 import socket
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -242,6 +244,29 @@ async def test_delete_after_the_shim_died_while_booting_removes_its_vm(
     await sandbox.disconnect()  # the VM runs, the container was not created yet
     await asyncio.wait_for(cli.cleanup(delete_args("c1", bundle)), BOUND)
     assert store.sandbox_ids() == []
+
+
+async def test_delete_after_the_shim_died_mid_boot_kills_what_it_spawned(
+        store: StateStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shim died after spawning the VMM (and virtiofsd) but before recording them: the
+    processes are found by the VM directory their command lines name."""
+    monkeypatch.setenv(STATE_ROOT_ENV, str(store.root))
+    bundle = fake_vm.make_bundle(tmp_path / "c1", ["sleep"])
+    store.reserve(SandboxRecord(id="c1", hypervisor_name="", config_path=None), ["c1"])
+    vm_dir = store.jailer_root / "c1"
+    vm_dir.mkdir(parents=True)
+    # sleeps far longer than the test: gone after the cleanup means killed by it
+    spawned = await asyncio.create_subprocess_exec(sys.executable, "-c", "import time; time.sleep(600)",
+                                                   f"{vm_dir}/qmp.sock", start_new_session=True)
+    try:
+        await asyncio.wait_for(cli.cleanup(delete_args("c1", bundle)), BOUND)
+        assert not psutil.pid_exists(spawned.pid) or \
+            psutil.Process(spawned.pid).status() == psutil.STATUS_ZOMBIE
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            spawned.kill()
+        await spawned.wait()
+    assert store.sandbox_ids() == [] and not vm_dir.exists()
 
 
 async def test_delete_after_the_shim_died_before_booting_removes_its_record(

@@ -270,6 +270,22 @@ async def _connectable(path: Path) -> bool:
     return True
 
 
+async def kill_processes_naming(directory: Path, timeout: float = TERM_GRACE) -> list[int]:
+    """SIGKILL every process whose command line names a path in ``directory`` and wait (bounded)
+    until they are gone; the pids. For a VM whose creator died before it recorded its processes:
+    every process kabuto spawns for a VM names its VM directory (QEMU's QMP socket, virtiofsd's
+    socket, the REST VMMs' API socket)."""
+    prefix = f"{directory}/"
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            if any(prefix in arg for arg in process.info.get("cmdline") or []):
+                process.kill()
+                found.append(process)
+    await asyncio.to_thread(psutil.wait_procs, found, timeout)
+    return [process.pid for process in found]
+
+
 def vcpu_thread_ids(pid: int, name_pattern: re.Pattern[str]) -> dict[int, int]:
     """vCPU index -> tid, from the thread names under /proc/<pid>/task (the API does not say)."""
     result: dict[int, int] = {}

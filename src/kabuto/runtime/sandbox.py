@@ -32,6 +32,7 @@ from kabuto.hypervisor import new_hypervisor, resolve_config, restore_hypervisor
 from kabuto.hypervisor.base import Hypervisor, HypervisorState, VmStatus
 from kabuto.hypervisor.capabilities import Capabilities
 from kabuto.hypervisor.devices import BlockDevice, DeviceKind, SharedFsDevice
+from kabuto.hypervisor.vmm_process import kill_processes_naming
 from kabuto.runtime import rootfs as rootfs_delivery
 from kabuto.runtime.bundle import Bundle, BundleError, ContainerIdError, check_container_id
 from kabuto.runtime.rootfs import RootfsError, Storage
@@ -521,13 +522,15 @@ def describe(record: SandboxRecord) -> dict[str, Any]:
 
 
 async def remove_dead_sandbox(store: StateStore, sandbox_id: str) -> None:
-    """Clean up after a sandbox whose creator died mid-creation (no hypervisor state saved)."""
+    """Clean up after a sandbox whose creator died mid-creation (no hypervisor state saved): the
+    processes it may have spawned for the VM (found by the VM directory they name), shares, files."""
     record = store.load(sandbox_id)
+    vm_dir = store.jailer_root / sandbox_id
+    await kill_processes_naming(vm_dir)
     shared = Path(record.shared_dir) if record.shared_dir else None
     if shared is not None:
         for child in rootfs_delivery.list_dir(shared):
             await rootfs_delivery.unshare_container(shared, child.name)
-    vm_dir = store.jailer_root / sandbox_id
     if vm_dir.is_dir():
         await asyncio.to_thread(shutil.rmtree, vm_dir, True)
     rootfs_delivery.remove_files(*store.sandbox_dir(sandbox_id).glob("*.ext4"))
