@@ -299,14 +299,29 @@ async def kill_and_reap(processes: list[Process]) -> None:
 
 
 async def wait_until_gone(container_id: str, mnt_namespace: str) -> None:
-    """Until no process is left in the mount namespace, or KILL_TIMEOUT passed (then a warning)."""
+    """Until no process is left in the mount namespace, or KILL_TIMEOUT passed (then a warning).
+
+    A dying process drops its namespaces before it becomes a zombie: once seen, a process is
+    watched by its pid until it is a zombie or gone, not only while its namespace shows."""
     deadline = time.monotonic() + KILL_TIMEOUT
-    while left := pids_in(mnt_namespace):
+    watched: set[int] = set()
+    while left := {pid for pid in watched | set(pids_in(mnt_namespace)) if not _exited(pid)}:
+        watched = left
         if time.monotonic() > deadline:
             log.warning("container %s: %d processes outlived SIGKILL for %gs", container_id, len(left),
                         KILL_TIMEOUT)
             return
         await asyncio.sleep(GONE_POLL_INTERVAL)
+
+
+def _exited(pid: int) -> bool:
+    """Gone, or a zombie (or dead) waiting for its parent to reap it."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat_file:
+            state = stat_file.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state in (b"Z", b"X")
 
 
 def pids_in(mnt_namespace: str) -> list[int]:
