@@ -6,6 +6,78 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class IPAddress(_message.Message):
+    __slots__ = ("address", "prefix_length")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    prefix_length: int
+    def __init__(self, address: _Optional[str] = ..., prefix_length: _Optional[int] = ...) -> None: ...
+
+class Interface(_message.Message):
+    __slots__ = ("name", "mac", "addresses", "mtu")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MAC_FIELD_NUMBER: _ClassVar[int]
+    ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    MTU_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    mac: str
+    addresses: _containers.RepeatedCompositeFieldContainer[IPAddress]
+    mtu: int
+    def __init__(self, name: _Optional[str] = ..., mac: _Optional[str] = ..., addresses: _Optional[_Iterable[_Union[IPAddress, _Mapping]]] = ..., mtu: _Optional[int] = ...) -> None: ...
+
+class UpdateInterfaceRequest(_message.Message):
+    __slots__ = ("interface",)
+    INTERFACE_FIELD_NUMBER: _ClassVar[int]
+    interface: Interface
+    def __init__(self, interface: _Optional[_Union[Interface, _Mapping]] = ...) -> None: ...
+
+class Route(_message.Message):
+    __slots__ = ("destination", "gateway", "device", "source", "scope")
+    DESTINATION_FIELD_NUMBER: _ClassVar[int]
+    GATEWAY_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    destination: str
+    gateway: str
+    device: str
+    source: str
+    scope: int
+    def __init__(self, destination: _Optional[str] = ..., gateway: _Optional[str] = ..., device: _Optional[str] = ..., source: _Optional[str] = ..., scope: _Optional[int] = ...) -> None: ...
+
+class UpdateRoutesRequest(_message.Message):
+    __slots__ = ("routes",)
+    ROUTES_FIELD_NUMBER: _ClassVar[int]
+    routes: _containers.RepeatedCompositeFieldContainer[Route]
+    def __init__(self, routes: _Optional[_Iterable[_Union[Route, _Mapping]]] = ...) -> None: ...
+
+class UpdateRoutesResponse(_message.Message):
+    __slots__ = ("routes",)
+    ROUTES_FIELD_NUMBER: _ClassVar[int]
+    routes: _containers.RepeatedCompositeFieldContainer[Route]
+    def __init__(self, routes: _Optional[_Iterable[_Union[Route, _Mapping]]] = ...) -> None: ...
+
+class ARPNeighbor(_message.Message):
+    __slots__ = ("ip_address", "device", "mac")
+    IP_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    MAC_FIELD_NUMBER: _ClassVar[int]
+    ip_address: str
+    device: str
+    mac: str
+    def __init__(self, ip_address: _Optional[str] = ..., device: _Optional[str] = ..., mac: _Optional[str] = ...) -> None: ...
+
+class AddARPNeighborsRequest(_message.Message):
+    __slots__ = ("neighbors",)
+    NEIGHBORS_FIELD_NUMBER: _ClassVar[int]
+    neighbors: _containers.RepeatedCompositeFieldContainer[ARPNeighbor]
+    def __init__(self, neighbors: _Optional[_Iterable[_Union[ARPNeighbor, _Mapping]]] = ...) -> None: ...
+
+class AddARPNeighborsResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class Storage(_message.Message):
     __slots__ = ("source", "mount_point", "fstype", "options")
     SOURCE_FIELD_NUMBER: _ClassVar[int]
