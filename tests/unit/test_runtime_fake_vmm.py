@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -577,3 +578,62 @@ async def test_seccomp_profile_refused_when_the_guest_should_enforce_it(store: S
         await commands.create("c1", str(bundle), options(store))
     assert store.sandbox_ids() == []
     assert "c1" not in GUESTS or not GUESTS["c1"].containers
+
+
+def with_namespaces(bundle: Path, **paths: str) -> Path:
+    """The bundle's spec joins these namespaces by path, as CRI writes a pod member's."""
+    spec = json.loads((bundle / "config.json").read_text())
+    for namespace in spec["linux"]["namespaces"]:
+        if namespace["type"] in paths:
+            namespace["path"] = paths[namespace["type"]]
+    (bundle / "config.json").write_text(json.dumps(spec))
+    return bundle
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    name = f"kbt-{secrets.token_hex(4)}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        yield f"/run/netns/{name}"
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], check=False)
+
+
+async def test_namespace_paths_as_cri_sends_them(store: StateStore, tmp_path: Path, netns: str) -> None:
+    """The pod's netns becomes the sandbox's; a member's ipc/uts/pid paths naming the sandbox task
+    (the VMM's pid, which containerd was told) mean its namespaces in the guest; others are refused."""
+    opts = options(store)
+    sandbox = await commands.create("pod", str(with_namespaces(make_bundle(tmp_path / "p", ["sleep"]),
+                                                               network=netns)), opts)
+    vmm_pid = (await sandbox.hypervisor.get_pids())[0]
+    await sandbox.disconnect()
+    assert store.load("pod").netns == netns
+    pod = {bundle_module.CONTAINER_TYPE_ANNOTATION: "container", bundle_module.SANDBOX_ID_ANNOTATION: "pod"}
+    member = with_namespaces(make_bundle(tmp_path / "app", ["sleep"], **pod), network=netns,
+                             ipc=f"/proc/{vmm_pid}/ns/ipc", uts=f"/proc/{vmm_pid}/ns/uts")
+    joined = await commands.create("app", str(member), opts)
+    await joined.disconnect()
+    namespaces = GUESTS["pod"].containers["app"]["spec"]["linux"]["namespaces"]
+    assert {"type": "ipc", "path": "container:pod"} in namespaces
+    assert {"type": "uts", "path": "container:pod"} in namespaces
+    assert {"type": "network"} in namespaces  # the guest's own: the pod's interfaces are there
+    for name, paths, reason in (
+        ("stranger", {"ipc": "/proc/1/ns/ipc"}, "/proc/1/ns/ipc is not a namespace of sandbox 'pod'"),
+        ("elsewhere", {"network": "/proc/1/ns/net"}, "is not the network namespace of sandbox 'pod'"),
+    ):
+        bad = with_namespaces(make_bundle(tmp_path / name, ["sleep"], **pod), **paths)
+        with pytest.raises(BundleError, match=reason):
+            await commands.create(name, str(bad), opts)
+        assert name not in store.load("pod").containers
+    await commands.delete("pod", opts, force=True)
+
+
+async def test_a_network_namespace_path_that_is_no_namespace_is_refused(store: StateStore,
+                                                                       tmp_path: Path) -> None:
+    bogus = tmp_path / "not-a-netns"
+    bogus.write_text("")
+    bundle = with_namespaces(make_bundle(tmp_path / "b", ["sleep"]), network=str(bogus))
+    with pytest.raises(BundleError, match=f"network namespace {bogus} is not a namespace file"):
+        await commands.create("c1", str(bundle), options(store))
+    assert store.sandbox_ids() == []

@@ -2,7 +2,12 @@
 
 Everything here runs before a VM exists, so bad input costs nothing to refuse. Fields that
 only make sense on the host (hooks, seccomp through the host kernel, user-namespace
-mappings, joining host namespaces by path) are refused by name rather than silently dropped.
+mappings, joining most host namespaces by path) are refused by name rather than silently
+dropped. Namespace paths are honoured as Kata honours them: a network namespace path is the
+sandbox's (its VMM and taps live there; in the guest every container shares the pod's network
+namespace), and an ipc/uts/pid path naming the pod's sandbox task (CRI hands over
+``/proc/<its pid>/ns/<type>``, and that pid is the VMM's) means sharing that namespace with the
+sandbox container inside the guest.
 """
 
 from __future__ import annotations
@@ -31,6 +36,10 @@ RLIMITS = frozenset({
     "RLIMIT_RTPRIO", "RLIMIT_RTTIME", "RLIMIT_SIGPENDING", "RLIMIT_STACK",
 })
 NAMESPACES = frozenset({"pid", "network", "mount", "ipc", "uts", "user", "cgroup", "time"})
+#: the namespace types whose path a VM can honour (see the module's docstring)
+JOINABLE_NAMESPACES = ("network", "ipc", "uts", "pid")
+#: how the guest agent names "the namespace of container <id>" in a spec's namespace path
+GUEST_CONTAINER_NAMESPACE = "container:{}"
 # Sections for other platforms, and Linux features that need the host kernel or host state.
 UNSUPPORTED_TOP = ("solaris", "windows", "vm", "zos")
 UNSUPPORTED_LINUX = ("uidMappings", "gidMappings", "intelRdt", "personality", "timeOffsets")
@@ -103,6 +112,17 @@ class Bundle:
         return dict(self.spec.get("annotations") or {})
 
     @property
+    def namespace_paths(self) -> dict[str, str]:
+        """Namespace type -> the host path the spec joins (checked by check_spec)."""
+        namespaces = self.spec.get("linux", {}).get("namespaces") or []
+        return {ns["type"]: ns["path"] for ns in namespaces if ns.get("path")}
+
+    @property
+    def network_namespace(self) -> str | None:
+        """The host network namespace this container's sandbox lives in (CNI's, CRI's, podman's)."""
+        return self.namespace_paths.get("network")
+
+    @property
     def pod_sandbox_id(self) -> str | None:
         """The sandbox this container joins, as CRI annotates it; None for a sandbox of its own."""
         annotations = self.annotations
@@ -134,10 +154,20 @@ class Bundle:
                                   "rbind" in (mount.get("options") or [])))
         return binds
 
-    def guest_spec(self, guest_rootfs: str, bind_sources: dict[int, str] | None = None) -> dict[str, Any]:
-        """The spec the guest agent gets: the root is wherever the rootfs storage is mounted, and
-        each shared host bind (by its index in ``mounts``) has its guest path as source."""
+    def guest_spec(self, guest_rootfs: str, bind_sources: dict[int, str] | None = None,
+                   joined: dict[str, str] | None = None) -> dict[str, Any]:
+        """The spec the guest agent gets: the root is wherever the rootfs storage is mounted, each
+        shared host bind (by its index in ``mounts``) has its guest path as source, the network
+        namespace is the guest's (the pod's), and an ipc/uts/pid path is the guest container
+        ``joined`` names for that type (the caller checked the path names the pod's sandbox)."""
         spec = copy.deepcopy(self.spec)
+        for namespace in spec.get("linux", {}).get("namespaces") or []:
+            if not namespace.get("path"):
+                continue
+            if namespace["type"] == "network":
+                del namespace["path"]
+            else:
+                namespace["path"] = GUEST_CONTAINER_NAMESPACE.format((joined or {})[namespace["type"]])
         spec["root"] = {**spec.get("root", {}), "path": guest_rootfs}
         for index, guest_source in (bind_sources or {}).items():
             spec["mounts"][index].update(type="bind", source=guest_source)
@@ -289,8 +319,13 @@ def _check_linux(linux: dict[str, Any], where: str) -> None:
                                                NAMESPACES, "namespace", "an object"):
         if kind == "user":
             raise _fail(where, f"{key}.type", "user namespaces are not supported (the VM is the boundary)")
-        if namespace.get("path"):
-            raise _fail(where, f"{key}.path", "joining a host namespace is not possible from inside a VM")
+        path = namespace.get("path")
+        if path:
+            if kind not in JOINABLE_NAMESPACES:
+                raise _fail(where, f"{key}.path", f"joining a host {kind} namespace is not possible from "
+                                                  "inside a VM")
+            if not isinstance(path, str) or not os.path.isabs(path):
+                raise _fail(where, f"{key}.path", "must be an absolute path")
     sysctl = _expect(linux.get("sysctl", {}), dict, where, "linux.sysctl", "an object of strings")
     for name, value in sysctl.items():
         _expect(value, str, where, f"linux.sysctl[{name!r}]", "a string")

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import secrets
 import shutil
 from dataclasses import asdict
@@ -107,6 +108,7 @@ class VirtSandbox:
         hypervisor_name: str | None = None,
         annotations: dict[str, str] | None = None,
         hostname: str = "",
+        netns: str | None = None,
         block_rootfs: list[tuple[str, Bundle]] | None = None,
         boot_timeout: float = DEFAULT_BOOT_TIMEOUT,
     ) -> VirtSandbox:
@@ -132,7 +134,10 @@ class VirtSandbox:
             for _, bundle in block_rootfs or []:
                 refuse_binds_without_shared_fs(bundle, fs_kind is not None, hypervisor.name)
             await hypervisor.check()
-            await hypervisor.prepare_vm(sandbox_id)
+            if netns is not None:
+                _check_netns(netns)
+            record.netns = netns or ""
+            await hypervisor.prepare_vm(sandbox_id, netns=netns)
             storages: list[Storage] = []
             if fs_kind is not None:
                 shared = sandbox.directory / "shared"
@@ -282,6 +287,7 @@ class VirtSandbox:
             raise BundleError(f"{bundle.path / 'config.json'}: linux.seccomp: the guest cannot enforce a "
                               "seccomp profile; [runtime] disable_guest_seccomp = true runs the container "
                               "without it, as Kata does")
+        joined = await self._joined_namespaces(container_id, bundle)
         container = ContainerRecord(id=container_id, bundle=str(bundle.path), created=now_rfc3339(),
                                     annotations=bundle.annotations, process=bundle.spec["process"])
         # refuses an id in use anywhere under the state root, before anything is made for it
@@ -295,7 +301,7 @@ class VirtSandbox:
             if binds:
                 bind_sources = await rootfs_delivery.share_binds(Path(self.record.shared_dir), container_id,
                                                                  binds)
-            spec = bundle.guest_spec(guest_root, bind_sources)
+            spec = bundle.guest_spec(guest_root, bind_sources, joined)
             await self._agent_call("CreateContainer", self.containers.create_container(
                 container_id, json.dumps(spec).encode(), rootfs=_agent_storage(storage) if storage else None))
         except BaseException:
@@ -304,6 +310,25 @@ class VirtSandbox:
             self.store.save(self.record)
             raise
         return container
+
+    async def _joined_namespaces(self, container_id: str, bundle: Bundle) -> dict[str, str]:
+        """Namespace type -> the guest container whose namespace a path in the spec means: the
+        pod's sandbox container, named as CRI names it (/proc/<sandbox task pid>/ns/<type>, the
+        pid containerd was told, the VMM's). Anything else is refused by name."""
+        joined: dict[str, str] = {}
+        where = f"{bundle.path / 'config.json'}: linux.namespaces"
+        for kind, path in bundle.namespace_paths.items():
+            if kind == "network":
+                if not _same_namespace(path, self.record.netns or path):
+                    raise BundleError(f"{where} ({kind}): {path} is not the network namespace of sandbox "
+                                      f"{self.id!r} ({self.record.netns})")
+                continue
+            pids = await self.hypervisor.get_pids()
+            if container_id == self.id or not pids or path != f"/proc/{pids[0]}/ns/{_PROC_NS[kind]}":
+                raise BundleError(f"{where} ({kind}): {path} is not a namespace of sandbox {self.id!r}'s "
+                                  "container, the only one a container in a VM can join")
+            joined[kind] = self.id
+        return joined
 
     def container(self, container_id: str) -> ContainerRecord:
         try:
@@ -503,7 +528,8 @@ async def create_sandbox_for(
                                 config_path=config_path, owner=dict(owner or {})), [container_id])
     sandbox = await VirtSandbox.create(
         container_id, store, config_path=config_path, hypervisor_name=hypervisor_name,
-        annotations=bundle.annotations, hostname=hostname, block_rootfs=[(container_id, bundle)],
+        annotations=bundle.annotations, hostname=hostname, netns=bundle.network_namespace,
+        block_rootfs=[(container_id, bundle)],
         boot_timeout=boot_timeout)
     try:
         await sandbox.create_container(container_id, bundle)
@@ -511,6 +537,28 @@ async def create_sandbox_for(
         await sandbox.destroy()
         raise
     return sandbox
+
+
+#: namespace type -> its file under /proc/<pid>/ns
+_PROC_NS = {"ipc": "ipc", "uts": "uts", "pid": "pid", "network": "net"}
+
+
+def _same_namespace(first: str, second: str) -> bool:
+    try:
+        a, b = os.stat(first), os.stat(second)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def _check_netns(path: str) -> None:
+    """A network namespace the VMM can enter: an nsfs file (as ``ip netns add`` or CNI makes)."""
+    try:
+        is_nsfs = os.stat(path).st_dev == os.stat("/proc/self/ns/net").st_dev
+    except OSError as exc:
+        raise BundleError(f"network namespace {path}: {exc.strerror}") from None
+    if not is_nsfs:
+        raise BundleError(f"network namespace {path} is not a namespace file (nsfs)")
 
 
 def new_sandbox_id(prefix: str = "sb") -> str:

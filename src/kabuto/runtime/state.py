@@ -73,6 +73,8 @@ class SandboxRecord:
     hypervisor_state: dict[str, Any] = field(default_factory=dict)
     shared_dir: str = ""
     share_tag: str = ""
+    #: the host network namespace the VMM runs in (a spec's network namespace path), or ""
+    netns: str = ""
     containers: dict[str, ContainerRecord] = field(default_factory=dict)
     #: the effective [runtime] and [agent] tables the sandbox was made with (after annotations)
     config: dict[str, Any] = field(default_factory=dict)
