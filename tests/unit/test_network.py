@@ -70,8 +70,9 @@ def pod() -> Iterator[Pod]:
         yield Pod(name, peer, mac)
 
 
-def links(pod: Pod) -> dict[str, dict]:
-    return {link["ifname"]: link for link in jq("ip", "-d", "-j", "-n", pod.name, "link", "show")}
+def links(name: str) -> dict[str, dict]:
+    """The links of netns ``name``, by name, with their details."""
+    return {link["ifname"]: link for link in jq("ip", "-d", "-j", "-n", name, "link", "show")}
 
 
 def ingress_filters(pod: Pod, dev: str, stats: bool = False) -> list[dict]:
@@ -162,7 +163,7 @@ async def test_attach_redirects_both_ways_once(pod: Pod) -> None:
     [endpoint] = await network.scan(pod.path)
     tap = await network.attach(pod.path, endpoint, "tcfilter")
     assert tap == "tap0_kabuto"
-    link = links(pod)[tap]
+    link = links(pod.name)[tap]
     assert link["mtu"] == MTU and "UP" in link["flags"]
     assert link["linkinfo"]["info_kind"] == "tun"
     assert link["linkinfo"]["info_data"]["type"] == "tap"
@@ -173,7 +174,7 @@ async def test_attach_redirects_both_ways_once(pod: Pod) -> None:
     assert redirect_targets(pod, tap) == ["eth0"]
     assert await network.attach(pod.path, endpoint, "tcfilter") == tap
     assert redirect_targets(pod, "eth0") == [tap] and redirect_targets(pod, tap) == ["eth0"]
-    assert [name for name in links(pod) if name.startswith("tap")] == [tap]
+    assert [name for name in links(pod.name) if name.startswith("tap")] == [tap]
 
 
 @needs_netns
@@ -189,25 +190,26 @@ async def test_a_half_attach_is_completed_not_doubled(pod: Pod) -> None:
 async def test_a_multi_queue_tap_for_queues_above_one(pod: Pod) -> None:
     [endpoint] = await network.scan(pod.path)
     tap = await network.attach(pod.path, endpoint, queues=4)
-    assert links(pod)[tap]["linkinfo"]["info_data"]["multi_queue"]
+    assert links(pod.name)[tap]["linkinfo"]["info_data"]["multi_queue"]
 
 
-def open_tap(pod: Pod, name: str) -> int:
-    """The tap's fd as a VMM holds it (in the pod's netns, without packet information)."""
+def open_tap(netns_name: str, name: str) -> int:
+    """The tap's fd as a VMM holds it (opened in the pod's netns, without packet information)."""
     def opened() -> int:
         fd = os.open("/dev/net/tun", os.O_RDWR)
         fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TAP | IFF_NO_PI))
         return fd
-    return in_netns(pod.name, opened)
+    return in_netns(netns_name, opened)
 
 
 class Guest(threading.Thread):
     """Stands for the VM behind the tap: answers ARP for the pod's address with the pod's MAC
-    (the guest NIC's), and echoes UDP datagrams back to their sender."""
+    (the guest NIC's), and echoes UDP datagrams back to their sender, for 10 s at most."""
 
-    def __init__(self, fd: int, mac: str, deadline: float) -> None:
+    def __init__(self, fd: int, mac: str, ip: str) -> None:
         super().__init__(daemon=True)
-        self.fd, self.mac, self.deadline = fd, bytes.fromhex(mac.replace(":", "")), deadline
+        self.fd, self.mac, self.ip = fd, bytes.fromhex(mac.replace(":", "")), socket.inet_aton(ip)
+        self.deadline = time.monotonic() + 10
         self.arp_replies = self.echoes = 0
         self.stop = threading.Event()
 
@@ -223,7 +225,7 @@ class Guest(threading.Thread):
     def answer(self, frame: bytes) -> bytes | None:
         dst, src, ethertype = frame[:6], frame[6:12], frame[12:14]
         is_request = frame[20:22] == b"\x00\x01"
-        if ethertype == b"\x08\x06" and is_request and frame[38:42] == socket.inet_aton(POD_IP):
+        if ethertype == b"\x08\x06" and is_request and frame[38:42] == self.ip:
             self.arp_replies += 1
             sender_mac, sender_ip = frame[22:28], frame[28:32]
             arp = frame[14:20] + b"\x00\x02" + self.mac + frame[38:42] + sender_mac + sender_ip
@@ -245,8 +247,8 @@ async def test_frames_cross_the_redirect_both_ways(pod: Pod) -> None:
     answer, written to the tap, reaches the peer; the filters' counters show both ways."""
     [endpoint] = await network.scan(pod.path)
     tap = await network.attach(pod.path, endpoint)
-    fd = open_tap(pod, tap)
-    guest = Guest(fd, pod.mac, time.monotonic() + 10)
+    fd = open_tap(pod.name, tap)
+    guest = Guest(fd, pod.mac, POD_IP)
     guest.start()
     sock = in_netns(pod.peer, lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
     try:
@@ -271,7 +273,7 @@ async def test_detach_leaves_the_pod_as_cni_made_it(pod: Pod) -> None:
     [endpoint] = await network.scan(pod.path)
     tap = await network.attach(pod.path, endpoint)
     await network.detach(pod.path, tap)
-    assert tap not in links(pod)
+    assert tap not in links(pod.name)
     assert pod_state(pod) == before
     await network.detach(pod.path, tap)  # again: nothing to do
 
@@ -306,7 +308,7 @@ async def test_detach_touches_only_kabuto_taps(pod: Pod) -> None:
     sh("ip", "-n", pod.name, "link", "add", "tap3_kabuto", "type", "bridge")
     with pytest.raises(NetworkError, match="tap3_kabuto is a bridge interface, not a tap Kabuto made"):
         await network.detach(pod.path, "tap3_kabuto")
-    assert "tap3_kabuto" in links(pod) and "eth0" in links(pod)
+    assert "tap3_kabuto" in links(pod.name) and "eth0" in links(pod.name)
 
 
 @needs_netns
@@ -318,7 +320,7 @@ async def test_a_failed_attach_leaves_nothing(pod: Pod, monkeypatch: pytest.Monk
 
     def failing(ipr, source, target):  # type: ignore[no-untyped-def]
         undo = real(ipr, source, target)
-        if links(pod)["eth0"]["ifindex"] == source:
+        if links(pod.name)["eth0"]["ifindex"] == source:
             for step in reversed(undo):
                 step()  # as the kernel refusing the filter would leave it
             raise tcfilter.NetlinkError(95, "Operation not supported")
@@ -327,7 +329,7 @@ async def test_a_failed_attach_leaves_nothing(pod: Pod, monkeypatch: pytest.Monk
     monkeypatch.setattr(tcfilter, "_redirect", failing)
     with pytest.raises(NetworkError, match="connecting eth0 to a tap: Operation not supported"):
         await network.attach(pod.path, endpoint)
-    assert [name for name in links(pod) if name.startswith("tap")] == []
+    assert [name for name in links(pod.name) if name.startswith("tap")] == []
     assert pod_state(pod) == before
 
 
@@ -348,7 +350,7 @@ async def test_model_none_gives_no_tap(pod: Pod) -> None:
     before = pod_state(pod)
     [endpoint] = await network.scan(pod.path)
     assert await network.attach(pod.path, endpoint, "none") is None
-    assert sorted(links(pod)) == ["eth0", "lo"] and pod_state(pod) == before
+    assert sorted(links(pod.name)) == ["eth0", "lo"] and pod_state(pod) == before
 
 
 @needs_netns
@@ -367,7 +369,7 @@ async def test_bad_endpoints_are_refused(pod: Pod) -> None:
     missing = dataclasses.replace(endpoint, interface=dataclasses.replace(endpoint.interface, name="eth9"))
     with pytest.raises(NetworkError, match="no interface eth9"):
         await network.attach(pod.path, missing)
-    assert sorted(links(pod)) == ["eth0", "lo"]
+    assert sorted(links(pod.name)) == ["eth0", "lo"]
 
 
 def test_tap_names_fit_ifnamsiz() -> None:
