@@ -191,6 +191,8 @@ async def test_a_multi_queue_tap_for_queues_above_one(pod: Pod) -> None:
     [endpoint] = await network.scan(pod.path)
     tap = await network.attach(pod.path, endpoint, queues=4)
     assert links(pod.name)[tap]["linkinfo"]["info_data"]["multi_queue"]
+    with pytest.raises(NetworkError, match=f"{tap} is attached already, with multi_queue True"):
+        await network.attach(pod.path, endpoint)
 
 
 def open_tap(netns_name: str, name: str) -> int:

@@ -16,6 +16,7 @@ from socket import AF_INET, AF_INET6
 from typing import Any
 
 from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
 
 from kabuto.runtime.network.model import (
     ARPNeighbor,
@@ -47,10 +48,13 @@ async def scan(netns_path: str) -> list[Endpoint]:
 def scan_sync(netns_path: str) -> list[Endpoint]:
     """``scan`` for a worker thread."""
     with rtnl(netns_path) as ipr:
-        links = sorted(ipr.get_links(), key=lambda link: link["index"])
-        addresses = list(ipr.get_addr())
-        routes = [*ipr.get_routes(family=AF_INET), *ipr.get_routes(family=AF_INET6)]
-        neighbours = list(ipr.get_neighbours())
+        try:
+            links = sorted(ipr.get_links(), key=lambda link: link["index"])
+            addresses = list(ipr.get_addr())
+            routes = [*ipr.get_routes(family=AF_INET), *ipr.get_routes(family=AF_INET6)]
+            neighbours = list(ipr.get_neighbours())
+        except NetlinkError as exc:
+            raise NetworkError(f"{netns_path}: reading its interfaces: {exc.args[-1]}") from exc
     endpoints = []
     for link in links:
         name, kind = link.get("ifname"), link_kind(link)

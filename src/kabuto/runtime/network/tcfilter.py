@@ -94,13 +94,13 @@ def attach_sync(netns_path: str, endpoint: Endpoint, model: str = TCFILTER, queu
     if queues < 1:
         raise NetworkError(f"{name}: queues must be at least 1, not {queues}")
     with rtnl(netns_path) as ipr:
-        link = find_link(ipr, name)
-        if link is None:
-            raise NetworkError(f"{netns_path}: no interface {name}")
-        if link.get("address") != endpoint.interface.mac:
-            raise NetworkError(f"{netns_path}: interface {name} has MAC {link.get('address')}, "
-                               f"not {endpoint.interface.mac} as scanned")
         try:
+            link = find_link(ipr, name)
+            if link is None:
+                raise NetworkError(f"{netns_path}: no interface {name}")
+            if link.get("address") != endpoint.interface.mac:
+                raise NetworkError(f"{netns_path}: interface {name} has MAC {link.get('address')}, "
+                                   f"not {endpoint.interface.mac} as scanned")
             return _connect(ipr, link, queues)
         except NetlinkError as exc:
             raise NetworkError(f"{netns_path}: connecting {name} to a tap: {exc.args[-1]}") from exc
@@ -132,8 +132,10 @@ def _connect(ipr: IPRoute, link: Any, queues: int) -> str:
     undo: list[Callable[[], object]] = []
     try:
         if existing is not None:
-            tap = existing["index"]
-            name = existing.get("ifname")
+            tap, name = existing["index"], existing.get("ifname")
+            if _multi_queue(existing) != (queues > 1):
+                raise NetworkError(f"{name} is attached already, with multi_queue {_multi_queue(existing)} "
+                                   f"(not for {queues} queues)")
         else:
             name = tap_name(_free_number(ipr))
             flags = {"no_pi": 1, "vnet_hdr": 1, "multi_queue": int(queues > 1)}
@@ -178,6 +180,11 @@ def _attached_tap(ipr: IPRoute, veth: int) -> Any | None:
             if links and link_kind(links[0]) == "tun" and TAP_NAME.fullmatch(links[0].get("ifname", "")):
                 return links[0]
     return None
+
+
+def _multi_queue(tap: Any) -> bool:
+    data = tap.get("IFLA_LINKINFO").get("IFLA_INFO_DATA")
+    return bool(data and data.get("IFLA_TUN_MULTI_QUEUE"))
 
 
 def _free_number(ipr: IPRoute) -> int:
