@@ -1,0 +1,29 @@
+"""The host side of pod networking: what the pod's netns holds, and tap devices joined to it.
+
+The pod's network namespace (made by CNI, a CRI or podman) also holds the VMM. ``scan`` reads
+the interfaces worth giving the VM, with the addresses, routes and neighbours the guest agent
+then sets up (UpdateInterface, UpdateRoutes, AddARPNeighbors); ``attach`` gives each a tap for
+the VMM's virtio-net NIC (which gets the interface's MAC); ``detach``/``detach_all`` undo it.
+
+pyroute2 blocks: these coroutines run it in a worker thread. Each netlink request is answered
+by the kernel; entering the netns is bounded by pyroute2 (10 s for the socket's child process,
+4 s for the tap's).
+"""
+
+from kabuto.runtime.network.endpoints import scan
+from kabuto.runtime.network.model import (
+    ARPNeighbor,
+    Endpoint,
+    Interface,
+    IPAddress,
+    NetnsGone,
+    NetworkError,
+    Route,
+)
+from kabuto.runtime.network.tcfilter import attach, detach, detach_all
+from kabuto.runtime.network.vhost import vhost_net_available
+
+__all__ = [
+    "ARPNeighbor", "Endpoint", "IPAddress", "Interface", "NetnsGone", "NetworkError", "Route",
+    "attach", "detach", "detach_all", "scan", "vhost_net_available",
+]
