@@ -58,12 +58,17 @@ class AsyncSandbox:
     def __init__(self, *, hypervisor: str | None = None, config: str | None = None,
                  rootfs: str | Path | None = None, state_root: str | Path | None = None,
                  boot_timeout: float = DEFAULT_BOOT_TIMEOUT, env: list[str] | None = None,
-                 readonly_root: bool = False) -> None:
+                 readonly_root: bool = False, binds: dict[str, str | Path] | None = None,
+                 readonly_binds: dict[str, str | Path] | None = None) -> None:
+        """``binds``/``readonly_binds``: container path -> host directory or file, bind-mounted
+        read-write / read-only (through the sandbox's shared filesystem)."""
         self._options = commands.RuntimeOptions(StateStore(Path(state_root) if state_root else None), config,
                                                 hypervisor, boot_timeout)
         self._rootfs = Path(rootfs) if rootfs is not None else None
         self._env = list(env or [])
         self._readonly_root = readonly_root
+        self._binds = [(dest, Path(src), "rw") for dest, src in (binds or {}).items()]
+        self._binds += [(dest, Path(src), "ro") for dest, src in (readonly_binds or {}).items()]
         self._sandbox: VirtSandbox | None = None
         self._workdir: Path | None = None
         self.id = f"py-{secrets.token_hex(6)}"
@@ -95,6 +100,8 @@ class AsyncSandbox:
         spec["root"]["readonly"] = self._readonly_root
         spec["hostname"] = self.id
         spec["process"]["env"] += self._env
+        spec["mounts"] += [{"destination": dest, "type": "bind", "source": str(src.absolute()),
+                            "options": ["rbind", mode]} for dest, src, mode in self._binds]
         (workdir / "config.json").write_text(json.dumps(spec, indent=2))
         return load_bundle(workdir)
 

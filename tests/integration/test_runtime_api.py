@@ -26,10 +26,29 @@ def state_root() -> Iterator[Path]:
 
 
 @pytest.fixture(scope="module")
-def sandbox(state_root: Path) -> Iterator[kabuto.Sandbox]:
+def shared(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    rw, ro = tmp_path_factory.mktemp("rw"), tmp_path_factory.mktemp("ro")
+    (ro / "kept").write_text("from the host\n")
+    return rw, ro
+
+
+@pytest.fixture(scope="module")
+def sandbox(state_root: Path, shared: tuple[Path, Path]) -> Iterator[kabuto.Sandbox]:
     require_guest_image()
-    with kabuto.Sandbox(hypervisor="qemu", state_root=state_root) as sb:
+    rw, ro = shared
+    with kabuto.Sandbox(hypervisor="qemu", state_root=state_root, binds={"/rw": rw},
+                        readonly_binds={"/ro": ro}) as sb:
         yield sb
+
+
+def test_binds_reach_the_container(sandbox: kabuto.Sandbox, shared: tuple[Path, Path]) -> None:
+    rw, ro = shared
+    result = sandbox.run(["sh", "-c", "echo written > /rw/out; cat /ro/kept; "
+                                      "echo x 2>/dev/null > /ro/kept || echo ro-refused"])
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == b"from the host\nro-refused\n"
+    assert (rw / "out").read_text() == "written\n"
+    assert (ro / "kept").read_text() == "from the host\n"
 
 
 def test_run_shows_the_guest_kernel(sandbox: kabuto.Sandbox) -> None:

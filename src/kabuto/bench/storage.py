@@ -14,18 +14,15 @@ from __future__ import annotations
 import asyncio
 import io
 import itertools
-import json
 import re
 import subprocess
 import tarfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 import kabuto
 from kabuto.config.loader import builtin_default_text
 from kabuto.hypervisor import resolve_config
-from kabuto.runtime.bundle import Bundle, load_bundle
 from kabuto.runtime.busybox import make_busybox_rootfs
 
 Row = Callable[..., dict[str, object]]
@@ -103,30 +100,12 @@ def step_seconds(stdout: bytes) -> list[float]:
     return [step - stamp_cost for step in steps]
 
 
-class BindSandbox(kabuto.AsyncSandbox):
-    """An AsyncSandbox whose container also has ``host_dir`` bind-mounted rw at GUEST_MOUNT:
-    the API's sandboxes take no mounts, so the bundle it writes gets one more."""
-
-    def __init__(self, host_dir: Path, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._host_dir = host_dir
-
-    def _prepare_bundle(self, workdir: Path) -> Bundle:
-        super()._prepare_bundle(workdir)
-        config = workdir / "config.json"
-        spec = json.loads(config.read_text())
-        spec["mounts"].append({"destination": GUEST_MOUNT, "type": "bind", "source": str(self._host_dir),
-                               "options": ["rbind", "rw"]})
-        config.write_text(json.dumps(spec, indent=2))
-        return load_bundle(workdir)
-
-
 async def storage_section(runs: int, work: Path, row: Row) -> list[dict[str, object]]:
     # a run is ~30 s of shared-fs work under TCG: half the other sections' runs keeps `make bench` short
     runs = (runs + 1) // 2
     rootfs = make_busybox_rootfs(work / "storage-rootfs")
     sides: dict[str, Callable[[], Awaitable[list[float]]]] = {}
-    sandboxes: list[BindSandbox] = []
+    sandboxes: list[kabuto.AsyncSandbox] = []
     try:
         for kind in SHARED_FS_KINDS:
             share = work / f"share-{kind}"
@@ -134,7 +113,7 @@ async def storage_section(runs: int, work: Path, row: Row) -> list[dict[str, obj
             write_tree_tarball(share / "tree.tar")
             config = work / f"{kind}.toml"
             config.write_text(config_with_shared_fs(kind))
-            sandbox = BindSandbox(share, config=str(config), rootfs=rootfs)
+            sandbox = kabuto.AsyncSandbox(config=str(config), rootfs=rootfs, binds={GUEST_MOUNT: share})
             sandboxes.append(sandbox)
             await sandbox.start()
             sides[kind] = _in_sandbox(sandbox)
@@ -165,7 +144,7 @@ async def storage_section(runs: int, work: Path, row: Row) -> list[dict[str, obj
     return rows
 
 
-def _in_sandbox(sandbox: BindSandbox) -> Callable[[], Awaitable[list[float]]]:
+def _in_sandbox(sandbox: kabuto.AsyncSandbox) -> Callable[[], Awaitable[list[float]]]:
     async def measure() -> list[float]:
         result = await sandbox.run(["sh", "-c", SCRIPT, "sh", GUEST_MOUNT], timeout=SCRIPT_TIMEOUT)
         if result.exit_code != 0:

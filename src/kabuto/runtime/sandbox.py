@@ -32,8 +32,9 @@ from kabuto.errors import AgentError, HypervisorError, KabutoError
 from kabuto.hypervisor import new_hypervisor, resolve_config, restore_hypervisor
 from kabuto.hypervisor.base import Hypervisor, HypervisorState, VmStatus
 from kabuto.hypervisor.capabilities import Capabilities
-from kabuto.hypervisor.devices import BlockDevice, DeviceKind, SharedFsDevice
+from kabuto.hypervisor.devices import BlockDevice, DeviceKind, NetworkDevice, SharedFsDevice
 from kabuto.hypervisor.vmm_process import kill_processes_naming
+from kabuto.runtime import network
 from kabuto.runtime import rootfs as rootfs_delivery
 from kabuto.runtime.bundle import Bundle, BundleError, ContainerIdError, check_container_id
 from kabuto.runtime.rootfs import RootfsError, Storage
@@ -149,12 +150,14 @@ class VirtSandbox:
             else:
                 for container_id, bundle in block_rootfs or []:
                     await hypervisor.add_device(await sandbox._block_device(container_id, bundle))
+            endpoints = await sandbox._plug_endpoints() if netns else []
             store.save(record)
             await hypervisor.start_vm(timeout=boot_timeout)
             await sandbox._persist_hypervisor()
             await sandbox.connect(boot_timeout)
             await sandbox._agent_call("CreateSandbox", sandbox.containers.create_sandbox(
                 hostname=hostname, storages=[_agent_storage(s) for s in storages], sandbox_id=sandbox_id))
+            await sandbox._configure_guest_network(endpoints)
             record.status = "ready"
             store.save(record)
             return sandbox
@@ -310,6 +313,39 @@ class VirtSandbox:
             self.store.save(self.record)
             raise
         return container
+
+    # -- pod networking (Kata's tcfilter model) ----------------------------------------------
+    async def _plug_endpoints(self) -> list[network.Endpoint]:
+        """A tap joined by tc redirects to each interface CNI left in the sandbox's netns, and a
+        virtio-net NIC with the interface's MAC on it, cold-plugged; the taps are recorded before
+        anything else can fail, so teardown finds them. The endpoints that got a NIC."""
+        netns = self.record.netns
+        model = self.config.runtime.internetworking_model
+        plugged = []
+        for index, endpoint in enumerate(await network.scan(netns)):
+            tap = await network.attach(netns, endpoint, model)
+            if tap is None:  # internetworking_model = "none": the VM gets no NIC
+                continue
+            self.record.taps.append(tap)
+            self.store.save(self.record)
+            interface = endpoint.interface
+            await self.hypervisor.add_device(NetworkDevice(f"net{index}", tap_name=tap, mac=interface.mac,
+                                                           mtu=interface.mtu or 1500))
+            plugged.append(endpoint)
+        return plugged
+
+    async def _configure_guest_network(self, endpoints: list[network.Endpoint]) -> None:
+        """The guest's NICs get the pod's names, addresses, routes and neighbours (Kata's
+        UpdateInterface, UpdateRoutes, AddARPNeighbors)."""
+        if not endpoints:
+            return
+        for endpoint in endpoints:
+            await self._agent_call("UpdateInterface", self.containers.update_interface(endpoint.interface))
+        routes = [route for endpoint in endpoints for route in endpoint.routes]
+        await self._agent_call("UpdateRoutes", self.containers.update_routes(routes))
+        neighbors = [neighbor for endpoint in endpoints for neighbor in endpoint.neighbors]
+        if neighbors:
+            await self._agent_call("AddARPNeighbors", self.containers.add_arp_neighbors(neighbors))
 
     async def _joined_namespaces(self, container_id: str, bundle: Bundle) -> dict[str, str]:
         """Namespace type -> the guest container whose namespace a path in the spec means: the
@@ -490,6 +526,7 @@ class VirtSandbox:
         with contextlib.suppress(HypervisorError, OSError):
             await self.hypervisor.stop_vm()
         await self.hypervisor.cleanup()
+        await _unplug_endpoints(self.record)
         errors: list[str] = []
         for container in list(self.record.containers.values()):
             try:
@@ -539,6 +576,14 @@ async def create_sandbox_for(
     return sandbox
 
 
+async def _unplug_endpoints(record: SandboxRecord) -> None:
+    """Remove the taps and tc filters the sandbox made in its netns (a netns CNI already deleted
+    took them with it)."""
+    if record.taps:
+        await network.detach_all(record.netns, record.taps)
+        record.taps = []
+
+
 #: namespace type -> its file under /proc/<pid>/ns
 _PROC_NS = {"ipc": "ipc", "uts": "uts", "pid": "pid", "network": "net"}
 
@@ -575,6 +620,7 @@ async def remove_dead_sandbox(store: StateStore, sandbox_id: str) -> None:
     record = store.load(sandbox_id)
     vm_dir = store.jailer_root / sandbox_id
     await kill_processes_naming(vm_dir)
+    await _unplug_endpoints(record)
     shared = Path(record.shared_dir) if record.shared_dir else None
     if shared is not None:
         for child in rootfs_delivery.list_dir(shared):

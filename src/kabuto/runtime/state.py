@@ -75,6 +75,8 @@ class SandboxRecord:
     share_tag: str = ""
     #: the host network namespace the VMM runs in (a spec's network namespace path), or ""
     netns: str = ""
+    #: the taps (and their tc redirects) made in that netns for the VM's NICs
+    taps: list[str] = field(default_factory=list)
     containers: dict[str, ContainerRecord] = field(default_factory=dict)
     #: the effective [runtime] and [agent] tables the sandbox was made with (after annotations)
     config: dict[str, Any] = field(default_factory=dict)
