@@ -1,0 +1,138 @@
+"""Pod networking as a CRI sets it up, in a real VM: Debian's CNI plugins (loopback, then bridge
+with host-local IPAM, run with CNI_COMMAND=ADD and the config on stdin, as containerd's CRI runs
+them) make the pod's netns; the bundle names that netns, as CRI's spec does; the container sees
+CNI's address on eth0, the default route, lo up, and reaches the gateway on the bridge. The same
+steps under runc, in the same harness, are the baseline. The bridge lives in a netns standing for
+the host, so the machine's own network is never touched; everything is removed afterwards."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_runtime_helpers import busybox_rootfs, kabuto, require_guest_image, state_root_fixture, write_bundle
+
+pytestmark = pytest.mark.vm
+
+CNI_PATH = Path("/usr/lib/cni")
+SUBNET, GATEWAY = "198.18.7.0/24", "198.18.7.1"
+SCRIPT = (f"ip -o -4 addr show eth0 | awk '{{print $4}}'; ip route | grep ^default; "
+          f"ping -c 1 -W 10 {GATEWAY} >/dev/null && echo gateway-reached; "
+          "ping -c 1 -W 5 127.0.0.1 >/dev/null && echo lo-up")
+TIMEOUT = 60.0
+
+
+def sh(*args: str, stdin: str | None = None, env: dict[str, str] | None = None) -> str:
+    done = subprocess.run(args, input=stdin, capture_output=True, text=True, timeout=TIMEOUT, env=env)
+    assert done.returncode == 0, f"{' '.join(args)}: exit {done.returncode}: {done.stderr or done.stdout}"
+    return done.stdout
+
+
+@pytest.fixture
+def state_root() -> Iterator[Path]:
+    yield from state_root_fixture()
+
+
+@pytest.fixture
+def host_netns() -> Iterator[str]:
+    for binary, package in ((CNI_PATH / "bridge", "containernetworking-plugins"),
+                            (shutil.which("runc"), "runc")):
+        if not binary or not Path(binary).exists():
+            pytest.fail(f"{package} is not installed (make deps installs it)")
+    name = f"kbh-{secrets.token_hex(4)}"
+    sh("ip", "netns", "add", name)
+    try:
+        sh("ip", "-n", name, "link", "set", "lo", "up")
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=TIMEOUT)
+
+
+class CniPod:
+    """A pod netns made by CNI's plugins (run in ``host``); DEL and removal on close."""
+
+    def __init__(self, host: str, state: Path) -> None:
+        self.host = host
+        self.name = f"kbp-{secrets.token_hex(4)}"
+        self.config: dict[str, Any] = {
+            "cniVersion": "1.0.0", "name": "kabuto-pod", "type": "bridge", "bridge": "kbt-br0",
+            "isGateway": True, "ipMasq": False,
+            "ipam": {"type": "host-local", "subnet": SUBNET, "routes": [{"dst": "0.0.0.0/0"}],
+                     "dataDir": str(state)}}
+        sh("ip", "netns", "add", self.name)
+        # as containerd's CRI: the loopback plugin for lo, then the pod network's plugin for eth0
+        self._cni("ADD", {"cniVersion": "1.0.0", "name": "cni-loopback", "type": "loopback"}, "lo")
+        self.result = json.loads(self._cni("ADD", self.config, "eth0"))
+
+    @property
+    def path(self) -> str:
+        return f"/run/netns/{self.name}"
+
+    def _cni(self, command: str, config: dict[str, Any], ifname: str) -> str:
+        env = {"CNI_COMMAND": command, "CNI_CONTAINERID": self.name, "CNI_NETNS": self.path,
+               "CNI_IFNAME": ifname, "CNI_PATH": str(CNI_PATH),
+               "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+        return sh("ip", "netns", "exec", self.host, str(CNI_PATH / config["type"]), stdin=json.dumps(config),
+                  env=env)
+
+    def close(self) -> None:
+        try:
+            self._cni("DEL", self.config, "eth0")
+        finally:
+            subprocess.run(["ip", "netns", "del", self.name], capture_output=True, timeout=TIMEOUT)
+
+
+def pod_bundle(directory: Path, rootfs: Path, netns: str) -> Path:
+    def join(spec: dict[str, Any]) -> None:
+        for namespace in spec["linux"]["namespaces"]:
+            if namespace["type"] == "network":
+                namespace["path"] = netns
+        # ping's raw socket, as Docker's default capabilities allow it
+        for kind in spec["process"]["capabilities"].values():
+            kind.append("CAP_NET_RAW")
+    return write_bundle(directory, rootfs, ["sh", "-c", SCRIPT], change=join)
+
+
+def run_runc(bundle: Path, root: Path) -> str:
+    result = subprocess.run(["runc", "--root", str(root), "run", "--bundle", str(bundle), "netbase"],
+                            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=TIMEOUT)
+    subprocess.run(["runc", "--root", str(root), "delete", "--force", "netbase"], capture_output=True)
+    assert result.returncode == 0, (result.stdout, result.stderr)
+    return result.stdout
+
+
+def test_cni_pod_network_as_under_runc(state_root: Path, host_netns: str, tmp_path: Path) -> None:
+    require_guest_image()
+    rootfs = busybox_rootfs(tmp_path / "rootfs")
+    outputs = {}
+    for runtime in ("runc", "kabuto"):
+        pod = CniPod(host_netns, tmp_path / f"ipam-{runtime}")
+        try:
+            address = pod.result["ips"][0]["address"]
+            bundle = pod_bundle(tmp_path / runtime, rootfs, pod.path)
+            if runtime == "runc":
+                outputs[runtime] = (address, run_runc(bundle, tmp_path / "runc-root"))
+                continue
+            result = kabuto(state_root, "run", "--bundle", str(bundle), "net1", timeout=300)
+            assert result.returncode == 0, result.stderr.decode(errors="replace")
+            outputs[runtime] = (address, result.stdout.decode())
+            # the tap and its tc redirects went with the sandbox; CNI's veth is as CNI left it
+            links = json.loads(sh("ip", "-n", pod.name, "-j", "link"))
+            assert sorted(link["ifname"] for link in links) == ["eth0", "lo"]
+            qdiscs = json.loads(sh("ip", "netns", "exec", pod.name, "tc", "-j", "qdisc", "show", "dev",
+                                   "eth0") or "[]")
+            assert [q for q in qdiscs if q.get("kind") in ("ingress", "clsact")] == []
+        finally:
+            pod.close()
+    # the same lines under both, but for the address each pod was given
+    (runc_address, runc_out), (kabuto_address, kabuto_out) = outputs["runc"], outputs["kabuto"]
+    runc_lines = runc_out.splitlines()
+    assert runc_lines[0] == runc_address and runc_lines[2:] == ["gateway-reached", "lo-up"], runc_out
+    assert kabuto_out.replace(kabuto_address, "ADDR") == runc_out.replace(runc_address, "ADDR")
