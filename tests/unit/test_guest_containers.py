@@ -1,5 +1,5 @@
 """ContainerService for real, without a VM: the guest agent runs on this host (as root,
-in its own mount and UTS namespaces) and the host client drives it against a busybox
+in its own mount, UTS and network namespaces) and the host client drives it against a busybox
 rootfs. Namespaces, pivot_root, stdio, exit codes and signals are the kernel's own.
 
 After each test nothing may be left: no container, no process under the agent, no mount
@@ -144,7 +144,8 @@ def agent_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[su
     directory = tmp_path_factory.mktemp("agent")
     socket_path = directory / "agent.sock"
     log = open(directory / "agent.log", "wb")  # closed below
-    command = [UNSHARE or "unshare", "--mount", "--uts", "--propagation", "private", "--"]
+    # --net: the agent brings lo up and configures interfaces in a network namespace of its own
+    command = [UNSHARE or "unshare", "--mount", "--uts", "--net", "--propagation", "private", "--"]
     command += [
         sys.executable,
         "-m",

@@ -58,6 +58,11 @@ def test_namespaces_network_is_shared_and_others_map_to_clone_flags() -> None:
     assert spec.namespaces == expected
 
 
+def test_a_network_namespace_path_still_means_the_guests_network() -> None:
+    spec = parse(minimal(linux={"namespaces": [{"type": "network", "path": "/var/run/netns/cni-1234"}]}))
+    assert spec.namespaces == sc.CLONE_NEWNS
+
+
 @pytest.mark.parametrize(
     ("config", "message"),
     [

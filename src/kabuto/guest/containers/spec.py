@@ -540,12 +540,14 @@ def parse_spec(raw: bytes) -> ContainerSpec:
     for i, item in enumerate(_list(linux.get("namespaces"), "linux.namespaces", 16)):
         item = _object(item, f"linux.namespaces[{i}]")
         ns_type = _string(item.get("type"), f"linux.namespaces[{i}].type", 16)
+        if ns_type == "network":
+            # As Kata's agent: the VM is the pod, so every container of the sandbox shares the
+            # guest's network namespace (the pod's interfaces and lo), whatever host path it names.
+            continue
         if item.get("path"):
             raise SpecError(
                 f"linux.namespaces[{i}]: joining a namespace by path ({ns_type}) is not supported"
             )
-        if ns_type == "network":
-            continue  # as in Kata: the containers of a sandbox share the VM's network
         if ns_type not in NAMESPACE_FLAGS:
             raise SpecError(
                 f"linux.namespaces[{i}]: namespace type {ns_type!r} is not supported in the guest"
