@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kabuto.guest.containers import network
 from kabuto.guest.containers import syscalls as sc
 from kabuto.guest.containers.cgroups import (
     cgroup_of,
@@ -119,6 +120,7 @@ class ContainerService:
         self.sandbox_created = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._lock = asyncio.Lock()  # create/remove of containers and the sandbox
+        self._network_lock = asyncio.Lock()  # one change of the guest's network at a time
 
     def methods(self) -> dict[str, Method]:
         handlers: dict[str, tuple[Any, Callable[..., Awaitable[Any]]]] = {
@@ -142,6 +144,9 @@ class ContainerService:
             "PauseContainer": (pb.PauseContainerRequest, self.pause_container),
             "ResumeContainer": (pb.ResumeContainerRequest, self.resume_container),
             "UpdateContainer": (pb.UpdateContainerRequest, self.update_container),
+            "UpdateInterface": (pb.UpdateInterfaceRequest, self.update_interface),
+            "UpdateRoutes": (pb.UpdateRoutesRequest, self.update_routes),
+            "AddARPNeighbors": (pb.AddARPNeighborsRequest, self.add_arp_neighbors),
         }
         return {name: unary_method(request, handler) for name, (request, handler) in handlers.items()}
 
@@ -496,6 +501,25 @@ class ContainerService:
             write_limits(cgroup_of(container.id, container.cgroup_dir, "update"), files, "")
             log.info("container %s updated: %s", container.id, ", ".join(files))
         return pb.UpdateContainerResponse()
+
+    # --- the pod's network ---------------------------------------------------------------------
+
+    async def update_interface(self, request: pb.UpdateInterfaceRequest) -> pb.Interface:
+        async with self._network_lock:
+            interface = await network.update_interface(request)
+        log.info("interface %s (%s) configured: %d addresses", interface.name, interface.mac,
+                 len(interface.addresses))
+        return interface
+
+    async def update_routes(self, request: pb.UpdateRoutesRequest) -> pb.UpdateRoutesResponse:
+        async with self._network_lock:
+            response = await network.update_routes(request)
+        log.info("routes: %d asked, %d on those devices now", len(request.routes), len(response.routes))
+        return response
+
+    async def add_arp_neighbors(self, request: pb.AddARPNeighborsRequest) -> pb.AddARPNeighborsResponse:
+        async with self._network_lock:
+            return await network.add_arp_neighbors(request)
 
     # --- files ------------------------------------------------------------------------------------
 
