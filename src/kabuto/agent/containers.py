@@ -30,6 +30,9 @@ DEFAULT_POLL_INTERVAL = 30.0
 MAX_CHUNK = 1 << 20
 # The most copy_file_out reads unless told otherwise; the guest is untrusted.
 DEFAULT_MAX_FILE_SIZE = 64 << 20
+# The most addresses of an interface and routes an answer may list (the guest is untrusted).
+MAX_ANSWERED_ADDRESSES = 1024
+MAX_ANSWERED_ROUTES = 4096
 
 M = TypeVar("M", bound=Message)
 
@@ -47,6 +50,76 @@ class Storage:
         return pb.Storage(
             source=self.source, mount_point=self.mount_point, fstype=self.fstype, options=list(self.options)
         )
+
+
+@dataclass(frozen=True)
+class IPAddress:
+    address: str  # "10.88.0.5", "fd00::5"
+    prefix_length: int
+
+
+@dataclass(frozen=True)
+class Interface:
+    """A pod interface as the guest has it: found by ``mac``, named, addressed (mtu 0: as it is)."""
+
+    name: str
+    mac: str
+    addresses: Sequence[IPAddress] = ()
+    mtu: int = 0
+
+    def to_message(self) -> pb.Interface:
+        return pb.Interface(
+            name=self.name,
+            mac=self.mac,
+            mtu=self.mtu,
+            addresses=[
+                pb.IPAddress(address=a.address, prefix_length=a.prefix_length)
+                for a in self.addresses
+            ],
+        )
+
+    @classmethod
+    def from_message(cls, message: pb.Interface) -> Interface:
+        if len(message.addresses) > MAX_ANSWERED_ADDRESSES:
+            raise AgentError(f"the guest answered {len(message.addresses)} addresses for {message.name!r}")
+        addresses = tuple(IPAddress(a.address, a.prefix_length) for a in message.addresses)
+        return cls(message.name, message.mac, addresses, message.mtu)
+
+
+@dataclass(frozen=True)
+class Route:
+    """A route of the pod's netns; destination "default" (or "") for the default route."""
+
+    destination: str
+    gateway: str = ""  # "": a link route
+    device: str = ""
+    source: str = ""
+    scope: int = 0  # RT_SCOPE_*: 0 universe, 253 link
+
+    def to_message(self) -> pb.Route:
+        return pb.Route(
+            destination=self.destination,
+            gateway=self.gateway,
+            device=self.device,
+            source=self.source,
+            scope=self.scope,
+        )
+
+    @classmethod
+    def from_message(cls, message: pb.Route) -> Route:
+        return cls(message.destination, message.gateway, message.device, message.source, message.scope)
+
+
+@dataclass(frozen=True)
+class ARPNeighbor:
+    """A permanent neighbour entry: ``ip_address`` is at ``mac`` on ``device``."""
+
+    ip_address: str
+    device: str
+    mac: str
+
+    def to_message(self) -> pb.ARPNeighbor:
+        return pb.ARPNeighbor(ip_address=self.ip_address, device=self.device, mac=self.mac)
 
 
 @dataclass(frozen=True)
@@ -248,6 +321,29 @@ class ContainerClient:
     async def tty_win_resize(self, container_id: str, exec_id: str, rows: int, cols: int) -> None:
         request = pb.TtyWinResizeRequest(container_id=container_id, exec_id=exec_id, rows=rows, cols=cols)
         await self._call("TtyWinResize", request, pb.TtyWinResizeResponse)
+
+    # --- the pod's network -------------------------------------------------------------------
+
+    async def update_interface(self, interface: Interface, timeout: float | None = None) -> Interface:
+        """Configure the guest NIC whose MAC is ``interface.mac`` (the guest waits a little for a
+        hot-plugged one); returns it as the guest now has it."""
+        request = pb.UpdateInterfaceRequest(interface=interface.to_message())
+        return Interface.from_message(await self._call("UpdateInterface", request, pb.Interface, timeout))
+
+    async def update_routes(self, routes: Sequence[Route], timeout: float | None = None) -> list[Route]:
+        """The guest's routes on the devices named become ``routes``; returns the routes those
+        devices have now (the kernel's own for their addresses too)."""
+        request = pb.UpdateRoutesRequest(routes=[r.to_message() for r in routes])
+        response = await self._call("UpdateRoutes", request, pb.UpdateRoutesResponse, timeout)
+        if len(response.routes) > MAX_ANSWERED_ROUTES:
+            raise AgentError(
+                f"agent at {self.agent.address}: UpdateRoutes answered {len(response.routes)} routes"
+            )
+        return [Route.from_message(r) for r in response.routes]
+
+    async def add_arp_neighbors(self, neighbors: Sequence[ARPNeighbor], timeout: float | None = None) -> None:
+        request = pb.AddARPNeighborsRequest(neighbors=[n.to_message() for n in neighbors])
+        await self._call("AddARPNeighbors", request, pb.AddARPNeighborsResponse, timeout)
 
     # --- files ---------------------------------------------------------------------------------
 

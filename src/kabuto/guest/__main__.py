@@ -17,7 +17,7 @@ import logging
 import sys
 from pathlib import Path
 
-from kabuto.guest import channel, init
+from kabuto.guest import channel, init, netlink
 from kabuto.guest.service import AgentService, read_uptime
 from kabuto.protos import AGENT_SERVICE, CONTAINER_SERVICE
 from kabuto.ttrpc import Method, Server
@@ -79,6 +79,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 async def serve(args: argparse.Namespace, started_uptime: float) -> None:
     loop = asyncio.get_running_loop()
     init.Reaper().install(loop)
+    try:
+        netlink.loopback_up()  # here, not in /init: no fork for it
+    except OSError as exc:
+        log.warning("cannot bring lo up: %s", exc)
     service = AgentService(started_uptime)
     server = Server()
     server.register(AGENT_SERVICE, service.methods())

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kabuto.guest.containers import network
 from kabuto.guest.containers import syscalls as sc
 from kabuto.guest.containers.cgroups import (
     cgroup_of,
@@ -36,6 +37,7 @@ from kabuto.guest.containers.cgroups import (
 from kabuto.guest.containers.deadlines import poll_deadline, until_poll_deadline
 from kabuto.guest.containers.files import GUEST_ROOT, Root, container_root, copy_in, copy_out
 from kabuto.guest.containers.processes import (
+    NAMESPACE_NAMES,
     Process,
     await_exec,
     kill_and_reap,
@@ -119,6 +121,7 @@ class ContainerService:
         self.sandbox_created = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._lock = asyncio.Lock()  # create/remove of containers and the sandbox
+        self._network_lock = asyncio.Lock()  # one change of the guest's network at a time
 
     def methods(self) -> dict[str, Method]:
         handlers: dict[str, tuple[Any, Callable[..., Awaitable[Any]]]] = {
@@ -142,6 +145,9 @@ class ContainerService:
             "PauseContainer": (pb.PauseContainerRequest, self.pause_container),
             "ResumeContainer": (pb.ResumeContainerRequest, self.resume_container),
             "UpdateContainer": (pb.UpdateContainerRequest, self.update_container),
+            "UpdateInterface": (pb.UpdateInterfaceRequest, self.update_interface),
+            "UpdateRoutes": (pb.UpdateRoutesRequest, self.update_routes),
+            "AddARPNeighbors": (pb.AddARPNeighborsRequest, self.add_arp_neighbors),
         }
         return {name: unary_method(request, handler) for name, (request, handler) in handlers.items()}
 
@@ -261,7 +267,13 @@ class ContainerService:
     async def _create(
         self, container_id: str, spec: ContainerSpec, cgroup_dir: Path | None, rootfs_mount: str | None
     ) -> Container:
-        start_r, start_w = os.pipe2(os.O_CLOEXEC)
+        joined = self._open_joined(spec)
+        pid_namespace_fd = joined.pop(sc.CLONE_NEWPID, None)
+        try:
+            start_r, start_w = os.pipe2(os.O_CLOEXEC)
+        except BaseException:
+            _close_all([*joined.values(), pid_namespace_fd])
+            raise
         try:
             process = await spawn(
                 "",
@@ -269,8 +281,8 @@ class ContainerService:
                 container=spec,
                 start_fd=start_r,
                 cgroup_dir=cgroup_dir,
-                namespace_fds=(),
-                pid_namespace_fd=None,
+                namespace_fds=tuple(joined.items()),
+                pid_namespace_fd=pid_namespace_fd,
                 tasks=self._tasks,
             )
         except BaseException:
@@ -278,6 +290,7 @@ class ContainerService:
             raise
         finally:
             os.close(start_r)
+            _close_all([*joined.values(), pid_namespace_fd])
         try:
             mnt_namespace = os.readlink(f"/proc/{process.pid}/ns/mnt")
         except OSError as exc:
@@ -286,6 +299,37 @@ class ContainerService:
             process.close()
             raise RpcError(Code.INTERNAL, f"the container's init vanished before its start: {exc}") from None
         return Container(container_id, spec, process, start_w, mnt_namespace, cgroup_dir, rootfs_mount)
+
+    def _open_joined(self, spec: ContainerSpec) -> dict[int, int]:
+        """The namespaces (CLONE_NEW* flag -> fd) ``spec`` shares with other containers: their inits'."""
+        opened: dict[int, int] = {}
+        try:
+            for flag, target_id in spec.joined:
+                name = NAMESPACE_NAMES[flag]
+                target = self.containers.get(target_id)
+                if target is None:
+                    raise RpcError(
+                        Code.NOT_FOUND,
+                        f"config.json: linux.namespaces: container {target_id!r}, whose {name} namespace"
+                        " this one shares, does not exist",
+                    )
+                if target.init.exited:
+                    raise RpcError(
+                        Code.FAILED_PRECONDITION,
+                        f"config.json: linux.namespaces: container {target_id!r}, whose {name} namespace"
+                        " this one shares, is stopped",
+                    )
+                try:
+                    opened[flag] = os.open(f"/proc/{target.init.pid}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC)
+                except OSError as exc:
+                    raise RpcError(
+                        Code.FAILED_PRECONDITION,
+                        f"cannot open the {name} namespace of container {target_id!r}: {exc.strerror}",
+                    ) from None
+        except BaseException:
+            _close_all(list(opened.values()))
+            raise
+        return opened
 
     async def start_container(self, request: pb.StartContainerRequest) -> pb.StartContainerResponse:
         container = self._container(request.container_id)
@@ -367,7 +411,7 @@ class ContainerService:
             spec,
             container_id=container.id,
             init_pid=container.init.pid,
-            namespaces=container.spec.namespaces,
+            namespaces=container.spec.entered,
             cgroup_dir=container.cgroup_dir,
             tasks=self._tasks,
         )
@@ -497,6 +541,25 @@ class ContainerService:
             log.info("container %s updated: %s", container.id, ", ".join(files))
         return pb.UpdateContainerResponse()
 
+    # --- the pod's network ---------------------------------------------------------------------
+
+    async def update_interface(self, request: pb.UpdateInterfaceRequest) -> pb.Interface:
+        async with self._network_lock:
+            interface = await network.update_interface(request)
+        log.info("interface %s (%s) configured: %d addresses", interface.name, interface.mac,
+                 len(interface.addresses))
+        return interface
+
+    async def update_routes(self, request: pb.UpdateRoutesRequest) -> pb.UpdateRoutesResponse:
+        async with self._network_lock:
+            response = await network.update_routes(request)
+        log.info("routes: %d asked, %d on those devices now", len(request.routes), len(response.routes))
+        return response
+
+    async def add_arp_neighbors(self, request: pb.AddARPNeighborsRequest) -> pb.AddARPNeighborsResponse:
+        async with self._network_lock:
+            return await network.add_arp_neighbors(request)
+
     # --- files ------------------------------------------------------------------------------------
 
     def _file_root(self, container_id: str) -> Root:
@@ -523,6 +586,12 @@ class ContainerService:
         check_path(request.path, "path")
         data, info = copy_out(self._file_root(request.container_id), request.path, request.offset, max_len)
         return pb.CopyFileOutResponse(data=data, size=info.st_size, mode=stat.S_IMODE(info.st_mode))
+
+
+def _close_all(fds: list[int | None]) -> None:
+    for fd in fds:
+        if fd is not None:
+            os.close(fd)
 
 
 def _is_dir(path: str) -> bool:
