@@ -1,15 +1,18 @@
 """What a pod's network namespace offers the VM, as plain values.
 
-``IPAddress``, ``Interface``, ``Route`` and ``ARPNeighbor`` carry exactly the fields of the
-guest agent's messages of the same names (protos/containers.proto), so
-``containers_pb2.Interface(**dataclasses.asdict(interface))`` is the whole conversion.
+``IPAddress``, ``Interface``, ``Route`` and ``ARPNeighbor`` are the guest agent client's own
+(kabuto.agent.containers): what the scan finds is what UpdateInterface, UpdateRoutes and
+AddARPNeighbors send, with no conversion in between.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from kabuto.agent.containers import ARPNeighbor, Interface, IPAddress, Route
 from kabuto.errors import KabutoError
+
+__all__ = ["ARPNeighbor", "Endpoint", "IPAddress", "Interface", "NetnsGone", "NetworkError", "Route"]
 
 #: Linux's IFNAMSIZ less the terminating NUL
 MAX_IFNAME = 15
@@ -26,36 +29,6 @@ class NetworkError(KabutoError):
 
 class NetnsGone(NetworkError):
     """The path does not name a network namespace (never did, or CNI already deleted it)."""
-
-
-@dataclass(frozen=True)
-class IPAddress:
-    address: str  # "10.88.0.5" or "fd00::5"
-    prefix_length: int
-
-
-@dataclass(frozen=True)
-class Interface:
-    name: str  # as in the pod's netns ("eth0"); the guest NIC takes it
-    mac: str  # the guest NIC gets this MAC: the peers' ARP caches already point at it
-    addresses: list[IPAddress] = field(default_factory=list)
-    mtu: int = 0
-
-
-@dataclass(frozen=True)
-class Route:
-    destination: str  # "10.88.0.0/16", or "default"
-    gateway: str = ""  # "" for a link route
-    device: str = ""
-    source: str = ""
-    scope: int = 0  # RT_SCOPE_*: 0 universe, 253 link
-
-
-@dataclass(frozen=True)
-class ARPNeighbor:
-    ip_address: str
-    device: str
-    mac: str
 
 
 @dataclass(frozen=True)
