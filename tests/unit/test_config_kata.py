@@ -128,8 +128,6 @@ def test_kata_runtime_rs_qemu_file_loads_with_its_values(kata_file):
         f'hypervisor.qemu.rootfs_type = "ext4": {not_applied}',
         f"hypervisor.qemu.overhead_vcpus = 0.25: {not_applied}",
         f"hypervisor.qemu.overhead_memory = 48: {not_applied}",
-        f"hypervisor.qemu.memory_slots = 12: {not_applied}",
-        f'hypervisor.qemu.block_device_aio = "io_uring": {not_applied}',
         f"hypervisor.qemu.block_device_logical_sector_size = 512: {not_applied}",
         f"hypervisor.qemu.block_device_physical_sector_size = 4096: {not_applied}",
         f"hypervisor.qemu.queue_size = 128: {not_applied}",
