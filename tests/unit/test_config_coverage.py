@@ -85,10 +85,10 @@ def test_every_annotation_targets_a_classified_key():
 
 
 def test_the_issue_keys_are_not_claimed_applied():
-    for key in ("hypervisor.msize_9p", "hypervisor.rx_rate_limiter_max_rate",
+    for key in ("hypervisor.rx_rate_limiter_max_rate",
                 "hypervisor.tx_rate_limiter_max_rate", "hypervisor.disk_rate_limiter_bw_max_rate",
                 "runtime.enable_tracing", "runtime.jaeger_endpoint",
-                "runtime.create_container_timeout", "runtime.sandbox_cgroup_only",
+                "runtime.sandbox_cgroup_only",
                 "runtime.enable_vcpus_pinning", "agent.kernel_modules"):
         assert REGISTRY[key] is WARNED, key
 
@@ -237,3 +237,12 @@ def test_both_timeouts_set_inconsistently_are_refused_naming_both(tmp_path):
     [problem] = common_problems(config)
     assert problem.key == "agent.kata.reconnect_timeout_ms"
     assert "agent.kata.dial_timeout_ms (45000)" in problem.reason
+
+
+def test_a_zero_request_timeout_is_refused(tmp_path):
+    config = load(tmp_path, """\
+        [agent.kata]
+        request_timeout_ms = 0
+        """)
+    [problem] = common_problems(config)
+    assert (problem.key, problem.reason) == ("agent.kata.request_timeout_ms", "must be positive")

@@ -137,8 +137,6 @@ def test_kata_runtime_rs_qemu_file_loads_with_its_values(kata_file):
         f"hypervisor.qemu.tdx_quote_generation_service_socket_port = 0: {not_applied}",
         f"agent.kata.enable_debug = true: {not_applied}",
         f'agent.kata.kernel_modules = ["e1000e InterruptThrottleRate=3000,3000,3000 EEE=1"]: {not_applied}',
-        f"agent.kata.dial_timeout_ms = 20: {not_applied}",
-        f"agent.kata.reconnect_timeout_ms = 4000: {not_applied}",
         f"agent.kata.create_container_timeout = 45: {not_applied}",
         f"agent.kata.mem_agent.mem_agent_enable = true: {not_applied}",
         f"agent.kata.mem_agent.memcg_swappiness_max = 40: {not_applied}",

@@ -194,6 +194,15 @@ def test_memory_headroom_up_to_default_maxmemory(table: HypervisorConfig, tmp_pa
     assert [p.key for p in plugin.validate(table)] == ["memory_slots"]
 
 
+def test_msize_9p_is_checked_for_a_9p_share(table: HypervisorConfig) -> None:
+    table.msize_9p = 1024
+    assert plugin.validate(table) == []  # virtio-fs: not used
+    table.shared_fs = "virtio-9p"
+    assert [p.key for p in plugin.validate(table)] == ["msize_9p"]
+    table.msize_9p = 512 * 1024
+    assert plugin.validate(table) == []
+
+
 @pytest.mark.parametrize("driver", ["virtio-blk", "virtio-scsi"])
 def test_enable_iothreads_puts_block_io_on_an_iothread(table: HypervisorConfig, tmp_path: Path,
                                                        driver: str) -> None:

@@ -182,7 +182,8 @@ REGISTRY: dict[str, Coverage] = {
     "hypervisor.virtio_fs_is_dax": WARNED,
     "hypervisor.virtio_fs_extra_args": Applied("virtiofsd's extra arguments", ("hypervisor/virtiofsd.py",),
                                                frozenset({QEMU, CLH})),
-    "hypervisor.msize_9p": WARNED,
+    "hypervisor.msize_9p": Applied("runtime: the 9p share's msize mount option in the guest",
+                                   ("runtime/sandbox.py", "hypervisor/plugin.py")),
     # network
     "hypervisor.rx_rate_limiter_max_rate": WARNED,
     "hypervisor.tx_rate_limiter_max_rate": WARNED,
@@ -240,7 +241,7 @@ REGISTRY: dict[str, Coverage] = {
     "hypervisor.device_state_path": WARNED,
     "hypervisor.factory.enable_template": WARNED,
     "hypervisor.factory.template_path": WARNED,
-    # [agent.<name>]: Kabuto's agent client keeps its own timeouts and ports
+    # [agent.<name>]: Kabuto's agent client keeps its own ports
     "agent.enable_debug": WARNED,
     "agent.log_level": WARNED,
     "agent.enable_tracing": WARNED,
@@ -252,9 +253,12 @@ REGISTRY: dict[str, Coverage] = {
     "agent.log_port": WARNED,
     "agent.passfd_listener_port": WARNED,
     "agent.dial_timeout": WARNED,
-    "agent.dial_timeout_ms": WARNED,
-    "agent.reconnect_timeout_ms": WARNED,
-    "agent.request_timeout_ms": WARNED,
+    "agent.dial_timeout_ms": Applied("runtime: the pause between attempts to reach the agent",
+                                     ("runtime/sandbox.py",)),
+    "agent.reconnect_timeout_ms": Applied("runtime: the bound on reaching a running sandbox's agent",
+                                          ("runtime/sandbox.py",)),
+    "agent.request_timeout_ms": Applied("runtime: the bound of an agent call (CreateContainer: "
+                                        "runtime.create_container_timeout)", ("runtime/sandbox.py",)),
     "agent.create_container_timeout": WARNED,
     "agent.health_check_request_timeout_ms": WARNED,
     "agent.cdh_api_timeout_ms": WARNED,
@@ -297,7 +301,8 @@ REGISTRY: dict[str, Coverage] = {
     "runtime.passfd_listener_port": WARNED,
     "runtime.pod_resource_api_sock": WARNED,
     "runtime.kubelet_root_dir": WARNED,
-    "runtime.create_container_timeout": WARNED,
+    "runtime.create_container_timeout": Applied("runtime: the bound of the agent's CreateContainer",
+                                                ("runtime/sandbox.py",)),
     # [factory] (the Go runtime's)
     "factory.enable_template": WARNED,
     "factory.template_path": WARNED,
