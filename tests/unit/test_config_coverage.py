@@ -17,6 +17,7 @@ from kabuto.config.model import AgentConfig, HypervisorConfig, RuntimeConfig
 from kabuto.config.rules import common_problems
 from kabuto.errors import AnnotationError
 from kabuto.hypervisor import registry
+from kabuto.hypervisor.resolve import resolve, resolve_config
 
 SRC = Path(kabuto.__file__).parent
 DOC = SRC.parents[1] / "docs" / "configuration.md"
@@ -246,3 +247,19 @@ def test_a_zero_request_timeout_is_refused(tmp_path):
         """)
     [problem] = common_problems(config)
     assert (problem.key, problem.reason) == ("agent.kata.request_timeout_ms", "must be positive")
+
+
+def test_agent_enable_debug_sets_the_agent_log_level_on_the_kernel_command_line(tmp_path):
+    file = tmp_path / "configuration.toml"
+    file.write_text(textwrap.dedent("""\
+        [hypervisor.qemu]
+        kernel_params = "quiet=0"
+        [agent.kata]
+        enable_debug = true
+        """))
+    table = resolve_config(file, validate=False).table
+    assert table.kernel_params == "quiet=0 agent_log_level=DEBUG"
+    config = load_config(file)
+    resolve(config, validate=False)
+    assert resolve(config, validate=False).table.kernel_params.count("agent_log_level") == 1
+    assert "agent_log_level" not in resolve_config(None, validate=False).table.kernel_params

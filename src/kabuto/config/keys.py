@@ -242,7 +242,8 @@ REGISTRY: dict[str, Coverage] = {
     "hypervisor.factory.enable_template": WARNED,
     "hypervisor.factory.template_path": WARNED,
     # [agent.<name>]: Kabuto's agent client keeps its own ports
-    "agent.enable_debug": WARNED,
+    "agent.enable_debug": Applied("all backends: agent_log_level=DEBUG on the guest kernel command line",
+                                  ("hypervisor/resolve.py",)),
     "agent.log_level": WARNED,
     "agent.enable_tracing": WARNED,
     "agent.debug_console_enabled": WARNED,
