@@ -131,6 +131,23 @@ async def test_wait_for_agent_gives_up_at_its_deadline(tmp_path: Path) -> None:
         await wait_for_agent(f"unix://{tmp_path}/nothing.sock", 0.3)
 
 
+async def test_wait_for_agent_retries_at_its_interval(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    attempts = 0
+    connect = AgentClient.connect
+
+    async def counted(address: str, timeout: float, **kwargs: object) -> AgentClient:
+        nonlocal attempts
+        attempts += 1
+        return await connect(address, timeout, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(AgentClient, "connect", counted)
+    with pytest.raises(AgentError, match=r"not ready within 0\.5s"):
+        await wait_for_agent(f"unix://{tmp_path}/nothing.sock", 0.5, retry_interval=0.2)
+    # one attempt at once, then one every 0.2s (Kata's dial_timeout_ms), never a busy loop
+    assert 2 <= attempts <= 3
+
+
 async def test_connect_failure_names_the_address(tmp_path: Path) -> None:
     address = f"unix://{tmp_path}/missing.sock"
     with pytest.raises(AgentError, match=f"agent at {address}: cannot connect"):

@@ -17,6 +17,7 @@ from kabuto.config.model import AgentConfig, HypervisorConfig, RuntimeConfig
 from kabuto.config.rules import common_problems
 from kabuto.errors import AnnotationError
 from kabuto.hypervisor import registry
+from kabuto.hypervisor.resolve import resolve, resolve_config
 
 SRC = Path(kabuto.__file__).parent
 DOC = SRC.parents[1] / "docs" / "configuration.md"
@@ -85,12 +86,10 @@ def test_every_annotation_targets_a_classified_key():
 
 
 def test_the_issue_keys_are_not_claimed_applied():
-    for key in ("hypervisor.block_device_aio", "hypervisor.default_maxmemory",
-                "hypervisor.memory_slots", "hypervisor.msize_9p", "hypervisor.enable_iothreads",
-                "hypervisor.rx_rate_limiter_max_rate", "hypervisor.tx_rate_limiter_max_rate",
-                "hypervisor.disk_rate_limiter_bw_max_rate", "runtime.enable_tracing",
-                "runtime.jaeger_endpoint",
-                "runtime.create_container_timeout", "runtime.sandbox_cgroup_only",
+    for key in ("hypervisor.rx_rate_limiter_max_rate",
+                "hypervisor.tx_rate_limiter_max_rate", "hypervisor.disk_rate_limiter_bw_max_rate",
+                "runtime.enable_tracing", "runtime.jaeger_endpoint",
+                "runtime.sandbox_cgroup_only",
                 "runtime.enable_vcpus_pinning", "agent.kernel_modules"):
         assert REGISTRY[key] is WARNED, key
 
@@ -109,10 +108,10 @@ def test_the_built_in_default_warns_about_nothing():
 def test_a_set_key_kabuto_does_not_apply_warns_once_and_a_default_value_does_not(tmp_path):
     config = load(tmp_path, """\
         [hypervisor.qemu]
-        memory_slots = 12
-        msize_9p = 8192
-        enable_iothreads = false
-        block_device_aio = "io_uring"
+        memory_offset = 12
+        network_queues = 0
+        indep_iothreads = 0
+        queue_size = 128
         [agent.kata]
         kernel_modules = ["e1000e"]
         [runtime]
@@ -120,8 +119,8 @@ def test_a_set_key_kabuto_does_not_apply_warns_once_and_a_default_value_does_not
         jaeger_password = "hunter2"
         """)
     assert unapplied(config) == [
-        f"hypervisor.qemu.memory_slots = 12: {NOT_APPLIED}",
-        f'hypervisor.qemu.block_device_aio = "io_uring": {NOT_APPLIED}',
+        f"hypervisor.qemu.memory_offset = 12: {NOT_APPLIED}",
+        f"hypervisor.qemu.queue_size = 128: {NOT_APPLIED}",
         f'agent.kata.kernel_modules = ["e1000e"]: {NOT_APPLIED}',
         f"runtime.enable_tracing = true: {NOT_APPLIED}",
         f"runtime.jaeger_password = (set, not shown): {NOT_APPLIED}",
@@ -161,13 +160,14 @@ def test_tables_kabuto_does_not_use_are_not_checked(tmp_path):
 def test_an_annotation_for_a_key_kabuto_does_not_apply_warns_naming_it(tmp_path):
     config = load(tmp_path, """\
         [hypervisor.qemu]
-        enable_annotations = ["memory_slots", "msize_9p"]
-        """, {K + "memory_slots": "12", K + "msize_9p": "8192",
+        enable_annotations = ["enable_mem_prealloc", "enable_virtio_mem"]
+        """, {K + "enable_mem_prealloc": "true", K + "enable_virtio_mem": "false",
               "io.katacontainers.config.runtime.sandbox_cgroup_only": "true"})
     assert unapplied(config) == [
-        f"hypervisor.qemu.memory_slots = 12: {NOT_APPLIED} (set by annotation {K}memory_slots)",
+        f"hypervisor.qemu.enable_mem_prealloc = true: {NOT_APPLIED} "
+        f"(set by annotation {K}enable_mem_prealloc)",
         # the default value, but asked for explicitly
-        f"hypervisor.qemu.msize_9p = 8192: {NOT_APPLIED} (set by annotation {K}msize_9p)",
+        f"hypervisor.qemu.enable_virtio_mem = false: {NOT_APPLIED} (set by annotation {K}enable_virtio_mem)",
         f"runtime.sandbox_cgroup_only = true: {NOT_APPLIED} "
         "(set by annotation io.katacontainers.config.runtime.sandbox_cgroup_only)",
     ]
@@ -238,3 +238,28 @@ def test_both_timeouts_set_inconsistently_are_refused_naming_both(tmp_path):
     [problem] = common_problems(config)
     assert problem.key == "agent.kata.reconnect_timeout_ms"
     assert "agent.kata.dial_timeout_ms (45000)" in problem.reason
+
+
+def test_a_zero_request_timeout_is_refused(tmp_path):
+    config = load(tmp_path, """\
+        [agent.kata]
+        request_timeout_ms = 0
+        """)
+    [problem] = common_problems(config)
+    assert (problem.key, problem.reason) == ("agent.kata.request_timeout_ms", "must be positive")
+
+
+def test_agent_enable_debug_sets_the_agent_log_level_on_the_kernel_command_line(tmp_path):
+    file = tmp_path / "configuration.toml"
+    file.write_text(textwrap.dedent("""\
+        [hypervisor.qemu]
+        kernel_params = "quiet=0"
+        [agent.kata]
+        enable_debug = true
+        """))
+    table = resolve_config(file, validate=False).table
+    assert table.kernel_params == "quiet=0 agent_log_level=DEBUG"
+    config = load_config(file)
+    resolve(config, validate=False)
+    assert resolve(config, validate=False).table.kernel_params.count("agent_log_level") == 1
+    assert "agent_log_level" not in resolve_config(None, validate=False).table.kernel_params

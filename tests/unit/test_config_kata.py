@@ -128,8 +128,6 @@ def test_kata_runtime_rs_qemu_file_loads_with_its_values(kata_file):
         f'hypervisor.qemu.rootfs_type = "ext4": {not_applied}',
         f"hypervisor.qemu.overhead_vcpus = 0.25: {not_applied}",
         f"hypervisor.qemu.overhead_memory = 48: {not_applied}",
-        f"hypervisor.qemu.memory_slots = 12: {not_applied}",
-        f'hypervisor.qemu.block_device_aio = "io_uring": {not_applied}',
         f"hypervisor.qemu.block_device_logical_sector_size = 512: {not_applied}",
         f"hypervisor.qemu.block_device_physical_sector_size = 4096: {not_applied}",
         f"hypervisor.qemu.queue_size = 128: {not_applied}",
@@ -137,10 +135,7 @@ def test_kata_runtime_rs_qemu_file_loads_with_its_values(kata_file):
         f'hypervisor.qemu.cold_plug_vfio = "no-port": {not_applied}',
         f"hypervisor.qemu.network_queues = 1: {not_applied}",
         f"hypervisor.qemu.tdx_quote_generation_service_socket_port = 0: {not_applied}",
-        f"agent.kata.enable_debug = true: {not_applied}",
         f'agent.kata.kernel_modules = ["e1000e InterruptThrottleRate=3000,3000,3000 EEE=1"]: {not_applied}',
-        f"agent.kata.dial_timeout_ms = 20: {not_applied}",
-        f"agent.kata.reconnect_timeout_ms = 4000: {not_applied}",
         f"agent.kata.create_container_timeout = 45: {not_applied}",
         f"agent.kata.mem_agent.mem_agent_enable = true: {not_applied}",
         f"agent.kata.mem_agent.memcg_swappiness_max = 40: {not_applied}",
@@ -155,7 +150,8 @@ def test_kata_runtime_rs_qemu_file_loads_with_its_values(kata_file):
     assert (qemu.kernel, qemu.image, qemu.initrd) == (f"{share}/vmlinux.container",
                                                       f"{share}/kata-containers.img", "")
     assert (qemu.machine_type, qemu.vm_rootfs_driver, qemu.rootfs_type) == ("q35", "virtio-pmem", "ext4")
-    assert qemu.kernel_params == "cgroup_no_v1=all systemd.unified_cgroup_hierarchy=1"
+    # [agent.kata] enable_debug = true: the agent logs at DEBUG
+    assert qemu.kernel_params == "cgroup_no_v1=all systemd.unified_cgroup_hierarchy=1 agent_log_level=DEBUG"
     assert (qemu.default_vcpus, qemu.overhead_vcpus, qemu.default_memory, qemu.overhead_memory) == (
         1, 0.25, 1024, 48)
     assert qemu.default_maxvcpus >= 1  # 0 means the host's CPUs, as in Kata
@@ -183,7 +179,8 @@ def test_kata_annotations_and_allow_lists_apply(kata_file):
     prefix = "io.katacontainers.config.hypervisor."
     config = resolve_config(file, {prefix + "kernel_params": "systemd.unified_cgroup_hierarchy=0",
                                 prefix + "default_memory": "2Gi"}).config
-    assert config.active_hypervisor.kernel_params == "cgroup_no_v1=all systemd.unified_cgroup_hierarchy=0"
+    assert config.active_hypervisor.kernel_params == (
+        "cgroup_no_v1=all systemd.unified_cgroup_hierarchy=0 agent_log_level=DEBUG")
     assert config.active_hypervisor.default_memory == 2048
 
 

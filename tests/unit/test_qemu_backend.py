@@ -30,6 +30,7 @@ from kabuto.hypervisor.qemu import plugin
 from kabuto.hypervisor.qemu.backend import AGENT_PORT_COUNT, QemuHypervisor
 from kabuto.hypervisor.qemu.cmdline import VmPaths, build_command, kernel_append
 from kabuto.hypervisor.qemu.console import CONSOLE_LOG_MAX_BYTES, CONSOLE_TAIL_BYTES, ConsoleReader
+from kabuto.hypervisor.qemu.hotplug import Hotplug
 
 TCG = Accelerator("tcg", "test")
 KVM = Accelerator("kvm", "test")
@@ -155,6 +156,91 @@ def test_command_line_refuses_comma_in_device_options(table: HypervisorConfig, t
     tap = NetworkDevice("net0", tap_name="tap,evil")
     with pytest.raises(HypervisorError, match="comma"):
         build_command(table, TCG, VmPaths(tmp_path), [tap], "vm1")
+
+
+@pytest.mark.parametrize(("aio", "cache_set", "file_extra"), [
+    ("", False, {}),
+    ("io_uring", False, {"aio": "io_uring"}),
+    ("threads", True, {"aio": "threads", "cache": {"direct": False, "no-flush": True}}),
+    # aio=native needs O_DIRECT: cache.direct is on whatever the cache keys say
+    ("native", False, {"aio": "native", "cache": {"direct": True}}),
+    ("native", True, {"aio": "native", "cache": {"direct": True, "no-flush": True}}),
+])
+def test_block_device_aio_and_cache_shape_the_file_node(table: HypervisorConfig, tmp_path: Path, aio: str,
+                                                         cache_set: bool, file_extra: dict) -> None:
+    table.block_device_aio = aio
+    table.block_device_cache_set = cache_set
+    table.block_device_cache_noflush = True
+    disk = BlockDevice("disk0", tmp_path / "disk.img")
+    args = build_command(table, TCG, VmPaths(tmp_path), [disk], "vm1")
+    blockdev = json.loads(_option(args, "-blockdev")[0])
+    assert blockdev["file"] == {"driver": "file", "filename": str(tmp_path / "disk.img"), "read-only": False,
+                                **file_extra}
+
+
+def test_memory_headroom_up_to_default_maxmemory(table: HypervisorConfig, tmp_path: Path) -> None:
+    share = SharedFsDevice("share0", SharedFsKind.VIRTIO_FS, tmp_path, "shared",
+                           daemon_socket=tmp_path / "fs-share0.sock")
+    table.default_maxmemory = table.default_memory  # no more than the boot RAM: no headroom
+    assert _option(build_command(table, TCG, VmPaths(tmp_path), [], "vm1"), "-m") == ["512M"]
+    table.default_maxmemory, table.memory_slots = 2048, 4
+    args = build_command(table, TCG, VmPaths(tmp_path), [share], "vm1")
+    assert _option(args, "-m") == ["512M,slots=4,maxmem=2048M"]
+    # the memory backend holds the boot RAM only: hot-plugged memory brings its own
+    assert _option(args, "-object") == ["memory-backend-memfd,id=guest-ram,size=512M,share=on"]
+    assert _option(args, "-machine")[0].endswith(",memory-backend=guest-ram")
+    assert plugin.validate(table) == []
+    table.memory_slots = 257
+    assert [p.key for p in plugin.validate(table)] == ["memory_slots"]
+
+
+def test_msize_9p_is_checked_for_a_9p_share(table: HypervisorConfig) -> None:
+    table.msize_9p = 1024
+    assert plugin.validate(table) == []  # virtio-fs: not used
+    table.shared_fs = "virtio-9p"
+    assert [p.key for p in plugin.validate(table)] == ["msize_9p"]
+    table.msize_9p = 512 * 1024
+    assert plugin.validate(table) == []
+
+
+@pytest.mark.parametrize("driver", ["virtio-blk", "virtio-scsi"])
+def test_enable_iothreads_puts_block_io_on_an_iothread(table: HypervisorConfig, tmp_path: Path,
+                                                       driver: str) -> None:
+    table.block_device_driver = driver
+    disk = BlockDevice("disk0", tmp_path / "disk.img")
+    args = build_command(table, TCG, VmPaths(tmp_path), [disk], "vm1")
+    assert _option(args, "-object") == [] and not any("iothread=" in d for d in _option(args, "-device"))
+    table.enable_iothreads = True
+    args = build_command(table, TCG, VmPaths(tmp_path), [disk], "vm1")
+    assert "iothread,id=iothread0" in _option(args, "-object")
+    devices = _option(args, "-device")
+    if driver == "virtio-blk":
+        assert "virtio-blk-pci,id=disk0,drive=drive-disk0,serial=disk0,iothread=iothread0" in devices
+    else:
+        assert "virtio-scsi-pci,id=scsi0,iothread=iothread0" in devices
+        assert "scsi-hd,id=disk0,drive=drive-disk0,bus=scsi0.0,serial=disk0" in devices
+
+
+class _RecordingQmp:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, dict]] = []
+
+    async def call(self, command: str, arguments: dict) -> dict:
+        self.calls.append((command, arguments))
+        return {}
+
+
+async def test_hot_plugged_disk_gets_aio_and_iothread(table: HypervisorConfig, tmp_path: Path) -> None:
+    table.block_device_aio, table.enable_iothreads = "io_uring", True
+    qmp = _RecordingQmp()
+    disk = BlockDevice("disk1", tmp_path / "disk.img")
+    await Hotplug(qmp, table, {}, vhost_net=False).add(disk)  # type: ignore[arg-type]
+    (add, blockdev), (device_add, device) = qmp.calls
+    assert (add, device_add) == ("blockdev-add", "device_add")
+    assert blockdev["file"]["aio"] == "io_uring"
+    assert device == {"driver": "virtio-blk-pci", "id": "disk1", "drive": "drive-disk1", "serial": "disk1",
+                      "iothread": "iothread0", "bus": "hp0"}
+    assert disk.guest_address == "serial:disk1"
 
 
 def test_command_line_without_kernel(tmp_path: Path) -> None:

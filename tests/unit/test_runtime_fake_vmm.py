@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,6 +146,7 @@ class FakeProcess:
 class FakeGuest:
     containers: dict[str, dict[str, Any]] = field(default_factory=dict)
     sandbox_created: bool = False
+    storages: list[Any] = field(default_factory=list)
 
     def process(self, cid: str, eid: str) -> FakeProcess:
         try:
@@ -176,15 +178,17 @@ class FakeContainers:
 
     async def create_sandbox(self, *, hostname: str, storages: list[Any], sandbox_id: str) -> None:
         self.guest.sandbox_created = True
+        self.guest.storages = storages
 
-    async def create_container(self, cid: str, spec_json: bytes, *, rootfs: Any) -> int:
+    async def create_container(self, cid: str, spec_json: bytes, *, rootfs: Any,
+                               timeout: float | None = None) -> int:
         if cid in self.guest.containers:
             raise ContainerCallError("fake", "CreateContainer", Code.ALREADY_EXISTS, f"{cid} exists")
         spec = json.loads(spec_json)
         if spec["process"]["args"][0] == "missing-binary":
             raise ContainerCallError("fake", "CreateContainer", Code.INVALID_ARGUMENT,
                                      "executable file not found")
-        self.guest.containers[cid] = {"spec": spec, "rootfs": rootfs, "started": False,
+        self.guest.containers[cid] = {"spec": spec, "rootfs": rootfs, "started": False, "timeout": timeout,
                                       "processes": {"": FakeProcess(spec["process"]["args"])}}
         return 1
 
@@ -252,9 +256,11 @@ class FakeContainers:
 
 
 class FakeAgent:
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, timeout: float, **kwargs: Any) -> None:
         self.address = address
         self.closed = False
+        #: how wait_for_agent was asked to reach it
+        self.waits = {"timeout": timeout, **kwargs}
 
     async def close(self) -> None: ...
 
@@ -272,11 +278,11 @@ def fakes(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
     current: dict[str, str] = {}
 
     async def fake_wait_for_agent(address: str, timeout: float, **kwargs: Any) -> FakeAgent:
-        return FakeAgent(address)
+        return FakeAgent(address, timeout, **kwargs)
 
     original_connect = sandbox_module.VirtSandbox.connect
 
-    async def connect(self: sandbox_module.VirtSandbox, timeout: float = 1.0) -> None:
+    async def connect(self: sandbox_module.VirtSandbox, timeout: float | None = None) -> None:
         current["id"] = self.id
         await original_connect(self, timeout)
 
@@ -516,6 +522,37 @@ async def test_block_rootfs_without_shared_fs(store: StateStore, tmp_path: Path)
     with pytest.raises(SandboxError, match="neither a shared filesystem nor block hot-plug"):
         await commands.create("c2", str(make_bundle(tmp_path / "b2", ["sleep"], **pod)), opts)
     await commands.delete("c1", opts, force=True)
+
+
+async def test_agent_timeouts_and_msize_come_from_the_recorded_configuration(store: StateStore,
+                                                                             tmp_path: Path) -> None:
+    config = tmp_path / "configuration.toml"
+    text = """\
+        [hypervisor.fakevmm]
+        msize_9p = {msize}
+        [agent.kata]
+        dial_timeout_ms = 20
+        reconnect_timeout_ms = {reconnect}
+        request_timeout_ms = 5000
+        [runtime]
+        create_container_timeout = 7
+        """
+    config.write_text(textwrap.dedent(text.format(msize=65536, reconnect=4000)))
+    opts = commands.RuntimeOptions(store, str(config), "fakevmm", 9.0)
+    sandbox = await commands.create("c1", str(make_bundle(tmp_path / "b1", ["sleep"])), opts)
+    # the boot's wait is the boot timeout; the pause between attempts and the call bound are configured
+    assert sandbox.agent.waits == {"timeout": 9.0, "call_timeout": 5.0, "retry_interval": 0.02}
+    guest = GUESTS[sandbox.id]
+    assert guest.containers["c1"]["timeout"] == 7
+    [share] = guest.storages
+    assert share.fstype == "9p" and "msize=65536" in share.options
+    await sandbox.disconnect()
+    # a later process reaches the agent by the values the sandbox was made with, not the file's now
+    config.write_text(textwrap.dedent(text.format(msize=8192, reconnect=60000)))
+    async with commands.attached("c1", opts) as attached:
+        assert attached.agent.waits == {"timeout": 4.0, "call_timeout": 5.0, "retry_interval": 0.02}
+    await commands.kill("c1", "9", opts)
+    await commands.delete("c1", opts)
 
 
 def test_parse_signal() -> None:

@@ -241,10 +241,12 @@ def _release(claim: int | None) -> None:
 
 
 async def wait_for_agent(
-    addresses: str | Sequence[str], timeout: float, *, call_timeout: float = DEFAULT_CALL_TIMEOUT
+    addresses: str | Sequence[str], timeout: float, *, call_timeout: float = DEFAULT_CALL_TIMEOUT,
+    retry_interval: float = RETRY_INTERVAL,
 ) -> AgentClient:
     """Claim a free agent port of ``addresses`` (see claim_port), then connect and Check until
-    the agent answers SERVING, all within ``timeout`` seconds.
+    the agent answers SERVING, all within ``timeout`` seconds, ``retry_interval`` seconds between
+    attempts (Kata's dial_timeout_ms: its agent client sleeps that long after a failed dial).
 
     The agent starts after the guest boots. Until then a vsock or hybrid-vsock connect is
     refused and is retried; QEMU's virtio-serial socket accepts at once and holds the
@@ -271,7 +273,7 @@ async def wait_for_agent(
                 await client.close()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout_at(deadline):
-                    await asyncio.sleep(RETRY_INTERVAL)
+                    await asyncio.sleep(retry_interval)
     finally:
         _release(claim)
     raise AgentError(f"agent at {address} not ready within {timeout:g}s: {last_error or 'no attempt made'}")

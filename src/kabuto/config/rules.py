@@ -126,6 +126,9 @@ def reconcile_agent_timeouts(config: KabutoConfig) -> list[str]:
 
 def _agent_problems(prefix: str, agent: AgentConfig) -> list[Problem]:
     problems: list[Problem] = []
+    # 0 would leave the host's agent calls unbounded
+    if agent.request_timeout_ms <= 0:
+        problems.append(Problem(f"{prefix}.request_timeout_ms", agent.request_timeout_ms, "must be positive"))
     if agent.dial_timeout_ms <= 0:
         problems.append(Problem(f"{prefix}.dial_timeout_ms", agent.dial_timeout_ms, "must be positive"))
     elif agent.reconnect_timeout_ms < agent.dial_timeout_ms:
@@ -136,7 +139,7 @@ def _agent_problems(prefix: str, agent: AgentConfig) -> list[Problem]:
         problems.append(Problem(f"{prefix}.log_level", agent.log_level,
                                 f"must be one of {', '.join(LOG_LEVELS)}"))
     for key in ("container_pipe_size", "server_port", "log_port", "passfd_listener_port", "dial_timeout",
-                "request_timeout_ms", "create_container_timeout", "health_check_request_timeout_ms",
+                "create_container_timeout", "health_check_request_timeout_ms",
                 "cdh_api_timeout_ms", "launch_process_timeout"):
         if getattr(agent, key) < 0:
             problems.append(Problem(f"{prefix}.{key}", getattr(agent, key), "must not be negative"))

@@ -75,6 +75,8 @@ MONITOR_SOCKETS = ("hmp", "qmp", "qmp-pretty")
 ACCELERATORS = ("auto", "kvm", "tcg")
 MAX_BRIDGES = 5
 MAX_PCIE_PORTS = 16
+#: Kata runtime-rs's bounds on msize_9p, in bytes
+MIN_MSIZE_9P, MAX_MSIZE_9P = 4096, 8 * 1024 * 1024
 # i32 in Kata (every other integer key is unsigned there), or checked on its own
 _SIGNED_KEYS = frozenset({"hypervisor_timeout", "default_vcpus"})
 
@@ -201,6 +203,9 @@ class BasePlugin:
                                     f"exceeds the host's {host_mib} MiB of RAM"))
         if table.default_maxmemory and table.default_maxmemory < table.default_memory:
             problems.append(Problem("default_maxmemory", table.default_maxmemory, "below default_memory"))
+        if table.shared_fs == "virtio-9p" and not MIN_MSIZE_9P <= table.msize_9p <= MAX_MSIZE_9P:
+            problems.append(Problem("msize_9p", table.msize_9p,
+                                    f"must be from {MIN_MSIZE_9P} to {MAX_MSIZE_9P} bytes"))
         if table.default_bridges > MAX_BRIDGES:
             problems.append(Problem("default_bridges", table.default_bridges, f"at most {MAX_BRIDGES}"))
         for key in ("pcie_root_port", "pcie_switch_port"):

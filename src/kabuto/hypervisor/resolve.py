@@ -23,6 +23,9 @@ from kabuto.hypervisor.base import DEFAULT_JAILER_ROOT, Hypervisor, HypervisorSt
 from kabuto.hypervisor.plugin import HypervisorPlugin
 from kabuto.hypervisor.registry import get_plugin, hypervisor_names, load_warnings
 
+#: the guest's /init hands the agent this log level (kabuto/image/init.sh)
+AGENT_DEBUG_PARAM = "agent_log_level=DEBUG"
+
 
 @dataclass(frozen=True)
 class ResolvedConfig:
@@ -54,6 +57,9 @@ def resolve(config: KabutoConfig, *, validate: bool = True) -> ResolvedConfig:
     plugin = get_plugin(name)
     config.warnings = [*load_warnings(), *config.warnings]
     plugin.adjust(table)
+    # on every backend's kernel command line, so the saved table keeps it for a restored VM
+    if config.active_agent.enable_debug and AGENT_DEBUG_PARAM not in table.kernel_params.split():
+        table.kernel_params = f"{table.kernel_params} {AGENT_DEBUG_PARAM}".strip()
     if validate:
         # the regexes of a table an annotation switched to were not checked by the loader
         own = check_enable_annotations(table) + plugin.validate(table)

@@ -175,12 +175,13 @@ def list_dir(directory: Path) -> list[Path]:
     return sorted(directory.iterdir()) if directory.is_dir() else []
 
 
-def sandbox_share_storage(fs_kind: str) -> Storage:
-    """The sandbox-wide share as the guest mounts it (by its mount tag)."""
+def sandbox_share_storage(fs_kind: str, msize_9p: int) -> Storage:
+    """The sandbox-wide share as the guest mounts it (by its mount tag); ``msize_9p``: the largest
+    9p message, in bytes (the guest kernel lowers it to what virtio carries)."""
     if fs_kind == "virtio-fs":
         return Storage(source=SHARE_TAG, mount_point=GUEST_SHARE_DIR, fstype="virtiofs")
     return Storage(source=SHARE_TAG, mount_point=GUEST_SHARE_DIR, fstype="9p",
-                   options=("trans=virtio", "version=9p2000.L", "cache=mmap"))
+                   options=("trans=virtio", "version=9p2000.L", "cache=mmap", f"msize={msize_9p}"))
 
 
 # -- block device ------------------------------------------------------------------------------

@@ -44,7 +44,6 @@ from kabuto.ttrpc.status import Code
 log = logging.getLogger(__name__)
 
 DEFAULT_BOOT_TIMEOUT = 120.0
-AGENT_CALL_TIMEOUT = 30.0
 SHARED_FS_DEVICE_ID = "kabuto-shared"
 INIT_EXEC_ID = ""
 # `state`/`list` ask whether the init process has exited; this long a "no" means running.
@@ -146,7 +145,8 @@ class VirtSandbox:
                 record.shared_dir, record.share_tag = str(shared), rootfs_delivery.SHARE_TAG
                 await hypervisor.add_device(SharedFsDevice(SHARED_FS_DEVICE_ID, fs_kind, shared,
                                                            rootfs_delivery.SHARE_TAG))
-                storages.append(rootfs_delivery.sandbox_share_storage(fs_kind.value))
+                storages.append(rootfs_delivery.sandbox_share_storage(fs_kind.value,
+                                                                      hypervisor.config.msize_9p))
             else:
                 for container_id, bundle in block_rootfs or []:
                     await hypervisor.add_device(await sandbox._block_device(container_id, bundle))
@@ -190,14 +190,20 @@ class VirtSandbox:
     def vm_alive(self) -> bool:
         return self.hypervisor.status in (VmStatus.RUNNING, VmStatus.PAUSED)
 
-    async def connect(self, timeout: float = AGENT_CALL_TIMEOUT) -> None:
+    async def connect(self, timeout: float | None = None) -> None:
+        """Reach the agent within ``timeout`` seconds (the boot's), by default [agent]
+        reconnect_timeout_ms: the agent of a running VM answers at once. Its calls are bounded
+        by request_timeout_ms, CreateContainer by [runtime] create_container_timeout."""
         if self.agent is not None:
             return
         if not self.vm_alive:
             raise SandboxError(f"sandbox {self.id!r}: its VM is not running")
+        agent = self.config.active_agent
         # claims an agent port of its own: other processes reach the agent through the others
-        self.agent = await wait_for_agent(await self.hypervisor.get_agent_sockets(), timeout,
-                                          call_timeout=AGENT_CALL_TIMEOUT)
+        self.agent = await wait_for_agent(
+            await self.hypervisor.get_agent_sockets(),
+            agent.reconnect_timeout_ms / 1000 if timeout is None else timeout,
+            call_timeout=agent.request_timeout_ms / 1000, retry_interval=agent.dial_timeout_ms / 1000)
         self._containers = container_client(self.agent)
 
     async def disconnect(self) -> None:
@@ -306,7 +312,8 @@ class VirtSandbox:
                                                                  binds)
             spec = bundle.guest_spec(guest_root, bind_sources, joined)
             await self._agent_call("CreateContainer", self.containers.create_container(
-                container_id, json.dumps(spec).encode(), rootfs=_agent_storage(storage) if storage else None))
+                container_id, json.dumps(spec).encode(), rootfs=_agent_storage(storage) if storage else None,
+                timeout=self.config.runtime.create_container_timeout))
         except BaseException:
             await self._release_rootfs(container)
             self.record.containers.pop(container_id, None)

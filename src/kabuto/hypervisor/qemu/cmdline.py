@@ -37,6 +37,8 @@ BLOCK_SERIAL_MAX = 20
 VIRTIO_SERIAL_BUS = "virtio-serial0"
 MEMORY_BACKEND_ID = "guest-ram"
 SCSI_BUS = "scsi0"
+#: the iothread enable_iothreads adds: virtio-blk disks and the virtio-scsi controller run their I/O on it
+IOTHREAD_ID = "iothread0"
 
 # Kernel parameters that shorten boot without changing what the guest can do (after Kata's
 # defaults): no legacy keyboard probing, trust the TSC, skip crypto self-tests, reboot = exit.
@@ -124,28 +126,42 @@ def block_serial(device: BlockDevice) -> str:
     return device.id[:BLOCK_SERIAL_MAX]
 
 
-def blockdev_args(device: BlockDevice) -> dict[str, object]:
+def blockdev_args(device: BlockDevice, table: HypervisorConfig) -> dict[str, object]:
     """QMP blockdev-add arguments (also the JSON form of -blockdev)."""
     read_only = device.read_only
-    return {
-        "node-name": f"drive-{device.id}",
-        "driver": device.format,
-        "read-only": read_only,
-        "file": {"driver": "file", "filename": str(device.path), "read-only": read_only},
-    }
+    file: dict[str, object] = {"driver": "file", "filename": str(device.path), "read-only": read_only}
+    if table.block_device_aio:
+        file["aio"] = table.block_device_aio
+    cache: dict[str, bool] = {}
+    if table.block_device_cache_set:
+        cache = {"direct": table.block_device_cache_direct, "no-flush": table.block_device_cache_noflush}
+    # QEMU refuses aio=native without O_DIRECT: Linux native AIO is asynchronous only then
+    if table.block_device_aio == "native":
+        cache["direct"] = True
+    if cache:
+        file["cache"] = cache
+    return {"node-name": f"drive-{device.id}", "driver": device.format, "read-only": read_only, "file": file}
 
 
-def block_device_args(device: BlockDevice, driver: str, bus: str | None) -> dict[str, object]:
-    """QMP device_add arguments for a block device (also the -device form)."""
+def block_device_args(device: BlockDevice, driver: str, bus: str | None,
+                      iothread: str | None = None) -> dict[str, object]:
+    """QMP device_add arguments for a block device (also the -device form). ``iothread``: the
+    virtio-blk disk's (a virtio-scsi disk runs on its controller's)."""
     node = f"drive-{device.id}"
     if driver == "virtio-scsi":
         return {"driver": "scsi-hd", "id": device.id, "drive": node, "bus": f"{SCSI_BUS}.0",
                 "serial": block_serial(device)}
     args: dict[str, object] = {"driver": "virtio-blk-pci", "id": device.id, "drive": node,
                                "serial": block_serial(device)}
+    if iothread:
+        args["iothread"] = iothread
     if bus:
         args["bus"] = bus
     return args
+
+
+def block_iothread(table: HypervisorConfig) -> str | None:
+    return IOTHREAD_ID if table.enable_iothreads else None
 
 
 def netdev_args(device: NetworkDevice, vhost: bool) -> dict[str, object]:
@@ -207,8 +223,8 @@ def device_cmdline(device: AnyDevice, table: HypervisorConfig, vhost_net: bool =
         raise HypervisorError(f"qemu: agent channel kind {device.channel.value} is not supported")
     if isinstance(device, BlockDevice):
         driver = table.block_device_driver or "virtio-blk"
-        return ["-blockdev", json.dumps(blockdev_args(device)),
-                "-device", _device_opt(block_device_args(device, driver, None))]
+        return ["-blockdev", json.dumps(blockdev_args(device, table)),
+                "-device", _device_opt(block_device_args(device, driver, None, block_iothread(table)))]
     if isinstance(device, NetworkDevice):
         return ["-netdev", _netdev_opt(netdev_args(device, vhost=vhost_net)),
                 "-device", _device_opt(net_device_args(device, None))]
@@ -256,7 +272,7 @@ def build_command(
         "-machine", ",".join([table.machine_type, *_machine_extra(table),
                               *([f"memory-backend={MEMORY_BACKEND_ID}"] if memory else [])]),
         *accel_args(accel, table),
-        "-m", f"{table.default_memory}M",
+        "-m", memory_size(table),
         *memory,
         "-smp", f"{vcpus},maxcpus={maxvcpus}",
         "-qmp", f"unix:{_path_opt(paths.qmp_socket)},server=on,wait=off",
@@ -277,8 +293,11 @@ def build_command(
         for index in range(root_port_count(table)):
             args += ["-device", f"pcie-root-port,id={hotplug_bus('q35', index)},bus=pcie.0,"
                                 f"chassis={index + 1},slot={index + 1}"]
+    if table.enable_iothreads:
+        args += ["-object", f"iothread,id={IOTHREAD_ID}"]
     if table.block_device_driver == "virtio-scsi":
-        args += ["-device", f"virtio-scsi-pci,id={SCSI_BUS}"]
+        args += ["-device", _device_opt({"driver": "virtio-scsi-pci", "id": SCSI_BUS,
+                                         **({"iothread": IOTHREAD_ID} if table.enable_iothreads else {})})]
     for device in devices:
         args += device_cmdline(device, table, vhost_net)
     if table.seccomp_sandbox:
@@ -291,6 +310,15 @@ def build_command(
 def _machine_extra(table: HypervisorConfig) -> list[str]:
     return [*LEAN_MACHINE_OPTIONS.get(table.machine_type, ()),
             *(a.strip() for a in table.machine_accelerators.split(",") if a.strip())]
+
+
+def memory_size(table: HypervisorConfig) -> str:
+    """``-m``: with default_maxmemory above default_memory, room to hot-plug memory up to it
+    (DIMMs in memory_slots slots, or virtio-mem), as Kata gives it; the boot RAM is unchanged."""
+    size = f"{table.default_memory}M"
+    if table.default_maxmemory > table.default_memory:
+        return f"{size},slots={table.memory_slots},maxmem={table.default_maxmemory}M"
+    return size
 
 
 def memory_backend(table: HypervisorConfig, devices: list[AnyDevice]) -> list[str]:

@@ -12,6 +12,7 @@ from kabuto.errors import HypervisorError, UnsupportedOperation, VmTimeout
 from kabuto.hypervisor.devices import AnyDevice, BlockDevice, NetworkDevice
 from kabuto.hypervisor.qemu.cmdline import (
     block_device_args,
+    block_iothread,
     blockdev_args,
     hotplug_bus,
     net_device_args,
@@ -46,9 +47,10 @@ class Hotplug:
         driver = self.config.block_device_driver or "virtio-blk"
         bus = self._take_slot(device.id) if driver == "virtio-blk" else None
         try:
-            await self.qmp.call("blockdev-add", blockdev_args(device))
+            await self.qmp.call("blockdev-add", blockdev_args(device, self.config))
             try:
-                await self.qmp.call("device_add", block_device_args(device, driver, bus))
+                await self.qmp.call("device_add", block_device_args(device, driver, bus,
+                                                                    block_iothread(self.config)))
             except BaseException:
                 await self.qmp.call("blockdev-del", {"node-name": f"drive-{device.id}"})
                 raise

@@ -17,6 +17,8 @@ if TYPE_CHECKING:
 
 #: machine types the backend knows how to drive (hot-plug needs PCI, so no microvm)
 MACHINE_TYPES = ("q35", "pc")
+#: QEMU's limit on memory hot-plug slots (x86's ACPI_MAX_RAM_SLOTS)
+MAX_MEMORY_SLOTS = 256
 
 CAPABILITIES = Capabilities(
     hotplug=frozenset({DeviceKind.BLOCK, DeviceKind.NETWORK}),
@@ -59,6 +61,9 @@ class QemuPlugin(BasePlugin):
                 Problem("machine_type", table.machine_type,
                         f"must be one of {', '.join(MACHINE_TYPES)} (hot-plug needs PCI)")
             )
+        if table.default_maxmemory > table.default_memory and table.memory_slots > MAX_MEMORY_SLOTS:
+            problems.append(Problem("memory_slots", table.memory_slots,
+                                    f"QEMU allows at most {MAX_MEMORY_SLOTS}"))
         if table.shared_fs == "virtio-fs" and not table.virtio_fs_daemon:
             problems.append(Problem("virtio_fs_daemon", "", "shared_fs = virtio-fs needs virtiofsd, found at "
                                     f"none of {', '.join(self.virtiofsd_paths)} "
