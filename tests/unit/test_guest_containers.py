@@ -472,6 +472,60 @@ async def test_without_a_pid_namespace_remove_still_finds_every_process(
     assert not [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
 
 
+async def test_container_ids_as_namespace_paths_share_that_containers_ipc_uts_and_pid(
+    client: ContainerClient, rootfs: Path
+) -> None:
+    await client.create_container("sandbox", sh(rootfs, "sleep 1000"))
+    await client.start_container("sandbox")
+    sandbox_pid = (await client.list_processes("sandbox"))[0]
+    spec = sh(rootfs, "for n in ipc uts pid; do readlink /proc/self/ns/$n; done; hostname; echo $$")
+    spec["hostname"] = "pod"  # as runc: set in the shared UTS namespace
+    spec["linux"]["namespaces"] = [{"type": "mount"}, {"type": "network"}] + [
+        {"type": kind, "path": "container:sandbox"} for kind in ("ipc", "uts", "pid")
+    ]
+    await client.create_container("app", spec)
+    try:
+        await client.start_container("app")
+        status, out, err = await collect(client, "app")
+        assert status == 0, err
+        *links, hostname, pid = out.decode().split()
+        assert links == [os.readlink(f"/proc/{sandbox_pid}/ns/{kind}") for kind in ("ipc", "uts", "pid")]
+        assert hostname == "pod" and pid != "1"  # the sandbox's init is PID 1 of that namespace
+        # an exec joins them too, through the container's own init
+        spec["process"]["args"] = ["sleep", "1000"]
+        await client.create_container("app2", spec)
+        await client.start_container("app2")
+        readlink = {"args": ["readlink", "/proc/self/ns/pid"], "env": ENV, "cwd": "/"}
+        await client.exec_process("app2", "e1", readlink)
+        # output first: collect's reads may race the wait that forgets an exec with output
+        out = await read_all(client, "app2", "e1")
+        assert (await client.wait_process("app2", "e1", timeout=60), out.decode().strip()) == (0, links[2])
+    finally:
+        for container_id in ("app2", "app", "sandbox"):
+            with contextlib.suppress(ContainerCallError):
+                await client.remove_container(container_id)
+
+
+@pytest.mark.parametrize(
+    ("namespace", "code", "words"),
+    [
+        ({"type": "ipc", "path": "container:nope"}, Code.NOT_FOUND, "container 'nope', whose ipc namespace"),
+        ({"type": "mount", "path": "container:sandbox"}, Code.INVALID_ARGUMENT, "by path (mount)"),
+        ({"type": "uts", "path": "/proc/1/ns/uts"}, Code.INVALID_ARGUMENT, "by path (uts)"),
+        ({"type": "pid", "path": "container:../x"}, Code.INVALID_ARGUMENT, "path's id"),
+    ],
+)
+async def test_bad_namespace_paths_are_refused(
+    client: ContainerClient, rootfs: Path, namespace: dict[str, str], code: Code, words: str
+) -> None:
+    spec = sh(rootfs, "true")
+    spec["linux"]["namespaces"] = [{"type": "mount"}, namespace]
+    del spec["hostname"]
+    with pytest.raises(ContainerCallError) as caught:
+        await client.create_container("c1", spec)
+    assert caught.value.code == code and words in caught.value.message, caught.value.message
+
+
 async def read_until(client: ContainerClient, container_id: str, exec_id: str, end: bytes) -> bytes:
     data = b""
     while not data.endswith(end):

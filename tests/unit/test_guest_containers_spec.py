@@ -58,6 +58,16 @@ def test_namespaces_network_is_shared_and_others_map_to_clone_flags() -> None:
     assert spec.namespaces == expected
 
 
+def test_container_paths_join_that_containers_ipc_uts_and_pid() -> None:
+    namespaces = [{"type": t, "path": "container:sandbox-1"} for t in ("ipc", "uts", "pid")]
+    spec = parse(minimal(hostname="pod", linux={"namespaces": [{"type": "mount"}, *namespaces]}))
+    assert spec.namespaces == sc.CLONE_NEWNS
+    assert spec.joined == ((sc.CLONE_NEWIPC, "sandbox-1"), (sc.CLONE_NEWUTS, "sandbox-1"),
+                           (sc.CLONE_NEWPID, "sandbox-1"))  # fmt: skip
+    assert spec.entered == sc.CLONE_NEWNS | sc.CLONE_NEWIPC | sc.CLONE_NEWUTS | sc.CLONE_NEWPID
+    assert spec.hostname == "pod"
+
+
 def test_a_network_namespace_path_still_means_the_guests_network() -> None:
     spec = parse(minimal(linux={"namespaces": [{"type": "network", "path": "/var/run/netns/cni-1234"}]}))
     assert spec.namespaces == sc.CLONE_NEWNS
@@ -71,6 +81,9 @@ def test_a_network_namespace_path_still_means_the_guests_network() -> None:
         (minimal(linux={"uidMappings": [{"containerID": 0, "hostID": 1000, "size": 1}]}), "uidMappings"),
         (minimal(linux={"namespaces": [{"type": "user"}]}), "'user' is not supported"),
         (minimal(linux={"namespaces": [{"type": "pid", "path": "/proc/1/ns/pid"}]}), "by path"),
+        (minimal(linux={"namespaces": [{"type": "cgroup", "path": "container:a"}]}), "by path"),
+        (minimal(linux={"namespaces": [{"type": "ipc"}, {"type": "ipc", "path": "container:a"}]}),
+         "both joined and new"),
         (minimal(hostname="h"), "private UTS namespace"),
         (minimal(mounts=[{"destination": "/x", "type": "nfs", "source": "h:/"}]), "'nfs' is not supported"),
         (minimal(mounts=[{"destination": "x", "type": "tmpfs"}]), "absolute"),

@@ -78,8 +78,9 @@ class Launch:
     report_fd: int  # child -> agent
     start_fd: int | None = None  # init: wait for a byte on it before exec
     container: ContainerSpec | None = None  # init: build the container
-    namespace_fds: tuple[tuple[int, int], ...] = ()  # exec: (CLONE_NEW* type, fd) to join
-    pid_namespace_fd: int | None = None  # exec: the container's PID namespace
+    # (CLONE_NEW* type, fd) to join: an exec's container's, or those an init shares with another
+    namespace_fds: tuple[tuple[int, int], ...] = ()
+    pid_namespace_fd: int | None = None  # the container's (exec) or another's (init) PID namespace
     cgroup_procs: str | None = None  # the container cgroup's cgroup.procs to join
     console_socket: int | None = None  # a terminal: the child sends its pty master here
 
@@ -159,14 +160,13 @@ def run_child(launch: Launch) -> NoReturn:
         if launch.cgroup_procs is not None:
             with open(launch.cgroup_procs, "w") as procs:
                 procs.write("0")
+        for ns_type, fd in launch.namespace_fds:  # an exec's mount namespace comes last
+            sc.setns(fd, ns_type)
+            os.close(fd)
         if launch.container is not None:
             build_container(launch.container, launch.console_socket)
-        else:
-            for ns_type, fd in launch.namespace_fds:  # the mount namespace comes last
-                sc.setns(fd, ns_type)
-                os.close(fd)
-            if launch.console_socket is not None:  # an exec's terminal: no /dev/console, as runc
-                setup_terminal(launch.console_socket, launch.process.console_size, bind_console=False)
+        elif launch.console_socket is not None:  # an exec's terminal: no /dev/console, as runc
+            setup_terminal(launch.console_socket, launch.process.console_size, bind_console=False)
         program = prepare_process(launch.process)
         _send(launch.report_fd, {"ready": True})
         if launch.start_fd is not None:

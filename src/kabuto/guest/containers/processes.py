@@ -42,6 +42,7 @@ NAMESPACE_FILES = (  # joined by an exec in this order: mount last, it changes t
     (sc.CLONE_NEWCGROUP, "cgroup"),
     (sc.CLONE_NEWNS, "mnt"),
 )
+NAMESPACE_NAMES = {**dict(NAMESPACE_FILES), sc.CLONE_NEWPID: "pid"}
 
 
 def exit_status(wait_status: int) -> int:

@@ -37,6 +37,7 @@ from kabuto.guest.containers.cgroups import (
 from kabuto.guest.containers.deadlines import poll_deadline, until_poll_deadline
 from kabuto.guest.containers.files import GUEST_ROOT, Root, container_root, copy_in, copy_out
 from kabuto.guest.containers.processes import (
+    NAMESPACE_NAMES,
     Process,
     await_exec,
     kill_and_reap,
@@ -266,7 +267,13 @@ class ContainerService:
     async def _create(
         self, container_id: str, spec: ContainerSpec, cgroup_dir: Path | None, rootfs_mount: str | None
     ) -> Container:
-        start_r, start_w = os.pipe2(os.O_CLOEXEC)
+        joined = self._open_joined(spec)
+        pid_namespace_fd = joined.pop(sc.CLONE_NEWPID, None)
+        try:
+            start_r, start_w = os.pipe2(os.O_CLOEXEC)
+        except BaseException:
+            _close_all([*joined.values(), pid_namespace_fd])
+            raise
         try:
             process = await spawn(
                 "",
@@ -274,8 +281,8 @@ class ContainerService:
                 container=spec,
                 start_fd=start_r,
                 cgroup_dir=cgroup_dir,
-                namespace_fds=(),
-                pid_namespace_fd=None,
+                namespace_fds=tuple(joined.items()),
+                pid_namespace_fd=pid_namespace_fd,
                 tasks=self._tasks,
             )
         except BaseException:
@@ -283,6 +290,7 @@ class ContainerService:
             raise
         finally:
             os.close(start_r)
+            _close_all([*joined.values(), pid_namespace_fd])
         try:
             mnt_namespace = os.readlink(f"/proc/{process.pid}/ns/mnt")
         except OSError as exc:
@@ -291,6 +299,37 @@ class ContainerService:
             process.close()
             raise RpcError(Code.INTERNAL, f"the container's init vanished before its start: {exc}") from None
         return Container(container_id, spec, process, start_w, mnt_namespace, cgroup_dir, rootfs_mount)
+
+    def _open_joined(self, spec: ContainerSpec) -> dict[int, int]:
+        """The namespaces (CLONE_NEW* flag -> fd) ``spec`` shares with other containers: their inits'."""
+        opened: dict[int, int] = {}
+        try:
+            for flag, target_id in spec.joined:
+                name = NAMESPACE_NAMES[flag]
+                target = self.containers.get(target_id)
+                if target is None:
+                    raise RpcError(
+                        Code.NOT_FOUND,
+                        f"config.json: linux.namespaces: container {target_id!r}, whose {name} namespace"
+                        " this one shares, does not exist",
+                    )
+                if target.init.exited:
+                    raise RpcError(
+                        Code.FAILED_PRECONDITION,
+                        f"config.json: linux.namespaces: container {target_id!r}, whose {name} namespace"
+                        " this one shares, is stopped",
+                    )
+                try:
+                    opened[flag] = os.open(f"/proc/{target.init.pid}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC)
+                except OSError as exc:
+                    raise RpcError(
+                        Code.FAILED_PRECONDITION,
+                        f"cannot open the {name} namespace of container {target_id!r}: {exc.strerror}",
+                    ) from None
+        except BaseException:
+            _close_all(list(opened.values()))
+            raise
+        return opened
 
     async def start_container(self, request: pb.StartContainerRequest) -> pb.StartContainerResponse:
         container = self._container(request.container_id)
@@ -372,7 +411,7 @@ class ContainerService:
             spec,
             container_id=container.id,
             init_pid=container.init.pid,
-            namespaces=container.spec.namespaces,
+            namespaces=container.spec.entered,
             cgroup_dir=container.cgroup_dir,
             tasks=self._tasks,
         )
@@ -547,6 +586,12 @@ class ContainerService:
         check_path(request.path, "path")
         data, info = copy_out(self._file_root(request.container_id), request.path, request.offset, max_len)
         return pb.CopyFileOutResponse(data=data, size=info.st_size, mode=stat.S_IMODE(info.st_mode))
+
+
+def _close_all(fds: list[int | None]) -> None:
+    for fd in fds:
+        if fd is not None:
+            os.close(fd)
 
 
 def _is_dir(path: str) -> bool:

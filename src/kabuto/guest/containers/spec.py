@@ -97,6 +97,10 @@ NAMESPACE_FLAGS = {
     "cgroup": sc.CLONE_NEWCGROUP,
 }
 DEVICE_TYPES = {"c", "u", "b", "p"}
+# What the host sends for "share this namespace with the pod's sandbox container": the
+# namespace of that container's init in the guest.
+JOINABLE_NAMESPACES = ("ipc", "uts", "pid")
+CONTAINER_PATH_PREFIX = "container:"
 
 
 class SpecError(ValueError):
@@ -189,6 +193,15 @@ class ContainerSpec:
     domainname: str | None = None
     mounts: tuple[MountSpec, ...] = ()
     namespaces: int = sc.CLONE_NEWNS  # CLONE_NEW* flags the container gets of its own
+    joined: tuple[tuple[int, str], ...] = ()  # (CLONE_NEW* flag, container id): that container's
+
+    @property
+    def entered(self) -> int:
+        """The CLONE_NEW* flags of every namespace not the guest's: what an exec joins."""
+        flags = self.namespaces
+        for flag, _ in self.joined:
+            flags |= flag
+        return flags
     devices: tuple[DeviceSpec, ...] = ()
     masked_paths: tuple[str, ...] = ()
     readonly_paths: tuple[str, ...] = ()
@@ -537,6 +550,7 @@ def parse_spec(raw: bytes) -> ContainerSpec:
         _refuse(linux, key, "linux", why)
 
     namespaces = sc.CLONE_NEWNS  # always: pivot_root needs a mount namespace of its own
+    joined: list[tuple[int, str]] = []
     for i, item in enumerate(_list(linux.get("namespaces"), "linux.namespaces", 16)):
         item = _object(item, f"linux.namespaces[{i}]")
         ns_type = _string(item.get("type"), f"linux.namespaces[{i}].type", 16)
@@ -544,25 +558,37 @@ def parse_spec(raw: bytes) -> ContainerSpec:
             # As Kata's agent: the VM is the pod, so every container of the sandbox shares the
             # guest's network namespace (the pod's interfaces and lo), whatever host path it names.
             continue
-        if item.get("path"):
-            raise SpecError(
-                f"linux.namespaces[{i}]: joining a namespace by path ({ns_type}) is not supported"
-            )
         if ns_type not in NAMESPACE_FLAGS:
             raise SpecError(
                 f"linux.namespaces[{i}]: namespace type {ns_type!r} is not supported in the guest"
             )
+        path = item.get("path")
+        if path:
+            path = _string(path, f"linux.namespaces[{i}].path", MAX_PATH_LENGTH)
+            if ns_type not in JOINABLE_NAMESPACES or not path.startswith(CONTAINER_PATH_PREFIX):
+                raise SpecError(
+                    f"linux.namespaces[{i}]: joining a namespace by path ({ns_type}) is not supported"
+                    f" (only {CONTAINER_PATH_PREFIX}<id> for {', '.join(JOINABLE_NAMESPACES)})"
+                )
+            target = check_id(path.removeprefix(CONTAINER_PATH_PREFIX), f"linux.namespaces[{i}].path's id")
+            joined.append((NAMESPACE_FLAGS[ns_type], target))
+            continue
         namespaces |= NAMESPACE_FLAGS[ns_type]
 
+    joined_flags = [flag for flag, _ in joined]
+    if len(set(joined_flags)) < len(joined_flags) or any(flag & namespaces for flag in joined_flags):
+        raise SpecError("linux.namespaces: a namespace type is both joined and new, or joined twice")
+    # as runc: a joined UTS namespace takes the hostname too (it is the sandbox's)
+    own_uts = bool(namespaces & sc.CLONE_NEWUTS) or any(flag == sc.CLONE_NEWUTS for flag, _ in joined)
     hostname = config.get("hostname")
     if hostname is not None:
         hostname = _string(hostname, "hostname", MAX_HOSTNAME)
-        if hostname and not namespaces & sc.CLONE_NEWUTS:
+        if hostname and not own_uts:
             raise SpecError("hostname needs a private UTS namespace (linux.namespaces: uts)")
     domainname = config.get("domainname")
     if domainname is not None:
         domainname = _string(domainname, "domainname", MAX_HOSTNAME)
-        if domainname and not namespaces & sc.CLONE_NEWUTS:
+        if domainname and not own_uts:
             raise SpecError("domainname needs a private UTS namespace (linux.namespaces: uts)")
 
     mounts = tuple(
@@ -593,6 +619,7 @@ def parse_spec(raw: bytes) -> ContainerSpec:
         domainname=domainname or None,
         mounts=mounts,
         namespaces=namespaces,
+        joined=tuple(joined),
         devices=devices,
         masked_paths=tuple(
             absolute_path(p, f"linux.maskedPaths[{i}]")
