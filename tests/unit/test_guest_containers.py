@@ -497,8 +497,9 @@ async def test_container_ids_as_namespace_paths_share_that_containers_ipc_uts_an
         await client.start_container("app2")
         readlink = {"args": ["readlink", "/proc/self/ns/pid"], "env": ENV, "cwd": "/"}
         await client.exec_process("app2", "e1", readlink)
-        status, out, _ = await collect(client, "app2", "e1")
-        assert (status, out.decode().strip()) == (0, links[2])
+        # output first: collect's reads may race the wait that forgets an exec with output
+        out = await read_all(client, "app2", "e1")
+        assert (await client.wait_process("app2", "e1", timeout=60), out.decode().strip()) == (0, links[2])
     finally:
         for container_id in ("app2", "app", "sandbox"):
             with contextlib.suppress(ContainerCallError):

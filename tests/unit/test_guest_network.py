@@ -56,9 +56,10 @@ async def test_lo_is_up_from_the_start_and_a_container_reaches_127_0_0_1(
 ) -> None:
     (lo,) = ip_json(agent_process[0].pid, "link", "show", "lo")
     assert "UP" in lo["flags"]
-    connect = "for i in $(seq 50); do echo ping | nc 127.0.0.1 4242 && break; sleep 0.1; done"
-    status, out, err = await run(client, sh(rootfs, f"nc -l -p 4242 & {connect}; wait"))
-    assert (status, out) == (0, b"ping\n"), err
+    # busybox httpd serves the rootfs's /etc to wget, over 127.0.0.1 only
+    fetch = "for i in $(seq 50); do wget -q -O - http://127.0.0.1:4242/group && break; sleep 0.1; done"
+    status, out, err = await run(client, sh(rootfs, f"httpd -f -p 127.0.0.1:4242 -h /etc & {fetch}; kill $!"))
+    assert (status, out) == (0, (rootfs / "etc/group").read_bytes()), err
 
 
 @pytest.fixture
