@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from test_runtime_helpers import busybox_rootfs, kabuto, require_guest_image, state_root_fixture, write_bundle
 
+from kabuto.config.loader import builtin_default_text
+
 pytestmark = pytest.mark.vm
 
 LARGE_MIB = 24
@@ -66,3 +68,22 @@ def test_rootfs_and_binds_over_virtio_fs(state_root: Path, tmp_path: Path) -> No
     assert (ro_file, ro_tree) == ("ro-refused", "ro-refused")
     assert sorted(p.name for p in tree.rglob("*")) == ["present", "sub"]
     assert (tree / "sub" / "present").read_text() == "kept\n"
+
+
+@pytest.mark.parametrize("driver", ["virtio-blk", "virtio-scsi"])
+def test_no_shared_fs_hands_the_rootfs_over_as_a_disk(state_root: Path, tmp_path: Path, driver: str) -> None:
+    """``shared_fs = "none"``: the configured capabilities have no shared fs, so the rootfs goes in
+    as an ext4 image on a cold-plugged disk, found in the guest by the serial the host gave it."""
+    require_guest_image()
+    config = tmp_path / "configuration.toml"
+    config.write_text(builtin_default_text())
+    (tmp_path / "config.d").mkdir()
+    (tmp_path / "config.d" / "50-none.toml").write_text(
+        f'[hypervisor.qemu]\nshared_fs = "none"\nblock_device_driver = "{driver}"\n')
+    rootfs = busybox_rootfs(tmp_path / "rootfs")
+    (rootfs / "marker").write_text("from the image\n")
+    bundle = write_bundle(tmp_path / "bundle", rootfs,
+                          ["sh", "-c", "awk '$2 == \"/\" {print $3}' /proc/mounts; cat /marker"])
+    result = kabuto(state_root, "--config", str(config), "run", "--bundle", str(bundle), "disk")
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+    assert result.stdout.decode().splitlines() == ["ext4", "from the image"]

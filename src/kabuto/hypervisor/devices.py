@@ -45,11 +45,17 @@ class BlockDevice(Device):
     path: Path
     read_only: bool = False
     format: str = "raw"
-    # filled by the backend once plugged: where the guest will find it
+    # filled by the backend once plugged: where the guest will find it (a /dev path, or
+    # serial_address(): the guest looks the disk up by the serial the backend gave it)
     guest_address: str = ""
 
     def __post_init__(self) -> None:
         self.kind = DeviceKind.BLOCK
+
+
+def serial_address(serial: str) -> str:
+    """A disk's address for the guest agent's Storage.source: the serial the VMM gave it."""
+    return f"serial:{serial}"
 
 
 @dataclass

@@ -15,6 +15,9 @@ log = logging.getLogger(__name__)
 
 DEVICE_WAIT = 10.0
 DEVICE_POLL = 0.02
+#: how the host names a disk it plugged: by the serial it gave it (virtio-blk keeps 20 bytes)
+SERIAL_PREFIX = "serial:"
+MAX_SERIAL = 64
 
 
 async def mount_storage(storage: pb.Storage, mount_point: str) -> None:
@@ -30,11 +33,14 @@ async def mount_storage(storage: pb.Storage, mount_point: str) -> None:
         flags, propagation, data = parse_mount_options(list(storage.options), f"{mount_point} options")
     except SpecError as exc:
         raise RpcError(Code.INVALID_ARGUMENT, str(exc)) from None
-    if storage.source.startswith("/dev/"):
-        await wait_for_device(storage.source)
+    source = storage.source
+    if source.startswith(SERIAL_PREFIX):
+        source = await device_by_serial(source.removeprefix(SERIAL_PREFIX))
+    elif source.startswith("/dev/"):
+        await wait_for_device(source)
     try:
         os.makedirs(mount_point, exist_ok=True)
-        sc.mount(storage.source, mount_point, storage.fstype, flags, data or None)
+        sc.mount(source, mount_point, storage.fstype, flags, data or None)
         if propagation:
             sc.mount(None, mount_point, None, propagation)
     except OSError as exc:
@@ -52,6 +58,45 @@ async def wait_for_device(path: str) -> None:
         if loop.time() >= deadline:
             raise RpcError(Code.NOT_FOUND, f"block device {path} did not appear within {DEVICE_WAIT:g}s")
         await asyncio.sleep(DEVICE_POLL)
+
+
+async def device_by_serial(serial: str, sys_block: str = "/sys/block") -> str:
+    """The disk whose serial the host set (virtio-blk's ``serial``, or a SCSI disk's unit serial
+    number page): the host cannot know the name the guest gives it, so it names it by serial."""
+    if not serial or len(serial) > MAX_SERIAL or "/" in serial:
+        raise RpcError(Code.INVALID_ARGUMENT, f"bad disk serial {serial[:40]!r}")
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + DEVICE_WAIT
+    while True:
+        for name in _listdir(sys_block):
+            if _serial_of(f"{sys_block}/{name}") == serial:
+                node = f"/dev/{name}"
+                await wait_for_device(node)
+                return node
+        if loop.time() >= deadline:
+            raise RpcError(Code.NOT_FOUND, f"no disk with serial {serial!r} appeared within {DEVICE_WAIT:g}s")
+        await asyncio.sleep(DEVICE_POLL)
+
+
+def _serial_of(disk: str) -> str | None:
+    try:
+        with open(f"{disk}/serial", "rb") as file:  # virtio-blk
+            return file.read(MAX_SERIAL + 1).decode(errors="replace").strip()
+    except OSError:
+        pass
+    try:
+        # SCSI: VPD page 0x80, a 4-byte header then the serial
+        with open(f"{disk}/device/vpd_pg80", "rb") as file:
+            return file.read(MAX_SERIAL + 5)[4:].decode(errors="replace").strip()
+    except OSError:
+        return None
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return sorted(os.listdir(path))
+    except OSError:
+        return []
 
 
 def unmount(path: str) -> None:

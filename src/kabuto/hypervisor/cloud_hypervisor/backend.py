@@ -24,6 +24,7 @@ from kabuto.hypervisor.devices import (
     NetworkDevice,
     SharedFsDevice,
     SharedFsKind,
+    serial_address,
 )
 from kabuto.hypervisor.plugin import HypervisorPlugin
 from kabuto.hypervisor.rest_vmm import RestVmm
@@ -250,7 +251,7 @@ class CloudHypervisor(RestVmm):
 def _disk(device: BlockDevice) -> dict[str, Any]:
     """The guest finds the disk by its virtio serial (the device id), cold- or hot-plugged."""
     serial = device.id[:VIRTIO_BLK_SERIAL_MAX]
-    device.guest_address = f"serial:{serial}"
+    device.guest_address = serial_address(serial)
     disk: dict[str, Any] = {
         "id": device.id,
         "path": str(device.path),

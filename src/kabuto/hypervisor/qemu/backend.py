@@ -25,14 +25,16 @@ from kabuto.hypervisor.devices import (
     PORT_LOCK_SUFFIX,
     AgentChannel,
     AnyDevice,
+    BlockDevice,
     ChannelKind,
     device_from_dict,
     device_to_dict,
+    serial_address,
 )
 from kabuto.hypervisor.host import Accelerator, choose_accelerator
 from kabuto.hypervisor.plugin import HypervisorPlugin
 from kabuto.hypervisor.qemu import migration
-from kabuto.hypervisor.qemu.cmdline import VmPaths, build_command, use_vhost_net
+from kabuto.hypervisor.qemu.cmdline import VmPaths, block_serial, build_command, use_vhost_net
 from kabuto.hypervisor.qemu.console import ConsoleReader, printable
 from kabuto.hypervisor.qemu.hotplug import Hotplug
 from kabuto.hypervisor.qemu.plugin import CAPABILITIES
@@ -129,6 +131,9 @@ class QemuHypervisor(Hypervisor):
                 self.boot_timings["virtiofsd_ready"] = time.monotonic() - started
                 command = build_command(self.config, self.accelerator, self.paths, self.pending_devices,
                                         self.id, incoming=restore_from is not None, vhost_net=self._vhost_net)
+                for device in self.pending_devices:
+                    if isinstance(device, BlockDevice):  # as hot-plug names it: the guest finds it so
+                        device.guest_address = serial_address(block_serial(device))
                 log.debug("qemu command: %s", command)
                 self._qemu = VmmProcess(self.name, "QEMU", self.paths.qemu_log)
                 await self._qemu.spawn(command, netns=self.netns)

@@ -9,10 +9,11 @@ from qemu.qmp import EventListener
 
 from kabuto.config.model import HypervisorConfig
 from kabuto.errors import HypervisorError, UnsupportedOperation, VmTimeout
-from kabuto.hypervisor.devices import AnyDevice, BlockDevice, NetworkDevice
+from kabuto.hypervisor.devices import AnyDevice, BlockDevice, NetworkDevice, serial_address
 from kabuto.hypervisor.qemu.cmdline import (
     block_device_args,
     block_iothread,
+    block_serial,
     blockdev_args,
     hotplug_bus,
     net_device_args,
@@ -57,7 +58,7 @@ class Hotplug:
         except BaseException:
             self.slots.pop(device.id, None)
             raise
-        device.guest_address = f"serial:{block_device_args(device, driver, None)['serial']}"
+        device.guest_address = serial_address(block_serial(device))
 
     async def _add_net(self, device: NetworkDevice) -> None:
         bus = self._take_slot(device.id)
