@@ -299,13 +299,14 @@ async def kill_and_reap(processes: list[Process]) -> None:
             log.warning("%d processes did not report their exit within %gs", len(still), KILL_TIMEOUT)
 
 
-async def wait_until_gone(container_id: str, mnt_namespace: str) -> None:
+async def wait_until_gone(container_id: str, mnt_namespace: str, killed: list[int]) -> None:
     """Until no process is left in the mount namespace, or KILL_TIMEOUT passed (then a warning).
 
-    A dying process drops its namespaces before it becomes a zombie: once seen, a process is
-    watched by its pid until it is a zombie or gone, not only while its namespace shows."""
+    A dying process drops its namespaces before it becomes a zombie: the ``killed`` ones, and
+    any seen later, are watched by pid until each is a zombie or gone, not only while its
+    namespace shows."""
     deadline = time.monotonic() + KILL_TIMEOUT
-    watched: set[int] = set()
+    watched = set(killed)
     while left := {pid for pid in watched | set(pids_in(mnt_namespace)) if not _exited(pid)}:
         watched = left
         if time.monotonic() > deadline:

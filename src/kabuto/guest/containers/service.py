@@ -366,16 +366,18 @@ class ContainerService:
             with contextlib.suppress(RpcError):
                 await set_frozen(container.id, container.cgroup_dir, False)
         shared_pid_namespace = not container.spec.namespaces & sc.CLONE_NEWPID
+        killed: list[int] = []
         if shared_pid_namespace:
             # No PID namespace whose end takes every process with it: find them by mount namespace.
-            for pid in pids_in(container.mnt_namespace):
+            killed = pids_in(container.mnt_namespace)
+            for pid in killed:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
         await kill_and_reap(processes)
         if shared_pid_namespace:
             # the untracked ones (a shell's background jobs) die asynchronously: the rootfs they
             # hold is unmounted next, so wait (bounded) until none is left in the namespace
-            await wait_until_gone(container.id, container.mnt_namespace)
+            await wait_until_gone(container.id, container.mnt_namespace, killed)
         for process in processes:
             process.close()
         remove_cgroup(container.cgroup_dir)
