@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 
 from kabuto.errors import KabutoError
 from kabuto.runtime import commands, streaming
-from kabuto.runtime.bundle import Bundle, default_spec, load_bundle, process_spec
+from kabuto.runtime.bundle import Bundle, default_spec, join_network_namespace, load_bundle, process_spec
 from kabuto.runtime.busybox import make_busybox_rootfs
 from kabuto.runtime.sandbox import DEFAULT_BOOT_TIMEOUT, VirtSandbox, create_sandbox_for
 from kabuto.runtime.state import StateStore
@@ -59,14 +59,16 @@ class AsyncSandbox:
                  rootfs: str | Path | None = None, state_root: str | Path | None = None,
                  boot_timeout: float = DEFAULT_BOOT_TIMEOUT, env: list[str] | None = None,
                  readonly_root: bool = False, binds: dict[str, str | Path] | None = None,
-                 readonly_binds: dict[str, str | Path] | None = None) -> None:
+                 readonly_binds: dict[str, str | Path] | None = None, netns: str | None = None) -> None:
         """``binds``/``readonly_binds``: container path -> host directory or file, bind-mounted
-        read-write / read-only (through the sandbox's shared filesystem)."""
+        read-write / read-only (through the sandbox's shared filesystem). ``netns``: the network
+        namespace (a path, as CNI or ``ip netns add`` made it) whose interfaces the VM gets."""
         self._options = commands.RuntimeOptions(StateStore(Path(state_root) if state_root else None), config,
                                                 hypervisor, boot_timeout)
         self._rootfs = Path(rootfs) if rootfs is not None else None
         self._env = list(env or [])
         self._readonly_root = readonly_root
+        self._netns = netns
         self._binds = [(dest, Path(src), "rw") for dest, src in (binds or {}).items()]
         self._binds += [(dest, Path(src), "ro") for dest, src in (readonly_binds or {}).items()]
         self._sandbox: VirtSandbox | None = None
@@ -100,6 +102,8 @@ class AsyncSandbox:
         spec["root"]["readonly"] = self._readonly_root
         spec["hostname"] = self.id
         spec["process"]["env"] += self._env
+        if self._netns is not None:
+            join_network_namespace(spec, self._netns)
         spec["mounts"] += [{"destination": dest, "type": "bind", "source": str(src.absolute()),
                             "options": ["rbind", mode]} for dest, src, mode in self._binds]
         (workdir / "config.json").write_text(json.dumps(spec, indent=2))

@@ -136,3 +136,24 @@ def test_cni_pod_network_as_under_runc(state_root: Path, host_netns: str, tmp_pa
     runc_lines = runc_out.splitlines()
     assert runc_lines[0] == runc_address and runc_lines[2:] == ["gateway-reached", "lo-up"], runc_out
     assert kabuto_out.replace(kabuto_address, "ADDR") == runc_out.replace(runc_address, "ADDR")
+
+
+def test_run_net_and_the_api_take_a_netns_path(state_root: Path, host_netns: str, tmp_path: Path) -> None:
+    """`kabuto run --busybox --net PATH` and `Sandbox(netns=PATH)`: the same pod network without a
+    bundle of one's own."""
+    import kabuto as api
+
+    require_guest_image()
+    pod = CniPod(host_netns, tmp_path / "ipam")
+    try:
+        address = pod.result["ips"][0]["address"]
+        result = kabuto(state_root, "run", "--busybox", "--net", pod.path, "--", "sh", "-c",
+                        "ip -o -4 addr show eth0 | awk '{print $4}'", timeout=300)
+        assert result.returncode == 0, result.stderr.decode(errors="replace")
+        assert result.stdout.decode().split() == [address]
+        with api.Sandbox(hypervisor="qemu", state_root=state_root, netns=pod.path) as sandbox:
+            shown = sandbox.run(["sh", "-c", "ip -o -4 addr show eth0 | awk '{print $4}'"])
+        assert shown.exit_code == 0, shown.stderr
+        assert shown.stdout.decode().split() == [address]
+    finally:
+        pod.close()

@@ -25,7 +25,7 @@ from typing import Any
 import click
 
 from kabuto.runtime import commands, streaming
-from kabuto.runtime.bundle import default_spec
+from kabuto.runtime.bundle import default_spec, join_network_namespace
 from kabuto.runtime.busybox import make_busybox_rootfs
 from kabuto.runtime.sandbox import DEFAULT_BOOT_TIMEOUT
 from kabuto.runtime.state import STATE_ROOT_ENV, StateStore, default_state_root
@@ -151,12 +151,15 @@ def _exit_with(ctx: click.Context, status: int) -> None:
 @click.option("--busybox", is_flag=True,
               help="Like --rootfs, with a throw-away rootfs made from the host's busybox-static.")
 @click.option("--name", default=None, help="Container id with --rootfs (default: a random one).")
+@click.option("--net", "netns", default=None, metavar="PATH",
+              help="With --rootfs/--busybox: the network namespace (e.g. /run/netns/NAME, made by CNI or "
+                   "`ip netns add`) whose interfaces the VM gets.")
 @_root_option
 @_boot_timeout_option
 @click.argument("args", nargs=-1, required=True)
 @click.pass_context
 def run_command(ctx: click.Context, bundle: str | None, rootfs: str | None, busybox: bool, name: str | None,
-                root: Path | None, boot_timeout: float, args: tuple[str, ...]) -> None:
+                netns: str | None, root: Path | None, boot_timeout: float, args: tuple[str, ...]) -> None:
     """Create and start a container, stream its stdio, and exit with its exit code.
 
     \b
@@ -169,12 +172,17 @@ def run_command(ctx: click.Context, bundle: str | None, rootfs: str | None, busy
         raise click.UsageError("give one of --bundle, --rootfs and --busybox")
     if rootfs is None and not busybox and len(args) != 1:
         raise click.UsageError("expected exactly one container id (or --rootfs DIR -- CMD ARGS...)")
+    if netns is not None and rootfs is None and not busybox:
+        raise click.UsageError("--net goes with --rootfs or --busybox; a bundle's config.json names its "
+                               "network namespace (linux.namespaces)")
     temporary = tempfile.mkdtemp(prefix="kabuto-bundle-") if rootfs is not None or busybox else None
     try:
         if temporary is not None:
             container_id = name or f"run-{secrets.token_hex(4)}"
             root_dir = make_busybox_rootfs(Path(temporary, "rootfs")) if busybox else Path(str(rootfs))
             spec = default_spec(list(args), str(root_dir.absolute()), terminal=False)
+            if netns is not None:
+                join_network_namespace(spec, str(Path(netns).absolute()))
             Path(temporary, "config.json").write_text(json.dumps(spec, indent=2))
             bundle = temporary
         else:

@@ -331,6 +331,13 @@ def _check_linux(linux: dict[str, Any], where: str) -> None:
         _expect(value, str, where, f"linux.sysctl[{name!r}]", "a string")
 
 
+def join_network_namespace(spec: dict[str, Any], path: str) -> None:
+    """The spec's network namespace becomes ``path`` (a pod's netns, as CRI or CNI tooling made)."""
+    namespaces = spec.setdefault("linux", {}).setdefault("namespaces", [])
+    namespaces[:] = [ns for ns in namespaces if ns.get("type") != "network"]
+    namespaces.append({"type": "network", "path": path})
+
+
 def default_spec(args: list[str], rootfs: str = "rootfs", *, terminal: bool = False) -> dict[str, Any]:
     """What ``runc spec`` writes, with ``args`` as the process (``--rootless`` not modelled)."""
     caps = ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"]
