@@ -204,6 +204,26 @@ def open_tap(netns_name: str, name: str) -> int:
     return in_netns(netns_name, opened)
 
 
+def echo_through_tap(pod: str, tap: str, mac: str, address: str, sender_netns: str,
+                     payload: bytes) -> tuple[bytes, str, Guest]:
+    """A datagram sent from ``sender_netns`` to ``address`` crosses the redirect to ``tap``, where a
+    stand-in guest (answering ARP as ``mac``) echoes it back; what came back, from whom, the guest."""
+    fd = open_tap(pod, tap)
+    guest = Guest(fd, mac, address)
+    guest.start()
+    sock = in_netns(sender_netns, lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+    try:
+        sock.settimeout(5)
+        sock.sendto(payload, (address, 4789))
+        data, sender = sock.recvfrom(64)
+    finally:
+        guest.stop.set()
+        guest.join(5)
+        sock.close()
+        os.close(fd)
+    return data, sender[0], guest
+
+
 class Guest(threading.Thread):
     """Stands for the VM behind the tap: answers ARP for the pod's address with the pod's MAC
     (the guest NIC's), and echoes UDP datagrams back to their sender, for 10 s at most."""
@@ -249,20 +269,8 @@ async def test_frames_cross_the_redirect_both_ways(pod: Pod) -> None:
     answer, written to the tap, reaches the peer; the filters' counters show both ways."""
     [endpoint] = await network.scan(pod.path)
     tap = await network.attach(pod.path, endpoint)
-    fd = open_tap(pod.name, tap)
-    guest = Guest(fd, pod.mac, POD_IP)
-    guest.start()
-    sock = in_netns(pod.peer, lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
-    try:
-        sock.settimeout(5)
-        sock.sendto(b"kabuto", (POD_IP, 4789))
-        data, sender = sock.recvfrom(64)
-    finally:
-        guest.stop.set()
-        guest.join(5)
-        sock.close()
-        os.close(fd)
-    assert (data, sender[0]) == (b"kabuto", POD_IP)
+    data, sender, guest = echo_through_tap(pod.name, tap, pod.mac, POD_IP, pod.peer, b"kabuto")
+    assert (data, sender) == (b"kabuto", POD_IP)
     assert guest.arp_replies >= 1 and guest.echoes == 1
     for dev in ("eth0", tap):
         [stats] = [a["stats"] for f in ingress_filters(pod, dev, stats=True) for a in f["options"]["actions"]]

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from netns_helpers import in_netns, needs_netns, netns, path, sh
-from test_network import Guest, links, open_tap
+from netns_helpers import needs_netns, netns, path, sh
+from test_network import echo_through_tap, links
 
 from kabuto.runtime import network
 from kabuto.runtime.network import IPAddress, Route
@@ -83,19 +82,8 @@ async def test_a_tap_behind_cnis_veth_carries_traffic_and_goes_again(cni_pod: Cn
     address = endpoint.interface.addresses[0].address
     tap = await network.attach(cni_pod.path, endpoint)
     assert tap is not None
-    fd = open_tap(cni_pod.name, tap)
-    guest = Guest(fd, endpoint.interface.mac, address)
-    guest.start()
-    sock = in_netns(cni_pod.host, lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
-    try:
-        sock.settimeout(5)
-        sock.sendto(b"through cni", (address, 4789))
-        data, sender = sock.recvfrom(64)
-    finally:
-        guest.stop.set()
-        guest.join(5)
-        sock.close()
-        os.close(fd)
-    assert (data, sender[0]) == (b"through cni", address) and guest.echoes == 1
+    data, sender, guest = echo_through_tap(cni_pod.name, tap, endpoint.interface.mac, address, cni_pod.host,
+                                           b"through cni")
+    assert (data, sender) == (b"through cni", address) and guest.echoes == 1
     await network.detach(cni_pod.path, tap)
     assert sorted(links(cni_pod.name)) == ["eth0", "lo"]
