@@ -182,9 +182,11 @@ def test_check_ok_and_not(good, tmp_path):
     result = run("check", "--config", str(good))
     assert result.exit_code == 0, result.stdout
     assert "kabuto can run toy on this host" in result.stdout
+    assert "networking:\n  tap devices: /dev/net/tun " in result.stdout
     result = run("--hypervisor", "toy-down", "check", "--config", str(good), "--format", "json")
     assert result.exit_code == 1
     report = json.loads(result.stdout)
+    assert [fact.split(":")[0] for fact in report["networking"]] == ["tap devices", "vhost-net"]
     assert report["ok"] is False
     assert report["availability"]["reasons"][0] == "toy binary not found"
 

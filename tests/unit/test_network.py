@@ -395,3 +395,9 @@ def test_vhost_net_is_checked_not_assumed(tmp_path: Path) -> None:
     assert vhost_net_available(Path("/dev/null"))  # a character device open to root
     real = Path("/dev/vhost-net")
     assert vhost_net_available() == (real.is_char_device() and os.access(real, os.R_OK | os.W_OK))
+
+
+def test_host_facts_name_what_is_missing(tmp_path: Path) -> None:
+    facts = network.host_facts(tun=tmp_path / "no-tun", vhost=tmp_path / "no-vhost")
+    assert facts == [f"tap devices: {tmp_path / 'no-tun'} missing: a pod's interfaces cannot reach the VM",
+                     f"vhost-net: {tmp_path / 'no-vhost'} missing: QEMU moves packets itself (slower)"]

@@ -21,6 +21,7 @@ from kabuto.hypervisor.registry import (
     registered_names,
 )
 from kabuto.hypervisor.resolve import adjusted_table, resolve_config
+from kabuto.runtime import network
 
 _CONFIG_OPTION = click.option(
     "--config", "config_path", type=click.Path(dir_okay=False), default=None,
@@ -195,6 +196,8 @@ def check(ctx: click.Context, config_path: str | None, fmt: str) -> None:
             availability.available = False
             availability.reasons.append(f"no backend: {exc}")
         report["availability"] = availability.to_dict()
+    # what pod networking needs here: information, not a verdict (a VM without a pod netns needs none)
+    report["networking"] = network.host_facts()
     ok = not report["problems"] and report["availability"]["available"]
     report["ok"] = ok
     if fmt == "json":
@@ -220,6 +223,9 @@ def _echo_check(report: dict[str, Any]) -> None:
         click.echo(f"accelerator: {availability['accelerator']}")
     for reason in availability["reasons"]:
         click.echo(f"  {reason}")
+    click.echo("networking:")
+    for fact in report["networking"]:
+        click.echo(f"  {fact}")
     verdict = "can" if availability["available"] else "cannot"
     click.echo(f"kabuto {verdict} run {name} on this host")
 

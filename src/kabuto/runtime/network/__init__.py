@@ -21,9 +21,9 @@ from kabuto.runtime.network.model import (
     Route,
 )
 from kabuto.runtime.network.tcfilter import attach, detach, detach_all
-from kabuto.runtime.network.vhost import vhost_net_available
+from kabuto.runtime.network.vhost import host_facts, vhost_net_available
 
 __all__ = [
     "ARPNeighbor", "Endpoint", "IPAddress", "Interface", "NetnsGone", "NetworkError", "Route",
-    "attach", "detach", "detach_all", "scan", "vhost_net_available",
+    "attach", "detach", "detach_all", "host_facts", "scan", "vhost_net_available",
 ]
