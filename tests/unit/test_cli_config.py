@@ -167,6 +167,9 @@ def test_hypervisors_json_lists_every_plugin(good):
     assert entries["toy-down"]["availability"]["available"] is False
     assert entries["toy-broken"]["availability"]["reasons"] == ["plugin error: plugin bug"]
     assert entries["cloud-hypervisor"]["aliases"] == ["clh"]
+    # as the configuration would have them: QEMU's default virtio-fs blocks snapshots
+    qemu = entries["qemu"]["capabilities"]
+    assert (qemu["shared_fs"], qemu["snapshot"]) == (["virtio-fs"], False)
 
 
 def test_hypervisors_table_and_unusable_config(bad):

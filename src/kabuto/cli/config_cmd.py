@@ -99,11 +99,15 @@ def _describe(name: str, config: KabutoConfig | None) -> dict[str, Any]:
         "active": config is not None and config.hypervisor_name == name,
     }
     try:
-        availability = plugin.availability(adjusted_table(config, name))
+        table = adjusted_table(config, name)
+        availability = plugin.availability(table)
     except Exception as exc:  # a third-party plugin's bug must not hide the others
         availability = Availability(False, [f"plugin error: {exc}"])
+        table = None
     try:
-        capabilities: dict[str, Any] = plugin.capabilities().to_dict()
+        # as this configuration would have it (shared_fs, disable_block_device_use...)
+        caps = plugin.capabilities_for(table) if table is not None else plugin.capabilities()
+        capabilities: dict[str, Any] = caps.to_dict()
     except Exception as exc:
         capabilities = {"error": str(exc)}
     entry["availability"] = availability.to_dict()
