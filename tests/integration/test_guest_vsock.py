@@ -14,20 +14,18 @@ finding none, serves virtio-serial only; one with neither channel powers off, sa
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
-import shutil
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
+from test_runtime_helpers import bare_boot_console
 
 from kabuto.agent.client import wait_for_agent
 from kabuto.hypervisor import new_hypervisor, resolve_config
 from kabuto.hypervisor.devices import AGENT_VSOCK_PORT
-from kabuto.hypervisor.host import choose_accelerator
 from kabuto.hypervisor.qemu.backend import QemuHypervisor
 from kabuto.image import GuestImage, build_image
 
@@ -124,25 +122,8 @@ async def test_without_a_vsock_device_the_agent_serves_virtio_serial_only(boot: 
 
 
 async def test_a_guest_without_any_agent_channel_powers_off_saying_so(image: GuestImage) -> None:
-    qemu = shutil.which("qemu-system-x86_64")
-    assert qemu is not None
-    accel = choose_accelerator("auto").name
-    # no virtio-serial port, no vsock device
-    proc = await asyncio.create_subprocess_exec(
-        qemu, "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
-        "-M", "q35", "-accel", accel, "-cpu", "host" if accel == "kvm" else "max", "-m", "512",
-        "-kernel", str(image.kernel), "-initrd", str(image.initrd),
-        "-append", "console=ttyS0 quiet panic=-1", "-serial", "stdio",
-        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )
-    try:
-        async with asyncio.timeout(NO_CHANNEL_TIMEOUT):
-            output, _ = await proc.communicate()  # the agent powers the VM off
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        await proc.wait()
-    console = output.decode(errors="replace")
+    # no virtio-serial port, no vsock device: the agent powers the VM off
+    console = await bare_boot_console(image.kernel, image.initrd, "quiet panic=-1", NO_CHANNEL_TIMEOUT)
     assert ("kabuto-agent: fatal: ChannelError: no agent channel within 30s: no virtio-serial port named "
             "'agent.channel.0' appeared and no vsock device (none bound to vmw_vsock_virtio_transport); "
             "powering off") in console, console[-3000:]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -15,6 +17,7 @@ from typing import Any
 import psutil
 import pytest
 
+from kabuto.hypervisor.host import choose_accelerator
 from kabuto.runtime.bundle import default_spec
 from kabuto.runtime.busybox import make_busybox_rootfs
 
@@ -22,6 +25,29 @@ from kabuto.runtime.busybox import make_busybox_rootfs
 CLI_TIMEOUT = 300.0
 # the console script installed next to this interpreter (the venv's)
 KABUTO = Path(sys.executable).parent / "kabuto"
+
+
+async def bare_boot_console(kernel: Path, initrd: Path, append: str, timeout: float) -> str:
+    """The serial console of the image booted by QEMU with no device at all, until the guest
+    powers the VM off (bounded: the VM is killed after ``timeout``)."""
+    qemu = shutil.which("qemu-system-x86_64")
+    assert qemu is not None, "qemu-system-x86_64 is not installed"
+    accel = choose_accelerator("auto").name
+    proc = await asyncio.create_subprocess_exec(
+        qemu, "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+        "-M", "q35", "-accel", accel, "-cpu", "host" if accel == "kvm" else "max", "-m", "512",
+        "-kernel", str(kernel), "-initrd", str(initrd), "-append", f"console=ttyS0 {append}",
+        "-serial", "stdio",
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        async with asyncio.timeout(timeout):
+            output, _ = await proc.communicate()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+    return output.decode(errors="replace")
 
 
 def require_guest_image() -> None:
