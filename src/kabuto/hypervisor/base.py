@@ -219,6 +219,11 @@ class Hypervisor(abc.ABC):
     async def cleanup(self) -> None:
         """Remove everything this backend made on the host; safe to call twice."""
 
+    def exit_reason(self) -> str:
+        """How the VMM process ended ("... was killed by signal 9"), where this process can tell
+        (it spawned the VMM); "" otherwise."""
+        return ""
+
     async def check(self) -> None:
         """Raise HypervisorUnavailable naming the reason if this host cannot run the VMM."""
         reasons = self._unavailability_reasons()

@@ -211,6 +211,11 @@ class RestVmm(Hypervisor):
         procs = [self._vmm, *self._helper_processes()]
         return [p.pid for p in procs if p is not None and p.pid is not None and p.alive()]
 
+    def exit_reason(self) -> str:
+        if self._vmm is None or self._vmm.alive() or self._vmm.returncode is None:
+            return ""
+        return self._vmm.exit_description()
+
     # -- host side ----------------------------------------------------------------------------
     async def cleanup(self) -> None:
         await self._teardown()

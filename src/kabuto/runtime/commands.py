@@ -32,6 +32,7 @@ from kabuto.runtime.sandbox import (
     SandboxError,
     VirtSandbox,
     create_sandbox_for,
+    reap_abandoned,
 )
 from kabuto.runtime.state import ContainerRecord, SandboxRecord, StateError, StateStore
 from kabuto.runtime.streaming import OUTPUT_DRAIN_TIMEOUT, ProcessIO, run_process
@@ -56,6 +57,8 @@ async def create(container_id: str, bundle_dir: str, options: RuntimeOptions) ->
     check_container_id(container_id)
     bundle = load_bundle(bundle_dir)
     store = options.store
+    # an id a killed create left half made is free again
+    await reap_abandoned(store)
     pod = bundle.pod_sandbox_id
     if pod is not None:
         with store.sandbox_lock(pod):
@@ -106,6 +109,7 @@ async def attached(container_id: str, options: RuntimeOptions, *, connect: bool 
     With ``keep_agent`` a body that succeeded leaves the agent connection to the caller (who
     closes it), so it can stream after the lock is released."""
     store = options.store
+    await reap_abandoned(store)
     record = store.find_container(container_id)
     if record.owner and record.owned_by_live_process():
         owner = record.owner.get("name", "another process")
@@ -189,6 +193,7 @@ def _oci_state(record: SandboxRecord, container_id: str, pids: list[int]) -> dic
 
 async def list_containers(options: RuntimeOptions) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
+    await reap_abandoned(options.store)
     for sandbox_id in options.store.sandbox_ids():
         with contextlib.suppress(KabutoError):
             record = options.store.load(sandbox_id)

@@ -34,11 +34,12 @@ from kabuto.hypervisor.base import Hypervisor, HypervisorState, VmStatus
 from kabuto.hypervisor.capabilities import Capabilities
 from kabuto.hypervisor.devices import BlockDevice, DeviceKind, NetworkDevice, SharedFsDevice
 from kabuto.hypervisor.vmm_process import kill_processes_naming
+from kabuto.processes import process_record
 from kabuto.runtime import network
 from kabuto.runtime import rootfs as rootfs_delivery
 from kabuto.runtime.bundle import Bundle, BundleError, ContainerIdError, check_container_id
 from kabuto.runtime.rootfs import RootfsError, Storage
-from kabuto.runtime.state import ContainerRecord, SandboxRecord, StateStore, now_rfc3339
+from kabuto.runtime.state import ContainerRecord, SandboxRecord, StateError, StateStore, now_rfc3339
 from kabuto.ttrpc.status import Code
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,8 @@ INIT_EXEC_ID = ""
 # `state`/`list` ask whether the init process has exited; this long a "no" means running.
 STATUS_POLL = 0.5
 READ_CHUNK = 1024 * 1024
+# a VMM's agent connection closes a moment before its exit can be seen (reaped, or a zombie)
+VMM_EXIT_GRACE = 2.0
 
 
 class SandboxError(KabutoError):
@@ -245,13 +248,31 @@ class VirtSandbox:
         return self._containers
 
     async def _agent_call(self, what: str, call: Any) -> Any:
-        """Await an agent call; if the VM died meanwhile, say so instead of a socket error."""
+        """Await an agent call; if the VM died meanwhile, say so (and how) instead of a socket error."""
         try:
             return await call
         except KabutoError as exc:
+            if not await self._vm_exited():
+                raise
+            reason = self.hypervisor.exit_reason()
+            raise SandboxError(f"sandbox {self.id!r}: its VM exited{f' ({reason})' if reason else ''}; "
+                               f"{what} failed") from exc
+
+    async def _vm_exited(self) -> bool:
+        """After a failed agent call: whether the VMM is gone. A lost agent connection is the
+        first sign of a dying VMM (its sockets close before its exit is seen): it gets a
+        moment to be seen gone."""
+        if not await self.vmm_running():
+            return True
+        if self.agent is not None and not self.agent.closed:
+            return False
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + VMM_EXIT_GRACE
+        while loop.time() < deadline:
+            await asyncio.sleep(0.05)
             if not await self.vmm_running():
-                raise SandboxError(f"sandbox {self.id!r}: the VM exited ({what} failed)") from exc
-            raise
+                return True
+        return False
 
     async def vmm_running(self) -> bool:
         """Whether the VMM process is still there (its pids, not the recorded status)."""
@@ -569,7 +590,8 @@ async def create_sandbox_for(
     that manages the sandbox (the shim). Any failure leaves nothing: no VM, record or mount.
     """
     store.reserve(SandboxRecord(id=container_id, hypervisor_name=hypervisor_name or "",
-                                config_path=config_path, owner=dict(owner or {})), [container_id])
+                                config_path=config_path, owner=dict(owner or {}),
+                                creator=process_record(os.getpid())), [container_id])
     sandbox = await VirtSandbox.create(
         container_id, store, config_path=config_path, hypervisor_name=hypervisor_name,
         annotations=bundle.annotations, hostname=hostname, netns=bundle.network_namespace,
@@ -619,6 +641,33 @@ def new_sandbox_id(prefix: str = "sb") -> str:
 
 def describe(record: SandboxRecord) -> dict[str, Any]:
     return asdict(record)
+
+
+async def reap_abandoned(store: StateStore) -> list[str]:
+    """Remove every sandbox its creator left half made when it died (``kill -9`` of a CLI or an
+    API program mid-create or mid-boot): its VMM and helpers, shares, taps, files. Each one is
+    reported (a warning naming it and the dead creator) and its id is returned. A sandbox
+    another process is busy with (its lock held) is left for later."""
+    reaped: list[str] = []
+    for sandbox_id in store.sandbox_ids():
+        try:
+            record = store.load(sandbox_id)
+            if not record.abandoned():
+                continue
+            with store.sandbox_lock(sandbox_id, timeout=0):
+                record = store.load(sandbox_id)
+                if not record.abandoned():
+                    continue
+                if record.hypervisor_state:
+                    sandbox = await VirtSandbox.attach(sandbox_id, store)
+                    await sandbox.hypervisor.cleanup()
+                await remove_dead_sandbox(store, sandbox_id)
+        except (ContainerIdError, StateError):
+            continue  # gone meanwhile, or busy: another process is at it
+        log.warning("sandbox %r was left half created by pid %s, which died: removed what it left "
+                    "(VMM, shares, files)", sandbox_id, record.creator.get("pid"))
+        reaped.append(sandbox_id)
+    return reaped
 
 
 async def remove_dead_sandbox(store: StateStore, sandbox_id: str) -> None:

@@ -85,9 +85,17 @@ class SandboxRecord:
     #: the long-lived process that manages this sandbox, if not the CLI (containerd's shim):
     #: {"name": ..., "pid": ..., "create_time": ...}
     owner: dict[str, Any] = field(default_factory=dict)
+    #: the process creating the sandbox ({"pid", "create_time"}): a sandbox it left half made
+    #: when it died (killed mid-create or mid-boot) is what the next command cleans up
+    creator: dict[str, Any] = field(default_factory=dict)
 
     def owned_by_live_process(self) -> bool:
         return live_process(self.owner) is not None
+
+    def abandoned(self) -> bool:
+        """Left half made: still creating, or holding no container yet, by a creator that died."""
+        unfinished = self.status == "creating" or not self.containers
+        return unfinished and bool(self.creator) and live_process(self.creator) is None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1, sort_keys=True)
@@ -117,7 +125,10 @@ class StateStore:
     # -- locks -------------------------------------------------------------------------------
     @contextlib.contextmanager
     def global_lock(self) -> Iterator[None]:
-        self.root.mkdir(parents=True, exist_ok=True, mode=0o711)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True, mode=0o711)
+        except OSError as exc:
+            raise StateError(f"cannot create the state directory {self.root}: {exc.strerror}") from None
         with _flock(self.root / ".lock"):
             yield
 
@@ -153,6 +164,9 @@ class StateStore:
             temporary.write_text(record.to_json())
             os.replace(temporary, path)
         except OSError as exc:
+            # a full filesystem leaves no half-written temporary behind (the record stays as it was)
+            with contextlib.suppress(OSError):
+                temporary.unlink()
             raise StateError(f"cannot write {path}: {exc.strerror}") from None
 
     def find_container(self, container_id: str) -> SandboxRecord:
@@ -170,11 +184,19 @@ class StateStore:
             for container_id in container_ids:
                 if self._container_exists(container_id) or self.sandbox_dir(container_id).exists():
                     raise ContainerExistsError(f"container with id {container_id!r} already exists")
+            directory = self.sandbox_dir(record.id)
             try:
-                self.sandbox_dir(record.id).mkdir(mode=0o700)
+                directory.mkdir(mode=0o700)
             except FileExistsError:
                 raise ContainerExistsError(f"container with id {record.id!r} already exists") from None
-            self.save(record)
+            except OSError as exc:
+                raise StateError(f"cannot create {directory}: {exc.strerror}") from None
+            try:
+                self.save(record)
+            except StateError:
+                # a full or read-only state filesystem: the reservation leaves nothing
+                self._remove_locked(record.id)
+                raise
 
     def add_container(self, sandbox_id: str, container: ContainerRecord) -> SandboxRecord:
         """Record a container joining an existing sandbox (id checked under the global lock)."""
@@ -198,11 +220,14 @@ class StateStore:
     def remove(self, sandbox_id: str) -> None:
         """Forget a sandbox: its directory (which must hold no mounts any more) goes."""
         with self.global_lock():
-            directory = self.sandbox_dir(sandbox_id)
-            for path in (directory / RECORD_FILE, directory / f"{RECORD_FILE}.tmp", directory / "lock"):
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
-            _remove_empty_tree(directory)
+            self._remove_locked(sandbox_id)
+
+    def _remove_locked(self, sandbox_id: str) -> None:
+        directory = self.sandbox_dir(sandbox_id)
+        for path in (directory / RECORD_FILE, directory / f"{RECORD_FILE}.tmp", directory / "lock"):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        _remove_empty_tree(directory)
 
 
 def _remove_empty_tree(directory: Path) -> None:
@@ -219,7 +244,10 @@ def _remove_empty_tree(directory: Path) -> None:
 
 @contextlib.contextmanager
 def _flock(path: Path, timeout: float = LOCK_TIMEOUT) -> Iterator[None]:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise StateError(f"cannot open the lock {path}: {exc.strerror}") from None
     try:
         deadline = time.monotonic() + timeout
         while True:

@@ -257,6 +257,11 @@ class QemuHypervisor(Hypervisor):
         processes = [self._qemu, *self._virtiofsd.processes()]
         return [p.pid for p in processes if p is not None and p.pid is not None and p.alive()]
 
+    def exit_reason(self) -> str:
+        if self._qemu is None or self._qemu.alive() or self._qemu.returncode is None:
+            return ""
+        return self._qemu.exit_description()
+
     # -- teardown -----------------------------------------------------------------------------
     async def disconnect(self) -> None:
         if self._console is not None:
