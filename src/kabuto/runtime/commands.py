@@ -57,10 +57,9 @@ async def create(container_id: str, bundle_dir: str, options: RuntimeOptions) ->
     check_container_id(container_id)
     bundle = load_bundle(bundle_dir)
     store = options.store
-    # an id a killed create left half made is free again
-    await reap_abandoned(store)
     pod = bundle.pod_sandbox_id
     if pod is not None:
+        await reap_abandoned(store)
         with store.sandbox_lock(pod):
             sandbox = await VirtSandbox.attach(pod, store)
             try:

@@ -588,7 +588,9 @@ async def create_sandbox_for(
 
     The bundle's annotations override configuration keys; ``owner`` names a long-lived process
     that manages the sandbox (the shim). Any failure leaves nothing: no VM, record or mount.
+    What a killed creator left half made is cleaned first, so its id is free again.
     """
+    await reap_abandoned(store)
     store.reserve(SandboxRecord(id=container_id, hypervisor_name=hypervisor_name or "",
                                 config_path=config_path, owner=dict(owner or {}),
                                 creator=process_record(os.getpid())), [container_id])

@@ -260,6 +260,9 @@ class QemuHypervisor(Hypervisor):
     def exit_reason(self) -> str:
         if self._qemu is None or self._qemu.alive() or self._qemu.returncode is None:
             return ""
+        if self._qemu.returncode == 0:
+            # -no-reboot with the kernel's panic=1: a panic reboots, and a reboot ends QEMU
+            return "the guest powered off or rebooted: its agent ended or its kernel panicked"
         return self._qemu.exit_description()
 
     # -- teardown -----------------------------------------------------------------------------
