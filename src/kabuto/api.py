@@ -146,18 +146,10 @@ class AsyncSandbox:
         has exit code 137 as a shell would report it.
         """
         out, err = bytearray(), bytearray()
-
-        def collector(buffer: bytearray, name: str) -> streaming.Sink:
-            async def collect(data: bytes) -> None:
-                if len(buffer) + len(data) > MAX_CAPTURE_BYTES:
-                    raise KabutoError(f"{name} of {args[0]!r} exceeds {MAX_CAPTURE_BYTES} bytes; "
-                                      "use stream()")
-                buffer.extend(data)
-            return collect
-
         exec_id = await self._exec(args, env, cwd)
-        io = streaming.ProcessIO(stdout=collector(out, "stdout"), stderr=collector(err, "stderr"),
-                                stdin=_once(stdin) if stdin else None)
+        io = streaming.ProcessIO(stdout=_collector(out, "stdout", args),
+                                 stderr=_collector(err, "stderr", args),
+                                 stdin=_once(stdin) if stdin else None)
         task = asyncio.ensure_future(streaming.run_process(self.sandbox, self.id, exec_id, io))
         try:
             status = await asyncio.wait_for(asyncio.shield(task), timeout)
@@ -214,25 +206,28 @@ class AsyncSandbox:
                     cwd: str | None = None) -> Process:
         """Start ``args`` in the background; see Process."""
         exec_id = await self._exec(args, env, cwd)
-        return Process(self, exec_id)
+        return Process(self, exec_id, args)
+
+
+def _collector(buffer: bytearray, name: str, args: list[str]) -> streaming.Sink:
+    """Collects a process's output into ``buffer``, at most MAX_CAPTURE_BYTES: the guest decides
+    how much it sends, the host decides how much it keeps."""
+    async def collect(data: bytes) -> None:
+        if len(buffer) + len(data) > MAX_CAPTURE_BYTES:
+            raise KabutoError(f"{name} of {args[0]!r} exceeds {MAX_CAPTURE_BYTES} bytes; use stream()")
+        buffer.extend(data)
+    return collect
 
 
 class Process:
     """A background process in an AsyncSandbox: ``await p.wait()`` collects its output."""
 
-    def __init__(self, owner: AsyncSandbox, exec_id: str) -> None:
+    def __init__(self, owner: AsyncSandbox, exec_id: str, args: list[str]) -> None:
         self._owner = owner
         self.exec_id = exec_id
-        out, err = bytearray(), bytearray()
-
-        async def collect_out(data: bytes) -> None:
-            out.extend(data)
-
-        async def collect_err(data: bytes) -> None:
-            err.extend(data)
-
-        self._out, self._err = out, err
-        io = streaming.ProcessIO(stdout=collect_out, stderr=collect_err)
+        self._out, self._err = bytearray(), bytearray()
+        io = streaming.ProcessIO(stdout=_collector(self._out, "stdout", args),
+                                 stderr=_collector(self._err, "stderr", args))
         self._task = asyncio.ensure_future(streaming.run_process(owner.sandbox, owner.id, exec_id, io))
 
     async def wait(self) -> RunResult:

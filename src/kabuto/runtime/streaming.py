@@ -70,16 +70,24 @@ async def run_process(sandbox: VirtSandbox, container_id: str, exec_id: str, io:
 
     pumps = [asyncio.create_task(pump("stdout", io.stdout)), asyncio.create_task(pump("stderr", io.stderr))]
     feeder = asyncio.create_task(feed())
+    waiter = asyncio.create_task(sandbox.wait_process(container_id, exec_id))
     try:
-        status = await sandbox.wait_process(container_id, exec_id)
+        await asyncio.wait({waiter, *pumps}, return_when=asyncio.FIRST_EXCEPTION)
+        failed = next((t for t in pumps if t.done() and t.exception() is not None), None)
+        if failed is not None and not waiter.done():
+            # a sink that gave up (a capture bound reached, a reader gone wrong) ends the process:
+            # otherwise it would block on a full pipe and this wait would never end
+            await _signal_quietly(sandbox, container_id, exec_id, signal.SIGKILL)
+            raise failed.exception()  # type: ignore[misc]
+        status = await waiter
         assert status is not None
         async with asyncio.timeout(OUTPUT_DRAIN_TIMEOUT):
             await asyncio.gather(*pumps)
         return status
     finally:
-        for task in (*pumps, feeder, *forwarded):
+        for task in (*pumps, feeder, waiter, *forwarded):
             task.cancel()
-        await asyncio.gather(*pumps, feeder, *forwarded, return_exceptions=True)
+        await asyncio.gather(*pumps, feeder, waiter, *forwarded, return_exceptions=True)
 
 
 async def _signal_quietly(sandbox: VirtSandbox, container_id: str, exec_id: str, number: int) -> None:
