@@ -147,6 +147,9 @@ class ContainerStats:
 class ContainerClient:
     """ContainerService calls over an AgentClient's connection."""
 
+    #: the shortest time between two long polls of one wait (see _poll)
+    MIN_POLL_SECONDS = 0.05
+
     def __init__(self, agent: AgentClient, *, poll_interval: float = DEFAULT_POLL_INTERVAL) -> None:
         self.agent = agent
         self.poll_interval = poll_interval
@@ -171,11 +174,19 @@ class ContainerClient:
             poll = self.poll_interval if deadline is None else min(self.poll_interval, deadline - loop.time())
             if poll <= 0:
                 raise AgentError(f"agent at {self.agent.address}: {method}: no answer within {timeout:g}s")
+            asked = loop.time()
             try:
                 return await self._call(method, request, response_type, poll)
             except ContainerCallError as exc:
                 if exc.code != Code.DEADLINE_EXCEEDED:
                     raise
+            # a guest that answers "nothing yet" at once would have the host spin: poll no faster
+            # than MIN_POLL_SECONDS
+            pause = self.MIN_POLL_SECONDS - (loop.time() - asked)
+            if deadline is not None:
+                pause = min(pause, deadline - loop.time())
+            if pause > 0:
+                await asyncio.sleep(pause)
 
     # --- sandbox ---------------------------------------------------------------------
 

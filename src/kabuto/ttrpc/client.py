@@ -268,9 +268,14 @@ class Client:
                     error = ConnectionClosed(f"{self.name} closed the connection")
                     break
                 await self._dispatch(frame)
+                # frames already buffered are read without suspending: let the callers' timeouts
+                # and other tasks run between them, however fast the peer floods
+                await asyncio.sleep(0)
         except ProtocolError as exc:
             error = exc
-            log.warning("ttrpc connection to %s broken: %s", self.name, exc)
+            # every call on the connection fails with this error, which its caller reports:
+            # a warning here would be a second, stray line on a user's terminal
+            log.info("ttrpc connection to %s broken: %s", self.name, exc)
         except (ConnectionError, OSError) as exc:
             error = ConnectionClosed(f"connection to {self.name} lost: {exc}")
         finally:
