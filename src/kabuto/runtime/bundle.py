@@ -231,7 +231,8 @@ def check_spec(spec: Any, where: str = CONFIG_FILE) -> None:
     for key in UNSUPPORTED_TOP:
         if spec.get(key) is not None:
             raise _fail(where, key, "not supported: Kabuto runs Linux containers")
-    if any((spec.get("hooks") or {}).values()):
+    hooks = _expect(spec.get("hooks") or {}, dict, where, "hooks", "an object of hook lists")
+    if any(hooks.values()):
         raise _fail(where, "hooks", "not supported: hooks would run on the host, outside the VM")
     root = _expect(spec.get("root"), dict, where, "root", "an object with a path")
     path = _expect(root.get("path"), str, where, "root.path", "a non-empty string")
