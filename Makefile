@@ -12,7 +12,7 @@ APT_PACKAGES := qemu-system-x86 qemu-utils busybox-static containerd runc iprout
 	make gcc libc6-dev flex bison bc xz-utils libelf-dev libssl-dev
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench lint image deps clean apt
+.PHONY: demo test bench soak lint image deps clean apt
 
 # containerd looks for containerd-shim-kabuto-v2 on its PATH (runtime io.containerd.kabuto.v2)
 SHIM_LINK := /usr/local/bin/containerd-shim-kabuto-v2
@@ -50,6 +50,15 @@ test: deps image
 
 bench: deps image
 	$(PY) -m kabuto.bench
+
+# the reliability suite's long versions (300 leak cycles per entry, more hypothesis examples,
+# bigger floods); its figures go into docs/reliability.md
+SOAK_FIGURES := build/reliability-figures.json
+soak: deps image
+	@rm -f $(SOAK_FIGURES)
+	KABUTO_SOAK=1 KABUTO_FIGURES=$(abspath $(SOAK_FIGURES)) $(PY) -m pytest -q -ra -p no:cacheprovider \
+		-o timeout=0 tests/reliability
+	$(PY) tests/reliability/report.py $(SOAK_FIGURES) docs/reliability.md
 
 lint: deps
 	$(VENV)/bin/ruff check src tests
