@@ -50,7 +50,7 @@ def count(scope: Scope) -> dict[str, int]:
         "threads (not asyncio's worker pool)": sum(not t.name.startswith("asyncio_")
                                                     for t in threading.enumerate()),
         "mounts below the state root": sum(m.startswith(root) for m in mounts),
-        "mounts naming kabuto": sum("kabuto" in m for m in mounts),
+        "mounts below the temporary directory": sum(m.startswith(str(scope.temp_dir)) for m in mounts),
         "unix sockets below the state root": sum(s.startswith(root) for s in sockets),
         "paths below the state root": sum(1 for _ in scope.state_root.rglob("*")),
         "paths in the temporary directory": sum(1 for _ in scope.temp_dir.rglob("*")),
