@@ -206,3 +206,29 @@ def test_full_state_filesystem_fails_clearly_and_leaves_nothing(tmp_path: Path) 
     finally:
         subprocess.run(["umount", str(root)], capture_output=True)
         root.rmdir()
+
+
+def test_virtiofsd_killed_under_a_detached_container(state_root: Path, tmp_path: Path) -> None:
+    """virtio-fs (the default shared filesystem) loses its daemon: the next command stops the VM,
+    says why, and `delete` removes everything (it could not before: attaching failed for good)."""
+    require_guest_image()
+    bundle = write_bundle(tmp_path / "bundle", busybox_rootfs(tmp_path / "rootfs"), STREAMER)
+    create = Cli(state_root, "create", "--bundle", str(bundle), "nofs")
+    try:
+        assert create.wait(READY_TIMEOUT) == 0, create.output()
+        kabuto(state_root, "start", "nofs", check=True)
+        (daemon,) = processes_naming(state_root, "virtiofsd")
+        daemon.kill()
+        daemon.wait(30)
+        refused = kabuto(state_root, "exec", "nofs", "true")
+        assert refused.returncode == 1
+        expected = (rb"kabuto: container 'nofs': its VM is gone \(qemu: virtiofsd \(pid \d+\) is gone: "
+                    rb"the VM lost its shared filesystem and was stopped\); the container is stopped\n")
+        assert re.fullmatch(expected, refused.stderr), refused.stderr
+        state = json.loads(kabuto(state_root, "state", "nofs", check=True).stdout)
+        assert (state["status"], state["pid"]) == ("stopped", 0)
+        deleted = kabuto(state_root, "delete", "nofs")
+        assert (deleted.returncode, deleted.stderr) == (0, b"")
+    finally:
+        create.close()
+    assert_nothing_left(state_root)

@@ -140,8 +140,9 @@ async def start(container_id: str, options: RuntimeOptions) -> None:
 
 async def _require_vm(sandbox: VirtSandbox, container_id: str) -> None:
     if not sandbox.vm_alive:
+        reason = sandbox.hypervisor.exit_reason() or "the VMM exited"
         await reap(sandbox)
-        raise SandboxError(f"container {container_id!r}: its VM is gone (the VMM exited); "
+        raise SandboxError(f"container {container_id!r}: its VM is gone ({reason}); "
                            "the container is stopped")
 
 

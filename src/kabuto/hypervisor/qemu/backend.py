@@ -77,6 +77,8 @@ class QemuHypervisor(Hypervisor):
         self._extra_agent_ports: list[AgentChannel] = []
         self._hotplug_slots: dict[str, str] = {}
         self._vhost_net = False
+        #: why a VM found broken on take-over was stopped (exit_reason)
+        self._stopped_because = ""
 
     @property
     def paths(self) -> VmPaths:
@@ -258,6 +260,8 @@ class QemuHypervisor(Hypervisor):
         return [p.pid for p in processes if p is not None and p.pid is not None and p.alive()]
 
     def exit_reason(self) -> str:
+        if self._stopped_because:
+            return self._stopped_because
         if self._qemu is None or self._qemu.alive() or self._qemu.returncode is None:
             return ""
         if self._qemu.returncode == 0:
@@ -311,7 +315,16 @@ class QemuHypervisor(Hypervisor):
             self.status = VmStatus.STOPPED
             return
         self._qemu = qemu
-        self._virtiofsd.adopt(extra.get("virtiofsd", {}))
+        try:
+            self._virtiofsd.adopt(extra.get("virtiofsd", {}))
+        except HypervisorError as exc:
+            # the guest's shared filesystem died with its daemon: the VM cannot serve its
+            # containers any more, so it is stopped (as Kata stops a sandbox whose virtiofsd died)
+            self._stopped_because = f"{exc}: the VM lost its shared filesystem and was stopped"
+            await self._kill()
+            await self._virtiofsd.stop_all()
+            self.status = VmStatus.STOPPED
+            return
         await self._qmp.connect(None, wait_for_socket=False)
         running = (await self._qmp.call("query-status")).get("running")
         self.status = VmStatus.RUNNING if running else VmStatus.PAUSED
