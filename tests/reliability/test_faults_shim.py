@@ -15,9 +15,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Figures
+from conftest import Figures, scale
 from containerd_helpers import CONTAINERD, CTR, Containerd, remove_tree, short_temp_dir
 from test_runtime_helpers import busybox_rootfs, require_guest_image
+
+from kabuto.runtime.bundle import CONTAINER_TYPE_ANNOTATION, SANDBOX_ID_ANNOTATION
 
 pytestmark = [
     pytest.mark.vm,
@@ -119,4 +121,59 @@ def test_shim_killed_then_shim_delete_leaves_nothing(containerd: Containerd, roo
     containerd.check("container", "delete", "shimdies")
     left = containerd.wait_until_clean()
     figures["left_after_cleanup"] = len(left)
+    assert not left, left
+
+
+def shim_counts(containerd: Containerd) -> dict[str, int]:
+    """What the pod's long-lived shim holds, and what is below the state root."""
+    (shim,) = containerd.shims()
+    with open("/proc/self/mountinfo") as mountinfo:
+        mounts = [line.split()[4] for line in mountinfo]
+    return {
+        "shim open fds": shim.num_fds(),
+        "shim threads": shim.num_threads(),
+        "shim children": len(shim.children(recursive=True)),
+        "processes naming the state root": len(containerd.sandbox_processes()),
+        "mounts below the state root": sum(m.startswith(f"{containerd.state_root}/") for m in mounts),
+        "paths below the state root": sum(1 for _ in containerd.state_root.rglob("*")),
+    }
+
+
+def test_pod_container_cycles_leave_the_shim_as_it_was(containerd: Containerd, rootfs: Path,
+                                                       figures: Figures) -> None:
+    """N containers join a running pod and go (`ctr run --rm`, each a CreateContainer in the pod's
+    VM): the pod's shim holds as many fds, threads and children after as before, and nothing
+    else is left below the state root."""
+    cycles = scale(8, 300)
+
+    def member(kind: str, *flags: str) -> list[str]:
+        return ["run", "--runtime", RUNTIME, "--fifo-dir", str(containerd.fifo_dir), *flags,
+                "--annotation", f"{CONTAINER_TYPE_ANNOTATION}={kind}",
+                "--annotation", f"{SANDBOX_ID_ANNOTATION}=lpod", "--rootfs", str(rootfs)]
+
+    def cycle(number: int) -> None:
+        result = containerd.ctr(*member("container", "--rm"), f"app{number}", "/bin/echo", f"hi-{number}")
+        assert (result.returncode, result.stdout) == (0, f"hi-{number}\n".encode()), \
+            containerd.explain(result)
+
+    containerd.check(*member("sandbox", "--detach"), "lpod", *SLEEPER)
+    try:
+        cycle(-1)  # the first member makes what later ones share
+        before = shim_counts(containerd)
+        started = time.monotonic()
+        for number in range(cycles):
+            cycle(number)
+        figures["seconds_per_cycle"] = round((time.monotonic() - started) / cycles, 2)
+        after = shim_counts(containerd)
+        figures["cycles"] = cycles
+        figures["counted"] = before
+        figures["leaked"] = {name: after[name] - before[name] for name in before
+                             if after[name] != before[name]}
+        assert after == before, (before, after)
+    finally:
+        containerd.ctr("task", "kill", "lpod")
+        containerd.wait_for_status("lpod", "STOPPED", 60)
+        containerd.ctr("task", "delete", "lpod")
+        containerd.ctr("container", "delete", "lpod")
+    left = containerd.wait_until_clean()
     assert not left, left
