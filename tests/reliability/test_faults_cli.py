@@ -232,3 +232,27 @@ def test_virtiofsd_killed_under_a_detached_container(state_root: Path, tmp_path:
     finally:
         create.close()
     assert_nothing_left(state_root)
+
+
+def test_virtiofsd_killed_under_run(state_root: Path, tmp_path: Path, figures: Figures) -> None:
+    """The streaming `run` watches its VM's helpers: virtiofsd's death ends it with one line
+    within 5 s (the guest would otherwise hang on its shared filesystem) and nothing is left."""
+    require_guest_image()
+    bundle = write_bundle(tmp_path / "bundle", busybox_rootfs(tmp_path / "rootfs"), STREAMER)
+    run = Cli(state_root, "run", "--bundle", str(bundle), "runfs")
+    try:
+        run.wait_for_stdout(b"ready\n", READY_TIMEOUT)
+        (daemon,) = processes_naming(state_root, "virtiofsd")
+        killed = time.monotonic()
+        daemon.kill()
+        status = run.wait(60)
+        detected = time.monotonic() - killed
+        out, err = run.output()
+    finally:
+        run.close()
+    figures["detection_seconds"] = round(detected, 2)
+    assert (status, out) == (1, b"ready\n"), err
+    assert re.fullmatch(rb"kabuto: sandbox 'runfs': a process its VM needs \(pid \d+, e.g. its virtiofsd\) "
+                        rb"exited\n", err), err
+    assert detected < DETECTION_LIMIT, f"noticed after {detected:.1f}s"
+    assert_nothing_left(state_root)

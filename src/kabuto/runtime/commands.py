@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -307,10 +307,33 @@ async def run(container_id: str, bundle_dir: str, options: RuntimeOptions, io: P
             await sandbox.release_vmm_control()
         # streaming holds only this process's agent port: other calls reach the sandbox meanwhile
         async with control_socket(sandbox):
-            status = await run_process(sandbox, container_id, INIT_EXEC_ID, io, on_signal)
+            status = await _unless_helpers_die(
+                sandbox, run_process(sandbox, container_id, INIT_EXEC_ID, io, on_signal))
     finally:
         await _end_run(sandbox, container_id, store)
     return status
+
+
+async def _unless_helpers_die(sandbox: VirtSandbox, streaming: Awaitable[int]) -> int:
+    """``streaming``'s result, or the SandboxError of a VM helper that died meanwhile: the VM is
+    then stopped at once (its guest cannot serve without it, as Kata stops such a sandbox)."""
+    stream = asyncio.ensure_future(streaming)
+    watch = asyncio.ensure_future(sandbox.watch_helpers())
+    try:
+        await asyncio.wait({stream, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if stream.done():
+            return stream.result()
+        try:
+            watch.result()
+        except SandboxError:
+            # the guest would hang on its lost filesystem: no graceful shutdown to wait for
+            await sandbox.hypervisor.cleanup()
+            raise
+        raise AssertionError("watch_helpers returned")
+    finally:
+        for task in (stream, watch):
+            task.cancel()
+        await asyncio.gather(stream, watch, return_exceptions=True)
 
 
 async def _end_run(sandbox: VirtSandbox, container_id: str, store: StateStore) -> None:

@@ -52,6 +52,8 @@ STATUS_POLL = 0.5
 READ_CHUNK = 1024 * 1024
 # a VMM's agent connection closes a moment before its exit can be seen (reaped, or a zombie)
 VMM_EXIT_GRACE = 2.0
+# how often a streaming `run` checks that the VM's helper processes (virtiofsd) still run
+HELPER_POLL = 1.0
 
 
 class SandboxError(KabutoError):
@@ -277,6 +279,20 @@ class VirtSandbox:
     async def vmm_running(self) -> bool:
         """Whether the VMM process is still there (its pids, not the recorded status)."""
         return bool(await self.hypervisor.get_pids())
+
+    async def watch_helpers(self, interval: float = HELPER_POLL) -> None:
+        """Return never while the VM's processes last; raise SandboxError once a helper the VMM
+        needs (virtiofsd) exits under a VMM that still runs: the guest's shared filesystem is
+        gone with it, and a streaming call would otherwise hang on it. (A VMM that exits is
+        noticed by the agent calls.)"""
+        pids = await self.hypervisor.get_pids()
+        while True:
+            await asyncio.sleep(interval)
+            now = await self.hypervisor.get_pids()
+            if pids and now and now[0] == pids[0] and len(now) < len(pids):
+                gone = ", ".join(str(pid) for pid in sorted(set(pids) - set(now)))
+                raise SandboxError(f"sandbox {self.id!r}: a process its VM needs (pid {gone}, e.g. its "
+                                   "virtiofsd) exited")
 
     # -- containers --------------------------------------------------------------------------
     async def _block_device(self, container_id: str, bundle: Bundle) -> BlockDevice:
