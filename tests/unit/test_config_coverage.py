@@ -109,7 +109,7 @@ def test_a_set_key_kabuto_does_not_apply_warns_once_and_a_default_value_does_not
     config = load(tmp_path, """\
         [hypervisor.qemu]
         memory_offset = 12
-        network_queues = 0
+        network_queues = 1
         indep_iothreads = 0
         queue_size = 128
         [agent.kata]
@@ -124,6 +124,28 @@ def test_a_set_key_kabuto_does_not_apply_warns_once_and_a_default_value_does_not
         f'agent.kata.kernel_modules = ["e1000e"]: {NOT_APPLIED}',
         f"runtime.enable_tracing = true: {NOT_APPLIED}",
         f"runtime.jaeger_password = (set, not shown): {NOT_APPLIED}",
+    ]
+
+
+def test_a_switched_key_is_a_warned_one_whose_switch_is_in_its_table():
+    for key, switch in keys.SWITCHED_BY.items():
+        assert REGISTRY[key] is WARNED, key
+        table = key.rsplit(".", 1)[0]
+        assert f"{table}.{switch}" in REGISTRY, key
+
+
+def test_a_key_tuning_a_feature_that_is_off_is_quiet_and_warns_once_it_is_on(tmp_path):
+    text = """\
+        [hypervisor.qemu]
+        guest_swap_path = "/run/swap"
+        [agent.kata.mem_agent]
+        mem_agent_enable = {enable}
+        memcg_swappiness_max = 40
+        """
+    assert unapplied(load(tmp_path, text.format(enable="false"))) == []
+    assert unapplied(load(tmp_path, text.format(enable="true"))) == [
+        f"agent.kata.mem_agent.mem_agent_enable = true: {NOT_APPLIED}",
+        f"agent.kata.mem_agent.memcg_swappiness_max = 40: {NOT_APPLIED}",
     ]
 
 

@@ -72,6 +72,33 @@ def _clh(where: str) -> Applied:
     return Applied(f"cloud-hypervisor {where}", ("hypervisor/cloud_hypervisor/backend.py",), frozenset({CLH}))
 
 
+#: a key that only tunes what another key of its table turns on (key -> that switch): while the
+#: switch is off the key does nothing, in Kata as in Kabuto, so its value is no news; the switch
+#: itself warns when it is turned on (every stock Kata file sets a mem_agent table, disabled)
+SWITCHED_BY: dict[str, str] = {
+    **{f"agent.mem_agent.{key}": "mem_agent_enable" for key in (
+        "memcg_disable", "memcg_swap", "memcg_swappiness_max", "memcg_period_secs",
+        "memcg_period_psi_percent_limit", "memcg_eviction_psi_percent_limit",
+        "memcg_eviction_run_aging_count_min", "compact_disable", "compact_period_secs",
+        "compact_period_psi_percent_limit", "compact_psi_percent_limit", "compact_sec_max", "compact_order",
+        "compact_threshold", "compact_force_times",
+    )},
+    # they say how to attach an image; Kabuto boots its own initrd when image is empty
+    "hypervisor.vm_rootfs_driver": "image",
+    "hypervisor.rootfs_type": "image",
+    "hypervisor.vhost_user_store_path": "enable_vhost_user_store",
+    "hypervisor.guest_swap_path": "enable_guest_swap",
+    "hypervisor.guest_swap_size_percent": "enable_guest_swap",
+    "hypervisor.guest_swap_create_threshold_secs": "enable_guest_swap",
+    "hypervisor.disk_rate_limiter_bw_one_time_burst": "disk_rate_limiter_bw_max_rate",
+    "hypervisor.disk_rate_limiter_ops_one_time_burst": "disk_rate_limiter_ops_max_rate",
+    "hypervisor.tdx_quote_generation_service_socket_port": "confidential_guest",
+    "runtime.jaeger_endpoint": "enable_tracing",
+    "runtime.jaeger_user": "enable_tracing",
+    "runtime.jaeger_password": "enable_tracing",
+    "runtime.passfd_listener_port": "use_passfd_io",
+}
+
 #: ``<table kind>.<key>`` (nested tables dotted: ``hypervisor.factory.enable_template``) -> coverage
 REGISTRY: dict[str, Coverage] = {
     # [hypervisor.<name>]: boot
@@ -132,8 +159,11 @@ REGISTRY: dict[str, Coverage] = {
     # the plugin clears block_device_driver; the configured capabilities have no block hot-plug
     "hypervisor.disable_block_device_use": Applied("capabilities: no block hot-plug",
                                                    ("hypervisor/capabilities.py",)),
-    "hypervisor.block_device_driver": _qemu("cmdline and hot-plug (virtio-blk or virtio-scsi)",
-                                            "hypervisor/qemu/cmdline.py", "hypervisor/qemu/hotplug.py"),
+    "hypervisor.block_device_driver": Applied("qemu cmdline and hot-plug (virtio-blk or virtio-scsi); the "
+                                              "other backends have one virtio-blk transport and their "
+                                              "plugins accept only its names",
+                                              ("hypervisor/qemu/cmdline.py", "hypervisor/qemu/hotplug.py",
+                                               "hypervisor/plugin.py")),
     "hypervisor.block_device_aio": _qemu("cmdline and hot-plug (the disk file node's aio)"),
     "hypervisor.block_device_cache_set": _qemu("cmdline and hot-plug (the disk file node's cache)"),
     "hypervisor.block_device_cache_direct": _qemu("cmdline and hot-plug (cache.direct, with "
@@ -353,8 +383,13 @@ def _set_values(kind: str, path: str, table: BaseModel) -> Iterator[tuple[str, s
         value, default = getattr(table, name), getattr(defaults, name)
         if isinstance(value, BaseModel) and f"{kind}.{name}" not in REGISTRY:
             yield from _set_values(f"{kind}.{name}", f"{path}.{name}", value)
-        elif value != default:
+        elif value != default and not _switched_off(f"{kind}.{name}", table):
             yield f"{kind}.{name}", f"{path}.{name}", value
+
+
+def _switched_off(key: str, table: BaseModel) -> bool:
+    switch = SWITCHED_BY.get(key)
+    return switch is not None and not getattr(table, switch)
 
 
 def _shown(key: str, value: Any) -> str:
