@@ -124,6 +124,9 @@ class VirtSandbox:
         sandbox: VirtSandbox | None = None
         try:
             resolved = resolve_config(config_path, annotations, hypervisor_name)
+            # once per sandbox: a later process attaches from the record and loads nothing
+            for warning in resolved.config.warnings:
+                log.warning("%s: %s", resolved.config.source, warning)
             hypervisor = new_hypervisor(resolved, jailer_root=store.jailer_root)
             capabilities = hypervisor.capabilities
             record.hypervisor_name = resolved.name
