@@ -15,8 +15,8 @@ from kabuto.config import annotations, coverage, keys, load_config, loader
 from kabuto.config.keys import REGISTRY, WARNED, Applied, Refused
 from kabuto.config.model import AgentConfig, HypervisorConfig, RuntimeConfig
 from kabuto.config.rules import common_problems
-from kabuto.errors import AnnotationError
-from kabuto.hypervisor import registry
+from kabuto.errors import AnnotationError, ConfigError
+from kabuto.hypervisor import devices, registry
 from kabuto.hypervisor.resolve import resolve, resolve_config
 
 SRC = Path(kabuto.__file__).parent
@@ -285,3 +285,41 @@ def test_agent_enable_debug_sets_the_agent_log_level_on_the_kernel_command_line(
     resolve(config, validate=False)
     assert resolve(config, validate=False).table.kernel_params.count("agent_log_level") == 1
     assert "agent_log_level" not in resolve_config(None, validate=False).table.kernel_params
+
+
+def test_agent_server_port_reaches_the_guest_kernel_command_line(tmp_path):
+    file = tmp_path / "configuration.toml"
+    text = """\
+        [hypervisor.qemu]
+        kernel_params = "{params}"
+        [agent.kata]
+        server_port = {port}
+        """
+    file.write_text(textwrap.dedent(text.format(params="quiet", port=2049)))
+    table = resolve_config(file, validate=False).table
+    assert table.kernel_params == "quiet agent_vsock_port=2049"
+    # the hybrid-vsock backends (cloud-hypervisor, firecracker, dragonball) dial it too
+    channel = devices.hybrid_vsock_agent_channel(tmp_path / "vsock.sock", table.kernel_params)
+    assert channel.url() == f"hvsock://{tmp_path / 'vsock.sock'}:2049"
+    # Kata's 1024 is what the agent serves without the word
+    file.write_text(textwrap.dedent(text.format(params="quiet", port=1024)))
+    assert resolve_config(file, validate=False).table.kernel_params == "quiet"
+    # written both ways alike: kept once
+    file.write_text(textwrap.dedent(text.format(params="agent_vsock_port=2049", port=2049)))
+    assert resolve_config(file, validate=False).table.kernel_params == "agent_vsock_port=2049"
+
+
+@pytest.mark.parametrize(("params", "port", "key", "reason"), [
+    ("agent_vsock_port=3000", 2049, "hypervisor.qemu.kernel_params",
+     "agent_vsock_port=3000 contradicts agent.kata.server_port (2049): set the port there only"),
+    ("", 0, "agent.kata.server_port", "must be a vsock port from 1 to 4294967294"),
+    ("", 0xFFFFFFFF, "agent.kata.server_port", "must be a vsock port from 1 to 4294967294"),
+])
+def test_a_bad_or_contradicted_server_port_is_refused_by_name(tmp_path, params, port, key, reason):
+    file = tmp_path / "configuration.toml"
+    file.write_text(f'[hypervisor.qemu]\nkernel_params = "{params}"\n[agent.kata]\nserver_port = {port}\n')
+    with pytest.raises(ConfigError) as caught:
+        resolve_config(file)
+    found = [(p.key, p.reason) for p in caught.value.problems
+             if "server_port" in p.key or "vsock" in p.reason]
+    assert found == [(key, reason)]

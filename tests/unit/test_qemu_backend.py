@@ -272,6 +272,23 @@ async def test_prepare_creates_dir_and_agent_channel(table: HypervisorConfig, vm
     assert vm.status == VmStatus.STOPPED
 
 
+@pytest.mark.parametrize(("kernel_params", "port"), [("", 1024), ("quiet agent_vsock_port=2049", 2049)])
+async def test_with_vhost_vsock_the_host_dials_the_port_the_guest_is_told(
+    table: HypervisorConfig, vm_root: Path, monkeypatch: pytest.MonkeyPatch, kernel_params: str, port: int
+) -> None:
+    from kabuto.hypervisor.qemu import backend
+
+    monkeypatch.setattr(backend, "_exists", lambda path: path == backend.DEV_VHOST_VSOCK)
+    table.kernel_params = kernel_params
+    vm = QemuHypervisor(table, jailer_root=vm_root)
+    await vm.prepare_vm("vsock-vm")
+    try:
+        address = await vm.get_agent_socket()
+        assert address.startswith("vsock://") and address.endswith(f":{port}")
+    finally:
+        await vm.cleanup()
+
+
 @pytest.mark.parametrize("bad_id", ["", "../escape", "a/b", "x" * 65, "-lead"])
 async def test_prepare_refuses_bad_ids(table: HypervisorConfig, vm_root: Path, bad_id: str) -> None:
     vm = QemuHypervisor(table, jailer_root=vm_root)

@@ -280,7 +280,9 @@ REGISTRY: dict[str, Coverage] = {
     "agent.visible_cdi_devices": WARNED,
     "agent.kernel_modules": WARNED,
     "agent.container_pipe_size": WARNED,
-    "agent.server_port": WARNED,
+    "agent.server_port": Applied("all backends: agent_vsock_port= on the guest kernel command line, the "
+                                 "port the agent serves vsock on and the host dials",
+                                 ("hypervisor/resolve.py",)),
     "agent.log_port": WARNED,
     "agent.passfd_listener_port": WARNED,
     "agent.dial_timeout": WARNED,

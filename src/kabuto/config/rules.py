@@ -138,7 +138,11 @@ def _agent_problems(prefix: str, agent: AgentConfig) -> list[Problem]:
     if agent.log_level not in LOG_LEVELS:
         problems.append(Problem(f"{prefix}.log_level", agent.log_level,
                                 f"must be one of {', '.join(LOG_LEVELS)}"))
-    for key in ("container_pipe_size", "server_port", "log_port", "passfd_listener_port", "dial_timeout",
+    # a vsock port: 0xFFFFFFFF is VMADDR_PORT_ANY
+    if not 0 < agent.server_port < 0xFFFFFFFF:
+        problems.append(Problem(f"{prefix}.server_port", agent.server_port,
+                                "must be a vsock port from 1 to 4294967294"))
+    for key in ("container_pipe_size", "log_port", "passfd_listener_port", "dial_timeout",
                 "create_container_timeout", "health_check_request_timeout_ms",
                 "cdh_api_timeout_ms", "launch_process_timeout"):
         if getattr(agent, key) < 0:

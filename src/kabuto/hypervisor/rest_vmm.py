@@ -127,7 +127,7 @@ class RestVmm(Hypervisor):
         self.netns = netns
         check_socket_path(self.name, self.api_socket, self.vsock_socket)
         self._make_vm_dir()
-        self.agent_channel = hybrid_vsock_agent_channel(self.vsock_socket)
+        self.agent_channel = hybrid_vsock_agent_channel(self.vsock_socket, self.config.kernel_params)
         self.pending_devices.append(self.agent_channel)
         self.status = VmStatus.PREPARED
 

@@ -27,6 +27,7 @@ from kabuto.hypervisor.devices import (
     AnyDevice,
     BlockDevice,
     ChannelKind,
+    agent_vsock_port,
     device_from_dict,
     device_to_dict,
     serial_address,
@@ -99,7 +100,8 @@ class QemuHypervisor(Hypervisor):
         self._qmp = QmpSession(id, self.paths.qmp_socket)
         if _exists(DEV_VHOST_VSOCK):
             # A CID is host-global; a random one from the 32-bit space makes collisions negligible.
-            agent = AgentChannel(AGENT_DEVICE_ID, ChannelKind.VSOCK, guest_cid=3 + secrets.randbelow(2**31))
+            agent = AgentChannel(AGENT_DEVICE_ID, ChannelKind.VSOCK, guest_cid=3 + secrets.randbelow(2**31),
+                                 port=agent_vsock_port(self.config.kernel_params))
         else:
             agent = AgentChannel(AGENT_DEVICE_ID, ChannelKind.VIRTIO_SERIAL,
                                  socket_path=self.paths.agent_socket, name=AGENT_PORT_NAME)
