@@ -210,6 +210,33 @@ async def test_another_process_takes_over_from_saved_state(
     assert_conforms(recorder)
 
 
+async def test_a_virtiofsd_gone_before_another_process_takes_over_stops_the_vm(
+    recorder: Recorder, jailer_root: Path, boot_files
+) -> None:
+    vm = CloudHypervisor(make_config(boot_files), jailer_root=jailer_root)
+    await vm.prepare_vm("lost")
+    await vm.add_device(
+        SharedFsDevice(id="share0", fs=SharedFsKind.VIRTIO_FS, host_path=boot_files["share"], mount_tag="s")
+    )
+    await vm.start_vm(START_TIMEOUT)
+    state = await vm.save_state()
+    await vm.disconnect()
+    vmm_pid, daemon_pid = state.pids
+    os.kill(daemon_pid, signal.SIGKILL)
+    for _ in range(100):
+        if not alive(daemon_pid):
+            break
+        await asyncio.sleep(0.05)
+
+    again = await CloudHypervisor.restore(state, jailer_root=jailer_root)
+    # the guest lost its share: the VM is stopped, not driven on (nor left unremovable)
+    assert again.status == VmStatus.STOPPED
+    assert not alive(vmm_pid)
+    await again.cleanup()
+    await vm.cleanup()
+    assert leftovers(jailer_root) == []
+
+
 # -- bad input ------------------------------------------------------------------------------
 async def start_failure(
     config: HypervisorConfig, jailer_root: Path, timeout: float = START_TIMEOUT

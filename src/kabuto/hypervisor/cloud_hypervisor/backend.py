@@ -244,8 +244,8 @@ class CloudHypervisor(RestVmm):
     def _own_state(self) -> dict[str, Any]:
         return {"virtiofsd": self._virtiofsd.records()}
 
-    def _adopt_helpers(self, extra: dict[str, Any]) -> None:
-        self._virtiofsd.adopt(extra.get("virtiofsd", {}))
+    def _adopt_helpers(self, extra: dict[str, Any]) -> list[str]:
+        return self._virtiofsd.adopt(extra.get("virtiofsd", {}))
 
 
 def _disk(device: BlockDevice) -> dict[str, Any]:

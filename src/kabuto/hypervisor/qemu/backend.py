@@ -72,6 +72,9 @@ class QemuHypervisor(Hypervisor):
         self.accelerator: Accelerator | None = None
         self._qemu: VmmProcess | None = None
         self._virtiofsd = Virtiofsds(self)
+        # in the process that started the VM: stops it when a virtiofsd exits (see start_vm)
+        self._share_watch: asyncio.Task[None] | None = None
+        self._lost_share = ""
         self._qmp = QmpSession("", Path())
         self._console: ConsoleReader | None = None
         #: the virtio-serial agent ports after the primary one (none for vsock)
@@ -130,6 +133,7 @@ class QemuHypervisor(Hypervisor):
             async with asyncio.timeout(timeout):
                 # virtio-fs shares: their daemons' sockets go on QEMU's command line
                 await self._virtiofsd.start_all(self.pending_devices, started + timeout)
+                self._share_watch = asyncio.create_task(self._stop_when_a_share_is_lost())
                 self.boot_timings["virtiofsd_ready"] = time.monotonic() - started
                 command = build_command(self.config, self.accelerator, self.paths, self.pending_devices,
                                         self.id, incoming=restore_from is not None, vhost_net=self._vhost_net)
@@ -163,6 +167,20 @@ class QemuHypervisor(Hypervisor):
         self.pending_devices.clear()
         self.status = VmStatus.RUNNING
 
+    async def _stop_when_a_share_is_lost(self) -> None:
+        """A virtiofsd that exits takes its share with it: the guest's reads and writes there never
+        complete, so the VM is killed (QEMU's exit is what boot, agent calls and containers see)
+        and the reason kept for the error."""
+        self._lost_share = await self._virtiofsd.first_exit()
+        log.error("qemu: VM %s: %s: the guest lost that share; stopping the VM", self.id, self._lost_share)
+        await self._kill()
+
+    async def _stop_share_watch(self) -> None:
+        watch, self._share_watch = self._share_watch, None
+        if watch is not None and watch is not asyncio.current_task():
+            watch.cancel()
+            await asyncio.gather(watch, return_exceptions=True)
+
     async def _boot_until_agent_port_opens(self, started: float) -> None:
         agent = self.agent_channel
         if agent is None or agent.channel != ChannelKind.VIRTIO_SERIAL:
@@ -195,6 +213,8 @@ class QemuHypervisor(Hypervisor):
     async def stop_vm(self) -> None:
         if self.status in (VmStatus.NEW, VmStatus.PREPARED, VmStatus.STOPPED):
             return
+        # QEMU's quit ends the daemons too: that is no lost share
+        await self._stop_share_watch()
         # `quit` lets QEMU flush its block devices; the guest itself is disposable.
         try:
             if not self._qmp.connected:
@@ -267,6 +287,7 @@ class QemuHypervisor(Hypervisor):
         await self._qmp.disconnect()
 
     async def cleanup(self) -> None:
+        await self._stop_share_watch()
         await self._kill()
         await self._virtiofsd.stop_all()
         await self.disconnect()
@@ -305,7 +326,13 @@ class QemuHypervisor(Hypervisor):
             self.status = VmStatus.STOPPED
             return
         self._qemu = qemu
-        self._virtiofsd.adopt(extra.get("virtiofsd", {}))
+        gone = self._virtiofsd.adopt(extra.get("virtiofsd", {}))
+        if gone:
+            log.error("qemu: VM %s: %s: the guest lost that share; stopping the VM", self.id, "; ".join(gone))
+            await self._kill()
+            await self._virtiofsd.stop_all()
+            self.status = VmStatus.STOPPED
+            return
         await self._qmp.connect(None, wait_for_socket=False)
         running = (await self._qmp.call("query-status")).get("running")
         self.status = VmStatus.RUNNING if running else VmStatus.PAUSED
@@ -318,6 +345,8 @@ class QemuHypervisor(Hypervisor):
             if not self._qemu.alive():
                 await self._qemu.output_done()
             stderr = self._qemu.log_tail()[-ERROR_TAIL_CHARS:]
+        if self._lost_share:
+            parts.append(self._lost_share)
         if stderr:
             parts.append(f"QEMU stderr: {stderr}")
         if self._console is not None:
