@@ -323,3 +323,24 @@ def test_a_bad_or_contradicted_server_port_is_refused_by_name(tmp_path, params, 
     found = [(p.key, p.reason) for p in caught.value.problems
              if "server_port" in p.key or "vsock" in p.reason]
     assert found == [(key, reason)]
+
+
+def test_kata_s_agent_create_container_timeout_bounds_create_container(tmp_path):
+    config = load(tmp_path, "[agent.kata]\ncreate_container_timeout = 120\n")
+    assert config.runtime.create_container_timeout == 120
+    assert unapplied(config) == []
+    # Kabuto's own [runtime] key alone
+    assert load(tmp_path, "[runtime]\ncreate_container_timeout = 90\n").runtime.create_container_timeout == 90
+
+
+def test_both_create_container_timeouts_set_differently_are_refused_naming_both(tmp_path):
+    config = load(tmp_path, """\
+        [agent.kata]
+        create_container_timeout = 120
+        [runtime]
+        create_container_timeout = 90
+        """)
+    problems = {p.key: p.reason for p in common_problems(config)}
+    assert problems == {"agent.kata.create_container_timeout":
+                        "differs from runtime.create_container_timeout (90), the bound of CreateContainer: "
+                        "set one of them"}

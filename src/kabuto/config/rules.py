@@ -103,7 +103,25 @@ def common_problems(config: KabutoConfig) -> list[Problem]:
                                 f"no [agent.{runtime.agent_name}] table (have: {have})"))
     for name, agent in config.agent.items():
         problems += _agent_problems(f"agent.{name}", agent)
+    active = config.agent.get(runtime.agent_name)
+    if active is not None and "create_container_timeout" in active.model_fields_set \
+            and active.create_container_timeout != runtime.create_container_timeout:
+        problems.append(Problem(f"agent.{runtime.agent_name}.create_container_timeout",
+                                active.create_container_timeout,
+                                f"differs from runtime.create_container_timeout "
+                                f"({runtime.create_container_timeout}), the bound of CreateContainer: "
+                                "set one of them"))
     return problems + refused_problems(config)
+
+
+def reconcile_create_container_timeout(config: KabutoConfig) -> None:
+    """Kata keeps create_container_timeout in [agent.<name>], Kabuto in [runtime], where it bounds
+    CreateContainer: the agent table's value is that bound when [runtime] sets none."""
+    agent = config.agent.get(config.runtime.agent_name)
+    if agent is not None and "create_container_timeout" in agent.model_fields_set \
+            and "create_container_timeout" not in config.runtime.model_fields_set \
+            and agent.create_container_timeout > 0:
+        config.runtime.create_container_timeout = agent.create_container_timeout
 
 
 def reconcile_agent_timeouts(config: KabutoConfig) -> list[str]:
@@ -142,8 +160,11 @@ def _agent_problems(prefix: str, agent: AgentConfig) -> list[Problem]:
     if not 0 < agent.server_port < 0xFFFFFFFF:
         problems.append(Problem(f"{prefix}.server_port", agent.server_port,
                                 "must be a vsock port from 1 to 4294967294"))
+    if agent.create_container_timeout <= 0:
+        problems.append(Problem(f"{prefix}.create_container_timeout", agent.create_container_timeout,
+                                "must be a positive number of seconds"))
     for key in ("container_pipe_size", "log_port", "passfd_listener_port", "dial_timeout",
-                "create_container_timeout", "health_check_request_timeout_ms",
+                "health_check_request_timeout_ms",
                 "cdh_api_timeout_ms", "launch_process_timeout"):
         if getattr(agent, key) < 0:
             problems.append(Problem(f"{prefix}.{key}", getattr(agent, key), "must not be negative"))
