@@ -18,11 +18,13 @@ from kabuto.config.loader import builtin_default_text
 pytestmark = pytest.mark.vm
 
 DEBIAN_VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
-# Debian's virtiofsd, SIGKILLed a moment after it started: the VM is still booting then (a TCG
-# boot takes several seconds). It is the daemon itself that dies: the script execs it.
+# Debian's virtiofsd, SIGKILLed a second after its socket appeared: QEMU is starting or the guest
+# booting then (a TCG boot takes several seconds). It is the daemon itself that dies: the script
+# execs it, and a background shell waits for the socket and kills it.
 DYING_VIRTIOFSD = f"""#!/bin/sh
 [ "$1" = --help ] && exec {DEBIAN_VIRTIOFSD} --help
-(sleep 1; kill -9 $$) &
+for arg in "$@"; do case "$arg" in --socket-path=*) socket="${{arg#--socket-path=}}";; esac; done
+(while [ ! -S "$socket" ]; do sleep 0.05; done; sleep 1; kill -9 $$) &
 exec {DEBIAN_VIRTIOFSD} "$@"
 """
 EXIT_WAIT = 10.0

@@ -124,7 +124,14 @@ class Virtiofsds:
         finally:
             for wait in waits:
                 wait.cancel()
-        device_id = waits[next(iter(done))]
+        return await self._exit_of(waits[next(iter(done))])
+
+    async def exited(self) -> list[str]:
+        """What happened to each daemon that is no longer running, for an error."""
+        return [await self._exit_of(device_id) for device_id, daemon in self._daemons.items()
+                if daemon.pid is not None and not daemon.alive()]
+
+    async def _exit_of(self, device_id: str) -> str:
         daemon = self._daemons[device_id]
         await daemon.output_done()
         return f"the virtiofsd of share {device_id!r} {daemon.exit_description().removeprefix('virtiofsd ')}"

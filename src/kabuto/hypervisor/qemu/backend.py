@@ -74,7 +74,6 @@ class QemuHypervisor(Hypervisor):
         self._virtiofsd = Virtiofsds(self)
         # in the process that started the VM: stops it when a virtiofsd exits (see start_vm)
         self._share_watch: asyncio.Task[None] | None = None
-        self._lost_share = ""
         self._qmp = QmpSession("", Path())
         self._console: ConsoleReader | None = None
         #: the virtio-serial agent ports after the primary one (none for vsock)
@@ -169,10 +168,10 @@ class QemuHypervisor(Hypervisor):
 
     async def _stop_when_a_share_is_lost(self) -> None:
         """A virtiofsd that exits takes its share with it: the guest's reads and writes there never
-        complete, so the VM is killed (QEMU's exit is what boot, agent calls and containers see)
-        and the reason kept for the error."""
-        self._lost_share = await self._virtiofsd.first_exit()
-        log.error("qemu: VM %s: %s: the guest lost that share; stopping the VM", self.id, self._lost_share)
+        complete, so the VM is killed (QEMU's exit is what boot, agent calls and containers see;
+        a failed boot's error says why, ``_failure_tail``)."""
+        lost = await self._virtiofsd.first_exit()
+        log.error("qemu: VM %s: %s: the guest lost that share; stopping the VM", self.id, lost)
         await self._kill()
 
     async def _stop_share_watch(self) -> None:
@@ -345,8 +344,7 @@ class QemuHypervisor(Hypervisor):
             if not self._qemu.alive():
                 await self._qemu.output_done()
             stderr = self._qemu.log_tail()[-ERROR_TAIL_CHARS:]
-        if self._lost_share:
-            parts.append(self._lost_share)
+        parts += await self._virtiofsd.exited()
         if stderr:
             parts.append(f"QEMU stderr: {stderr}")
         if self._console is not None:
