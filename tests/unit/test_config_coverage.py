@@ -312,6 +312,8 @@ def test_agent_server_port_reaches_the_guest_kernel_command_line(tmp_path):
 @pytest.mark.parametrize(("params", "port", "key", "reason"), [
     ("agent_vsock_port=3000", 2049, "hypervisor.qemu.kernel_params",
      "agent_vsock_port=3000 contradicts agent.kata.server_port (2049): set the port there only"),
+    ("agent_vsock_port=x", 1024, "hypervisor.qemu.kernel_params",
+     "agent_vsock_port=x contradicts agent.kata.server_port (1024): set the port there only"),
     ("", 0, "agent.kata.server_port", "must be a vsock port from 1 to 4294967294"),
     ("", 0xFFFFFFFF, "agent.kata.server_port", "must be a vsock port from 1 to 4294967294"),
 ])

@@ -20,7 +20,7 @@ from kabuto.config.model import HypervisorConfig, KabutoConfig
 from kabuto.config.rules import common_problems, prefixed, raise_problems
 from kabuto.errors import ConfigError, HypervisorError, Problem
 from kabuto.hypervisor.base import DEFAULT_JAILER_ROOT, Hypervisor, HypervisorState
-from kabuto.hypervisor.devices import AGENT_VSOCK_PORT, AGENT_VSOCK_PORT_PARAM, agent_vsock_port
+from kabuto.hypervisor.devices import AGENT_VSOCK_PORT, AGENT_VSOCK_PORT_PARAM
 from kabuto.hypervisor.plugin import HypervisorPlugin
 from kabuto.hypervisor.registry import get_plugin, hypervisor_names, load_warnings
 
@@ -75,12 +75,14 @@ def _agent_port(config: KabutoConfig, table: HypervisorConfig) -> list[Problem]:
     """Put [agent] server_port on the kernel command line unless it is Kata's 1024 (what the agent
     serves without the word); a different agent_vsock_port= already there is a conflict."""
     port = config.active_agent.server_port
-    written = agent_vsock_port(table.kernel_params)
-    if f"{AGENT_VSOCK_PORT_PARAM}=" in table.kernel_params and written != port:
+    written = [word.partition("=")[2] for word in table.kernel_params.split()
+               if word.partition("=")[0] == AGENT_VSOCK_PORT_PARAM]
+    wrong = [value for value in written if value != str(port)]
+    if wrong:
         return [Problem(f"hypervisor.{config.runtime.hypervisor_name}.kernel_params", table.kernel_params,
-                        f"{AGENT_VSOCK_PORT_PARAM}={written} contradicts "
+                        f"{AGENT_VSOCK_PORT_PARAM}={wrong[0]} contradicts "
                         f"agent.{config.runtime.agent_name}.server_port ({port}): set the port there only")]
-    if port != AGENT_VSOCK_PORT and written != port:
+    if port != AGENT_VSOCK_PORT and not written:
         table.kernel_params = f"{table.kernel_params} {AGENT_VSOCK_PORT_PARAM}={port}".strip()
     return []
 
