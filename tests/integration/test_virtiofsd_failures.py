@@ -1,17 +1,27 @@
 """virtio-fs gone wrong, through the CLI with QEMU and Debian's virtiofsd in real VMs: a daemon
-that is missing, one killed while the VM boots, one killed under a running container, a bind
-mount whose host directory is gone. Each is an error naming it, and nothing is left: no QEMU, no
+that is missing, one killed while the VM boots, one killed under a running container (detached,
+and under a streaming `kabuto run`), a bind mount whose host directory is gone. Each is an error naming it, and nothing is left: no QEMU, no
 virtiofsd, no socket, mount or directory (the state_root fixture checks)."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
-from test_runtime_helpers import busybox_rootfs, kabuto, require_guest_image, state_root_fixture, write_bundle
+from test_runtime_helpers import (
+    CLI_TIMEOUT,
+    KABUTO,
+    busybox_rootfs,
+    kabuto,
+    require_guest_image,
+    state_root_fixture,
+    write_bundle,
+)
 
 from kabuto.config.loader import builtin_default_text
 
@@ -90,6 +100,26 @@ def test_virtiofsd_killed_under_a_running_container(state_root: Path, tmp_path: 
                 if p.info["cmdline"] and p.info["cmdline"][0].endswith("qemu-system-x86_64")
                 and str(state_root) in " ".join(p.info["cmdline"])]
     kabuto(state_root, "delete", "c1", check=True)
+
+
+def test_virtiofsd_killed_under_a_streaming_run(state_root: Path) -> None:
+    """The process that started the VM (here `kabuto run`, streaming) stops it at once."""
+    require_guest_image()
+    run = subprocess.Popen([str(KABUTO), "run", "--busybox", "--", "sh", "-c", "echo up; sleep 300"],
+                           env={**os.environ, "KABUTO_STATE_ROOT": str(state_root)},
+                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert run.stdout is not None
+        assert run.stdout.readline() == b"up\n"
+        (daemon,) = virtiofsds(state_root)
+        daemon.kill()
+        _, stderr = run.communicate(timeout=CLI_TIMEOUT)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    assert run.returncode != 0
+    assert b"the virtiofsd of share 'kabuto-shared' was killed by signal 9" in stderr, stderr
 
 
 def test_a_bind_mount_whose_host_directory_vanished(state_root: Path, tmp_path: Path) -> None:
