@@ -1,7 +1,8 @@
 """virtio-fs gone wrong, through the CLI with QEMU and Debian's virtiofsd in real VMs: a daemon
 that is missing, one killed while the VM boots, one killed under a running container (detached,
-and under a streaming `kabuto run`), a bind mount whose host directory is gone. Each is an error naming it, and nothing is left: no QEMU, no
-virtiofsd, no socket, mount or directory (the state_root fixture checks)."""
+and under a streaming `kabuto run`), a bind mount whose host directory is gone. Each is an error
+naming it, and nothing is left: no QEMU, no virtiofsd, no socket, mount or directory (the
+state_root fixture checks)."""
 
 from __future__ import annotations
 

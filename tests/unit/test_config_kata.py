@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import shutil
 import textwrap
+import tomllib
 from pathlib import Path
 
 import pytest
 
 import kabuto.image
 from kabuto.config import load_config, loader
+from kabuto.config.keys import REGISTRY
 from kabuto.errors import ConfigError
 from kabuto.hypervisor import registry, resolve_config
 
@@ -221,10 +223,28 @@ def test_dragonball_stock_file_keeps_its_values(tmp_path):
     assert (config.runtime.use_passfd_io, config.runtime.passfd_listener_port) == (True, 1027)
 
 
+def _registry_keys(table: dict, kind: str) -> list[str]:
+    """The registry key of every key a file's table sets (sub-tables dotted, as keys.py names them)."""
+    found = []
+    for key, value in table.items():
+        if isinstance(value, dict) and f"{kind}.{key}" not in REGISTRY:
+            found += _registry_keys(value, f"{kind}.{key}")
+        else:
+            found.append(f"{kind}.{key}")
+    return found
+
+
 @pytest.mark.parametrize("name", STOCK)
 def test_every_key_a_stock_file_sets_is_one_kabuto_classifies(tmp_path, name):
     config = load_config(stock(tmp_path, name, with_dropin=False), names=registry.hypervisor_names())
     assert [w for w in config.warnings if w.startswith("unknown key")] == []
+    data = tomllib.loads((FIXTURES / name).read_text())
+    keys = [*(k for table in data["hypervisor"].values() for k in _registry_keys(table, "hypervisor")),
+            *(k for table in data["agent"].values() for k in _registry_keys(table, "agent")),
+            *_registry_keys(data["runtime"], "runtime")]
+    assert len(keys) > 60
+    # applied, warned or refused: each by name in kabuto/config/keys.py
+    assert [k for k in keys if k not in REGISTRY] == []
 
 
 def test_the_stock_qemu_file_s_annotation_allow_list_applies(tmp_path):
