@@ -210,6 +210,26 @@ async def test_another_process_takes_over_from_saved_state(
     assert_conforms(recorder)
 
 
+async def test_kata_s_block_queues_shape_every_disk(
+    recorder: Recorder, jailer_root: Path, boot_files
+) -> None:
+    # Kata's stock file: queue_size = 128, num_queues = 1; Kata's Cloud Hypervisor driver sends both
+    vm = CloudHypervisor(make_config(boot_files, queue_size=128, num_queues=2), jailer_root=jailer_root)
+    await vm.prepare_vm("queues")
+    await vm.add_device(BlockDevice(id="disk0", path=boot_files["data.img"]))
+    await vm.start_vm(START_TIMEOUT)
+    await vm.add_device(BlockDevice(id="disk1", path=boot_files["data2.img"]))
+    create = next(r for r in recorder.requests() if r["path"].endswith("vm.create"))["body"]
+    hot = next(r for r in recorder.requests() if r["path"].endswith("vm.add-disk"))["body"]
+    for disk in (create["disks"][0], hot):
+        assert (disk["queue_size"], disk["num_queues"]) == (128, 2)
+    await vm.stop_vm()
+    await vm.cleanup()
+    assert leftovers(jailer_root) == []
+    assert_conforms(recorder)
+    assert_all_succeeded(recorder)
+
+
 async def test_a_virtiofsd_gone_before_another_process_takes_over_stops_the_vm(
     recorder: Recorder, jailer_root: Path, boot_files
 ) -> None:

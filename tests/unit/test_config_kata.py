@@ -28,6 +28,8 @@ QEMU, CLH, FC, DB = ("configuration-qemu-runtime-rs.toml", "configuration-clh-ru
                      "configuration-rs-fc.toml", "configuration-dragonball.toml")
 STOCK = (QEMU, CLH, FC, DB)
 NOT_APPLIED = "parsed, not applied by Kabuto"
+#: Kata's block queue keys: only its Cloud Hypervisor driver uses them, as Kabuto's
+ONLY_CLH = "parsed, not applied by the {} backend (only cloud-hypervisor)"
 #: the keys of a stock file that name a host path
 PATH_KEYS = {"path", "kernel", "image", "initrd", "virtio_fs_daemon", "jailer_path"}
 
@@ -113,8 +115,8 @@ def test_qemu_stock_file_keeps_its_values(tmp_path):
     assert config.warnings == [
         f"hypervisor.qemu.overhead_vcpus = 0.2: {NOT_APPLIED}",
         f"hypervisor.qemu.overhead_memory = 32: {NOT_APPLIED}",
-        f"hypervisor.qemu.queue_size = 128: {NOT_APPLIED}",
-        f"hypervisor.qemu.num_queues = 1: {NOT_APPLIED}",
+        f"hypervisor.qemu.queue_size = 128: {ONLY_CLH.format('qemu')}",
+        f"hypervisor.qemu.num_queues = 1: {ONLY_CLH.format('qemu')}",
         f"runtime.sandbox_cgroup_only = true: {NOT_APPLIED}",
         f"runtime.static_sandbox_resource_mgmt = true: {NOT_APPLIED}",
         f'runtime.dan_conf = "/run/kata-containers/dans": {NOT_APPLIED}',
@@ -149,8 +151,6 @@ def test_cloud_hypervisor_stock_file_keeps_its_values(tmp_path):
     assert config.warnings == [
         f"hypervisor.cloud-hypervisor.overhead_vcpus = 0.2: {NOT_APPLIED}",
         f"hypervisor.cloud-hypervisor.overhead_memory = 32: {NOT_APPLIED}",
-        f"hypervisor.cloud-hypervisor.queue_size = 128: {NOT_APPLIED}",
-        f"hypervisor.cloud-hypervisor.num_queues = 1: {NOT_APPLIED}",
         f"agent.kata.container_pipe_size = 1: {NOT_APPLIED}",
         f"runtime.sandbox_cgroup_only = true: {NOT_APPLIED}",
         f"runtime.static_sandbox_resource_mgmt = true: {NOT_APPLIED}",
@@ -170,8 +170,8 @@ def test_firecracker_stock_file_loads_its_dial_timeout_adjusting_the_reconnect_t
     assert config.warnings == [
         "hypervisor.firecracker.default_maxmemory = 2048: parsed, not applied by the firecracker backend "
         "(only qemu)",
-        f"hypervisor.firecracker.queue_size = 128: {NOT_APPLIED}",
-        f"hypervisor.firecracker.num_queues = 1: {NOT_APPLIED}",
+        f"hypervisor.firecracker.queue_size = 128: {ONLY_CLH.format('firecracker')}",
+        f"hypervisor.firecracker.num_queues = 1: {ONLY_CLH.format('firecracker')}",
         f"runtime.sandbox_cgroup_only = true: {NOT_APPLIED}",
         f"runtime.static_sandbox_resource_mgmt = true: {NOT_APPLIED}",
         f'runtime.dan_conf = "/run/kata-containers/dans": {NOT_APPLIED}',
@@ -203,8 +203,8 @@ def test_dragonball_stock_file_keeps_its_values(tmp_path):
         f"hypervisor.dragonball.overhead_vcpus = 0.2: {NOT_APPLIED}",
         f"hypervisor.dragonball.overhead_memory = 32: {NOT_APPLIED}",
         f"hypervisor.dragonball.default_bridges = 0: {NOT_APPLIED}",
-        f"hypervisor.dragonball.queue_size = 128: {NOT_APPLIED}",
-        f"hypervisor.dragonball.num_queues = 1: {NOT_APPLIED}",
+        f"hypervisor.dragonball.queue_size = 128: {ONLY_CLH.format('dragonball')}",
+        f"hypervisor.dragonball.num_queues = 1: {ONLY_CLH.format('dragonball')}",
         # inline virtio-fs: the VMM serves the share itself, no virtiofsd to hand these to
         'hypervisor.dragonball.virtio_fs_cache = "auto": parsed, not applied by the dragonball backend '
         "(only cloud-hypervisor, qemu)",
