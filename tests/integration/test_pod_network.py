@@ -8,31 +8,22 @@ the host, so the machine's own network is never touched; everything is removed a
 from __future__ import annotations
 
 import json
-import os
-import secrets
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cni_helpers import CniPod, bridge_config, host_netns_fixture, sh
 from test_runtime_helpers import busybox_rootfs, kabuto, require_guest_image, state_root_fixture, write_bundle
 
 pytestmark = pytest.mark.vm
 
-CNI_PATH = Path("/usr/lib/cni")
 SUBNET, GATEWAY = "198.18.7.0/24", "198.18.7.1"
 SCRIPT = (f"ip -o -4 addr show eth0 | awk '{{print $4}}'; ip route | grep ^default; "
           f"ping -c 1 -W 10 {GATEWAY} >/dev/null && echo gateway-reached; "
           "ping -c 1 -W 5 127.0.0.1 >/dev/null && echo lo-up")
 TIMEOUT = 60.0
-
-
-def sh(*args: str, stdin: str | None = None, env: dict[str, str] | None = None) -> str:
-    done = subprocess.run(args, input=stdin, capture_output=True, text=True, timeout=TIMEOUT, env=env)
-    assert done.returncode == 0, f"{' '.join(args)}: exit {done.returncode}: {done.stderr or done.stdout}"
-    return done.stdout
 
 
 @pytest.fixture
@@ -42,51 +33,7 @@ def state_root() -> Iterator[Path]:
 
 @pytest.fixture
 def host_netns() -> Iterator[str]:
-    for binary, package in ((CNI_PATH / "bridge", "containernetworking-plugins"),
-                            (shutil.which("runc"), "runc")):
-        if not binary or not Path(binary).exists():
-            pytest.fail(f"{package} is not installed (make deps installs it)")
-    name = f"kbh-{secrets.token_hex(4)}"
-    sh("ip", "netns", "add", name)
-    try:
-        sh("ip", "-n", name, "link", "set", "lo", "up")
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=TIMEOUT)
-
-
-class CniPod:
-    """A pod netns made by CNI's plugins (run in ``host``); DEL and removal on close."""
-
-    def __init__(self, host: str, state: Path) -> None:
-        self.host = host
-        self.name = f"kbp-{secrets.token_hex(4)}"
-        self.config: dict[str, Any] = {
-            "cniVersion": "1.0.0", "name": "kabuto-pod", "type": "bridge", "bridge": "kbt-br0",
-            "isGateway": True, "ipMasq": False,
-            "ipam": {"type": "host-local", "subnet": SUBNET, "routes": [{"dst": "0.0.0.0/0"}],
-                     "dataDir": str(state)}}
-        sh("ip", "netns", "add", self.name)
-        # as containerd's CRI: the loopback plugin for lo, then the pod network's plugin for eth0
-        self._cni("ADD", {"cniVersion": "1.0.0", "name": "cni-loopback", "type": "loopback"}, "lo")
-        self.result = json.loads(self._cni("ADD", self.config, "eth0"))
-
-    @property
-    def path(self) -> str:
-        return f"/run/netns/{self.name}"
-
-    def _cni(self, command: str, config: dict[str, Any], ifname: str) -> str:
-        env = {"CNI_COMMAND": command, "CNI_CONTAINERID": self.name, "CNI_NETNS": self.path,
-               "CNI_IFNAME": ifname, "CNI_PATH": str(CNI_PATH),
-               "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
-        return sh("ip", "netns", "exec", self.host, str(CNI_PATH / config["type"]), stdin=json.dumps(config),
-                  env=env)
-
-    def close(self) -> None:
-        try:
-            self._cni("DEL", self.config, "eth0")
-        finally:
-            subprocess.run(["ip", "netns", "del", self.name], capture_output=True, timeout=TIMEOUT)
+    yield from host_netns_fixture()
 
 
 def pod_bundle(directory: Path, rootfs: Path, netns: str) -> Path:
@@ -113,7 +60,7 @@ def test_cni_pod_network_as_under_runc(state_root: Path, host_netns: str, tmp_pa
     rootfs = busybox_rootfs(tmp_path / "rootfs")
     outputs = {}
     for runtime in ("runc", "kabuto"):
-        pod = CniPod(host_netns, tmp_path / f"ipam-{runtime}")
+        pod = CniPod(host_netns, bridge_config(SUBNET, tmp_path / f"ipam-{runtime}"))
         try:
             address = pod.result["ips"][0]["address"]
             bundle = pod_bundle(tmp_path / runtime, rootfs, pod.path)
@@ -144,7 +91,7 @@ def test_run_net_and_the_api_take_a_netns_path(state_root: Path, host_netns: str
     import kabuto as api
 
     require_guest_image()
-    pod = CniPod(host_netns, tmp_path / "ipam")
+    pod = CniPod(host_netns, bridge_config(SUBNET, tmp_path / "ipam"))
     try:
         address = pod.result["ips"][0]["address"]
         result = kabuto(state_root, "run", "--busybox", "--net", pod.path, "--", "sh", "-c",

@@ -666,11 +666,16 @@ async def test_namespace_paths_as_cri_sends_them(store: StateStore, tmp_path: Pa
     await commands.delete("pod", opts, force=True)
 
 
-async def test_a_network_namespace_path_that_is_no_namespace_is_refused(store: StateStore,
-                                                                       tmp_path: Path) -> None:
-    bogus = tmp_path / "not-a-netns"
-    bogus.write_text("")
+@pytest.mark.parametrize("what", ["plain file", "missing", "ipc namespace"])
+async def test_a_network_namespace_path_that_is_no_netns_is_refused(store: StateStore, tmp_path: Path,
+                                                                   what: str) -> None:
+    bogus = {"plain file": tmp_path / "not-a-netns", "missing": tmp_path / "cni-deleted-it",
+             "ipc namespace": Path("/proc/self/ns/ipc")}[what]
+    if what == "plain file":
+        bogus.write_text("")  # as the empty mount point CNI leaves after DEL
+    message = f"network namespace {bogus} does not exist" if what == "missing" else \
+        f"{bogus} is not a network namespace"
     bundle = with_namespaces(make_bundle(tmp_path / "b", ["sleep"]), network=str(bogus))
-    with pytest.raises(BundleError, match=f"network namespace {bogus} is not a namespace file"):
+    with pytest.raises(BundleError, match=message):
         await commands.create("c1", str(bundle), options(store))
     assert store.sandbox_ids() == []
