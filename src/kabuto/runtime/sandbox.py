@@ -331,8 +331,12 @@ class VirtSandbox:
         netns = self.record.netns
         model = self.config.runtime.internetworking_model
         queues = self._network_queues
+        endpoints = await network.scan(netns)
+        if endpoints and model != network.model.NONE and not self.capabilities.network:
+            raise SandboxError(f"{netns}: interface {endpoints[0].name} cannot reach the VM: "
+                               f"{self.hypervisor.name} has no network devices")
         plugged = []
-        for index, endpoint in enumerate(await network.scan(netns)):
+        for index, endpoint in enumerate(endpoints):
             tap = await network.attach(netns, endpoint, model, queues=queues)
             if tap is None:  # internetworking_model = "none": the VM gets no NIC
                 continue

@@ -20,6 +20,7 @@ CAPABILITIES = Capabilities(
     pause=True,
     snapshot=True,
     shared_fs=frozenset(),
+    network=True,
     agent_channels=(ChannelKind.HYBRID_VSOCK,),
     jailer=True,
     notes=(
