@@ -89,6 +89,12 @@ class CniPod:
         self.networks.append((config, ifname))
         return result
 
+    def remove(self, ifname: str) -> None:
+        """CNI DEL of the network attached as ``ifname`` (its veth goes)."""
+        [(config, _)] = [(c, i) for c, i in self.networks if i == ifname]
+        self._cni("DEL", config, ifname)
+        self.networks.remove((config, ifname))
+
     def _cni(self, command: str, config: dict[str, Any], ifname: str) -> str:
         env = {"CNI_COMMAND": command, "CNI_CONTAINERID": self.name, "CNI_NETNS": self.path,
                "CNI_IFNAME": ifname, "CNI_PATH": str(CNI_PATH),
