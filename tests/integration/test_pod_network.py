@@ -17,6 +17,8 @@ import pytest
 from cni_helpers import CniPod, bridge_config, host_netns_fixture, sh
 from test_runtime_helpers import busybox_rootfs, kabuto, require_guest_image, state_root_fixture, write_bundle
 
+from kabuto.config.loader import builtin_default_text
+
 pytestmark = pytest.mark.vm
 
 SUBNET, GATEWAY = "198.18.7.0/24", "198.18.7.1"
@@ -86,18 +88,26 @@ def test_cni_pod_network_as_under_runc(state_root: Path, host_netns: str, tmp_pa
 
 
 def test_run_net_and_the_api_take_a_netns_path(state_root: Path, host_netns: str, tmp_path: Path) -> None:
-    """`kabuto run --busybox --net PATH` and `Sandbox(netns=PATH)`: the same pod network without a
-    bundle of one's own."""
+    """`kabuto run --busybox --net PATH` (with network_queues = 2) and `Sandbox(netns=PATH)`: the
+    same pod network without a bundle of one's own."""
     import kabuto as api
 
     require_guest_image()
     pod = CniPod(host_netns, bridge_config(SUBNET, tmp_path / "ipam"))
     try:
         address = pod.result["ips"][0]["address"]
-        result = kabuto(state_root, "run", "--busybox", "--net", pod.path, "--", "sh", "-c",
-                        "ip -o -4 addr show eth0 | awk '{print $4}'", timeout=300)
+        # with two queue pairs per NIC (and two vCPUs, so the guest's driver uses both): QEMU opened
+        # the multi-queue tap twice, and the guest's eth0 has two rx and two tx queues
+        config = tmp_path / "configuration.toml"
+        config.write_text(builtin_default_text())
+        (tmp_path / "config.d").mkdir()
+        (tmp_path / "config.d" / "50-queues.toml").write_text(
+            "[hypervisor.qemu]\nnetwork_queues = 2\ndefault_vcpus = 2\n")
+        script = "ip -o -4 addr show eth0 | awk '{print $4}'; ls /sys/class/net/eth0/queues"
+        result = kabuto(state_root, "--config", str(config), "run", "--busybox", "--net", pod.path, "--",
+                        "sh", "-c", script, timeout=300)
         assert result.returncode == 0, result.stderr.decode(errors="replace")
-        assert result.stdout.decode().split() == [address]
+        assert result.stdout.decode().split() == [address, "rx-0", "rx-1", "tx-0", "tx-1"]
         with api.Sandbox(hypervisor="qemu", state_root=state_root, netns=pod.path) as sandbox:
             shown = sandbox.run(["sh", "-c", "ip -o -4 addr show eth0 | awk '{print $4}'"])
         assert shown.exit_code == 0, shown.stderr

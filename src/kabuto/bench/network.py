@@ -60,14 +60,16 @@ ip link set lo up; ip link set eth0 mtu {mtu} up; ip addr add {address} dev eth0
 CLIENT = r"""
 import json, socket, statistics, sys, time
 host, port, big, requests = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-def get(path):
+def get(path):  # (the response's first 64 KiB, its length, when its first byte came)
     with socket.create_connection((host, port), timeout=60) as s:
         s.sendall(f"GET /{path} HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
-        data, first = b"", None
-        while chunk := s.recv(1 << 20):
+        head, length, first, buffer = b"", 0, None, bytearray(1 << 20)
+        while count := s.recv_into(buffer):
             first = first or time.monotonic()
-            data += chunk
-        return data, first
+            if len(head) < 1 << 16:
+                head += buffer[:count]
+            length += count
+        return head, length, first
 deadline = time.monotonic() + 120
 while True:
     try:
@@ -77,18 +79,18 @@ while True:
         if time.monotonic() > deadline:
             raise
         time.sleep(0.2)
-data, first = get("big")
+head, length, first = get("big")
 seconds = time.monotonic() - first
-body = data.partition(b"\r\n\r\n")[2]
-if len(body) != big:
-    sys.exit(f"big: {len(body)} bytes, not {big}")
+body = length - len(head.partition(b"\r\n\r\n")[0]) - 4
+if body != big:
+    sys.exit(f"big: {body} bytes, not {big}")
 latencies = []
 for _ in range(requests):
     start = time.monotonic()
-    data, _ = get("small")
+    head, _, _ = get("small")
     latencies.append(time.monotonic() - start)
-    if not data.endswith(b"pong\n"):
-        sys.exit(f"small: {data[-80:]!r}")
+    if not head.endswith(b"pong\n"):
+        sys.exit(f"small: {head[-80:]!r}")
 print(json.dumps({"mbps": big / 2**20 / seconds, "latency": statistics.median(latencies)}))
 """
 
