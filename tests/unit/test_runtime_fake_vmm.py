@@ -131,6 +131,13 @@ class NetVmm(FakeVmm):
     async def _hotplug_remove(self, device: Any) -> None: ...
 
 
+class ColdNetVmm(NetVmm):
+    """NICs at boot only, as Firecracker."""
+
+    name = "fakecoldnet"
+    capabilities = Capabilities(shared_fs=frozenset({SharedFsKind.VIRTIO_9P}), network=True)
+
+
 class FakePlugin(BasePlugin):
     def __init__(self, backend_class: type[Hypervisor]) -> None:
         self.backend_class = backend_class
@@ -300,6 +307,7 @@ def fakes(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
     registry.register_hypervisor_plugin("fakevmm", FakePlugin(FakeVmm))
     registry.register_hypervisor_plugin("fakeblock", FakePlugin(BlockOnlyVmm))
     registry.register_hypervisor_plugin("fakenet", FakePlugin(NetVmm))
+    registry.register_hypervisor_plugin("fakecoldnet", FakePlugin(ColdNetVmm))
     current: dict[str, str] = {}
 
     async def fake_wait_for_agent(address: str, timeout: float, **kwargs: Any) -> FakeAgent:
@@ -802,5 +810,27 @@ async def test_a_later_create_plugs_a_new_interface_and_unplugs_a_vanished_one(
     assert record.taps == ["tap0_kabuto"]
     assert nics(record) == [("net0", "tap0_kabuto")]
     assert pod_links(pod_netns) == ["eth0", "lo", "tap0_kabuto"]
+    await commands.delete("pod", opts, force=True)
+    assert pod_links(pod_netns) == ["eth0", "lo"]
+
+
+@netns_helpers.needs_netns
+async def test_an_interface_after_boot_is_refused_where_nics_cannot_be_hot_plugged(
+        store: StateStore, tmp_path: Path, pod_netns: str) -> None:
+    opts, pod_path = options(store, "fakecoldnet"), netns_helpers.path(pod_netns)
+    sandbox = await commands.create("pod", str(with_namespaces(make_bundle(tmp_path / "p", ["sleep"]),
+                                                               network=pod_path)), opts)
+    await sandbox.disconnect()
+    member = {bundle_module.CONTAINER_TYPE_ANNOTATION: "container",
+              bundle_module.SANDBOX_ID_ANNOTATION: "pod"}
+    with netns_helpers.netns() as peer:
+        add_veth(pod_netns, peer, "eth1", "198.18.21")
+        bundle = with_namespaces(make_bundle(tmp_path / "a", ["sleep"], **member), network=pod_path)
+        with pytest.raises(SandboxError, match="interface eth1 appeared after sandbox 'pod' booted, and "
+                                               "fakecoldnet cannot hot-plug a NIC"):
+            await commands.create("app", str(bundle), opts)
+        record = store.load("pod")
+        assert "app" not in record.containers and record.taps == ["tap0_kabuto"]
+        assert pod_links(pod_netns) == ["eth0", "eth1", "lo", "tap0_kabuto"]
     await commands.delete("pod", opts, force=True)
     assert pod_links(pod_netns) == ["eth0", "lo"]
