@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cni_helpers import CniPod, bridge_config, host_netns_fixture, sh
+from cni_helpers import CniPod, bridge_config, host_netns_fixture, ingress_leftovers, links, netns_left, sh
 from test_runtime_helpers import busybox_rootfs, kabuto, require_guest_image, state_root_fixture, write_bundle
 
 from kabuto.config.loader import builtin_default_text
@@ -73,13 +73,10 @@ def test_cni_pod_network_as_under_runc(state_root: Path, host_netns: str, tmp_pa
             assert result.returncode == 0, result.stderr.decode(errors="replace")
             outputs[runtime] = (address, result.stdout.decode())
             # the tap and its tc redirects went with the sandbox; CNI's veth is as CNI left it
-            links = json.loads(sh("ip", "-n", pod.name, "-j", "link"))
-            assert sorted(link["ifname"] for link in links) == ["eth0", "lo"]
-            qdiscs = json.loads(sh("ip", "netns", "exec", pod.name, "tc", "-j", "qdisc", "show", "dev",
-                                   "eth0") or "[]")
-            assert [q for q in qdiscs if q.get("kind") in ("ingress", "clsact")] == []
+            assert links(pod.name) == ["eth0", "lo"] and ingress_leftovers(pod.name) == []
         finally:
             pod.close()
+        assert netns_left([pod.name]) == []
     # the same lines under both, but for the address each pod was given
     (runc_address, runc_out), (kabuto_address, kabuto_out) = outputs["runc"], outputs["kabuto"]
     runc_lines = runc_out.splitlines()
@@ -88,7 +85,7 @@ def test_cni_pod_network_as_under_runc(state_root: Path, host_netns: str, tmp_pa
 
 
 def test_run_net_and_the_api_take_a_netns_path(state_root: Path, host_netns: str, tmp_path: Path) -> None:
-    """`kabuto run --busybox --net PATH` (with network_queues = 2) and `Sandbox(netns=PATH)`: the
+    """`kabuto run --busybox --net PATH` and `Sandbox(netns=PATH)` (with network_queues = 2): the
     same pod network without a bundle of one's own."""
     import kabuto as api
 
@@ -96,21 +93,28 @@ def test_run_net_and_the_api_take_a_netns_path(state_root: Path, host_netns: str
     pod = CniPod(host_netns, bridge_config(SUBNET, tmp_path / "ipam"))
     try:
         address = pod.result["ips"][0]["address"]
-        # with two queue pairs per NIC (and two vCPUs, so the guest's driver uses both): QEMU opened
-        # the multi-queue tap twice, and the guest's eth0 has two rx and two tx queues
+        result = kabuto(state_root, "run", "--busybox", "--net", pod.path, "--", "sh", "-c",
+                        "ip -o -4 addr show eth0 | awk '{print $4}'", timeout=300)
+        assert result.returncode == 0, result.stderr.decode(errors="replace")
+        assert result.stdout.decode().split() == [address]
+        assert links(pod.name) == ["eth0", "lo"] and ingress_leftovers(pod.name) == []
+        # with two queue pairs per NIC: the tap is multi-queue and QEMU opened it twice; the guest's
+        # virtio-net device offers VIRTIO_NET_F_MQ (feature bit 22)
         config = tmp_path / "configuration.toml"
         config.write_text(builtin_default_text())
         (tmp_path / "config.d").mkdir()
-        (tmp_path / "config.d" / "50-queues.toml").write_text(
-            "[hypervisor.qemu]\nnetwork_queues = 2\ndefault_vcpus = 2\n")
-        script = "ip -o -4 addr show eth0 | awk '{print $4}'; ls /sys/class/net/eth0/queues"
-        result = kabuto(state_root, "--config", str(config), "run", "--busybox", "--net", pod.path, "--",
-                        "sh", "-c", script, timeout=300)
-        assert result.returncode == 0, result.stderr.decode(errors="replace")
-        assert result.stdout.decode().split() == [address, "rx-0", "rx-1", "tx-0", "tx-1"]
-        with api.Sandbox(hypervisor="qemu", state_root=state_root, netns=pod.path) as sandbox:
-            shown = sandbox.run(["sh", "-c", "ip -o -4 addr show eth0 | awk '{print $4}'"])
+        (tmp_path / "config.d" / "50-queues.toml").write_text("[hypervisor.qemu]\nnetwork_queues = 2\n")
+        with api.Sandbox(config=str(config), state_root=state_root, netns=pod.path) as sandbox:
+            shown = sandbox.run(["sh", "-c", "ip -o -4 addr show eth0 | awk '{print $4}'; "
+                                 "cut -c23 /sys/class/net/eth0/device/features"])
+            [tap] = json.loads(sh("ip", "-d", "-j", "-n", pod.name, "link", "show", "tap0_kabuto"))
         assert shown.exit_code == 0, shown.stderr
-        assert shown.stdout.decode().split() == [address]
+        assert shown.stdout.decode().split() == [address, "1"]
+        tun = tap["linkinfo"]["info_data"]
+        # QEMU detaches the queues a 1-vCPU guest leaves unused: attached + detached is what it opened
+        held = tun.get("numqueues", 0) + tun.get("numdisabled", 0)
+        assert (tun["type"], tun.get("multi_queue"), held) == ("tap", True, 2), tun
+        assert links(pod.name) == ["eth0", "lo"] and ingress_leftovers(pod.name) == []
     finally:
         pod.close()
+    assert netns_left([pod.name]) == []
