@@ -13,13 +13,15 @@ bridge holds a server, as another pod would. Then, with the same bundles under b
 * CNI removes eth1 again, and the pod's next container sees only eth0 and lo (kabuto: the NIC
   hot-unplugged and its tap removed at that create).
 
-One sandbox VM serves every check. Afterwards nothing of kabuto's remains: no tap, ingress qdisc or
+One sandbox VM serves every check; at the end the pod's process is SIGKILLed (kabuto: the VMM)
+before `delete --force`. Afterwards nothing of kabuto's remains: no tap, ingress qdisc or
 tc filter in the pod netns, no netns of the test's, no VMM process, nothing under the state root.
 Addresses are only those CNI gives inside the test's own namespaces."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -29,6 +31,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from cni_helpers import (
     CniPod,
@@ -119,6 +122,18 @@ class Runtime:
         result = kabuto(self.state_root, "run", "--bundle", str(bundle_dir), container_id, check=True)
         return result.stdout.decode()
 
+    def kill_holder(self, container_id: str) -> None:
+        """SIGKILL the host process `state` names (runc: the container's init; kabuto: the VMM) and
+        wait until it is gone: what a crash leaves for ``delete --force`` to clean up."""
+        if self.name == "runc":
+            shown = subprocess.run(["runc", "--root", str(self.runc_root), "state", container_id],
+                                   capture_output=True, text=True, timeout=TIMEOUT, check=True).stdout
+        else:
+            shown = kabuto(self.state_root, "state", container_id, check=True).stdout.decode()
+        process = psutil.Process(json.loads(shown)["pid"])
+        process.kill()
+        process.wait(timeout=30)
+
     def delete(self, container_id: str) -> None:
         if self.name == "runc":
             subprocess.run(["runc", "--root", str(self.runc_root), "delete", "--force", container_id],
@@ -188,10 +203,12 @@ def test_pod_traffic_as_under_runc(state_root: Path, host_netns: str, tmp_path: 
                         assert links(pod.name) == ["eth0", "lo", "tap0_kabuto"]
                     output = output.replace(second["ips"][0]["address"], "ETH1-ADDRESS")
                     outputs[name] = (page, output + after)
+                    # the pod's process dies (kabuto: its VMM): delete --force still removes it all
+                    runtime.kill_holder(sandbox_id)
                 finally:
                     runtime.delete(sandbox_id)
                 if name == "kabuto":
-                    # the taps and their tc redirects went with the sandbox; CNI's interfaces stay
+                    # the taps and their tc redirects went with the dead VM's sandbox; CNI's stay
                     assert links(pod.name) == ["eth0", "lo"]
                     assert ingress_leftovers(pod.name) == []
             finally:
