@@ -6,7 +6,8 @@ bridge holds a server, as another pod would. Then, with the same bundles under b
 
 * the pod's sandbox container runs busybox httpd, and a client in the host netns fetches a page;
 * CNI adds a second network (eth1) to the running pod, and the next container of the pod sees it
-  (kabuto: rescanned at that container's create, a NIC hot-plugged and configured);
+  (kabuto: rescanned at that container's create, a NIC hot-plugged and configured; kabuto's NICs
+  have network_queues = 2, so both taps are multi-queue and opened twice);
 * that second container reads the MTU CNI set, reaches the first over 127.0.0.1, reaches the
   second network's gateway, and fetches 64 MiB from the server across the bridge: its checksum
   is the file's;
@@ -40,9 +41,11 @@ from cni_helpers import (
     ingress_leftovers,
     links,
     netns_left,
+    sh,
 )
 from test_runtime_helpers import busybox_rootfs, kabuto, require_guest_image, state_root_fixture, write_bundle
 
+from kabuto.config.loader import builtin_default_text
 from kabuto.runtime.bundle import CONTAINER_TYPE_ANNOTATION, SANDBOX_ID_ANNOTATION
 
 pytestmark = pytest.mark.vm
@@ -92,12 +95,23 @@ def fetch_from(netns: str, url: str, timeout: float = 120.0) -> str:
         time.sleep(0.5)
 
 
+def tap_queues(netns: str) -> dict[str, int]:
+    """Kabuto's multi-queue taps in ``netns`` -> the queues opened on each (attached + detached:
+    QEMU detaches those a 1-vCPU guest leaves unused)."""
+    found = {}
+    for link in json.loads(sh("ip", "-d", "-j", "-n", netns, "link", "show")):
+        data = link.get("linkinfo", {}).get("info_data", {})
+        if link["ifname"].endswith("_kabuto") and data.get("multi_queue"):
+            found[link["ifname"]] = data.get("numqueues", 0) + data.get("numdisabled", 0)
+    return found
+
+
 class Runtime:
     """The same OCI steps under runc or kabuto: a detached sandbox container, a pod member run in
     the foreground, a forced delete."""
 
-    def __init__(self, name: str, state_root: Path, runc_root: Path) -> None:
-        self.name, self.state_root, self.runc_root = name, state_root, runc_root
+    def __init__(self, name: str, state_root: Path, runc_root: Path, config: Path) -> None:
+        self.name, self.state_root, self.runc_root, self.config = name, state_root, runc_root, config
 
     def start(self, bundle_dir: Path, container_id: str) -> None:
         if self.name == "runc":
@@ -109,7 +123,8 @@ class Runtime:
                 stderr.seek(0)
                 assert done.returncode == 0, stderr.read()
             return
-        kabuto(self.state_root, "create", "--bundle", str(bundle_dir), container_id, check=True)
+        kabuto(self.state_root, "--config", str(self.config), "create", "--bundle", str(bundle_dir),
+               container_id, check=True)
         kabuto(self.state_root, "start", container_id, check=True)
 
     def run(self, bundle_dir: Path, container_id: str) -> str:
@@ -154,6 +169,11 @@ def test_pod_traffic_as_under_runc(state_root: Path, host_netns: str, tmp_path: 
         for _ in range(BIG // (1 << 20)):
             out.write(os.urandom(1 << 20))
     digest = hashlib.sha256(big.read_bytes()).hexdigest()
+    # kabuto's NICs get two queue pairs: the cold-plugged and the hot-plugged one alike
+    config = tmp_path / "configuration.toml"
+    config.write_text(builtin_default_text())
+    (tmp_path / "config.d").mkdir()
+    (tmp_path / "config.d" / "50-queues.toml").write_text("[hypervisor.qemu]\nnetwork_queues = 2\n")
     ipam = tmp_path / "ipam"  # one lease store: the server and the pods share the bridge's subnet
     made: list[str] = []
     server = CniPod(host_netns, bridge_config(POD_SUBNET, ipam, mtu=MTU))
@@ -165,7 +185,7 @@ def test_pod_traffic_as_under_runc(state_root: Path, host_netns: str, tmp_path: 
     try:
         server_url = f"http://{server.address()}:{SERVER_PORT}/big"
         for name in ("runc", "kabuto"):
-            runtime = Runtime(name, state_root, tmp_path / "runc-root")
+            runtime = Runtime(name, state_root, tmp_path / "runc-root", config)
             pod = CniPod(host_netns, bridge_config(POD_SUBNET, ipam, mtu=MTU))
             made.append(pod.name)
             sandbox_id, member_id = f"{name}-pod", f"{name}-member"
@@ -190,6 +210,8 @@ def test_pod_traffic_as_under_runc(state_root: Path, host_netns: str, tmp_path: 
                     started = time.monotonic()
                     output = runtime.run(member, member_id)
                     print(f"{name}: the member container's run took {time.monotonic() - started:.1f}s")
+                    if name == "kabuto":  # both taps multi-queue, each opened twice by QEMU
+                        assert tap_queues(pod.name) == {"tap0_kabuto": 2, "tap1_kabuto": 2}
                     # CNI removes that network again: the next container no longer sees it (kabuto:
                     # its NIC hot-unplugged and its tap removed at that create)
                     pod.remove("eth1")
