@@ -834,3 +834,24 @@ async def test_an_interface_after_boot_is_refused_where_nics_cannot_be_hot_plugg
         assert pod_links(pod_netns) == ["eth0", "eth1", "lo", "tap0_kabuto"]
     await commands.delete("pod", opts, force=True)
     assert pod_links(pod_netns) == ["eth0", "lo"]
+
+
+@netns_helpers.needs_netns
+async def test_a_vanished_interface_leaves_its_nic_where_nics_cannot_be_unplugged(
+        store: StateStore, tmp_path: Path, pod_netns: str, caplog: pytest.LogCaptureFixture) -> None:
+    opts, pod_path = options(store, "fakecoldnet"), netns_helpers.path(pod_netns)
+    member = {bundle_module.CONTAINER_TYPE_ANNOTATION: "container",
+              bundle_module.SANDBOX_ID_ANNOTATION: "pod"}
+    with netns_helpers.netns() as peer:
+        add_veth(pod_netns, peer, "eth1", "198.18.21")
+        sandbox = await commands.create("pod", str(with_namespaces(make_bundle(tmp_path / "p", ["sleep"]),
+                                                                   network=pod_path)), opts)
+        await sandbox.disconnect()
+    # eth1 went with its peer's netns: the create goes ahead, the NIC stays, and a warning says so
+    bundle = with_namespaces(make_bundle(tmp_path / "a", ["sleep"], **member), network=pod_path)
+    joined = await commands.create("app", str(bundle), opts)
+    await joined.disconnect()
+    assert nics(store.load("pod")) == [("net0", "tap0_kabuto"), ("net1", "tap1_kabuto")]
+    assert "cannot hot-unplug a NIC: it stays until the sandbox ends" in caplog.text
+    await commands.delete("pod", opts, force=True)
+    assert pod_links(pod_netns) == ["eth0", "lo"]

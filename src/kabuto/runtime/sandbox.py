@@ -365,7 +365,12 @@ class VirtSandbox:
         plugged = {d.mac.lower() for d in nics}
         scanned = {e.interface.mac.lower() for e in endpoints}
         for device in [d for d in nics if d.mac.lower() not in scanned]:
-            await self._unplug_nic(device)
+            if self.capabilities.can_hotplug(DeviceKind.NETWORK):
+                await self._unplug_nic(device)
+            else:
+                log.warning("sandbox %s: the interface behind NIC %s (MAC %s) left %s, but %s cannot "
+                            "hot-unplug a NIC: it stays until the sandbox ends", self.id, device.id,
+                            device.mac, netns, self.hypervisor.name)
         new = [e for e in endpoints if e.interface.mac.lower() not in plugged]
         if not new or model == network.model.NONE:
             return
@@ -377,7 +382,10 @@ class VirtSandbox:
             try:
                 await self._configure_guest_network([endpoint])
             except BaseException:
-                await self._unplug_nic(device)
+                # the guest's refusal is the error to report; a tap left by a failed unplug
+                # stays recorded, for teardown
+                with contextlib.suppress(KabutoError):
+                    await self._unplug_nic(device)
                 raise
 
     async def _plug_endpoint(self, endpoint: network.Endpoint, model: str) -> NetworkDevice:
@@ -394,7 +402,8 @@ class VirtSandbox:
         try:
             await self.hypervisor.add_device(device)
         except BaseException:
-            await self._drop_tap(tap)
+            with contextlib.suppress(KabutoError):
+                await self._drop_tap(tap)
             raise
         await self._persist_hypervisor()
         log.info("sandbox %s: %s hot-plugged as %s on %s", self.id, endpoint.name, device_id, tap)
