@@ -133,7 +133,6 @@ def test_kata_runtime_rs_qemu_file_loads_with_its_values(kata_file):
         f"hypervisor.qemu.queue_size = 128: {not_applied}",
         f"hypervisor.qemu.num_queues = 1: {not_applied}",
         f'hypervisor.qemu.cold_plug_vfio = "no-port": {not_applied}',
-        f"hypervisor.qemu.network_queues = 1: {not_applied}",
         f"hypervisor.qemu.tdx_quote_generation_service_socket_port = 0: {not_applied}",
         f'agent.kata.kernel_modules = ["e1000e InterruptThrottleRate=3000,3000,3000 EEE=1"]: {not_applied}',
         f"agent.kata.create_container_timeout = 45: {not_applied}",
