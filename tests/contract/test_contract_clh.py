@@ -69,7 +69,8 @@ async def test_full_lifecycle(
     vm = CloudHypervisor(make_config(boot_files), jailer_root=jailer_root)
     await vm.prepare_vm("sandbox1")
     await vm.add_device(BlockDevice(id="disk0", path=boot_files["data.img"], read_only=True))
-    await vm.add_device(NetworkDevice(id="eth0", tap_name="tap0", mac="02:00:00:00:00:01"))
+    await vm.add_device(NetworkDevice(id="eth0", tap_name="tap0", mac="02:00:00:00:00:01", mtu=1400,
+                                      queues=2))
     share = SharedFsDevice(
         id="share0", fs=SharedFsKind.VIRTIO_FS, host_path=boot_files["share"], mount_tag="kataShared"
     )
@@ -83,7 +84,9 @@ async def test_full_lifecycle(
     assert create["payload"]["initramfs"] == str(boot_files["initrd.img"])
     assert "quiet" in create["payload"]["cmdline"]
     assert [d["id"] for d in create["disks"]] == ["disk0"]
-    assert create["net"][0]["tap"] == "tap0"
+    # the NIC as the runtime builds it from a pod endpoint: MAC, MTU, two queue pairs (rx + tx each)
+    assert {k: create["net"][0][k] for k in ("tap", "mac", "mtu", "num_queues")} == {
+        "tap": "tap0", "mac": "02:00:00:00:00:01", "mtu": 1400, "num_queues": 4}
     assert create["fs"][0]["tag"] == "kataShared"
     assert create["vsock"]["cid"] == 3
     assert sent(recorder)[:3] == ["vmm.ping", "vm.create", "vm.boot"]

@@ -109,7 +109,7 @@ def test_a_set_key_kabuto_does_not_apply_warns_once_and_a_default_value_does_not
     config = load(tmp_path, """\
         [hypervisor.qemu]
         memory_offset = 12
-        network_queues = 1
+        network_queues = 0
         indep_iothreads = 0
         queue_size = 128
         [agent.kata]

@@ -218,7 +218,9 @@ REGISTRY: dict[str, Coverage] = {
     # network
     "hypervisor.rx_rate_limiter_max_rate": WARNED,
     "hypervisor.tx_rate_limiter_max_rate": WARNED,
-    "hypervisor.network_queues": WARNED,
+    "hypervisor.network_queues": Applied("runtime: multi-queue taps; qemu netdev queues + virtio-net mq, "
+                                         "cloud-hypervisor num_queues (firecracker: refused above 1)",
+                                         ("runtime/sandbox.py", "hypervisor/plugin.py")),
     # security and annotations
     "hypervisor.enable_annotations": Applied("annotations", ("config/annotations.py",)),
     "hypervisor.valid_hypervisor_paths": _PATH_RULES,
@@ -314,7 +316,9 @@ REGISTRY: dict[str, Coverage] = {
     "runtime.agent_name": WARNED,
     "runtime.enable_debug": WARNED,
     "runtime.log_level": WARNED,
-    "runtime.internetworking_model": WARNED,
+    "runtime.internetworking_model": Applied("runtime: tcfilter (taps + tc redirects) or none (no NIC); "
+                                             "macvtap and l3forwarding refused by the [runtime] rules",
+                                             ("runtime/sandbox.py", "config/rules.py")),
     "runtime.disable_guest_seccomp": Applied("runtime: a bundle's seccomp profile is refused unless true",
                                              ("runtime/sandbox.py",)),
     "runtime.disable_new_netns": WARNED,

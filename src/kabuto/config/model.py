@@ -134,8 +134,7 @@ class HypervisorConfig(_Table):
     # network
     rx_rate_limiter_max_rate: int = 0
     tx_rate_limiter_max_rate: int = 0
-    #: Kabuto's taps are single-queue
-    network_queues: int = 1
+    network_queues: int = 0
     # security and annotations
     #: regular expressions naming the annotation keys a pod may set (see docs/configuration.md)
     enable_annotations: list[str] = Field(default_factory=list)

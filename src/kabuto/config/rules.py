@@ -18,6 +18,12 @@ from kabuto.config.model import AgentConfig, KabutoConfig
 from kabuto.errors import AnnotationError, ConfigError, Problem
 
 INTERNETWORKING_MODELS = ("macvtap", "none", "tcfilter", "l3forwarding")
+#: Kata's models Kabuto does not build, and why (refused rather than run as another model)
+UNIMPLEMENTED_MODELS = {
+    "macvtap": "not built in Kabuto: it needs a macvtap device per interface and its /dev/tapN "
+               "descriptors handed to the VMM; use \"tcfilter\" (Kata's default) or \"none\"",
+    "l3forwarding": "not built in Kabuto (Kata's Go runtime only); use \"tcfilter\" or \"none\"",
+}
 VFIO_MODES = ("", "vfio", "guest-kernel")
 EMPTYDIR_MODES = ("shared-fs", "block-encrypted", "block-plain")
 LOG_LEVELS = ("trace", "debug", "info", "warn", "error", "critical")
@@ -94,6 +100,9 @@ def common_problems(config: KabutoConfig) -> list[Problem]:
         if value not in allowed:
             choices = ", ".join(map(repr, allowed))
             problems.append(Problem(f"runtime.{key}", value, f"must be one of {choices}"))
+    if runtime.internetworking_model in UNIMPLEMENTED_MODELS:
+        problems.append(Problem("runtime.internetworking_model", runtime.internetworking_model,
+                                UNIMPLEMENTED_MODELS[runtime.internetworking_model]))
     if runtime.create_container_timeout <= 0:
         problems.append(Problem("runtime.create_container_timeout", runtime.create_container_timeout,
                                 "must be a positive number of seconds"))

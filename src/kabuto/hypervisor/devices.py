@@ -64,6 +64,8 @@ class NetworkDevice(Device):
     mac: str = ""
     netns: str = ""
     mtu: int = 1500
+    #: queue pairs: > 1 needs a multi-queue tap (IFF_MULTI_QUEUE) and a VMM that opens as many
+    queues: int = 1
 
     def __post_init__(self) -> None:
         self.kind = DeviceKind.NETWORK

@@ -271,6 +271,8 @@ def _disk(device: BlockDevice, cfg: HypervisorConfig) -> dict[str, Any]:
 
 def _net(device: NetworkDevice) -> dict[str, Any]:
     net: dict[str, Any] = {"id": device.id, "tap": device.tap_name, "mtu": device.mtu}
+    if device.queues > 1:
+        net["num_queues"] = 2 * device.queues  # NetConfig counts rx and tx queues apart
     if device.mac:
         net["mac"] = device.mac
     return net

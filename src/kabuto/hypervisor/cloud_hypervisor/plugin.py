@@ -19,6 +19,7 @@ CAPABILITIES = Capabilities(
     pause=True,
     snapshot=True,
     shared_fs=frozenset({SharedFsKind.VIRTIO_FS}),
+    network=True,
     agent_channels=(ChannelKind.HYBRID_VSOCK,),
     jailer=False,
     notes=(

@@ -20,6 +20,7 @@ CAPABILITIES = Capabilities(
     pause=True,
     snapshot=False,
     shared_fs=frozenset({SharedFsKind.VIRTIO_FS}),
+    network=True,
     agent_channels=(ChannelKind.HYBRID_VSOCK,),
     jailer=False,
     notes=("in-process VMM: needs a Python binding, none exists",),
