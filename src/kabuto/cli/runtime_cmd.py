@@ -1,7 +1,7 @@
 """runc's command line: run, create, start, state, pause, resume, update, kill, delete, exec, list, ps.
 
-Global ``--config`` and ``--hypervisor`` come from the ``kabuto`` group; ``--root`` (or
-``$KABUTO_STATE_ROOT``) moves the state directory away from ``/run/kabuto``.
+The global options come from the ``kabuto`` group (kabuto.cli.main); ``--root`` (global, or
+after the verb, or ``$KABUTO_STATE_ROOT``) moves the state directory away from ``/run/kabuto``.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from kabuto.runtime import commands, streaming
 from kabuto.runtime.bundle import default_spec, join_network_namespace
 from kabuto.runtime.busybox import make_busybox_rootfs
 from kabuto.runtime.sandbox import DEFAULT_BOOT_TIMEOUT
-from kabuto.runtime.state import STATE_ROOT_ENV, StateStore, default_state_root
+from kabuto.runtime.state import StateStore, default_state_root
 
 # SIGWINCH resizes the container's terminal instead of being forwarded
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
@@ -43,13 +43,16 @@ MAX_RESOURCES_BYTES = 1 << 20
 def _options(ctx: click.Context, root: Path | None, boot_timeout: float = DEFAULT_BOOT_TIMEOUT
              ) -> commands.RuntimeOptions:
     obj = ctx.find_object(dict) or {}
-    return commands.RuntimeOptions(StateStore(root or default_state_root()), obj.get("config_path"),
-                                   obj.get("hypervisor_name"), boot_timeout)
+    return commands.RuntimeOptions(StateStore(root or obj.get("root") or default_state_root()),
+                                   obj.get("config_path"), obj.get("hypervisor_name"), boot_timeout,
+                                   systemd_cgroup=bool(obj.get("systemd_cgroup")))
 
 
 def _root_option(function: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option("--root", type=click.Path(file_okay=False, path_type=Path), envvar=STATE_ROOT_ENV,
-                        default=None, help="State directory (default /run/kabuto).")(function)
+    # also a global option, as runc has it; given here it wins
+    return click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=None,
+                        help="State directory (default: the global --root, $KABUTO_STATE_ROOT, "
+                             "/run/kabuto).")(function)
 
 
 def _boot_timeout_option(function: Callable[..., Any]) -> Callable[..., Any]:

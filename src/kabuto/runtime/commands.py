@@ -24,6 +24,7 @@ from typing import Any
 
 from kabuto.errors import KabutoError
 from kabuto.runtime.bundle import ContainerIdError, check_container_id, load_bundle, process_spec
+from kabuto.runtime.cgroups_path import report_cgroups_path
 from kabuto.runtime.control import CONTROL_SOCKET, control_socket, kill_via_owner, parse_signal
 from kabuto.runtime.detached import end_pump, spawn_pump
 from kabuto.runtime.sandbox import (
@@ -47,6 +48,8 @@ class RuntimeOptions:
     config_path: str | None = None
     hypervisor_name: str | None = None
     boot_timeout: float = DEFAULT_BOOT_TIMEOUT
+    #: runc's --systemd-cgroup: linux.cgroupsPath is slice:prefix:name
+    systemd_cgroup: bool = False
 
 
 # -- create / start ----------------------------------------------------------------------------
@@ -55,6 +58,7 @@ async def create(container_id: str, bundle_dir: str, options: RuntimeOptions) ->
     still connected (the caller disconnects it, or keeps using it as ``run`` does)."""
     check_container_id(container_id)
     bundle = load_bundle(bundle_dir)
+    report_cgroups_path(bundle.spec, systemd=options.systemd_cgroup)
     store = options.store
     pod = bundle.pod_sandbox_id
     if pod is not None:
@@ -243,7 +247,13 @@ async def kill(container_id: str, signal_value: str | int, options: RuntimeOptio
 
 async def delete(container_id: str, options: RuntimeOptions, *, force: bool = False) -> None:
     """``runc delete``: a stopped (or created) container goes; ``--force`` kills a running one.
-    The sandbox's own container takes the whole sandbox with it (its VM stops)."""
+    The sandbox's own container takes the whole sandbox with it (its VM stops). As runc,
+    ``--force`` of a container that does not exist succeeds."""
+    if force:
+        try:
+            options.store.find_container(container_id)
+        except ContainerIdError:
+            return
     async with attached(container_id, options) as sandbox:
         if sandbox.vm_alive:
             await sandbox.refresh_status(container_id)
