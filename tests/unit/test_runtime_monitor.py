@@ -12,7 +12,7 @@ from typing import Any
 import psutil
 
 from kabuto.runtime import detached
-from kabuto.runtime.iopump import copy_stream
+from kabuto.runtime.monitor import copy_stream
 
 
 class FakeContainers:
@@ -57,15 +57,15 @@ async def test_a_closed_reader_does_not_stop_the_draining() -> None:
     assert fake.chunks["stdout"] == []
 
 
-def test_end_pump_terminates_the_recorded_process_only() -> None:
+def test_end_monitor_kills_the_recorded_process_only() -> None:
     process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         created = psutil.Process(process.pid).create_time()
         # another process now holding the pid: left alone
-        detached.end_pump({"pid": process.pid, "create_time": created - 100}, grace=0.0)
+        detached.end_monitor({"pid": process.pid, "create_time": created - 100}, grace=0.0)
         assert process.poll() is None
-        detached.end_pump({"pid": process.pid, "create_time": created}, grace=0.0)
-        # _end_pump may have reaped it already (then Popen cannot see its status)
+        detached.end_monitor({"pid": process.pid, "create_time": created}, grace=0.0)
+        # end_monitor may have reaped it already (then Popen cannot see its status)
         process.wait(timeout=10)
         assert not psutil.pid_exists(process.pid) or psutil.Process(process.pid).create_time() != created
     finally:
