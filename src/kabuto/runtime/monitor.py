@@ -116,9 +116,11 @@ async def _chunks(fd: int) -> AsyncIterator[bytes]:
 
 
 async def feed_stdin(containers: ContainerClient, container_id: str, exec_id: str, fd: int) -> None:
-    async for data in _chunks(fd):
-        await containers.write_stdin(container_id, exec_id, data)
-    await containers.close_stdin(container_id, exec_id)
+    # a process that exited (or closed its stdin) takes no more input: the rest is dropped
+    with contextlib.suppress(KabutoError):
+        async for data in _chunks(fd):
+            await containers.write_stdin(container_id, exec_id, data)
+        await containers.close_stdin(container_id, exec_id)
 
 
 def send_console(console: socket.socket) -> int:
