@@ -299,8 +299,8 @@ def test_detached_lifecycle_as_runc(rootfs: Path) -> None:
         assert runc["c1-exit"] == 3 and runc["c1-stdio"] == (b"got hello\n", b"err\n"), runc
         assert runc["c2-exit"] == 7 and runc["c3-exit"] == 137 and runc["exec-exit"] == 5, runc
         assert runc["c4-console"][1:] == (True, True, True) and runc["exec-tty-exit"] == 6, runc
-        for key in runc:
-            assert kabuto[key] == runc[key], f"{key}: kabuto {kabuto[key]!r}, runc {runc[key]!r}"
+        differ = {key: (kabuto.get(key), runc[key]) for key in runc if kabuto.get(key) != runc[key]}
+        assert not differ, f"(kabuto, runc) where they differ: {differ}"
         assert_nothing_left(kabuto_root)
     finally:
         remove_state_root(kabuto_root)

@@ -25,6 +25,7 @@ from typing import Any
 
 import click
 
+from kabuto.errors import KabutoError
 from kabuto.runtime import commands, streaming
 from kabuto.runtime.bundle import default_spec, join_network_namespace, load_process_file
 from kabuto.runtime.busybox import make_busybox_rootfs
@@ -37,6 +38,8 @@ FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUI
 STDIN_CHUNK = 64 * 1024
 # Chunks read from our stdin wait here for the agent; a bounded queue gives back-pressure.
 STDIN_QUEUE_CHUNKS = 16
+# runc exec's status when the exec itself fails (every lower one may be the process's own)
+EXEC_FAILED = 255
 # `update -r`: the guest accepts at most 1 MiB of OCI JSON
 MAX_RESOURCES_BYTES = 1 << 20
 
@@ -449,7 +452,24 @@ def exec_command(ctx: click.Context, terminal: bool, env: tuple[str, ...], cwd: 
                  process_file: str | None, detach: bool, pid_file: str | None, console_socket: str | None,
                  preserve_fds: int, root: Path | None, container_id: str, command: tuple[str, ...]) -> None:
     """Run COMMAND (or the --process file's process) in a running container; exit with its
-    exit code, or with --detach return once it runs."""
+    exit code, or with --detach return once it runs. As runc's, a failure exits 255 (the
+    codes below belong to the process)."""
+    try:
+        _exec(ctx, terminal, env, cwd, user, additional_gids, caps, no_new_privs, process_file, detach,
+              pid_file, console_socket, preserve_fds, root, container_id, command)
+    except click.UsageError:
+        raise
+    except (KabutoError, click.ClickException) as exc:
+        reason = exc.format_message() if isinstance(exc, click.ClickException) else str(exc)
+        failure = click.ClickException(f"exec failed: {reason}")
+        failure.exit_code = EXEC_FAILED
+        raise failure from None
+
+
+def _exec(ctx: click.Context, terminal: bool, env: tuple[str, ...], cwd: str | None, user: str | None,
+          additional_gids: tuple[int, ...], caps: tuple[str, ...], no_new_privs: bool,
+          process_file: str | None, detach: bool, pid_file: str | None, console_socket: str | None,
+          preserve_fds: int, root: Path | None, container_id: str, command: tuple[str, ...]) -> None:
     options = _options(ctx, root)
     _check_preserve_fds(preserve_fds)
     _check_pid_file(pid_file)
