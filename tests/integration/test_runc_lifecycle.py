@@ -200,6 +200,12 @@ def scenario(rt: Runtime, rootfs: Path) -> dict[str, Any]:
               "sh", "-c", "echo execout; exit 5", stdout=out)
     seen["exec-exit"] = wait_exit(int((rt.work / "e1.pid").read_text()))
     seen["exec-out"] = (rt.work / "e1.out").read_bytes()
+    stats = json.loads(rt.ok("events", "--stats", "c3").stdout)
+    data = stats["data"]
+    seen["events-stats"] = (stats["type"], stats["id"], data["pids"]["current"] >= 1,
+                            data["cpu"]["usage"]["total"] > 0, data["memory"]["usage"]["usage"] > 0)
+    processes = json.loads(rt.ok("ps", "--format", "json", "c3").stdout)
+    seen["ps-json"] = bool(processes) and all(isinstance(pid, int) for pid in processes)
     seen["exec-not-json"] = rt("exec", "--process", str(rt.work / "c1.out"), "c3").returncode
     seen["kill-bad-signal"] = rt("kill", "c3", "SIGNOPE").returncode
     rt.ok("kill", "--all", "c3", "KILL")

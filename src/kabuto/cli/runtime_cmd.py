@@ -18,6 +18,7 @@ import socket
 import tempfile
 import termios
 import threading
+import time
 import tty
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -549,8 +550,34 @@ def ps_command(ctx: click.Context, fmt: str, root: Path | None, container_id: st
         click.echo(pid)
 
 
+@click.command("events")
+@click.option("--stats", "once", is_flag=True, help="Print the container's stats once and exit.")
+@click.option("--interval", type=click.FloatRange(min=0.1), default=5.0, show_default=True,
+              help="Seconds between stats lines (without --stats).")
+@_root_option
+@click.argument("container_id")
+@click.pass_context
+def events_command(ctx: click.Context, once: bool, interval: float, root: Path | None,
+                   container_id: str) -> None:
+    """Print the container's cgroup stats as runc's `events` does: one JSON line each interval
+    until it stops (OOM events are not reported)."""
+    options = _options(ctx, root)
+    while True:
+        try:
+            line = asyncio.run(commands.stats(container_id, options))
+        except KabutoError:
+            if once:
+                raise
+            return  # the container stopped or went: the stream ends, as runc's does
+        click.echo(json.dumps(line))
+        if once:
+            return
+        time.sleep(interval)
+
+
 def register(cli: click.Group) -> None:
     for command in (run_command, create_command, start_command, state_command, pause_command, resume_command,
-                    update_command, kill_command, delete_command, exec_command, list_command, ps_command):
+                    update_command, kill_command, delete_command, exec_command, list_command, ps_command,
+                    events_command):
         cli.add_command(command)
 
