@@ -4,7 +4,8 @@ suite) see it, with runc as the oracle: the same steps under both, observations 
 The test process is a child subreaper, as conmon is, so the process standing for a container
 (runc's init; kabuto's monitor) is reparented to it and reaped here with its exit status.
 Covered: --pid-file and state's pid, state's fields through create/start/exit, stdin/stdout/
-stderr inherited from create, the exit status, a signal sent to that pid, kill --all, a pty
+stderr inherited from create, the exit status, a signal sent to that pid (SIGTERM forwarded,
+SIGKILL stopping the container), kill --all, events --stats, ps --format json, a pty
 master received over --console-socket (window size, input, output), exec --detach --pid-file,
 exec --process --tty --console-socket, and bad input (console socket that is not a socket, a
 terminal without one, a process file that is not JSON, exec into a stopped container, a pid
@@ -212,6 +213,16 @@ def scenario(rt: Runtime, rootfs: Path) -> dict[str, Any]:
     seen["c3-exit"] = wait_exit(pid)
     seen["exec-stopped"] = rt("exec", "c3", "true").returncode != 0
     rt.ok("delete", "c3")
+
+    # SIGKILL to that pid (it cannot be forwarded): the container is stopped, as when runc's init dies
+    bundle = rt.bundle("c6", rootfs, SLEEPER)
+    rt.ok("create", "--bundle", str(bundle), "--pid-file", str(rt.work / "c6.pid"), "c6")
+    rt.ok("start", "c6")
+    pid = int((rt.work / "c6.pid").read_text())
+    os.kill(pid, signal.SIGKILL)
+    seen["c6-exit"] = wait_exit(pid)
+    seen["c6-state"] = (rt.state("c6")["status"], rt.state("c6")["pid"])
+    rt.ok("delete", "c6")
 
     # a terminal: the pty master arrives over the console socket; window size, input, output
     console = ConsoleSocket(rt.work / "console.sock")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
+import signal
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -165,7 +166,10 @@ async def state(container_id: str, options: RuntimeOptions) -> dict[str, Any]:
     try:
         async with attached(container_id, options, lock_timeout=1.0) as sandbox:
             if sandbox.vm_alive:
-                await sandbox.refresh_status(container_id)
+                container = await sandbox.refresh_status(container_id)
+                if container.status in ("running", "paused") and container.monitor \
+                        and live_process(container.monitor) is None:
+                    await _follow_monitor(sandbox, container_id)
             # also a VMM that died after attach found it alive: its host resources go now
             if not await sandbox.vmm_running():
                 await reap(sandbox)
@@ -175,6 +179,17 @@ async def state(container_id: str, options: RuntimeOptions) -> dict[str, Any]:
             raise
         record = options.store.find_container(container_id)
         return _oci_state(record, container_id, list(record.hypervisor_state.get("pids", [])))
+
+
+async def _follow_monitor(sandbox: VirtSandbox, container_id: str) -> None:
+    """The host process standing for the container is gone (SIGKILLed: it exits by itself only
+    after the container's process did): as when runc's init is killed, the container's process
+    is killed too, and ``state`` reports it stopped."""
+    with contextlib.suppress(KabutoError):
+        await sandbox.kill(container_id, signal.SIGKILL)
+    with contextlib.suppress(KabutoError):
+        await sandbox.wait_process(container_id, INIT_EXEC_ID, timeout=MONITOR_EXIT_TIMEOUT)
+    await sandbox.refresh_status(container_id)
 
 
 def _oci_state(record: SandboxRecord, container_id: str, pids: list[int]) -> dict[str, Any]:
