@@ -8,6 +8,7 @@ import contextlib
 import logging
 import os
 import pty
+import socket
 import struct
 import subprocess
 import sys
@@ -383,3 +384,24 @@ def test_a_bad_vsock_port_is_refused_before_anything_starts(port: str) -> None:
     )
     assert result.returncode == 2
     assert f"invalid vsock_port value: '{port}'" in result.stderr
+
+
+def test_a_vsock_port_already_in_use_ends_the_agent_naming_it() -> None:
+    """The serving path of the shipped agent (vsock on, no --listen) on this host's AF_VSOCK: a
+    port something else holds is a fatal error naming the port (as PID 1 it powers off)."""
+    try:
+        holder = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+    except OSError as exc:
+        pytest.skip(f"this host kernel has no AF_VSOCK: {exc}")
+    with holder:
+        holder.bind((socket.VMADDR_CID_ANY, socket.VMADDR_PORT_ANY))
+        holder.listen(1)
+        port = holder.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "kabuto.guest", "--vsock", "on", "--vsock-port", str(port),
+             "--port-name", "no-such-port", "--port-timeout", "5"],
+            capture_output=True, text=True, timeout=60, check=False,
+        )
+    assert result.returncode == 1
+    message = f"ChannelError: cannot listen on vsock port {port}: [Errno 98] Address already in use"
+    assert message in result.stderr, result.stderr

@@ -25,6 +25,8 @@ class Capabilities:
     shared_fs: frozenset[SharedFsKind] = frozenset()
     agent_channels: tuple[ChannelKind, ...] = ()
     jailer: bool = False
+    #: virtio-net NICs on host taps, cold-plugged at least (hot-plug: ``hotplug`` says)
+    network: bool = False
     # extra facts a backend wants to publish (shown by `kabuto hypervisors`)
     notes: tuple[str, ...] = field(default_factory=tuple)
 
@@ -52,6 +54,7 @@ class Capabilities:
             "shared_fs": sorted(k.value for k in self.shared_fs),
             "agent_channels": [k.value for k in self.agent_channels],
             "jailer": self.jailer,
+            "network": self.network,
             "notes": list(self.notes),
         }
 
@@ -65,5 +68,6 @@ class Capabilities:
             shared_fs=frozenset(SharedFsKind(k) for k in data.get("shared_fs", [])),
             agent_channels=tuple(ChannelKind(k) for k in data.get("agent_channels", [])),
             jailer=bool(data.get("jailer", False)),
+            network=bool(data.get("network", False)),
             notes=tuple(str(n) for n in data.get("notes", [])),
         )
