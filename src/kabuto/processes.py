@@ -38,3 +38,13 @@ def still_running(process: psutil.Process) -> bool:
         return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
+
+
+def pid_running(pid: int | None) -> bool:
+    """Whether ``pid`` names a process that has not exited (a zombie has)."""
+    if pid is None:
+        return False
+    try:
+        return still_running(psutil.Process(pid))
+    except psutil.Error:
+        return False

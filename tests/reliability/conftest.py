@@ -13,36 +13,14 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 # the runtime's integration helpers (bundles, the CLI as a process, leftover checks)
 sys.path.insert(0, str(Path(__file__).parent.parent / "integration"))
+sys.path.insert(0, str(Path(__file__).parent))
 
-SOAK_ENV = "KABUTO_SOAK"
-FIGURES_ENV = "KABUTO_FIGURES"
-
-_figures: dict[str, dict[str, Any]] = {}
-
-
-def soak() -> bool:
-    return os.environ.get(SOAK_ENV, "") not in ("", "0")
-
-
-def scale(short: int, long: int) -> int:
-    """``short`` in make test, ``long`` under make soak."""
-    return long if soak() else short
-
-
-class Figures:
-    """Measurements of one scenario, keyed by name; written at the end of the session."""
-
-    def __init__(self, scenario: str) -> None:
-        self.values = _figures.setdefault(scenario, {})
-
-    def __setitem__(self, name: str, value: Any) -> None:
-        self.values[name] = value
+from reliability_support import FIGURES, FIGURES_ENV, Figures, soak
 
 
 @pytest.fixture
@@ -52,11 +30,11 @@ def figures(request: pytest.FixtureRequest) -> Figures:
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
     target = os.environ.get(FIGURES_ENV)
-    if not target or not _figures:
+    if not target or not FIGURES:
         return
     path = Path(target)
     old = json.loads(path.read_text()) if path.is_file() else {}
-    old.setdefault("scenarios", {}).update(_figures)
+    old.setdefault("scenarios", {}).update(FIGURES)
     old["mode"] = "soak" if soak() else "make test"
     old["written"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     path.parent.mkdir(parents=True, exist_ok=True)

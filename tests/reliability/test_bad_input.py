@@ -17,9 +17,9 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from conftest import scale
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from reliability_support import scale
 
 import kabuto.image
 from kabuto.agent.address import parse_agent_address

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from cli_process import Cli
-from conftest import Figures, scale
+from reliability_support import Figures, scale
 from test_runtime_helpers import (
     assert_nothing_left,
     busybox_rootfs,

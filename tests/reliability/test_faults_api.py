@@ -18,7 +18,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import Figures
+from reliability_support import Figures
 from test_runtime_helpers import assert_nothing_left, require_guest_image
 
 import kabuto

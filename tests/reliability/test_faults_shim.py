@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Figures, scale
 from containerd_helpers import CONTAINERD, CTR, Containerd, remove_tree, short_temp_dir
+from reliability_support import Figures, scale
 from test_runtime_helpers import busybox_rootfs, require_guest_image
 
 from kabuto.runtime.bundle import CONTAINER_TYPE_ANNOTATION, SANDBOX_ID_ANNOTATION

@@ -18,8 +18,8 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Figures, scale
 from hostile_agent import Action, HostileAgent, answer, oversized_header, status
+from reliability_support import Figures, scale
 
 from kabuto import api
 from kabuto.agent.client import wait_for_agent

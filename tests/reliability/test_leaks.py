@@ -17,8 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Figures, scale
 from host_resources import Scope, count, differences
+from reliability_support import Figures, scale
 from test_runtime_helpers import (
     KABUTO,
     assert_nothing_left,

@@ -85,10 +85,13 @@ async def copy_stream(containers: ContainerClient, container_id: str, stream: st
                       exec_id: str = "") -> None:
     read = containers.read_stdout if stream == "stdout" else containers.read_stderr
     writable = True
-    # each read is a bounded long poll; a dead VM or channel fails the next one
-    while chunk := await read(container_id, exec_id, MAX_CHUNK):
-        if writable:
-            writable = await _write_all(fd, chunk)
+    # each read is a bounded long poll; a dead VM or channel fails the next one, which ends the
+    # copy quietly: the process's wait reports it (an unretrieved task error would reach the
+    # container's stderr, which is the user's terminal, as a traceback)
+    with contextlib.suppress(KabutoError):
+        while chunk := await read(container_id, exec_id, MAX_CHUNK):
+            if writable:
+                writable = await _write_all(fd, chunk)
 
 
 async def _chunks(fd: int) -> AsyncIterator[bytes]:

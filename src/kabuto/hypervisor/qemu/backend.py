@@ -43,6 +43,7 @@ from kabuto.hypervisor.qemu.plugin import plugin as qemu_plugin
 from kabuto.hypervisor.qemu.qmp import QmpSession
 from kabuto.hypervisor.virtiofsd import Virtiofsds
 from kabuto.hypervisor.vmm_process import VmmProcess, check_socket_path
+from kabuto.processes import pid_running
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,8 @@ VM_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 # Bounds on every wait (seconds).
 STOP_GRACE_TIMEOUT = 5.0
+# a virtiofsd that exits gives QEMU this many 50 ms looks to be seen dead first (its own death)
+QEMU_EXIT_GRACE_POLLS = 20
 KILL_TIMEOUT = 5.0
 ERROR_TAIL_CHARS = 1500
 
@@ -74,6 +77,8 @@ class QemuHypervisor(Hypervisor):
         self._virtiofsd = Virtiofsds(self)
         # in the process that started the VM: stops it when a virtiofsd exits (see start_vm)
         self._share_watch: asyncio.Task[None] | None = None
+        #: a share's daemon that exited under a running QEMU, which was then stopped (exit_reason)
+        self._lost_share = ""
         self._qmp = QmpSession("", Path())
         self._console: ConsoleReader | None = None
         #: the virtio-serial agent ports after the primary one (none for vsock)
@@ -171,6 +176,13 @@ class QemuHypervisor(Hypervisor):
         complete, so the VM is killed (QEMU's exit is what boot, agent calls and containers see;
         a failed boot's error says why, ``_failure_tail``)."""
         lost = await self._virtiofsd.first_exit()
+        # a QEMU that died first takes its daemons with it (they see their socket close): that is
+        # no lost share, and its own death is what the callers report
+        for _ in range(QEMU_EXIT_GRACE_POLLS):
+            if self._qemu is None or not pid_running(self._qemu.pid):
+                return
+            await asyncio.sleep(0.05)
+        self._lost_share = lost
         log.error("qemu: VM %s: %s: the guest lost that share; stopping the VM", self.id, lost)
         await self._kill()
 
