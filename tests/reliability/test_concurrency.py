@@ -100,7 +100,9 @@ def test_more_calls_than_agent_ports_queue_then_fail_clearly(state_root: Path, t
         waited = time.monotonic() - refused_at
         figures["refused_call_seconds"] = round(waited, 2)
         figures["configured_wait_seconds"] = wait
-        assert refused.returncode == 1 and refused.stdout == b""
+        # as runc: an exec that could not start exits 255 ("exec failed: ...")
+        assert refused.returncode == 255 and refused.stdout == b""
+        assert refused.stderr.decode().startswith("kabuto: exec failed: agent at unix://"), refused
         assert refused.stderr.decode().endswith(f": all 4 agent ports stayed busy for {wait:g}s\n"), refused
         assert wait <= waited < wait + 10, waited  # the process's own start-up is the slack
         # `state` finds no port either: it answers from the record

@@ -76,8 +76,9 @@ def test_program_killed_mid_boot_is_cleaned_by_the_next_sandbox(
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 120
-        while not any("qemu" in p.name() and str(state_root) in " ".join(p.cmdline())
-                      for p in psutil.process_iter()):
+        while not any("qemu" in (p.info["name"] or "")
+                      and str(state_root) in " ".join(p.info["cmdline"] or [])
+                      for p in psutil.process_iter(["name", "cmdline"])):
             assert program.poll() is None, program.communicate()
             assert time.monotonic() < deadline
             time.sleep(0.02)
