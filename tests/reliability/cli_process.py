@@ -1,5 +1,5 @@
 """A `kabuto` CLI process for the reliability tests: its stdout and stderr in files (a detached
-container's output pump may inherit them, so pipes would not end with the CLI), read as they grow."""
+container's monitor may inherit them, so pipes would not end with the CLI), read as they grow."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ VM_EXITED = re.compile(rb"kabuto: sandbox '(?P<id>[\w.-]+)': its VM exited \((?P
 
 
 class Cli:
-    """A `kabuto` process with its stdout and stderr in files (a pump may inherit them)."""
+    """A `kabuto` process with its stdout and stderr in files (a monitor may inherit them)."""
 
     def __init__(self, root: Path, *args: str) -> None:
         self.out = tempfile.TemporaryFile()

@@ -64,7 +64,7 @@ def test_parallel_runs_all_succeed(state_root: Path, tmp_path: Path, configured:
 
 def test_more_calls_than_agent_ports_queue_then_fail_clearly(state_root: Path, tmp_path: Path,
                                                              configured: None, figures: Figures) -> None:
-    """A detached container (its output pump holds one agent port) and execs holding the others:
+    """A detached container (its monitor holds one agent port) and execs holding the others:
     a call that comes meanwhile waits for a port and gets the first one freed; when none frees
     within reconnect_timeout_ms it fails saying every port stayed busy, after about that long."""
     require_guest_image()
@@ -83,7 +83,7 @@ def test_more_calls_than_agent_ports_queue_then_fail_clearly(state_root: Path, t
             holders.append(holder)
             return holder
 
-        # the pump and three execs: every one of QEMU's four ports is in use; the last frees
+        # the monitor and three execs: every one of QEMU's four ports is in use; the last frees
         # its port 2 s after it started, while the next call waits for one
         hold(120)
         hold(120)

@@ -81,7 +81,7 @@ def test_vmm_killed_under_run_is_reported_within_5s(state_root: Path, tmp_path: 
 
 
 def test_vmm_killed_under_a_detached_container(state_root: Path, tmp_path: Path, figures: Figures) -> None:
-    """`create` + `start`; the VMM dies: `state` says stopped within 5 s, the output pump that kept
+    """`create` + `start`; the VMM dies: `state` says stopped within 5 s, the monitor that kept
     create's stdout and stderr writes nothing stray to them, `delete` removes what is left."""
     require_guest_image()
     bundle = write_bundle(tmp_path / "bundle", busybox_rootfs(tmp_path / "rootfs"), STREAMER)
@@ -89,7 +89,7 @@ def test_vmm_killed_under_a_detached_container(state_root: Path, tmp_path: Path,
     try:
         assert create.wait(READY_TIMEOUT) == 0, create.output()
         kabuto(state_root, "start", "detached", check=True)
-        create.wait_for_stdout(b"ready\n", READY_TIMEOUT)  # the pump copies the container's output
+        create.wait_for_stdout(b"ready\n", READY_TIMEOUT)  # the monitor copies the container's output
         pid = vmm_pid(state_root)
         killed = time.monotonic()
         os.kill(pid, signal.SIGKILL)
@@ -105,7 +105,7 @@ def test_vmm_killed_under_a_detached_container(state_root: Path, tmp_path: Path,
         deleted = kabuto(state_root, "delete", "detached")
         assert (deleted.returncode, deleted.stderr) == (0, b"")
         out, err = create.output()
-        assert (out, err) == (b"ready\n", b""), "the pump wrote something stray"
+        assert (out, err) == (b"ready\n", b""), "the monitor wrote something stray"
     finally:
         create.close()
     assert_nothing_left(state_root)
