@@ -58,8 +58,9 @@ def pod_netns() -> Iterator[str]:
 
 
 @pytest.fixture
-def temp_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """A private TMPDIR (the CLI's and the API's throw-away bundles go there), to be counted."""
+def temp_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
+    """A private TMPDIR (the CLI's and the API's throw-away bundles go there), to be counted.
+    (``tmp_path`` first: pytest's own temporary root must not be made inside it.)"""
     directory = Path(tempfile.mkdtemp(prefix="kbt-tmp-", dir="/tmp"))
     monkeypatch.setenv("TMPDIR", str(directory))
     monkeypatch.setattr(tempfile, "tempdir", str(directory))
