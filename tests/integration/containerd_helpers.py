@@ -94,14 +94,20 @@ def describe(process: psutil.Process) -> str:
 class Containerd:
     """One containerd daemon in ``directory``; shims keep their state in ``state_root``."""
 
-    def __init__(self, directory: Path, state_root: Path, extra_env: dict[str, str] | None = None) -> None:
+    def __init__(self, directory: Path, state_root: Path, extra_env: dict[str, str] | None = None, *,
+                 config: str | None = None, namespace: str = NAMESPACE,
+                 launcher: tuple[str, ...] = ()) -> None:
+        """``config`` replaces the default configuration; ``launcher`` prefixes containerd's
+        command line (``nsenter --net=...``: containerd in a network namespace of its own)."""
         self.directory = directory
         self.state_root = state_root
+        self.namespace = namespace
+        self.launcher = launcher
         self.address = str(directory / "containerd.sock")
         self.fifo_dir = directory / "fifo"
         self.config_path = directory / "config.toml"
         self.log_path = directory / "containerd.log"
-        self.config_path.write_text(containerd_config(directory))
+        self.config_path.write_text(config if config is not None else containerd_config(directory))
         self.fifo_dir.mkdir(exist_ok=True)
         venv_bin = str(Path(sys.executable).parent)
         self.env = {
@@ -116,7 +122,7 @@ class Containerd:
         assert self.process is None, "containerd is already running"
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [str(CONTAINERD), "--config", str(self.config_path)],
+                [*self.launcher, str(CONTAINERD), "--config", str(self.config_path)],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=self.env, start_new_session=True)
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
@@ -146,11 +152,11 @@ class Containerd:
         self.start()
 
     def ctr_command(self, *args: str) -> list[str]:
-        return [str(CTR), "--address", self.address, "--namespace", NAMESPACE, *args]
+        return [str(CTR), "--address", self.address, "--namespace", self.namespace, *args]
 
     def ctr(self, *args: str, input: bytes | None = None,
             timeout: float = CTR_TIMEOUT) -> subprocess.CompletedProcess[bytes]:
-        """``ctr --address SOCK --namespace kbt ARGS``; a timeout kills ctr and fails the test."""
+        """``ctr --address SOCK --namespace NS ARGS``; a timeout kills ctr and fails the test."""
         command = self.ctr_command(*args)
         try:
             return subprocess.run(command, input=input, capture_output=True, timeout=timeout,
@@ -294,9 +300,11 @@ def remove_tree(root: Path, *, keep_root: bool = False) -> None:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def write_oci_archive(rootfs: Path, image_name: str, archive: Path) -> Path:
+def write_oci_archive(rootfs: Path, image_name: str, archive: Path,
+                      image_config: dict[str, object] | None = None) -> Path:
     """An OCI image layout tar (one uncompressed layer holding ``rootfs``) that ``ctr image
-    import`` accepts: images without a registry, so containerd's snapshotter makes the rootfs."""
+    import`` accepts: images without a registry, so containerd's snapshotter makes the rootfs.
+    ``image_config`` is the image's ``config`` (Env, Entrypoint, Cmd...), by default a shell."""
     blobs: dict[str, bytes] = {}
 
     def add_blob(data: bytes, media_type: str) -> dict[str, object]:
@@ -311,7 +319,7 @@ def write_oci_archive(rootfs: Path, image_name: str, archive: Path) -> Path:
     layer_descriptor = add_blob(layer.getvalue(), "application/vnd.oci.image.layer.v1.tar")
     platform = {"architecture": "amd64", "os": "linux"}
     config = {**platform, "rootfs": {"type": "layers", "diff_ids": [layer_descriptor["digest"]]},
-              "config": {"Env": ["PATH=/bin"], "Cmd": ["/bin/sh"]}}
+              "config": image_config or {"Env": ["PATH=/bin"], "Cmd": ["/bin/sh"]}}
     config_descriptor = add_blob(json.dumps(config).encode(), "application/vnd.oci.image.config.v1+json")
     manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
                 "config": config_descriptor, "layers": [layer_descriptor]}
