@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import enum
+import hashlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Self
@@ -17,6 +18,20 @@ if TYPE_CHECKING:
     from kabuto.hypervisor.plugin import HypervisorPlugin
 
 DEFAULT_JAILER_ROOT = Path("/run/kabuto/vm")
+#: A VM directory's name is at most this long: its sockets (QMP, agent ports and their locks,
+#: virtiofsd's) must fit sun_path's 107 bytes under any sane jailer root, with any VM id (CRI's
+#: are 64 hex digits). Longer ids are shortened to a prefix and a hash of the whole id.
+MAX_VM_DIR_NAME = 20
+VM_DIR_PREFIX = 6
+
+
+def vm_dir_name(vm_id: str) -> str:
+    """The VM's directory name under the jailer root: the id itself when short enough, else
+    ``<first 6 characters>-<13 hex digits of its SHA-256>`` (distinct ids stay distinct)."""
+    if len(vm_id) <= MAX_VM_DIR_NAME:
+        return vm_id
+    digest = hashlib.sha256(vm_id.encode()).hexdigest()
+    return f"{vm_id[:VM_DIR_PREFIX]}-{digest[:MAX_VM_DIR_NAME - VM_DIR_PREFIX - 1]}"
 
 
 class VmStatus(enum.StrEnum):
@@ -97,7 +112,7 @@ class Hypervisor(abc.ABC):
     @property
     def vm_path(self) -> Path:
         """Per-VM directory under the jailer root: sockets, logs and state live here."""
-        return self.jailer_root / self.id
+        return self.jailer_root / vm_dir_name(self.id)
 
     def _error(self, message: str) -> HypervisorError:
         return HypervisorError(f"{self.name}: {message}")

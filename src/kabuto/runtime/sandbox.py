@@ -30,7 +30,7 @@ from kabuto.agent.containers import Storage as AgentStorage
 from kabuto.config.model import KabutoConfig
 from kabuto.errors import AgentError, HypervisorError, KabutoError
 from kabuto.hypervisor import new_hypervisor, resolve_config, restore_hypervisor
-from kabuto.hypervisor.base import Hypervisor, HypervisorState, VmStatus
+from kabuto.hypervisor.base import Hypervisor, HypervisorState, VmStatus, vm_dir_name
 from kabuto.hypervisor.capabilities import Capabilities
 from kabuto.hypervisor.devices import BlockDevice, DeviceKind, NetworkDevice, SharedFsDevice
 from kabuto.hypervisor.vmm_process import kill_processes_naming
@@ -625,7 +625,7 @@ async def remove_dead_sandbox(store: StateStore, sandbox_id: str) -> None:
     """Clean up after a sandbox whose creator died mid-creation (no hypervisor state saved): the
     processes it may have spawned for the VM (found by the VM directory they name), shares, files."""
     record = store.load(sandbox_id)
-    vm_dir = store.jailer_root / sandbox_id
+    vm_dir = store.jailer_root / vm_dir_name(sandbox_id)
     await kill_processes_naming(vm_dir)
     await _unplug_endpoints(record)
     shared = Path(record.shared_dir) if record.shared_dir else None
