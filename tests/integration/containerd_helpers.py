@@ -22,6 +22,7 @@ import tarfile
 import tempfile
 import time
 from collections.abc import Callable
+from importlib.resources import files
 from pathlib import Path
 
 import psutil
@@ -379,3 +380,20 @@ def run_in_pty(command: list[str], *, send: bytes = b"", when: Callable[[], bool
         return process.wait(timeout=STOP_TIMEOUT), bytes(output)
     finally:
         os.close(master)
+
+
+def write_unbootable_config(directory: Path) -> Path:
+    """The built-in configuration with a guest kernel of garbage (and the image's initrd)."""
+    from kabuto.image import installed_image
+
+    garbage_kernel = directory / "garbage-vmlinux"
+    garbage_kernel.write_bytes(bytes(range(256)) * 64)
+    image = installed_image()
+    assert image is not None
+    default = files("kabuto.config").joinpath("default.toml").read_text()
+    unbootable = default.replace('kernel = ""', f'kernel = "{garbage_kernel}"') \
+                        .replace('initrd = ""', f'initrd = "{image.initrd}"')
+    assert unbootable.count(str(garbage_kernel)) == 1 and unbootable.count(str(image.initrd)) == 1
+    config = directory / "unbootable.toml"
+    config.write_text(unbootable)
+    return config

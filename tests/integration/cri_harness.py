@@ -72,9 +72,10 @@ def _generate_client() -> tuple[ModuleType, ModuleType]:
 api, api_grpc = _generate_client()
 
 
-def cri_config(directory: Path, cni_conf_dir: Path) -> str:
+def cri_config(directory: Path, cni_conf_dir: Path, config_paths: dict[str, Path]) -> str:
     """containerd config version 2 with the CRI plugin on, two runtime handlers, CNI and
-    the pause image; everything under ``directory``."""
+    the pause image; everything under ``directory``. ``config_paths``: more Kabuto handlers,
+    each with the Kabuto configuration its options name (``ConfigPath``, as Kata's)."""
     disabled = ", ".join(f'"{name}"' for name in DISABLED_PLUGINS if name != "io.containerd.grpc.v1.cri")
     cri = 'plugins."io.containerd.grpc.v1.cri"'
     return f"""version = 2
@@ -115,7 +116,12 @@ disabled_plugins = [{disabled}]
   bin_dir = "{CNI_BIN}"
   conf_dir = "{cni_conf_dir}"
   max_conf_num = 1
-"""
+""" + "".join(f"""
+[{cri}.containerd.runtimes.{name}]
+  runtime_type = "{KABUTO_RUNTIME}"
+[{cri}.containerd.runtimes.{name}.options]
+  ConfigPath = "{path}"
+""" for name, path in config_paths.items())
 
 
 def cni_conflist(ipam_dir: Path) -> dict[str, Any]:
@@ -145,15 +151,16 @@ class Pod:
 class CriHarness:
     """containerd with CRI in ``directory`` (a short path: sockets live below it)."""
 
-    def __init__(self, directory: Path, state_root: Path, *, extra_env: dict[str, str] | None = None) -> None:
+    def __init__(self, directory: Path, state_root: Path, *, extra_env: dict[str, str] | None = None,
+                 config_paths: dict[str, Path] | None = None) -> None:
         self.directory = directory
         self.host_netns = f"kbh-{secrets.token_hex(4)}"
         self.cni_conf_dir = directory / "cni"
         self.ipam_dir = directory / "ipam"
         self.cni_conf_dir.mkdir()
         (self.cni_conf_dir / "10-kbt.conflist").write_text(json.dumps(cni_conflist(self.ipam_dir)))
-        self.containerd = Containerd(directory, state_root, extra_env,
-                                     config=cri_config(directory, self.cni_conf_dir), namespace=CRI_NAMESPACE,
+        config = cri_config(directory, self.cni_conf_dir, config_paths or {})
+        self.containerd = Containerd(directory, state_root, extra_env, config=config, namespace=CRI_NAMESPACE,
                                      launcher=("nsenter", f"--net=/run/netns/{self.host_netns}"))
         self.channel: grpc.Channel | None = None
         self.runtime: Any = None

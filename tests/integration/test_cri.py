@@ -17,13 +17,14 @@ import re
 import secrets
 import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from containerd_helpers import CONTAINERD, CTR, remove_tree, short_temp_dir
+from containerd_helpers import CONTAINERD, CTR, remove_tree, short_temp_dir, write_unbootable_config
 from cri_harness import BUSYBOX_IMAGE, CNI_BIN, GATEWAY, SUBNET_PREFIX, CriHarness, Pod, api
 from test_runtime_helpers import require_guest_image
 
@@ -49,6 +50,11 @@ GRACE = 2
 # 64-character ids, every socket below it (the shim's, QMP, the agent ports' locks, virtiofsd's)
 # must still fit sun_path's 107 bytes.
 STATE_ROOT_LENGTH = 60
+# a Kabuto handler whose configuration (ConfigPath in its options) names a kernel of garbage
+UNBOOTABLE = "kabuto-unbootable"
+# hog: one process (awk, exec'd) doubling a string until the container's memory limit stops it
+HOG = "exec awk 'BEGIN { s = \"x\"; while (1) s = s s }'"
+HOG_LIMIT = 32 * 1024 * 1024
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +68,9 @@ def cri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CriHarness]:
     state_root = base / ("s" * (STATE_ROOT_LENGTH - len(str(base)) - 1))
     state_root.mkdir()
     assert len(str(state_root)) == STATE_ROOT_LENGTH
-    harness = CriHarness(short_temp_dir("kbc-"), state_root)
+    directory = short_temp_dir("kbc-")
+    unbootable = write_unbootable_config(Path(tempfile.mkdtemp(prefix="kbt-unbootable-")))
+    harness = CriHarness(directory, state_root, config_paths={UNBOOTABLE: unbootable})
     try:
         harness.start(tmp_path_factory.mktemp("cri-images"))
         yield harness
@@ -72,6 +80,7 @@ def cri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CriHarness]:
     finally:
         harness.close()
         remove_tree(base)
+        remove_tree(unbootable.parent)
 
 
 def pod_config(name: str, log_directory: Path, cgroup_parent: str) -> Any:
@@ -88,7 +97,7 @@ def pod_config(name: str, log_directory: Path, cgroup_parent: str) -> Any:
                 network=api.POD, pid=api.CONTAINER, ipc=api.POD))))
 
 
-def container_config(name: str, script: str, mounts: list[Any], attempt: int = 0) -> Any:
+def container_config(name: str, script: str, mounts: list[Any], attempt: int = 0, memory: int = 0) -> Any:
     """A ContainerConfig as kubelet builds it: log path under the pod's directory, its resources,
     the pod's namespaces, its bind mounts (/etc/hosts, /dev/termination-log)."""
     return api.ContainerConfig(
@@ -100,7 +109,8 @@ def container_config(name: str, script: str, mounts: list[Any], attempt: int = 0
         labels={"io.kubernetes.container.name": name},
         annotations={"io.kubernetes.container.restartCount": str(attempt)},
         linux=api.LinuxContainerConfig(
-            resources=api.LinuxContainerResources(cpu_shares=2, oom_score_adj=1000),
+            resources=api.LinuxContainerResources(cpu_shares=2, oom_score_adj=1000,
+                                                  memory_limit_in_bytes=memory),
             security_context=api.LinuxContainerSecurityContext(namespace_options=api.NamespaceOption(
                 network=api.POD, pid=api.CONTAINER, ipc=api.POD))))
 
@@ -177,6 +187,7 @@ def run_lifecycle(cri: CriHarness, handler: str, base: Path) -> None:
         check_exec_sync(cri, web, sidecar, name, hosts)
         check_stats(cri, pod, web, sidecar)
         check_update(cri, sidecar)
+        check_oom(cri, pod)
 
         # StopContainer: the sidecar ignores SIGTERM, so it is SIGKILLed after the grace period
         started = time.monotonic()
@@ -268,6 +279,38 @@ def check_update(cri: CriHarness, sidecar: str) -> None:
     assert status.resources.linux.memory_limit_in_bytes == limit, status.resources
 
 
+def check_oom(cri: CriHarness, pod: Pod) -> None:
+    """A container over its memory limit is OOM-killed: exit 137, reason OOMKilled (containerd
+    learnt it from TaskOOM)."""
+    hog = cri.create_container(pod, container_config("hog", HOG, [], memory=HOG_LIMIT))
+    cri.call("StartContainer", api.StartContainerRequest(container_id=hog))
+    status = cri.wait_for_state(hog, api.CONTAINER_EXITED, timeout=120)
+    assert (status.state, status.exit_code, status.reason) == (api.CONTAINER_EXITED, 137, "OOMKilled"), status
+    cri.call("RemoveContainer", api.RemoveContainerRequest(container_id=hog))
+
+
 @pytest.mark.parametrize("handler", HANDLERS)
 def test_pod_lifecycle_as_kubelet_drives_it(cri: CriHarness, handler: str, tmp_path: Path) -> None:
     run_lifecycle(cri, handler, tmp_path)
+
+
+def test_bad_input_is_a_cri_error_naming_the_cause(cri: CriHarness, tmp_path: Path) -> None:
+    """What kubelet shows for a pod Kabuto refuses or cannot boot; nothing is left of it (no VMM,
+    shim, tap, netns mount, IPAM lease)."""
+    cases = {
+        # an annotation the configuration does not let pods set (CRI passes io.katacontainers.*)
+        "refused": ("kabuto", {"io.katacontainers.config.hypervisor.machine_type": "pc"}, "machine_type"),
+        # a sandbox VM that cannot boot: the handler's ConfigPath names a kernel of garbage
+        "unbootable": (UNBOOTABLE, {}, "kernel"),
+    }
+    for name, (handler, refused, cause) in cases.items():
+        log_dir = tmp_path / name
+        log_dir.mkdir()
+        config = pod_config(f"kbt-{name}", log_dir, "")
+        config.annotations.update(refused)
+        request = api.RunPodSandboxRequest(config=config, runtime_handler=handler)
+        error = cri.call_error("RunPodSandbox", request)
+        assert cause in error.details(), (name, error.details())
+        assert cri.call("ListPodSandbox", api.ListPodSandboxRequest()).items == []
+        left = cri.wait_until_clean()
+        assert not left, (name, left)

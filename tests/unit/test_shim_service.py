@@ -293,6 +293,16 @@ async def test_exit_status_and_a_running_task_refusing_delete(shim: Shim, tmp_pa
     assert isinstance(exit_event, events_pb.TaskExit) and exit_event.exit_status == 137
 
 
+async def test_an_oom_kill_in_the_guest_is_task_oom_before_task_exit(shim: Shim, tmp_path: Path) -> None:
+    await shim.create("c1", fake_vm.make_bundle(tmp_path / "bundle", ["oom"]))
+    await shim.call("Start", pb.StartRequest(id="c1"), pb.StartResponse)
+    waited = await asyncio.wait_for(shim.call("Wait", pb.WaitRequest(id="c1"), pb.WaitResponse), BOUND)
+    assert waited.exit_status == 137
+    await shim.call("Delete", pb.DeleteRequest(id="c1"), pb.DeleteResponse)
+    assert shim.publisher.kinds() == ["TaskCreate", "TaskStart", "TaskOOM", "TaskExit", "TaskDelete"]
+    assert shim.publisher.events[2] == events_pb.TaskOOM(container_id="c1")
+
+
 async def test_a_created_task_can_be_deleted_without_starting(shim: Shim, store: StateStore,
                                                                tmp_path: Path) -> None:
     await shim.create("c1", fake_vm.make_bundle(tmp_path / "bundle", ["sleep"]))
@@ -514,7 +524,7 @@ async def test_stats_are_cgroup_v2_metrics_with_the_guests_figures_bounded(
         # a hostile or broken guest: negative and unknown figures must not break containerd's fields
         return ContainerStats(cpu_usage_usec=1500, cpu_user_usec=-1, cpu_system_usec=None,
                               memory_usage_bytes=2**70, memory_limit_bytes=None, pids_current=3,
-                              pids_limit=None)
+                              pids_limit=None, memory_oom_kills=None)
 
     monkeypatch.setattr(fake_vm.FakeContainers, "stats_container", stats_container, raising=False)
     await shim.create("c1", fake_vm.make_bundle(tmp_path / "bundle", ["sleep"]))
