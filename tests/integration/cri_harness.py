@@ -133,6 +133,28 @@ def cni_conflist(ipam_dir: Path) -> dict[str, Any]:
     }
 
 
+# A client of containerd's streaming server (Exec/Attach URLs), run in the node's netns where the
+# server listens: WebSocket with Kubernetes' v4.channel.k8s.io framing (each binary message starts
+# with its channel: 0 stdin, 1 stdout, 2 stderr, 3 the final status as JSON). Reads what to send on
+# stdin from its own stdin; prints {"stdout", "stderr", "status"} as JSON.
+STREAM_CLIENT = """
+import json, sys
+from websockets.sync.client import connect
+out = {"stdout": "", "stderr": "", "status": None}
+url = "ws" + sys.argv[1].removeprefix("http")
+with connect(url, subprotocols=["v4.channel.k8s.io"], open_timeout=30, close_timeout=5) as ws:
+    data = sys.stdin.buffer.read()
+    if data:
+        ws.send(b"\\x00" + data)
+    for message in ws:
+        channel, payload = message[0], message[1:].decode()
+        if channel == 1: out["stdout"] += payload
+        elif channel == 2: out["stderr"] += payload
+        elif channel == 3: out["status"] = json.loads(payload)
+print(json.dumps(out))
+"""
+
+
 def run(*args: str, timeout: float = COMMAND_TIMEOUT) -> str:
     done = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, f"{' '.join(args)}: exit {done.returncode}: {done.stderr or done.stdout}"
@@ -247,6 +269,13 @@ class CriHarness:
     def exec_sync(self, container_id: str, *cmd: str, timeout: int = 60) -> Any:
         return self.call("ExecSync", api.ExecSyncRequest(container_id=container_id, cmd=list(cmd),
                                                          timeout=timeout), timeout=timeout + CALL_TIMEOUT)
+
+    def stream(self, url: str, stdin: bytes = b"", timeout: float = CALL_TIMEOUT) -> dict[str, Any]:
+        """Drive an Exec or Attach URL of containerd's streaming server (see STREAM_CLIENT)."""
+        done = subprocess.run(["nsenter", f"--net=/run/netns/{self.host_netns}", sys.executable, "-c",
+                               STREAM_CLIENT, url], input=stdin, capture_output=True, timeout=timeout)
+        assert done.returncode == 0, f"streaming client for {url}: {done.stderr.decode(errors='replace')}"
+        return json.loads(done.stdout)
 
     def remove_pod(self, pod_id: str) -> None:
         self.call("StopPodSandbox", api.StopPodSandboxRequest(pod_sandbox_id=pod_id))

@@ -185,6 +185,7 @@ def run_lifecycle(cri: CriHarness, handler: str, base: Path) -> None:
         assert (local.exit_code, local.stdout) == (0, f"{name}\n".encode()), local
 
         check_exec_sync(cri, web, sidecar, name, hosts)
+        check_streaming_exec(cri, sidecar)
         check_stats(cri, pod, web, sidecar)
         check_update(cri, sidecar)
         check_oom(cri, pod)
@@ -250,6 +251,17 @@ def check_exec_sync(cri: CriHarness, web: str, sidecar: str, name: str, hosts: P
     assert "options ndots:5" in resolv, resolv
     env = cri.exec_sync(sidecar, "sh", "-c", "echo $POD_CONTAINER")
     assert env.stdout == b"sidecar\n", env
+
+
+def check_streaming_exec(cri: CriHarness, sidecar: str) -> None:
+    """Exec through containerd's streaming server, as `kubectl exec` reaches it: stdin in, stdout
+    and stderr apart, the exit code in the final status."""
+    url = cri.call("Exec", api.ExecRequest(container_id=sidecar, stdin=True, stdout=True, stderr=True, cmd=[
+        "sh", "-c", "read line; echo got:$line; echo err >&2; exit 7"])).url
+    streamed = cri.stream(url, stdin=b"typed\n")
+    assert (streamed["stdout"], streamed["stderr"]) == ("got:typed\n", "err\n"), streamed
+    status = streamed["status"]
+    assert status["status"] == "Failure" and status["details"]["causes"][0]["message"] == "7", status
 
 
 def check_stats(cri: CriHarness, pod: Pod, web: str, sidecar: str) -> None:

@@ -353,6 +353,27 @@ async def test_close_io_hands_over_what_was_written_then_ends_stdin(shim: Shim, 
     await shim.call("Delete", pb.DeleteRequest(id="c1"), pb.DeleteResponse)
 
 
+async def test_close_io_after_an_exec_with_stdin_exited_is_answered(shim: Shim, tmp_path: Path) -> None:
+    """CRI closes an exec's stdin once the exec exited (its stdin pump is cancelled by then)."""
+    await shim.create("c1", fake_vm.make_bundle(tmp_path / "bundle", ["sleep"]))
+    await shim.call("Start", pb.StartRequest(id="c1"), pb.StartResponse)
+    stdin = fifo(tmp_path, "exec-stdin")
+    writer = os.open(stdin, os.O_RDWR)  # containerd keeps its end open until CloseIO
+    try:
+        await shim.call("Exec", pb.ExecProcessRequest(id="c1", exec_id="e1", stdin=str(stdin),
+                                                      spec=AnyMessage(value=b'{"args": ["exit", "7"]}')))
+        await shim.call("Start", pb.StartRequest(id="c1", exec_id="e1"), pb.StartResponse)
+        waited = await shim.call("Wait", pb.WaitRequest(id="c1", exec_id="e1"), pb.WaitResponse)
+        assert waited.exit_status == 7
+        await shim.call("CloseIO", pb.CloseIORequest(id="c1", exec_id="e1", stdin=True))
+    finally:
+        os.close(writer)
+    await shim.call("Delete", pb.DeleteRequest(id="c1", exec_id="e1"), pb.DeleteResponse)
+    await shim.call("Kill", pb.KillRequest(id="c1", signal=9))
+    await shim.call("Wait", pb.WaitRequest(id="c1"), pb.WaitResponse)
+    await shim.call("Delete", pb.DeleteRequest(id="c1"), pb.DeleteResponse)
+
+
 async def test_exec_lifecycle_and_bad_exec_specs(shim: Shim, tmp_path: Path) -> None:
     await shim.create("c1", fake_vm.make_bundle(tmp_path / "bundle", ["sleep"]))
     error = await rpc_error(shim.call("Exec", pb.ExecProcessRequest(
