@@ -75,7 +75,8 @@ api, api_grpc = _generate_client()
 def cri_config(directory: Path, cni_conf_dir: Path, config_paths: dict[str, Path]) -> str:
     """containerd config version 2 with the CRI plugin on, two runtime handlers, CNI and
     the pause image; everything under ``directory``. ``config_paths``: more Kabuto handlers,
-    each with the Kabuto configuration its options name (``ConfigPath``, as Kata's)."""
+    each with the Kabuto configuration its options name (``ConfigPath``, as Kata's); "kabuto"
+    there gives the ``kabuto`` handler its ConfigPath."""
     disabled = ", ".join(f'"{name}"' for name in DISABLED_PLUGINS if name != "io.containerd.grpc.v1.cri")
     cri = 'plugins."io.containerd.grpc.v1.cri"'
     return f"""version = 2
@@ -116,12 +117,14 @@ disabled_plugins = [{disabled}]
   bin_dir = "{CNI_BIN}"
   conf_dir = "{cni_conf_dir}"
   max_conf_num = 1
-""" + "".join(f"""
-[{cri}.containerd.runtimes.{name}]
-  runtime_type = "{KABUTO_RUNTIME}"
-[{cri}.containerd.runtimes.{name}.options]
-  ConfigPath = "{path}"
-""" for name, path in config_paths.items())
+""" + "".join(_handler_options(cri, name, path) for name, path in config_paths.items())
+
+
+def _handler_options(cri: str, name: str, path: Path) -> str:
+    """A Kabuto handler with its ConfigPath (the ``kabuto`` handler exists already: only its options)."""
+    section = f"[{cri}.containerd.runtimes.{name}]\n  runtime_type = \"{KABUTO_RUNTIME}\"\n"
+    return ("" if name == "kabuto" else section) + \
+        f"[{cri}.containerd.runtimes.{name}.options]\n  ConfigPath = \"{path}\"\n"
 
 
 def cni_conflist(ipam_dir: Path) -> dict[str, Any]:

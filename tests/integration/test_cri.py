@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,9 @@ UNBOOTABLE = "kabuto-unbootable"
 # hog: one process (awk, exec'd) doubling a string until the container's memory limit stops it
 HOG = "exec awk 'BEGIN { s = \"x\"; while (1) s = s s }'"
 HOG_LIMIT = 32 * 1024 * 1024
+# the kabuto handler's configuration lets the VM grow to this (its ConfigPath)
+MAX_MEMORY, MAX_VCPUS = 2048, 2
+MIB = 1024 * 1024
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +73,10 @@ def cri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CriHarness]:
     state_root.mkdir()
     assert len(str(state_root)) == STATE_ROOT_LENGTH
     directory = short_temp_dir("kbc-")
-    unbootable = write_unbootable_config(Path(tempfile.mkdtemp(prefix="kbt-unbootable-")))
-    harness = CriHarness(directory, state_root, config_paths={UNBOOTABLE: unbootable})
+    configs = Path(tempfile.mkdtemp(prefix="kbt-cri-configs-"))
+    unbootable = write_unbootable_config(configs)
+    harness = CriHarness(directory, state_root,
+                         config_paths={"kabuto": write_resizable_config(configs), UNBOOTABLE: unbootable})
     try:
         harness.start(tmp_path_factory.mktemp("cri-images"))
         yield harness
@@ -80,7 +86,18 @@ def cri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CriHarness]:
     finally:
         harness.close()
         remove_tree(base)
-        remove_tree(unbootable.parent)
+        remove_tree(configs)
+
+
+def write_resizable_config(directory: Path) -> Path:
+    """The built-in configuration with room to grow: up to MAX_MEMORY MiB and MAX_VCPUS vCPUs."""
+    default = files("kabuto.config").joinpath("default.toml").read_text()
+    resizable = default.replace("default_maxvcpus = 0", f"default_maxvcpus = {MAX_VCPUS}") \
+                       .replace("default_memory = 0", f"default_memory = 0\ndefault_maxmemory = {MAX_MEMORY}")
+    assert f"default_maxvcpus = {MAX_VCPUS}" in resizable and f"default_maxmemory = {MAX_MEMORY}" in resizable
+    config = directory / "resizable.toml"
+    config.write_text(resizable)
+    return config
 
 
 def pod_config(name: str, log_directory: Path, cgroup_parent: str) -> Any:
@@ -187,7 +204,7 @@ def run_lifecycle(cri: CriHarness, handler: str, base: Path) -> None:
         check_exec_sync(cri, web, sidecar, name, hosts)
         check_streaming_exec(cri, sidecar)
         check_stats(cri, pod, web, sidecar)
-        check_update(cri, sidecar)
+        check_update(cri, sidecar, vm=handler != "runc")
         check_oom(cri, pod)
 
         # StopContainer: the sidecar ignores SIGTERM, so it is SIGKILLed after the grace period
@@ -281,14 +298,33 @@ MEMORY_LIMIT = ("p=$(sed -n 's/^0:://p' /proc/self/cgroup); "
                 "else cat /sys/fs/cgroup/memory/memory.limit_in_bytes; fi")
 
 
-def check_update(cri: CriHarness, sidecar: str) -> None:
-    limit = 96 * 1024 * 1024
+def mem_total_kib(cri: CriHarness, container: str) -> int:
+    meminfo = cri.exec_sync(container, "cat", "/proc/meminfo").stdout.decode()
+    return int(re.search(r"^MemTotal:\s+(\d+) kB$", meminfo, re.M).group(1))  # type: ignore[union-attr]
+
+
+def check_update(cri: CriHarness, sidecar: str, *, vm: bool) -> None:
+    """UpdateContainerResources reaches the container's cgroup; in a VM, the VM grows by the
+    new limit (a DIMM the guest onlines: MemTotal grows), and a limit beyond default_maxmemory is
+    refused by name."""
+    limit = 96 * MIB
+    before = mem_total_kib(cri, sidecar)
     cri.call("UpdateContainerResources", api.UpdateContainerResourcesRequest(
         container_id=sidecar, linux=api.LinuxContainerResources(memory_limit_in_bytes=limit, cpu_shares=2)))
     seen = cri.exec_sync(sidecar, "sh", "-c", MEMORY_LIMIT)
     assert seen.stdout.decode().strip() == str(limit), seen
     status = cri.container_status(sidecar)
     assert status.resources.linux.memory_limit_in_bytes == limit, status.resources
+    after = mem_total_kib(cri, sidecar)
+    if not vm:
+        assert after == before  # the node's memory
+        return
+    assert after - before >= limit // 1024, (before, after)
+    error = cri.call_error("UpdateContainerResources", api.UpdateContainerResourcesRequest(
+        container_id=sidecar, linux=api.LinuxContainerResources(memory_limit_in_bytes=MAX_MEMORY * MIB)))
+    assert "default_maxmemory" in error.details(), error.details()
+    assert mem_total_kib(cri, sidecar) == after
+    assert cri.container_status(sidecar).resources.linux.memory_limit_in_bytes == limit
 
 
 def check_oom(cri: CriHarness, pod: Pod) -> None:

@@ -153,6 +153,29 @@ class Hypervisor(abc.ABC):
         await self._hotplug_remove(plugged[0])
         self.devices.remove(plugged[0])
 
+    # -- resizing (Kata runtime-rs: resize_vcpu, resize_memory) --------------------------------
+    async def resize_vcpu(self, old: int, new: int) -> tuple[int, int]:
+        """Grow the VM to ``new`` vCPUs (``old``: what the caller believes it has); returns
+        (vCPUs before, vCPUs after). Never shrinks. Where ``capabilities.resize_vcpu``."""
+        if not self.capabilities.resize_vcpu:
+            raise self._unsupported(f"resizing vCPUs ({old} -> {new})")
+        self._require(VmStatus.RUNNING, operation="resize vCPUs")
+        return await self._resize_vcpu(old, new)
+
+    async def resize_memory(self, new_mib: int) -> int:
+        """Grow the VM's memory to at least ``new_mib`` MiB (within default_maxmemory); returns
+        the MiB it has after. Never shrinks. Where ``capabilities.resize_memory``."""
+        if not self.capabilities.resize_memory:
+            raise self._unsupported(f"resizing memory (to {new_mib} MiB)")
+        self._require(VmStatus.RUNNING, operation="resize memory")
+        return await self._resize_memory(new_mib)
+
+    async def _resize_vcpu(self, old: int, new: int) -> tuple[int, int]:
+        raise self._unsupported("resizing vCPUs")
+
+    async def _resize_memory(self, new_mib: int) -> int:
+        raise self._unsupported("resizing memory")
+
     async def hypervisor_config(self) -> HypervisorConfig:
         return self.config
 

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import secrets
 import shutil
@@ -35,6 +36,7 @@ from kabuto.hypervisor.capabilities import Capabilities
 from kabuto.hypervisor.devices import BlockDevice, DeviceKind, NetworkDevice, SharedFsDevice
 from kabuto.hypervisor.vmm_process import kill_processes_naming
 from kabuto.runtime import network
+from kabuto.runtime import resources as resource_sizing
 from kabuto.runtime import rootfs as rootfs_delivery
 from kabuto.runtime.bundle import Bundle, BundleError, ContainerIdError, check_container_id
 from kabuto.runtime.rootfs import RootfsError, Storage
@@ -298,7 +300,8 @@ class VirtSandbox:
                               "without it, as Kata does")
         joined = await self._joined_namespaces(container_id, bundle)
         container = ContainerRecord(id=container_id, bundle=str(bundle.path), created=now_rfc3339(),
-                                    annotations=bundle.annotations, process=bundle.spec["process"])
+                                    annotations=bundle.annotations, process=bundle.spec["process"],
+                                    resources=dict(bundle.spec.get("linux", {}).get("resources") or {}))
         # refuses an id in use anywhere under the state root, before anything is made for it
         self.record = self.store.add_container(self.id, container)
         try:
@@ -311,6 +314,7 @@ class VirtSandbox:
                 bind_sources = await rootfs_delivery.share_binds(Path(self.record.shared_dir), container_id,
                                                                  binds)
             spec = bundle.guest_spec(guest_root, bind_sources, joined)
+            await self._fit_resources(container_id, container.resources)
             await self._agent_call("CreateContainer", self.containers.create_container(
                 container_id, json.dumps(spec).encode(), rootfs=_agent_storage(storage) if storage else None,
                 timeout=self.config.runtime.create_container_timeout))
@@ -432,7 +436,42 @@ class VirtSandbox:
         container = self.container(container_id)
         if container.status == "stopped":
             raise SandboxError(f"cannot update container {container_id!r}: it is stopped")
+        wanted = resource_sizing.updated(container.resources, resources)
+        await self._fit_resources(container_id, wanted)
         await self._agent_call("UpdateContainer", self.containers.update_container(container_id, resources))
+        container.resources = wanted
+        self.store.save(self.record)
+
+    async def _fit_resources(self, container_id: str, resources: dict[str, Any]) -> None:
+        """Grow the VM to the configured size plus every container's limits (``container_id``
+        with ``resources``), where the backend can resize; a pod over default_maxmemory is refused
+        by name, and a VM that cannot grow is said so in the log."""
+        table = self.hypervisor.config
+        others = [c.resources for c in self.record.containers.values() if c.id != container_id]
+        vcpus, memory = resource_sizing.pod_size(table.default_vcpus, table.default_memory,
+                                                 [*others, resources])
+        if table.default_maxmemory and memory > max(table.default_maxmemory, table.default_memory):
+            raise SandboxError(
+                f"container {container_id!r}: the pod needs {memory} MiB (default_memory "
+                f"{table.default_memory} MiB plus its containers' memory limits), more than "
+                f"default_maxmemory ({table.default_maxmemory} MiB)")
+        if memory > table.default_memory:
+            if self.capabilities.resize_memory:
+                await self.hypervisor.resize_memory(memory)
+                await self._persist_hypervisor()
+            else:
+                log.warning("sandbox %s: the VM stays at %d MiB (its containers' limits ask for %d): memory "
+                            "hot-plug needs default_maxmemory above default_memory", self.id,
+                            table.default_memory, memory)
+        if vcpus > math.ceil(table.default_vcpus):
+            if self.capabilities.resize_vcpu:
+                await self.hypervisor.resize_vcpu(math.ceil(table.default_vcpus), min(
+                    vcpus, table.default_maxvcpus))
+                await self._persist_hypervisor()
+            else:
+                log.warning("sandbox %s: the VM stays at %g vCPUs (its containers' CPU limits ask for %d): "
+                            "vCPU hot-plug needs default_maxvcpus above default_vcpus", self.id,
+                            table.default_vcpus, vcpus)
 
     async def remove_container(self, container_id: str) -> None:
         container = self.container(container_id)

@@ -61,6 +61,8 @@ class ContainerRecord:
     exit_status: int | None = None
     #: the output pump a detached ``create`` left behind: {"pid": ..., "create_time": ...}
     io_pump: dict[str, Any] = field(default_factory=dict)
+    #: its OCI linux.resources as created and updated since (what the VM is sized by)
+    resources: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -27,6 +27,9 @@ CAPABILITIES = Capabilities(
     shared_fs=frozenset({SharedFsKind.VIRTIO_FS, SharedFsKind.VIRTIO_9P}),
     agent_channels=(ChannelKind.VIRTIO_SERIAL, ChannelKind.VSOCK),
     jailer=False,
+    # vCPU hot-add (device_add of the CPU model) and DIMM hot-add (pc-dimm), ACPI in the guest
+    resize_vcpu=True,
+    resize_memory=True,
     notes=(
         "machine q35: PCI(e) hot-plug of virtio-blk and virtio-net through QMP",
         "agent over virtio-serial here; vsock where /dev/vhost-vsock exists",
