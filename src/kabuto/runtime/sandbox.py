@@ -299,6 +299,12 @@ class VirtSandbox:
                               "seccomp profile; [runtime] disable_guest_seccomp = true runs the container "
                               "without it, as Kata does")
         joined = await self._joined_namespaces(container_id, bundle)
+        cgroups_path = bundle.spec.get("linux", {}).get("cgroupsPath")
+        if cgroups_path:
+            # the container's limits apply in the guest's cgroup; on the host nothing moves there yet
+            log.warning("container %s: linux.cgroupsPath %s is not applied on the host (the VMM and the "
+                        "shim stay where they run; sandbox_cgroup_only is not implemented)", container_id,
+                        cgroups_path)
         container = ContainerRecord(id=container_id, bundle=str(bundle.path), created=now_rfc3339(),
                                     annotations=bundle.annotations, process=bundle.spec["process"],
                                     resources=dict(bundle.spec.get("linux", {}).get("resources") or {}))
