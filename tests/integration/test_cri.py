@@ -303,23 +303,32 @@ def mem_total_kib(cri: CriHarness, container: str) -> int:
     return int(re.search(r"^MemTotal:\s+(\d+) kB$", meminfo, re.M).group(1))  # type: ignore[union-attr]
 
 
+def online_cpus(cri: CriHarness, container: str) -> str:
+    return cri.exec_sync(container, "cat", "/sys/devices/system/cpu/online").stdout.decode().strip()
+
+
 def check_update(cri: CriHarness, sidecar: str, *, vm: bool) -> None:
     """UpdateContainerResources reaches the container's cgroup; in a VM, the VM grows by the
-    new limit (a DIMM the guest onlines: MemTotal grows), and a limit beyond default_maxmemory is
-    refused by name."""
+    new limits (a DIMM the guest onlines: MemTotal grows; a vCPU the agent brings online), and a
+    limit beyond default_maxmemory is refused by name."""
     limit = 96 * MIB
     before = mem_total_kib(cri, sidecar)
+    cpus_before = online_cpus(cri, sidecar)
+    # one CPU's worth of CFS quota, as kubelet sets it for a 1000m limit
     cri.call("UpdateContainerResources", api.UpdateContainerResourcesRequest(
-        container_id=sidecar, linux=api.LinuxContainerResources(memory_limit_in_bytes=limit, cpu_shares=2)))
+        container_id=sidecar, linux=api.LinuxContainerResources(
+            memory_limit_in_bytes=limit, cpu_shares=1024, cpu_quota=100000, cpu_period=100000)))
     seen = cri.exec_sync(sidecar, "sh", "-c", MEMORY_LIMIT)
     assert seen.stdout.decode().strip() == str(limit), seen
     status = cri.container_status(sidecar)
     assert status.resources.linux.memory_limit_in_bytes == limit, status.resources
     after = mem_total_kib(cri, sidecar)
     if not vm:
-        assert after == before  # the node's memory
+        assert (after, online_cpus(cri, sidecar)) == (before, cpus_before)  # the node's
         return
     assert after - before >= limit // 1024, (before, after)
+    # default_vcpus (1) plus the container's one CPU: a hot-added vCPU the guest brought online
+    assert (cpus_before, online_cpus(cri, sidecar)) == ("0", "0-1")
     error = cri.call_error("UpdateContainerResources", api.UpdateContainerResourcesRequest(
         container_id=sidecar, linux=api.LinuxContainerResources(memory_limit_in_bytes=MAX_MEMORY * MIB)))
     assert "default_maxmemory" in error.details(), error.details()

@@ -51,6 +51,8 @@ INIT_EXEC_ID = ""
 # `state`/`list` ask whether the init process has exited; this long a "no" means running.
 STATUS_POLL = 0.5
 READ_CHUNK = 1024 * 1024
+# how long the guest gets to bring hot-added vCPUs online
+CPU_ONLINE_WAIT = 20.0
 
 
 class SandboxError(KabutoError):
@@ -471,9 +473,14 @@ class VirtSandbox:
                             table.default_memory, memory)
         if vcpus > math.ceil(table.default_vcpus):
             if self.capabilities.resize_vcpu:
-                await self.hypervisor.resize_vcpu(math.ceil(table.default_vcpus), min(
-                    vcpus, table.default_maxvcpus))
+                _, after = await self.hypervisor.resize_vcpu(math.ceil(table.default_vcpus),
+                                                             min(vcpus, table.default_maxvcpus))
                 await self._persist_hypervisor()
+                # the guest has no udev: its agent brings the hot-added CPUs online
+                assert self.agent is not None
+                online = await self._agent_call("OnlineCpus", self.agent.online_cpus(after, CPU_ONLINE_WAIT))
+                if online < after:
+                    log.warning("sandbox %s: %d of %d vCPUs online in the guest", self.id, online, after)
             else:
                 log.warning("sandbox %s: the VM stays at %g vCPUs (its containers' CPU limits ask for %d): "
                             "vCPU hot-plug needs default_maxvcpus above default_vcpus", self.id,
