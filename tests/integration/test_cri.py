@@ -13,6 +13,7 @@ nothing is left.
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import secrets
 import shutil
@@ -90,11 +91,14 @@ def cri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CriHarness]:
 
 
 def write_resizable_config(directory: Path) -> Path:
-    """The built-in configuration with room to grow: up to MAX_MEMORY MiB and MAX_VCPUS vCPUs."""
+    """The built-in configuration with room to grow (up to MAX_MEMORY MiB and MAX_VCPUS vCPUs)
+    and the pod's host processes in the pod's cgroup (sandbox_cgroup_only)."""
     default = files("kabuto.config").joinpath("default.toml").read_text()
     resizable = default.replace("default_maxvcpus = 0", f"default_maxvcpus = {MAX_VCPUS}") \
-                       .replace("default_memory = 0", f"default_memory = 0\ndefault_maxmemory = {MAX_MEMORY}")
+        .replace("default_memory = 0", f"default_memory = 0\ndefault_maxmemory = {MAX_MEMORY}") \
+        .replace("[runtime]\n", "[runtime]\nsandbox_cgroup_only = true\n")
     assert f"default_maxvcpus = {MAX_VCPUS}" in resizable and f"default_maxmemory = {MAX_MEMORY}" in resizable
+    assert "sandbox_cgroup_only = true" in resizable
     config = directory / "resizable.toml"
     config.write_text(resizable)
     return config
@@ -114,7 +118,8 @@ def pod_config(name: str, log_directory: Path, cgroup_parent: str) -> Any:
                 network=api.POD, pid=api.CONTAINER, ipc=api.POD))))
 
 
-def container_config(name: str, script: str, mounts: list[Any], attempt: int = 0, memory: int = 0) -> Any:
+def container_config(name: str, script: str, mounts: list[Any], attempt: int = 0, memory: int = 0,
+                     stdin: bool = False) -> Any:
     """A ContainerConfig as kubelet builds it: log path under the pod's directory, its resources,
     the pod's namespaces, its bind mounts (/etc/hosts, /dev/termination-log)."""
     return api.ContainerConfig(
@@ -122,7 +127,7 @@ def container_config(name: str, script: str, mounts: list[Any], attempt: int = 0
         image=api.ImageSpec(image=BUSYBOX_IMAGE),
         command=["/bin/sh", "-c", script],
         envs=[api.KeyValue(key="POD_CONTAINER", value=name)],
-        mounts=mounts, log_path=f"{name}/{attempt}.log",
+        mounts=mounts, log_path=f"{name}/{attempt}.log", stdin=stdin, stdin_once=stdin,
         labels={"io.kubernetes.container.name": name},
         annotations={"io.kubernetes.container.restartCount": str(attempt)},
         linux=api.LinuxContainerConfig(
@@ -186,6 +191,7 @@ def run_lifecycle(cri: CriHarness, handler: str, base: Path) -> None:
         assert dict(status.annotations) == dict(config.annotations)
         pod_ip = status.network.ip
         assert pod_ip.startswith(SUBNET_PREFIX) and pod_ip != GATEWAY, status
+        check_host_cgroup(cri, pod, cgroup_parent)
 
         web_mounts, web_termination = kubelet_mounts(pod_dir, "web", hosts)
         side_mounts, _ = kubelet_mounts(pod_dir, "sidecar", hosts)
@@ -203,6 +209,7 @@ def run_lifecycle(cri: CriHarness, handler: str, base: Path) -> None:
 
         check_exec_sync(cri, web, sidecar, name, hosts)
         check_streaming_exec(cri, sidecar)
+        check_attach(cri, pod, log_dir)
         check_stats(cri, pod, web, sidecar)
         check_update(cri, sidecar, vm=handler != "runc")
         check_oom(cri, pod)
@@ -258,6 +265,27 @@ def remove_cgroup_parent(parent: str) -> None:
                     directory.rmdir()
 
 
+def memory_cgroup(pid: int) -> str:
+    """The cgroup (v1 memory hierarchy here, or v2's) process ``pid`` is in."""
+    lines = [line.split(":", 2) for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines()]
+    paths = {controllers: path for _, controllers, path in lines}
+    return paths.get("memory", paths.get("", ""))
+
+
+def check_host_cgroup(cri: CriHarness, pod: Pod, cgroup_parent: str) -> None:
+    """The pod's host processes run below kubelet's cgroup parent: runc's pause process; Kabuto's
+    VMM, virtiofsd and shim (sandbox_cgroup_only)."""
+    if pod.handler == "runc":
+        request = api.PodSandboxStatusRequest(pod_sandbox_id=pod.id, verbose=True)
+        info = cri.call("PodSandboxStatus", request).info
+        pids = [json.loads(info["info"])["pid"]]
+    else:
+        pids = [p.pid for p in cri.containerd.shims() + cri.containerd.sandbox_processes()]
+        assert len(pids) >= 2, pids  # the shim and QEMU at least
+    assert all(memory_cgroup(pid).startswith(f"{cgroup_parent}/") for pid in pids), \
+        {pid: memory_cgroup(pid) for pid in pids}
+
+
 def check_exec_sync(cri: CriHarness, web: str, sidecar: str, name: str, hosts: Path) -> None:
     both = cri.exec_sync(web, "sh", "-c", "echo out; echo err >&2; exit 3")
     assert (both.exit_code, both.stdout, both.stderr) == (3, b"out\n", b"err\n"), both
@@ -279,6 +307,21 @@ def check_streaming_exec(cri: CriHarness, sidecar: str) -> None:
     assert (streamed["stdout"], streamed["stderr"]) == ("got:typed\n", "err\n"), streamed
     status = streamed["status"]
     assert status["status"] == "Failure" and status["details"]["causes"][0]["message"] == "7", status
+
+
+def check_attach(cri: CriHarness, pod: Pod, log_dir: Path) -> None:
+    """Attach through the streaming server to a container that reads its stdin (`kubectl attach
+    -i`): what is typed reaches it, its answer comes back and lands in its log too."""
+    config = container_config("reader", "read line; echo got:$line", [], stdin=True)
+    reader = cri.create_container(pod, config)
+    cri.call("StartContainer", api.StartContainerRequest(container_id=reader))
+    url = cri.call("Attach", api.AttachRequest(container_id=reader, stdin=True, stdout=True, stderr=True)).url
+    attached = cri.stream(url, stdin=b"typed\n")
+    assert attached["stdout"] == "got:typed\n", attached
+    status = cri.wait_for_state(reader, api.CONTAINER_EXITED)
+    assert (status.state, status.exit_code) == (api.CONTAINER_EXITED, 0), status
+    assert ("stdout", "F", "got:typed") in cri_log_lines(log_dir / "reader" / "0.log")
+    cri.call("RemoveContainer", api.RemoveContainerRequest(container_id=reader))
 
 
 def check_stats(cri: CriHarness, pod: Pod, web: str, sidecar: str) -> None:

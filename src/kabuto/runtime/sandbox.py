@@ -35,7 +35,7 @@ from kabuto.hypervisor.base import Hypervisor, HypervisorState, VmStatus, vm_dir
 from kabuto.hypervisor.capabilities import Capabilities
 from kabuto.hypervisor.devices import BlockDevice, DeviceKind, NetworkDevice, SharedFsDevice
 from kabuto.hypervisor.vmm_process import kill_processes_naming
-from kabuto.runtime import network
+from kabuto.runtime import host_cgroup, network
 from kabuto.runtime import resources as resource_sizing
 from kabuto.runtime import rootfs as rootfs_delivery
 from kabuto.runtime.bundle import Bundle, BundleError, ContainerIdError, check_container_id
@@ -115,9 +115,11 @@ class VirtSandbox:
         netns: str | None = None,
         block_rootfs: list[tuple[str, Bundle]] | None = None,
         boot_timeout: float = DEFAULT_BOOT_TIMEOUT,
+        cgroups_path: str | None = None,
     ) -> VirtSandbox:
         """Boot a sandbox VM and reach its agent. ``block_rootfs`` lists the containers whose rootfs
-        must be cold-plugged when the backend has no shared filesystem.
+        must be cold-plugged when the backend has no shared filesystem. ``cgroups_path``: the
+        sandbox container's host cgroup, which the VMM runs in under sandbox_cgroup_only.
 
         The caller reserved ``sandbox_id`` in ``store`` (``StateStore.reserve``); on failure the
         reservation is released too.
@@ -141,6 +143,10 @@ class VirtSandbox:
             if netns is not None:
                 _check_netns(netns)
             record.netns = netns or ""
+            if cgroups_path and resolved.config.runtime.sandbox_cgroup_only:
+                # before anything is spawned: the VMM and virtiofsd inherit it
+                record.host_cgroup = host_cgroup.join(cgroups_path, os.getpid())
+                store.save(record)
             await hypervisor.prepare_vm(sandbox_id, netns=netns)
             storages: list[Storage] = []
             if fs_kind is not None:
@@ -302,11 +308,11 @@ class VirtSandbox:
                               "without it, as Kata does")
         joined = await self._joined_namespaces(container_id, bundle)
         cgroups_path = bundle.spec.get("linux", {}).get("cgroupsPath")
-        if cgroups_path:
-            # the container's limits apply in the guest's cgroup; on the host nothing moves there yet
+        if cgroups_path and not self.config.runtime.sandbox_cgroup_only:
+            # the container's limits apply in the guest's cgroup; on the host nothing moves there
             log.warning("container %s: linux.cgroupsPath %s is not applied on the host (the VMM and the "
-                        "shim stay where they run; sandbox_cgroup_only is not implemented)", container_id,
-                        cgroups_path)
+                        "shim stay where they run): [runtime] sandbox_cgroup_only = true puts them in the "
+                        "sandbox's", container_id, cgroups_path)
         container = ContainerRecord(id=container_id, bundle=str(bundle.path), created=now_rfc3339(),
                                     annotations=bundle.annotations, process=bundle.spec["process"],
                                     resources=dict(bundle.spec.get("linux", {}).get("resources") or {}))
@@ -478,7 +484,12 @@ class VirtSandbox:
                 await self._persist_hypervisor()
                 # the guest has no udev: its agent brings the hot-added CPUs online
                 assert self.agent is not None
-                online = await self._agent_call("OnlineCpus", self.agent.online_cpus(after, CPU_ONLINE_WAIT))
+                try:
+                    online = await self._agent_call("OnlineCpus",
+                                                    self.agent.online_cpus(after, CPU_ONLINE_WAIT))
+                except KabutoError as exc:  # an agent without OnlineCpus: the vCPUs stay offline
+                    log.warning("sandbox %s: %d vCPUs plugged, not brought online: %s", self.id, after, exc)
+                    return
                 if online < after:
                     log.warning("sandbox %s: %d of %d vCPUs online in the guest", self.id, online, after)
             else:
@@ -586,6 +597,7 @@ class VirtSandbox:
             await self.hypervisor.stop_vm()
         await self.hypervisor.cleanup()
         await _unplug_endpoints(self.record)
+        _leave_host_cgroup(self.record)
         errors: list[str] = []
         for container in list(self.record.containers.values()):
             try:
@@ -626,7 +638,7 @@ async def create_sandbox_for(
         container_id, store, config_path=config_path, hypervisor_name=hypervisor_name,
         annotations=bundle.annotations, hostname=hostname, netns=bundle.network_namespace,
         block_rootfs=[(container_id, bundle)],
-        boot_timeout=boot_timeout)
+        boot_timeout=boot_timeout, cgroups_path=bundle.spec.get("linux", {}).get("cgroupsPath"))
     try:
         await sandbox.create_container(container_id, bundle)
     except BaseException:
@@ -641,6 +653,13 @@ async def _unplug_endpoints(record: SandboxRecord) -> None:
     if record.taps:
         await network.detach_all(record.netns, record.taps)
         record.taps = []
+
+
+def _leave_host_cgroup(record: SandboxRecord) -> None:
+    """Out of the sandbox's host cgroup (its creator moves back), its directories removed."""
+    if record.host_cgroup:
+        host_cgroup.leave(record.host_cgroup, os.getpid())
+        record.host_cgroup = {}
 
 
 #: namespace type -> its file under /proc/<pid>/ns
@@ -680,6 +699,7 @@ async def remove_dead_sandbox(store: StateStore, sandbox_id: str) -> None:
     vm_dir = store.jailer_root / vm_dir_name(sandbox_id)
     await kill_processes_naming(vm_dir)
     await _unplug_endpoints(record)
+    _leave_host_cgroup(record)
     shared = Path(record.shared_dir) if record.shared_dir else None
     if shared is not None:
         for child in rootfs_delivery.list_dir(shared):
