@@ -69,7 +69,8 @@ async def test_full_lifecycle(
     vm = CloudHypervisor(make_config(boot_files), jailer_root=jailer_root)
     await vm.prepare_vm("sandbox1")
     await vm.add_device(BlockDevice(id="disk0", path=boot_files["data.img"], read_only=True))
-    await vm.add_device(NetworkDevice(id="eth0", tap_name="tap0", mac="02:00:00:00:00:01"))
+    await vm.add_device(NetworkDevice(id="eth0", tap_name="tap0", mac="02:00:00:00:00:01", mtu=1400,
+                                      queues=2))
     share = SharedFsDevice(
         id="share0", fs=SharedFsKind.VIRTIO_FS, host_path=boot_files["share"], mount_tag="kataShared"
     )
@@ -83,7 +84,9 @@ async def test_full_lifecycle(
     assert create["payload"]["initramfs"] == str(boot_files["initrd.img"])
     assert "quiet" in create["payload"]["cmdline"]
     assert [d["id"] for d in create["disks"]] == ["disk0"]
-    assert create["net"][0]["tap"] == "tap0"
+    # the NIC as the runtime builds it from a pod endpoint: MAC, MTU, two queue pairs (rx + tx each)
+    assert {k: create["net"][0][k] for k in ("tap", "mac", "mtu", "num_queues")} == {
+        "tap": "tap0", "mac": "02:00:00:00:00:01", "mtu": 1400, "num_queues": 4}
     assert create["fs"][0]["tag"] == "kataShared"
     assert create["vsock"]["cid"] == 3
     assert sent(recorder)[:3] == ["vmm.ping", "vm.create", "vm.boot"]
@@ -208,6 +211,53 @@ async def test_another_process_takes_over_from_saved_state(
     assert not any(alive(p) for p in state.pids)
     assert leftovers(jailer_root) == []
     assert_conforms(recorder)
+
+
+async def test_kata_s_block_queues_shape_every_disk(
+    recorder: Recorder, jailer_root: Path, boot_files
+) -> None:
+    # Kata's stock file: queue_size = 128, num_queues = 1; Kata's Cloud Hypervisor driver sends both
+    vm = CloudHypervisor(make_config(boot_files, queue_size=128, num_queues=2), jailer_root=jailer_root)
+    await vm.prepare_vm("queues")
+    await vm.add_device(BlockDevice(id="disk0", path=boot_files["data.img"]))
+    await vm.start_vm(START_TIMEOUT)
+    await vm.add_device(BlockDevice(id="disk1", path=boot_files["data2.img"]))
+    create = next(r for r in recorder.requests() if r["path"].endswith("vm.create"))["body"]
+    hot = next(r for r in recorder.requests() if r["path"].endswith("vm.add-disk"))["body"]
+    for disk in (create["disks"][0], hot):
+        assert (disk["queue_size"], disk["num_queues"]) == (128, 2)
+    await vm.stop_vm()
+    await vm.cleanup()
+    assert leftovers(jailer_root) == []
+    assert_conforms(recorder)
+    assert_all_succeeded(recorder)
+
+
+async def test_a_virtiofsd_gone_before_another_process_takes_over_stops_the_vm(
+    recorder: Recorder, jailer_root: Path, boot_files
+) -> None:
+    vm = CloudHypervisor(make_config(boot_files), jailer_root=jailer_root)
+    await vm.prepare_vm("lost")
+    await vm.add_device(
+        SharedFsDevice(id="share0", fs=SharedFsKind.VIRTIO_FS, host_path=boot_files["share"], mount_tag="s")
+    )
+    await vm.start_vm(START_TIMEOUT)
+    state = await vm.save_state()
+    await vm.disconnect()
+    vmm_pid, daemon_pid = state.pids
+    os.kill(daemon_pid, signal.SIGKILL)
+    for _ in range(100):
+        if not alive(daemon_pid):
+            break
+        await asyncio.sleep(0.05)
+
+    again = await CloudHypervisor.restore(state, jailer_root=jailer_root)
+    # the guest lost its share: the VM is stopped, not driven on (nor left unremovable)
+    assert again.status == VmStatus.STOPPED
+    assert not alive(vmm_pid)
+    await again.cleanup()
+    await vm.cleanup()
+    assert leftovers(jailer_root) == []
 
 
 # -- bad input ------------------------------------------------------------------------------

@@ -85,6 +85,9 @@ async def test_full_lifecycle(
     )
     assert body_of(recorder, "/machine-config") == {"vcpu_count": 2, "mem_size_mib": 256, "smt": False}
     assert body_of(recorder, "/actions") == {"action_type": "InstanceStart"}
+    # the NIC as the runtime builds it from a pod endpoint: its tap and the interface's MAC
+    assert body_of(recorder, "/network-interfaces/eth0") == {
+        "iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "02:00:00:00:00:01"}
     assert container_rootfs.guest_address == "/dev/vdb"
     if jailed:
         root = vm.jail_root

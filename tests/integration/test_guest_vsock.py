@@ -24,6 +24,7 @@ import pytest_asyncio
 from test_runtime_helpers import bare_boot_console
 
 from kabuto.agent.client import wait_for_agent
+from kabuto.config.loader import builtin_default_text
 from kabuto.hypervisor import new_hypervisor, resolve_config
 from kabuto.hypervisor.devices import AGENT_VSOCK_PORT
 from kabuto.hypervisor.qemu.backend import QemuHypervisor
@@ -40,7 +41,8 @@ CONSOLE_POLL = 0.2
 NO_CHANNEL_TIMEOUT = 120.0
 PROBE_LINE = re.compile(r"KABUTO-VSOCK-(OK|FAILED)[^\r\n]*")
 
-Boot = Callable[[str], Awaitable[QemuHypervisor]]  # kernel parameters -> the running VM
+# kernel parameters (and a configuration file) -> the running VM
+Boot = Callable[..., Awaitable[QemuHypervisor]]
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -54,11 +56,12 @@ async def boot(image: GuestImage, vm_root: Path) -> AsyncIterator[Boot]:
     """Boot the image with extra kernel parameters; stops and cleans every VM it started."""
     started: list[QemuHypervisor] = []
 
-    async def start(kernel_params: str) -> QemuHypervisor:
-        resolved = resolve_config(None, hypervisor_name="qemu")
+    async def start(kernel_params: str, config: Path | None = None) -> QemuHypervisor:
+        resolved = resolve_config(config, hypervisor_name="qemu")
         resolved.table.kernel = str(image.kernel)
         resolved.table.initrd = str(image.initrd)
-        resolved.table.kernel_params = kernel_params
+        # what the configuration put there (agent_vsock_port= for [agent.kata] server_port) stays
+        resolved.table.kernel_params = f"{resolved.table.kernel_params} {kernel_params}".strip()
         vm = new_hypervisor(resolved, jailer_root=vm_root)
         assert isinstance(vm, QemuHypervisor)
         started.append(vm)
@@ -85,14 +88,20 @@ async def console_line(vm: QemuHypervisor, pattern: re.Pattern[str], timeout: fl
                 f"{vm.paths.console_log.read_text(errors='replace')[-3000:]}")
 
 
-@pytest.mark.parametrize("port", [AGENT_VSOCK_PORT, 2049], ids=["default-port", "agent_vsock_port"])
+@pytest.mark.parametrize("port", [AGENT_VSOCK_PORT, 2049], ids=["default-port", "server_port"])
 async def test_the_shipped_agent_answers_over_vsock_in_the_guest(
-    boot: Boot, image: GuestImage, port: int
+    boot: Boot, image: GuestImage, port: int, tmp_path: Path
 ) -> None:
-    params = "agent_vsock=on kabuto_vsock_probe=1"
+    config = None
     if port != AGENT_VSOCK_PORT:
-        params += f" agent_vsock_port={port}"
-    vm = await boot(params)
+        # the configuration's port, as a Kata file sets it (a drop-in here); resolve puts it on the
+        # guest kernel command line
+        config = tmp_path / "configuration.toml"
+        config.write_text(builtin_default_text())
+        (tmp_path / "config.d").mkdir()
+        (tmp_path / "config.d" / "50-port.toml").write_text(f"[agent.kata]\nserver_port = {port}\n")
+    vm = await boot("agent_vsock=on kabuto_vsock_probe=1", config)
+    assert (f"agent_vsock_port={port}" in vm.config.kernel_params) == (port != AGENT_VSOCK_PORT)
     # the host's way in is virtio-serial here (no vhost-vsock); the agent serves both at once
     address = await vm.get_agent_socket()
     assert address.startswith("unix://")

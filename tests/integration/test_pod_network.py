@@ -8,31 +8,24 @@ the host, so the machine's own network is never touched; everything is removed a
 from __future__ import annotations
 
 import json
-import os
-import secrets
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cni_helpers import CniPod, bridge_config, host_netns_fixture, ingress_leftovers, links, netns_left, sh
 from test_runtime_helpers import busybox_rootfs, kabuto, require_guest_image, state_root_fixture, write_bundle
+
+from kabuto.config.loader import builtin_default_text
 
 pytestmark = pytest.mark.vm
 
-CNI_PATH = Path("/usr/lib/cni")
 SUBNET, GATEWAY = "198.18.7.0/24", "198.18.7.1"
 SCRIPT = (f"ip -o -4 addr show eth0 | awk '{{print $4}}'; ip route | grep ^default; "
           f"ping -c 1 -W 10 {GATEWAY} >/dev/null && echo gateway-reached; "
           "ping -c 1 -W 5 127.0.0.1 >/dev/null && echo lo-up")
 TIMEOUT = 60.0
-
-
-def sh(*args: str, stdin: str | None = None, env: dict[str, str] | None = None) -> str:
-    done = subprocess.run(args, input=stdin, capture_output=True, text=True, timeout=TIMEOUT, env=env)
-    assert done.returncode == 0, f"{' '.join(args)}: exit {done.returncode}: {done.stderr or done.stdout}"
-    return done.stdout
 
 
 @pytest.fixture
@@ -42,51 +35,7 @@ def state_root() -> Iterator[Path]:
 
 @pytest.fixture
 def host_netns() -> Iterator[str]:
-    for binary, package in ((CNI_PATH / "bridge", "containernetworking-plugins"),
-                            (shutil.which("runc"), "runc")):
-        if not binary or not Path(binary).exists():
-            pytest.fail(f"{package} is not installed (make deps installs it)")
-    name = f"kbh-{secrets.token_hex(4)}"
-    sh("ip", "netns", "add", name)
-    try:
-        sh("ip", "-n", name, "link", "set", "lo", "up")
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=TIMEOUT)
-
-
-class CniPod:
-    """A pod netns made by CNI's plugins (run in ``host``); DEL and removal on close."""
-
-    def __init__(self, host: str, state: Path) -> None:
-        self.host = host
-        self.name = f"kbp-{secrets.token_hex(4)}"
-        self.config: dict[str, Any] = {
-            "cniVersion": "1.0.0", "name": "kabuto-pod", "type": "bridge", "bridge": "kbt-br0",
-            "isGateway": True, "ipMasq": False,
-            "ipam": {"type": "host-local", "subnet": SUBNET, "routes": [{"dst": "0.0.0.0/0"}],
-                     "dataDir": str(state)}}
-        sh("ip", "netns", "add", self.name)
-        # as containerd's CRI: the loopback plugin for lo, then the pod network's plugin for eth0
-        self._cni("ADD", {"cniVersion": "1.0.0", "name": "cni-loopback", "type": "loopback"}, "lo")
-        self.result = json.loads(self._cni("ADD", self.config, "eth0"))
-
-    @property
-    def path(self) -> str:
-        return f"/run/netns/{self.name}"
-
-    def _cni(self, command: str, config: dict[str, Any], ifname: str) -> str:
-        env = {"CNI_COMMAND": command, "CNI_CONTAINERID": self.name, "CNI_NETNS": self.path,
-               "CNI_IFNAME": ifname, "CNI_PATH": str(CNI_PATH),
-               "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
-        return sh("ip", "netns", "exec", self.host, str(CNI_PATH / config["type"]), stdin=json.dumps(config),
-                  env=env)
-
-    def close(self) -> None:
-        try:
-            self._cni("DEL", self.config, "eth0")
-        finally:
-            subprocess.run(["ip", "netns", "del", self.name], capture_output=True, timeout=TIMEOUT)
+    yield from host_netns_fixture()
 
 
 def pod_bundle(directory: Path, rootfs: Path, netns: str) -> Path:
@@ -113,7 +62,7 @@ def test_cni_pod_network_as_under_runc(state_root: Path, host_netns: str, tmp_pa
     rootfs = busybox_rootfs(tmp_path / "rootfs")
     outputs = {}
     for runtime in ("runc", "kabuto"):
-        pod = CniPod(host_netns, tmp_path / f"ipam-{runtime}")
+        pod = CniPod(host_netns, bridge_config(SUBNET, tmp_path / f"ipam-{runtime}"))
         try:
             address = pod.result["ips"][0]["address"]
             bundle = pod_bundle(tmp_path / runtime, rootfs, pod.path)
@@ -124,13 +73,10 @@ def test_cni_pod_network_as_under_runc(state_root: Path, host_netns: str, tmp_pa
             assert result.returncode == 0, result.stderr.decode(errors="replace")
             outputs[runtime] = (address, result.stdout.decode())
             # the tap and its tc redirects went with the sandbox; CNI's veth is as CNI left it
-            links = json.loads(sh("ip", "-n", pod.name, "-j", "link"))
-            assert sorted(link["ifname"] for link in links) == ["eth0", "lo"]
-            qdiscs = json.loads(sh("ip", "netns", "exec", pod.name, "tc", "-j", "qdisc", "show", "dev",
-                                   "eth0") or "[]")
-            assert [q for q in qdiscs if q.get("kind") in ("ingress", "clsact")] == []
+            assert links(pod.name) == ["eth0", "lo"] and ingress_leftovers(pod.name) == []
         finally:
             pod.close()
+        assert netns_left([pod.name]) == []
     # the same lines under both, but for the address each pod was given
     (runc_address, runc_out), (kabuto_address, kabuto_out) = outputs["runc"], outputs["kabuto"]
     runc_lines = runc_out.splitlines()
@@ -139,21 +85,36 @@ def test_cni_pod_network_as_under_runc(state_root: Path, host_netns: str, tmp_pa
 
 
 def test_run_net_and_the_api_take_a_netns_path(state_root: Path, host_netns: str, tmp_path: Path) -> None:
-    """`kabuto run --busybox --net PATH` and `Sandbox(netns=PATH)`: the same pod network without a
-    bundle of one's own."""
+    """`kabuto run --busybox --net PATH` and `Sandbox(netns=PATH)` (with network_queues = 2): the
+    same pod network without a bundle of one's own."""
     import kabuto as api
 
     require_guest_image()
-    pod = CniPod(host_netns, tmp_path / "ipam")
+    pod = CniPod(host_netns, bridge_config(SUBNET, tmp_path / "ipam"))
     try:
         address = pod.result["ips"][0]["address"]
         result = kabuto(state_root, "run", "--busybox", "--net", pod.path, "--", "sh", "-c",
                         "ip -o -4 addr show eth0 | awk '{print $4}'", timeout=300)
         assert result.returncode == 0, result.stderr.decode(errors="replace")
         assert result.stdout.decode().split() == [address]
-        with api.Sandbox(hypervisor="qemu", state_root=state_root, netns=pod.path) as sandbox:
-            shown = sandbox.run(["sh", "-c", "ip -o -4 addr show eth0 | awk '{print $4}'"])
+        assert links(pod.name) == ["eth0", "lo"] and ingress_leftovers(pod.name) == []
+        # with two queue pairs per NIC: the tap is multi-queue and QEMU opened it twice; the guest's
+        # virtio-net device offers VIRTIO_NET_F_MQ (feature bit 22)
+        config = tmp_path / "configuration.toml"
+        config.write_text(builtin_default_text())
+        (tmp_path / "config.d").mkdir()
+        (tmp_path / "config.d" / "50-queues.toml").write_text("[hypervisor.qemu]\nnetwork_queues = 2\n")
+        with api.Sandbox(config=str(config), state_root=state_root, netns=pod.path) as sandbox:
+            shown = sandbox.run(["sh", "-c", "ip -o -4 addr show eth0 | awk '{print $4}'; "
+                                 "cut -c23 /sys/class/net/eth0/device/features"])
+            [tap] = json.loads(sh("ip", "-d", "-j", "-n", pod.name, "link", "show", "tap0_kabuto"))
         assert shown.exit_code == 0, shown.stderr
-        assert shown.stdout.decode().split() == [address]
+        assert shown.stdout.decode().split() == [address, "1"]
+        tun = tap["linkinfo"]["info_data"]
+        # QEMU detaches the queues a 1-vCPU guest leaves unused: attached + detached is what it opened
+        held = tun.get("numqueues", 0) + tun.get("numdisabled", 0)
+        assert (tun["type"], tun.get("multi_queue"), held) == ("tap", True, 2), tun
+        assert links(pod.name) == ["eth0", "lo"] and ingress_leftovers(pod.name) == []
     finally:
         pod.close()
+    assert netns_left([pod.name]) == []

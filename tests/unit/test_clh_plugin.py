@@ -122,3 +122,10 @@ def test_error_bodies() -> None:
     assert describe_error(chain) == "Error from API: The VM could not boot: No kernel"
     assert describe_error(httpx.Response(400, text="")) == "(empty body)"
     assert describe_error(httpx.Response(400, text="plain words")) == "plain words"
+
+
+@pytest.mark.parametrize(("size", "ok"),
+                         [(0, True), (128, True), (32768, True), (100, False), (65536, False)])
+def test_queue_size_is_a_virtqueue_size(table, size, ok) -> None:
+    table.queue_size = size
+    assert ("queue_size" not in problems(table)) == ok

@@ -15,8 +15,8 @@ from kabuto.config import annotations, coverage, keys, load_config, loader
 from kabuto.config.keys import REGISTRY, WARNED, Applied, Refused
 from kabuto.config.model import AgentConfig, HypervisorConfig, RuntimeConfig
 from kabuto.config.rules import common_problems
-from kabuto.errors import AnnotationError
-from kabuto.hypervisor import registry
+from kabuto.errors import AnnotationError, ConfigError
+from kabuto.hypervisor import devices, registry
 from kabuto.hypervisor.resolve import resolve, resolve_config
 
 SRC = Path(kabuto.__file__).parent
@@ -119,10 +119,32 @@ def test_a_set_key_kabuto_does_not_apply_warns_once_and_a_default_value_does_not
         """)
     assert unapplied(config) == [
         f"hypervisor.qemu.memory_offset = 12: {NOT_APPLIED}",
-        f"hypervisor.qemu.queue_size = 128: {NOT_APPLIED}",
+        "hypervisor.qemu.queue_size = 128: parsed, not applied by the qemu backend (only cloud-hypervisor)",
         f'agent.kata.kernel_modules = ["e1000e"]: {NOT_APPLIED}',
         f"runtime.enable_tracing = true: {NOT_APPLIED}",
         f"runtime.jaeger_password = (set, not shown): {NOT_APPLIED}",
+    ]
+
+
+def test_a_switched_key_is_a_warned_one_whose_switch_is_in_its_table():
+    for key, switch in keys.SWITCHED_BY.items():
+        assert REGISTRY[key] is WARNED, key
+        table = key.rsplit(".", 1)[0]
+        assert f"{table}.{switch}" in REGISTRY, key
+
+
+def test_a_key_tuning_a_feature_that_is_off_is_quiet_and_warns_once_it_is_on(tmp_path):
+    text = """\
+        [hypervisor.qemu]
+        guest_swap_path = "/run/swap"
+        [agent.kata.mem_agent]
+        mem_agent_enable = {enable}
+        memcg_swappiness_max = 40
+        """
+    assert unapplied(load(tmp_path, text.format(enable="false"))) == []
+    assert unapplied(load(tmp_path, text.format(enable="true"))) == [
+        f"agent.kata.mem_agent.mem_agent_enable = true: {NOT_APPLIED}",
+        f"agent.kata.mem_agent.memcg_swappiness_max = 40: {NOT_APPLIED}",
     ]
 
 
@@ -262,3 +284,64 @@ def test_agent_enable_debug_sets_the_agent_log_level_on_the_kernel_command_line(
     resolve(config, validate=False)
     assert resolve(config, validate=False).table.kernel_params.count("agent_log_level") == 1
     assert "agent_log_level" not in resolve_config(None, validate=False).table.kernel_params
+
+
+def test_agent_server_port_reaches_the_guest_kernel_command_line(tmp_path):
+    file = tmp_path / "configuration.toml"
+    text = """\
+        [hypervisor.qemu]
+        kernel_params = "{params}"
+        [agent.kata]
+        server_port = {port}
+        """
+    file.write_text(textwrap.dedent(text.format(params="quiet", port=2049)))
+    table = resolve_config(file, validate=False).table
+    assert table.kernel_params == "quiet agent_vsock_port=2049"
+    # the hybrid-vsock backends (cloud-hypervisor, firecracker, dragonball) dial it too
+    channel = devices.hybrid_vsock_agent_channel(tmp_path / "vsock.sock", table.kernel_params)
+    assert channel.url() == f"hvsock://{tmp_path / 'vsock.sock'}:2049"
+    # Kata's 1024 is what the agent serves without the word
+    file.write_text(textwrap.dedent(text.format(params="quiet", port=1024)))
+    assert resolve_config(file, validate=False).table.kernel_params == "quiet"
+    # written both ways alike: kept once
+    file.write_text(textwrap.dedent(text.format(params="agent_vsock_port=2049", port=2049)))
+    assert resolve_config(file, validate=False).table.kernel_params == "agent_vsock_port=2049"
+
+
+@pytest.mark.parametrize(("params", "port", "key", "reason"), [
+    ("agent_vsock_port=3000", 2049, "hypervisor.qemu.kernel_params",
+     "agent_vsock_port=3000 contradicts agent.kata.server_port (2049): set the port there only"),
+    ("agent_vsock_port=x", 1024, "hypervisor.qemu.kernel_params",
+     "agent_vsock_port=x contradicts agent.kata.server_port (1024): set the port there only"),
+    ("", 0, "agent.kata.server_port", "must be a vsock port from 1 to 4294967294"),
+    ("", 0xFFFFFFFF, "agent.kata.server_port", "must be a vsock port from 1 to 4294967294"),
+])
+def test_a_bad_or_contradicted_server_port_is_refused_by_name(tmp_path, params, port, key, reason):
+    file = tmp_path / "configuration.toml"
+    file.write_text(f'[hypervisor.qemu]\nkernel_params = "{params}"\n[agent.kata]\nserver_port = {port}\n')
+    with pytest.raises(ConfigError) as caught:
+        resolve_config(file)
+    found = [(p.key, p.reason) for p in caught.value.problems
+             if "server_port" in p.key or "vsock" in p.reason]
+    assert found == [(key, reason)]
+
+
+def test_kata_s_agent_create_container_timeout_bounds_create_container(tmp_path):
+    config = load(tmp_path, "[agent.kata]\ncreate_container_timeout = 120\n")
+    assert config.runtime.create_container_timeout == 120
+    assert unapplied(config) == []
+    # Kabuto's own [runtime] key alone
+    assert load(tmp_path, "[runtime]\ncreate_container_timeout = 90\n").runtime.create_container_timeout == 90
+
+
+def test_both_create_container_timeouts_set_differently_are_refused_naming_both(tmp_path):
+    config = load(tmp_path, """\
+        [agent.kata]
+        create_container_timeout = 120
+        [runtime]
+        create_container_timeout = 90
+        """)
+    problems = {p.key: p.reason for p in common_problems(config)}
+    assert problems == {"agent.kata.create_container_timeout":
+                        "differs from runtime.create_container_timeout (90), the bound of CreateContainer: "
+                        "set one of them"}

@@ -367,6 +367,17 @@ def test_runtime_and_agent_rules(tmp_path, boot_files):
         "runtime.internetworking_model", "runtime.agent_name", "agent.kata.reconnect_timeout_ms"}
 
 
+@pytest.mark.parametrize("model", ["macvtap", "l3forwarding"])
+def test_internetworking_models_kabuto_does_not_build_are_refused_by_name(tmp_path, boot_files, model):
+    file = write(tmp_path / "c.toml", toy_toml(boot_files).replace(
+        '[runtime]\n', f'[runtime]\ninternetworking_model = "{model}"\n'))
+    with pytest.raises(ConfigError) as caught:
+        resolve_config(file)
+    [problem] = caught.value.problems
+    assert problem.key == "runtime.internetworking_model" and problem.value == model
+    assert problem.reason.startswith("not built in Kabuto") and '"tcfilter"' in problem.reason
+
+
 def test_to_dict_round_trips_through_the_loader(tmp_path, boot_files):
     import tomli_w
 

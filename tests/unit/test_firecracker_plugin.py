@@ -108,3 +108,10 @@ def test_api_helpers() -> None:
     assert describe_error(httpx.Response(400, json={"fault_message": "Invalid ID"})) == "Invalid ID"
     assert describe_error(httpx.Response(400, json={"other": 1})) == '{"other": 1}'
     assert resource_id("ctr-rootfs.1") == "ctr_rootfs_1"
+
+
+def test_network_queues_above_one_are_refused(table) -> None:
+    table.network_queues = 1
+    assert problems(table) == {}
+    table.network_queues = 2
+    assert problems(table) == {"network_queues": "this VMM's virtio-net takes at most 1 queue pair(s)"}

@@ -8,6 +8,7 @@ import contextlib
 import logging
 import os
 import pty
+import socket
 import struct
 import subprocess
 import sys
@@ -402,3 +403,24 @@ async def test_online_cpus_brings_hot_added_cpus_online_and_waits_bounded(
     assert await service.online_cpus(2, 5.0, sys_root=tmp_path) == 2
     assert (cpus / "cpu1" / "online").read_text() == "1"
     assert await service.online_cpus(3, 0.05, sys_root=tmp_path) == 2
+
+
+def test_a_vsock_port_already_in_use_ends_the_agent_naming_it() -> None:
+    """The serving path of the shipped agent (vsock on, no --listen) on this host's AF_VSOCK: a
+    port something else holds is a fatal error naming the port (as PID 1 it powers off)."""
+    try:
+        holder = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+    except OSError as exc:
+        pytest.skip(f"this host kernel has no AF_VSOCK: {exc}")
+    with holder:
+        holder.bind((socket.VMADDR_CID_ANY, socket.VMADDR_PORT_ANY))
+        holder.listen(1)
+        port = holder.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "kabuto.guest", "--vsock", "on", "--vsock-port", str(port),
+             "--port-name", "no-such-port", "--port-timeout", "5"],
+            capture_output=True, text=True, timeout=60, check=False,
+        )
+    assert result.returncode == 1
+    message = f"ChannelError: cannot listen on vsock port {port}: [Errno 98] Address already in use"
+    assert message in result.stderr, result.stderr

@@ -116,9 +116,8 @@ async def test_scan_reads_the_interface_its_routes_and_neighbours(pod: Pod) -> N
 
 
 @needs_netns
-async def test_scan_takes_macvlan_and_skips_lo_taps_bridges_and_unconfigured(pod: Pod) -> None:
-    sh("ip", "-n", pod.name, "link", "add", "br0", "type", "bridge")
-    sh("ip", "-n", pod.name, "addr", "add", "198.18.1.2/24", "dev", "br0")
+async def test_scan_takes_macvlan_and_skips_lo_its_taps_and_unconfigured(pod: Pod) -> None:
+    sh("ip", "-n", pod.name, "link", "add", "br0", "type", "bridge")  # no address: nothing lost
     sh("ip", "-n", pod.name, "link", "add", "veth1", "type", "veth", "peer", "veth2")
     sh("ip", "-n", pod.name, "link", "add", "mv0", "link", "veth1", "type", "macvlan")
     sh("ip", "-n", pod.name, "addr", "add", "198.18.2.2/24", "dev", "mv0")
@@ -129,6 +128,20 @@ async def test_scan_takes_macvlan_and_skips_lo_taps_bridges_and_unconfigured(pod
     assert sorted(found) == ["eth0", "mv0"]
     assert found["mv0"].kind == "macvlan"
     assert found["mv0"].interface.addresses == [IPAddress("198.18.2.2", 24)]
+
+
+@needs_netns
+@pytest.mark.parametrize(("make", "kind"), [
+    (("link", "add", "br0", "type", "bridge"), "bridge"),
+    (("tuntap", "add", "mode", "tap", "name", "br0"), "tun"),  # a tap, but not one of Kabuto's
+])
+async def test_scan_refuses_an_addressed_interface_it_cannot_mirror(pod: Pod, make: tuple[str, ...],
+                                                                   kind: str) -> None:
+    sh("ip", "-n", pod.name, *make)
+    sh("ip", "-n", pod.name, "addr", "add", "198.18.1.2/24", "dev", "br0")
+    with pytest.raises(NetworkError, match=f"interface br0 \\({kind}\\) has an address but cannot be "
+                                           "mirrored into the VM: only veth, macvlan, ipvlan"):
+        await network.scan(pod.path)
 
 
 @needs_netns

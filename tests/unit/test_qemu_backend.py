@@ -152,6 +152,20 @@ def test_command_line_kvm_sandbox_incoming_pc(table: HypervisorConfig, tmp_path:
     assert append.endswith("agent.debug=1") and "quiet" not in append.split()
 
 
+def test_a_multi_queue_nic_opens_its_tap_once_per_queue(table: HypervisorConfig, tmp_path: Path) -> None:
+    """network_queues = 2: the netdev opens the multi-queue tap twice; virtio-net gets mq and a
+    vector per rx and tx queue plus the control and config ones; one queue pair adds neither."""
+    nics = [NetworkDevice("net0", tap_name="tap0_kabuto", mac="02:00:00:00:00:01", mtu=1400, queues=2),
+            NetworkDevice("net1", tap_name="tap1_kabuto", mac="02:00:00:00:00:02")]
+    command = build_command(table, TCG, VmPaths(tmp_path), nics, "vm1")
+    netdevs = [command[i + 1] for i, arg in enumerate(command) if arg == "-netdev"]
+    devices = [arg for arg in command if arg.startswith("virtio-net-pci")]
+    assert netdevs == ["tap,id=net-net0,ifname=tap0_kabuto,script=no,downscript=no,vhost=off,queues=2",
+                       "tap,id=net-net1,ifname=tap1_kabuto,script=no,downscript=no,vhost=off"]
+    assert devices == ["virtio-net-pci,id=net0,netdev=net-net0,mq=on,vectors=6,mac=02:00:00:00:00:01,"
+                       "host_mtu=1400", "virtio-net-pci,id=net1,netdev=net-net1,mac=02:00:00:00:00:02"]
+
+
 def test_command_line_refuses_comma_in_device_options(table: HypervisorConfig, tmp_path: Path) -> None:
     tap = NetworkDevice("net0", tap_name="tap,evil")
     with pytest.raises(HypervisorError, match="comma"):
@@ -270,6 +284,23 @@ async def test_prepare_creates_dir_and_agent_channel(table: HypervisorConfig, vm
     await vm.cleanup()
     await vm.cleanup()  # safe twice
     assert vm.status == VmStatus.STOPPED
+
+
+@pytest.mark.parametrize(("kernel_params", "port"), [("", 1024), ("quiet agent_vsock_port=2049", 2049)])
+async def test_with_vhost_vsock_the_host_dials_the_port_the_guest_is_told(
+    table: HypervisorConfig, vm_root: Path, monkeypatch: pytest.MonkeyPatch, kernel_params: str, port: int
+) -> None:
+    from kabuto.hypervisor.qemu import backend
+
+    monkeypatch.setattr(backend, "_exists", lambda path: path == backend.DEV_VHOST_VSOCK)
+    table.kernel_params = kernel_params
+    vm = QemuHypervisor(table, jailer_root=vm_root)
+    await vm.prepare_vm("vsock-vm")
+    try:
+        address = await vm.get_agent_socket()
+        assert address.startswith("vsock://") and address.endswith(f":{port}")
+    finally:
+        await vm.cleanup()
 
 
 @pytest.mark.parametrize("bad_id", ["", "../escape", "a/b", "x" * 65, "-lead"])

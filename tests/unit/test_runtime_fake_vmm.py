@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import netns_helpers
 import psutil
 import pytest
 
@@ -119,6 +120,24 @@ class BlockOnlyVmm(FakeVmm):
     capabilities = Capabilities()
 
 
+class NetVmm(FakeVmm):
+    """A fake VMM with virtio-net NICs, cold- and hot-plugged (the hot-plug only recorded)."""
+
+    name = "fakenet"
+    capabilities = Capabilities(shared_fs=frozenset({SharedFsKind.VIRTIO_9P}), network=True,
+                                hotplug=frozenset({DeviceKind.NETWORK}))
+
+    async def _hotplug_add(self, device: Any) -> None: ...
+    async def _hotplug_remove(self, device: Any) -> None: ...
+
+
+class ColdNetVmm(NetVmm):
+    """NICs at boot only, as Firecracker."""
+
+    name = "fakecoldnet"
+    capabilities = Capabilities(shared_fs=frozenset({SharedFsKind.VIRTIO_9P}), network=True)
+
+
 class FakePlugin(BasePlugin):
     def __init__(self, backend_class: type[Hypervisor]) -> None:
         self.backend_class = backend_class
@@ -147,6 +166,8 @@ class FakeGuest:
     containers: dict[str, dict[str, Any]] = field(default_factory=dict)
     sandbox_created: bool = False
     storages: list[Any] = field(default_factory=list)
+    interfaces: dict[str, Any] = field(default_factory=dict)
+    routes: list[Any] = field(default_factory=list)
 
     def process(self, cid: str, eid: str) -> FakeProcess:
         try:
@@ -262,6 +283,16 @@ class FakeContainers:
     async def destroy_sandbox(self) -> None:
         self.guest.containers.clear()
 
+    async def update_interface(self, interface: Any) -> Any:
+        self.guest.interfaces[interface.name] = interface
+        return interface
+
+    async def update_routes(self, routes: list[Any]) -> list[Any]:
+        self.guest.routes += routes
+        return routes
+
+    async def add_arp_neighbors(self, neighbors: list[Any]) -> None: ...
+
 
 class FakeAgent:
     def __init__(self, address: str, timeout: float, **kwargs: Any) -> None:
@@ -283,6 +314,8 @@ def fakes(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
     monkeypatch.setattr(registry, "_aliases", dict(registry._aliases))
     registry.register_hypervisor_plugin("fakevmm", FakePlugin(FakeVmm))
     registry.register_hypervisor_plugin("fakeblock", FakePlugin(BlockOnlyVmm))
+    registry.register_hypervisor_plugin("fakenet", FakePlugin(NetVmm))
+    registry.register_hypervisor_plugin("fakecoldnet", FakePlugin(ColdNetVmm))
     current: dict[str, str] = {}
 
     async def fake_wait_for_agent(address: str, timeout: float, **kwargs: Any) -> FakeAgent:
@@ -674,11 +707,159 @@ async def test_namespace_paths_as_cri_sends_them(store: StateStore, tmp_path: Pa
     await commands.delete("pod", opts, force=True)
 
 
-async def test_a_network_namespace_path_that_is_no_namespace_is_refused(store: StateStore,
-                                                                       tmp_path: Path) -> None:
-    bogus = tmp_path / "not-a-netns"
-    bogus.write_text("")
+@pytest.mark.parametrize("what", ["plain file", "missing", "ipc namespace"])
+async def test_a_network_namespace_path_that_is_no_netns_is_refused(store: StateStore, tmp_path: Path,
+                                                                   what: str) -> None:
+    bogus = {"plain file": tmp_path / "not-a-netns", "missing": tmp_path / "cni-deleted-it",
+             "ipc namespace": Path("/proc/self/ns/ipc")}[what]
+    if what == "plain file":
+        bogus.write_text("")  # as the empty mount point CNI leaves after DEL
+    message = f"network namespace {bogus} does not exist" if what == "missing" else \
+        f"{bogus} is not a network namespace"
     bundle = with_namespaces(make_bundle(tmp_path / "b", ["sleep"]), network=str(bogus))
-    with pytest.raises(BundleError, match=f"network namespace {bogus} is not a namespace file"):
+    with pytest.raises(BundleError, match=message):
         await commands.create("c1", str(bundle), options(store))
     assert store.sandbox_ids() == []
+
+
+# -- pod networking against a real netns (the guest and VMM are fakes) ---------------------------
+@pytest.fixture
+def pod_netns() -> Iterator[str]:
+    """A pod netns with eth0 (a veth, addressed, a default route) whose peer is in a second netns."""
+    with netns_helpers.netns() as name, netns_helpers.netns() as peer:
+        add_veth(name, peer, "eth0", "198.18.20")
+        netns_helpers.sh("ip", "-n", name, "route", "add", "default", "via", "198.18.20.1")
+        yield name
+
+
+def add_veth(name: str, peer: str, ifname: str, prefix: str) -> None:
+    sh = netns_helpers.sh
+    sh("ip", "-n", peer, "link", "add", f"p-{ifname}", "type", "veth", "peer", "name", ifname, "netns", name)
+    sh("ip", "-n", peer, "addr", "add", f"{prefix}.1/24", "dev", f"p-{ifname}")
+    sh("ip", "-n", peer, "link", "set", f"p-{ifname}", "up")
+    sh("ip", "-n", name, "addr", "add", f"{prefix}.2/24", "dev", ifname)
+    sh("ip", "-n", name, "link", "set", ifname, "up")
+
+
+def nics(record: Any) -> list[tuple[str, str]]:
+    """(device id, tap) of each NIC the sandbox's VM has, as its record keeps them."""
+    devices = record.hypervisor_state["extra"]["devices"]
+    return [(d["id"], d["tap_name"]) for d in devices if d["kind"] == "network"]
+
+
+def pod_links(name: str) -> list[str]:
+    return sorted(link["ifname"] for link in netns_helpers.jq("ip", "-j", "-n", name, "link", "show"))
+
+
+@netns_helpers.needs_netns
+async def test_a_backend_without_network_devices_refuses_a_pod_interface(store: StateStore, tmp_path: Path,
+                                                                        pod_netns: str) -> None:
+    bundle = with_namespaces(make_bundle(tmp_path / "b", ["sleep"]), network=netns_helpers.path(pod_netns))
+    with pytest.raises(SandboxError, match="eth0 cannot reach the VM: fakevmm has no network devices"):
+        await commands.create("c1", str(bundle), options(store))
+    assert store.sandbox_ids() == [] and pod_links(pod_netns) == ["eth0", "lo"]
+
+
+@netns_helpers.needs_netns
+async def test_model_none_gives_the_vm_no_nic(store: StateStore, tmp_path: Path, pod_netns: str) -> None:
+    none = {"io.katacontainers.config.runtime.internetworking_model": "none"}
+    bundle = with_namespaces(make_bundle(tmp_path / "b", ["sleep"], **none),
+                             network=netns_helpers.path(pod_netns))
+    sandbox = await commands.create("c1", str(bundle), options(store, "fakenet"))
+    assert [d for d in sandbox.hypervisor.devices if d.kind == DeviceKind.NETWORK] == []
+    assert store.load("c1").taps == [] and pod_links(pod_netns) == ["eth0", "lo"]
+    assert GUESTS["c1"].interfaces == {}
+    await sandbox.destroy()
+
+
+@netns_helpers.needs_netns
+async def test_a_route_the_guest_refuses_leaves_no_tap_and_no_vm(store: StateStore, tmp_path: Path,
+                                                                pod_netns: str,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    async def refuse(self: Any, routes: list[Any]) -> list[Any]:
+        raise ContainerCallError("fake", "UpdateRoutes", Code.FAILED_PRECONDITION,
+                                 "routes[1]: gateway 198.18.20.1 is not reachable")
+
+    monkeypatch.setattr(FakeContainers, "update_routes", refuse)
+    bundle = with_namespaces(make_bundle(tmp_path / "b", ["sleep"]), network=netns_helpers.path(pod_netns))
+    with pytest.raises(ContainerCallError, match=r"gateway 198\.18\.20\.1 is not reachable"):
+        await commands.create("c1", str(bundle), options(store, "fakenet"))
+    assert store.sandbox_ids() == [] and pod_links(pod_netns) == ["eth0", "lo"]
+    qdiscs = netns_helpers.jq("tc", "-j", "-n", pod_netns, "qdisc", "show", "dev", "eth0")
+    assert [q for q in qdiscs if q["kind"] == "ingress"] == []
+
+
+@netns_helpers.needs_netns
+async def test_a_later_create_plugs_a_new_interface_and_unplugs_a_vanished_one(
+        store: StateStore, tmp_path: Path, pod_netns: str) -> None:
+    opts, pod_path = options(store, "fakenet"), netns_helpers.path(pod_netns)
+    sandbox = await commands.create("pod", str(with_namespaces(make_bundle(tmp_path / "p", ["sleep"]),
+                                                               network=pod_path)), opts)
+    await sandbox.disconnect()
+    assert store.load("pod").taps == ["tap0_kabuto"]
+    member = {bundle_module.CONTAINER_TYPE_ANNOTATION: "container",
+              bundle_module.SANDBOX_ID_ANNOTATION: "pod"}
+
+    def joining(name: str) -> str:
+        return str(with_namespaces(make_bundle(tmp_path / name, ["sleep"], **member), network=pod_path))
+
+    with netns_helpers.netns() as peer:
+        add_veth(pod_netns, peer, "eth1", "198.18.21")
+        joined = await commands.create("app", joining("a"), opts)
+        await joined.disconnect()
+        record = store.load("pod")
+        assert record.taps == ["tap0_kabuto", "tap1_kabuto"]
+        assert sorted(GUESTS["pod"].interfaces) == ["eth0", "eth1"]
+        assert nics(record) == [("net0", "tap0_kabuto"), ("net1", "tap1_kabuto")]
+    # the peer netns went, and eth1 with it: the next create unplugs its NIC and removes its tap
+    later = await commands.create("late", joining("l"), opts)
+    await later.disconnect()
+    record = store.load("pod")
+    assert record.taps == ["tap0_kabuto"]
+    assert nics(record) == [("net0", "tap0_kabuto")]
+    assert pod_links(pod_netns) == ["eth0", "lo", "tap0_kabuto"]
+    await commands.delete("pod", opts, force=True)
+    assert pod_links(pod_netns) == ["eth0", "lo"]
+
+
+@netns_helpers.needs_netns
+async def test_an_interface_after_boot_is_refused_where_nics_cannot_be_hot_plugged(
+        store: StateStore, tmp_path: Path, pod_netns: str) -> None:
+    opts, pod_path = options(store, "fakecoldnet"), netns_helpers.path(pod_netns)
+    sandbox = await commands.create("pod", str(with_namespaces(make_bundle(tmp_path / "p", ["sleep"]),
+                                                               network=pod_path)), opts)
+    await sandbox.disconnect()
+    member = {bundle_module.CONTAINER_TYPE_ANNOTATION: "container",
+              bundle_module.SANDBOX_ID_ANNOTATION: "pod"}
+    with netns_helpers.netns() as peer:
+        add_veth(pod_netns, peer, "eth1", "198.18.21")
+        bundle = with_namespaces(make_bundle(tmp_path / "a", ["sleep"], **member), network=pod_path)
+        with pytest.raises(SandboxError, match="interface eth1 appeared after sandbox 'pod' booted, and "
+                                               "fakecoldnet cannot hot-plug a NIC"):
+            await commands.create("app", str(bundle), opts)
+        record = store.load("pod")
+        assert "app" not in record.containers and record.taps == ["tap0_kabuto"]
+        assert pod_links(pod_netns) == ["eth0", "eth1", "lo", "tap0_kabuto"]
+    await commands.delete("pod", opts, force=True)
+    assert pod_links(pod_netns) == ["eth0", "lo"]
+
+
+@netns_helpers.needs_netns
+async def test_a_vanished_interface_leaves_its_nic_where_nics_cannot_be_unplugged(
+        store: StateStore, tmp_path: Path, pod_netns: str, caplog: pytest.LogCaptureFixture) -> None:
+    opts, pod_path = options(store, "fakecoldnet"), netns_helpers.path(pod_netns)
+    member = {bundle_module.CONTAINER_TYPE_ANNOTATION: "container",
+              bundle_module.SANDBOX_ID_ANNOTATION: "pod"}
+    with netns_helpers.netns() as peer:
+        add_veth(pod_netns, peer, "eth1", "198.18.21")
+        sandbox = await commands.create("pod", str(with_namespaces(make_bundle(tmp_path / "p", ["sleep"]),
+                                                                   network=pod_path)), opts)
+        await sandbox.disconnect()
+    # eth1 went with its peer's netns: the create goes ahead, the NIC stays, and a warning says so
+    bundle = with_namespaces(make_bundle(tmp_path / "a", ["sleep"], **member), network=pod_path)
+    joined = await commands.create("app", str(bundle), opts)
+    await joined.disconnect()
+    assert nics(store.load("pod")) == [("net0", "tap0_kabuto"), ("net1", "tap1_kabuto")]
+    assert "cannot hot-unplug a NIC: it stays until the sandbox ends" in caplog.text
+    await commands.delete("pod", opts, force=True)
+    assert pod_links(pod_netns) == ["eth0", "lo"]

@@ -123,6 +123,7 @@ def _capability_summary(caps: dict[str, Any]) -> str:
         f"pause: {'yes' if caps['pause'] else 'no'}, snapshot: {'yes' if caps['snapshot'] else 'no'}",
         f"shared fs: {', '.join(caps['shared_fs']) or 'none'}",
         f"agent: {', '.join(caps['agent_channels']) or 'none'}",
+        f"network: {'virtio-net on taps' if caps.get('network') else 'none'}",
     ]
     if caps["jailer"]:
         lines.append("jailer")

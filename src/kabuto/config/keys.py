@@ -72,6 +72,33 @@ def _clh(where: str) -> Applied:
     return Applied(f"cloud-hypervisor {where}", ("hypervisor/cloud_hypervisor/backend.py",), frozenset({CLH}))
 
 
+#: a key that only tunes what another key of its table turns on (key -> that switch): while the
+#: switch is off the key does nothing, in Kata as in Kabuto, so its value is no news; the switch
+#: itself warns when it is turned on (every stock Kata file sets a mem_agent table, disabled)
+SWITCHED_BY: dict[str, str] = {
+    **{f"agent.mem_agent.{key}": "mem_agent_enable" for key in (
+        "memcg_disable", "memcg_swap", "memcg_swappiness_max", "memcg_period_secs",
+        "memcg_period_psi_percent_limit", "memcg_eviction_psi_percent_limit",
+        "memcg_eviction_run_aging_count_min", "compact_disable", "compact_period_secs",
+        "compact_period_psi_percent_limit", "compact_psi_percent_limit", "compact_sec_max", "compact_order",
+        "compact_threshold", "compact_force_times",
+    )},
+    # they say how to attach an image; Kabuto boots its own initrd when image is empty
+    "hypervisor.vm_rootfs_driver": "image",
+    "hypervisor.rootfs_type": "image",
+    "hypervisor.vhost_user_store_path": "enable_vhost_user_store",
+    "hypervisor.guest_swap_path": "enable_guest_swap",
+    "hypervisor.guest_swap_size_percent": "enable_guest_swap",
+    "hypervisor.guest_swap_create_threshold_secs": "enable_guest_swap",
+    "hypervisor.disk_rate_limiter_bw_one_time_burst": "disk_rate_limiter_bw_max_rate",
+    "hypervisor.disk_rate_limiter_ops_one_time_burst": "disk_rate_limiter_ops_max_rate",
+    "hypervisor.tdx_quote_generation_service_socket_port": "confidential_guest",
+    "runtime.jaeger_endpoint": "enable_tracing",
+    "runtime.jaeger_user": "enable_tracing",
+    "runtime.jaeger_password": "enable_tracing",
+    "runtime.passfd_listener_port": "use_passfd_io",
+}
+
 #: ``<table kind>.<key>`` (nested tables dotted: ``hypervisor.factory.enable_template``) -> coverage
 REGISTRY: dict[str, Coverage] = {
     # [hypervisor.<name>]: boot
@@ -136,8 +163,11 @@ REGISTRY: dict[str, Coverage] = {
     # the plugin clears block_device_driver; the configured capabilities have no block hot-plug
     "hypervisor.disable_block_device_use": Applied("capabilities: no block hot-plug",
                                                    ("hypervisor/capabilities.py",)),
-    "hypervisor.block_device_driver": _qemu("cmdline and hot-plug (virtio-blk or virtio-scsi)",
-                                            "hypervisor/qemu/cmdline.py", "hypervisor/qemu/hotplug.py"),
+    "hypervisor.block_device_driver": Applied("qemu cmdline and hot-plug (virtio-blk or virtio-scsi); the "
+                                              "other backends have one virtio-blk transport and their "
+                                              "plugins accept only its names",
+                                              ("hypervisor/qemu/cmdline.py", "hypervisor/qemu/hotplug.py",
+                                               "hypervisor/plugin.py")),
     "hypervisor.block_device_aio": _qemu("cmdline and hot-plug (the disk file node's aio)"),
     "hypervisor.block_device_cache_set": _qemu("cmdline and hot-plug (the disk file node's cache)"),
     "hypervisor.block_device_cache_direct": _qemu("cmdline and hot-plug (cache.direct, with "
@@ -150,8 +180,9 @@ REGISTRY: dict[str, Coverage] = {
     "hypervisor.disk_rate_limiter_ops_max_rate": WARNED,
     "hypervisor.disk_rate_limiter_bw_one_time_burst": WARNED,
     "hypervisor.disk_rate_limiter_ops_one_time_burst": WARNED,
-    "hypervisor.queue_size": WARNED,
-    "hypervisor.num_queues": WARNED,
+    # as in Kata runtime-rs, whose QEMU driver does not use them either
+    "hypervisor.queue_size": _clh("(every disk's queue_size)"),
+    "hypervisor.num_queues": _clh("(every disk's num_queues)"),
     "hypervisor.enable_iothreads": _qemu("cmdline and hot-plug (an iothread for virtio-blk disks or the "
                                          "virtio-scsi controller)"),
     "hypervisor.indep_iothreads": WARNED,
@@ -191,7 +222,9 @@ REGISTRY: dict[str, Coverage] = {
     # network
     "hypervisor.rx_rate_limiter_max_rate": WARNED,
     "hypervisor.tx_rate_limiter_max_rate": WARNED,
-    "hypervisor.network_queues": WARNED,
+    "hypervisor.network_queues": Applied("runtime: multi-queue taps; qemu netdev queues + virtio-net mq, "
+                                         "cloud-hypervisor num_queues (firecracker: refused above 1)",
+                                         ("runtime/sandbox.py", "hypervisor/plugin.py")),
     # security and annotations
     "hypervisor.enable_annotations": Applied("annotations", ("config/annotations.py",)),
     "hypervisor.valid_hypervisor_paths": _PATH_RULES,
@@ -254,7 +287,9 @@ REGISTRY: dict[str, Coverage] = {
     "agent.visible_cdi_devices": WARNED,
     "agent.kernel_modules": WARNED,
     "agent.container_pipe_size": WARNED,
-    "agent.server_port": WARNED,
+    "agent.server_port": Applied("all backends: agent_vsock_port= on the guest kernel command line, the "
+                                 "port the agent serves vsock on and the host dials",
+                                 ("hypervisor/resolve.py",)),
     "agent.log_port": WARNED,
     "agent.passfd_listener_port": WARNED,
     "agent.dial_timeout": WARNED,
@@ -264,7 +299,9 @@ REGISTRY: dict[str, Coverage] = {
                                           ("runtime/sandbox.py",)),
     "agent.request_timeout_ms": Applied("runtime: the bound of an agent call (CreateContainer: "
                                         "runtime.create_container_timeout)", ("runtime/sandbox.py",)),
-    "agent.create_container_timeout": WARNED,
+    "agent.create_container_timeout": Applied("runtime: the bound of CreateContainer where [runtime] sets "
+                                              "none (Kata keeps it here)",
+                                              ("config/rules.py", "runtime/sandbox.py")),
     "agent.health_check_request_timeout_ms": WARNED,
     "agent.cdh_api_timeout_ms": WARNED,
     "agent.launch_process_timeout": WARNED,
@@ -283,7 +320,9 @@ REGISTRY: dict[str, Coverage] = {
     "runtime.agent_name": WARNED,
     "runtime.enable_debug": WARNED,
     "runtime.log_level": WARNED,
-    "runtime.internetworking_model": WARNED,
+    "runtime.internetworking_model": Applied("runtime: tcfilter (taps + tc redirects) or none (no NIC); "
+                                             "macvtap and l3forwarding refused by the [runtime] rules",
+                                             ("runtime/sandbox.py", "config/rules.py")),
     "runtime.disable_guest_seccomp": Applied("runtime: a bundle's seccomp profile is refused unless true",
                                              ("runtime/sandbox.py",)),
     "runtime.disable_new_netns": WARNED,
@@ -359,8 +398,13 @@ def _set_values(kind: str, path: str, table: BaseModel) -> Iterator[tuple[str, s
         value, default = getattr(table, name), getattr(defaults, name)
         if isinstance(value, BaseModel) and f"{kind}.{name}" not in REGISTRY:
             yield from _set_values(f"{kind}.{name}", f"{path}.{name}", value)
-        elif value != default:
+        elif value != default and not _switched_off(f"{kind}.{name}", table):
             yield f"{kind}.{name}", f"{path}.{name}", value
+
+
+def _switched_off(key: str, table: BaseModel) -> bool:
+    switch = SWITCHED_BY.get(key)
+    return switch is not None and not getattr(table, switch)
 
 
 def _shown(key: str, value: Any) -> str:

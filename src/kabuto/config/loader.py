@@ -24,7 +24,12 @@ from kabuto.bounded import FileTooLarge, read_bounded
 from kabuto.config.annotations import apply_annotations, check_enable_annotations
 from kabuto.config.keys import unapplied_warnings
 from kabuto.config.model import HypervisorConfig, KabutoConfig
-from kabuto.config.rules import HypervisorNames, prefixed, reconcile_agent_timeouts
+from kabuto.config.rules import (
+    HypervisorNames,
+    prefixed,
+    reconcile_agent_timeouts,
+    reconcile_create_container_timeout,
+)
 from kabuto.errors import ConfigError, Problem
 
 ENV_VAR = "KABUTO_CONFIG"
@@ -108,6 +113,7 @@ def load_config(
     # what the files and annotations asked for, before reconciling changes any value
     config.warnings += unapplied_warnings(config)
     config.warnings += reconcile_agent_timeouts(config)
+    reconcile_create_container_timeout(config)
     return config
 
 

@@ -90,7 +90,8 @@ class HypervisorConfig(_Table):
     guest_swap_path: str = "/run/kata-containers/swap"
     guest_swap_size_percent: int = 100
     guest_swap_create_threshold_secs: int = 60
-    disable_nested_virtualization: bool | None = None
+    #: no backend turns nesting off, so false is what Kabuto does
+    disable_nested_virtualization: bool = False
     # devices
     disable_block_device_use: bool = False
     block_device_driver: str = ""
@@ -111,7 +112,8 @@ class HypervisorConfig(_Table):
     enable_vhost_user_store: bool = False
     vhost_user_store_path: str = ""
     hotplug_vfio_on_root_bus: bool = False
-    cold_plug_vfio: str = ""
+    #: Kabuto cold-plugs no VFIO device: "no-port" is what it does
+    cold_plug_vfio: str = "no-port"
     pcie_root_port: int = 0
     pcie_switch_port: int = 0
     enable_iommu: bool = False

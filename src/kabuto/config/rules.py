@@ -18,6 +18,12 @@ from kabuto.config.model import AgentConfig, KabutoConfig
 from kabuto.errors import AnnotationError, ConfigError, Problem
 
 INTERNETWORKING_MODELS = ("macvtap", "none", "tcfilter", "l3forwarding")
+#: Kata's models Kabuto does not build, and why (refused rather than run as another model)
+UNIMPLEMENTED_MODELS = {
+    "macvtap": "not built in Kabuto: it needs a macvtap device per interface and its /dev/tapN "
+               "descriptors handed to the VMM; use \"tcfilter\" (Kata's default) or \"none\"",
+    "l3forwarding": "not built in Kabuto (Kata's Go runtime only); use \"tcfilter\" or \"none\"",
+}
 VFIO_MODES = ("", "vfio", "guest-kernel")
 EMPTYDIR_MODES = ("shared-fs", "block-encrypted", "block-plain")
 LOG_LEVELS = ("trace", "debug", "info", "warn", "error", "critical")
@@ -94,6 +100,9 @@ def common_problems(config: KabutoConfig) -> list[Problem]:
         if value not in allowed:
             choices = ", ".join(map(repr, allowed))
             problems.append(Problem(f"runtime.{key}", value, f"must be one of {choices}"))
+    if runtime.internetworking_model in UNIMPLEMENTED_MODELS:
+        problems.append(Problem("runtime.internetworking_model", runtime.internetworking_model,
+                                UNIMPLEMENTED_MODELS[runtime.internetworking_model]))
     if runtime.create_container_timeout <= 0:
         problems.append(Problem("runtime.create_container_timeout", runtime.create_container_timeout,
                                 "must be a positive number of seconds"))
@@ -103,7 +112,25 @@ def common_problems(config: KabutoConfig) -> list[Problem]:
                                 f"no [agent.{runtime.agent_name}] table (have: {have})"))
     for name, agent in config.agent.items():
         problems += _agent_problems(f"agent.{name}", agent)
+    active = config.agent.get(runtime.agent_name)
+    if active is not None and "create_container_timeout" in active.model_fields_set \
+            and active.create_container_timeout != runtime.create_container_timeout:
+        problems.append(Problem(f"agent.{runtime.agent_name}.create_container_timeout",
+                                active.create_container_timeout,
+                                f"differs from runtime.create_container_timeout "
+                                f"({runtime.create_container_timeout}), the bound of CreateContainer: "
+                                "set one of them"))
     return problems + refused_problems(config)
+
+
+def reconcile_create_container_timeout(config: KabutoConfig) -> None:
+    """Kata keeps create_container_timeout in [agent.<name>], Kabuto in [runtime], where it bounds
+    CreateContainer: the agent table's value is that bound when [runtime] sets none."""
+    agent = config.agent.get(config.runtime.agent_name)
+    if agent is not None and "create_container_timeout" in agent.model_fields_set \
+            and "create_container_timeout" not in config.runtime.model_fields_set \
+            and agent.create_container_timeout > 0:
+        config.runtime.create_container_timeout = agent.create_container_timeout
 
 
 def reconcile_agent_timeouts(config: KabutoConfig) -> list[str]:
@@ -138,8 +165,15 @@ def _agent_problems(prefix: str, agent: AgentConfig) -> list[Problem]:
     if agent.log_level not in LOG_LEVELS:
         problems.append(Problem(f"{prefix}.log_level", agent.log_level,
                                 f"must be one of {', '.join(LOG_LEVELS)}"))
-    for key in ("container_pipe_size", "server_port", "log_port", "passfd_listener_port", "dial_timeout",
-                "create_container_timeout", "health_check_request_timeout_ms",
+    # a vsock port: 0xFFFFFFFF is VMADDR_PORT_ANY
+    if not 0 < agent.server_port < 0xFFFFFFFF:
+        problems.append(Problem(f"{prefix}.server_port", agent.server_port,
+                                "must be a vsock port from 1 to 4294967294"))
+    if agent.create_container_timeout <= 0:
+        problems.append(Problem(f"{prefix}.create_container_timeout", agent.create_container_timeout,
+                                "must be a positive number of seconds"))
+    for key in ("container_pipe_size", "log_port", "passfd_listener_port", "dial_timeout",
+                "health_check_request_timeout_ms",
                 "cdh_api_timeout_ms", "launch_process_timeout"):
         if getattr(agent, key) < 0:
             problems.append(Problem(f"{prefix}.{key}", getattr(agent, key), "must not be negative"))

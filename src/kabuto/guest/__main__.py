@@ -19,12 +19,15 @@ from pathlib import Path
 
 from kabuto.guest import channel, init, netlink
 from kabuto.guest.service import AgentService, read_uptime
+from kabuto.guest.uevents import DeviceEvents
 from kabuto.protos import AGENT_SERVICE, CONTAINER_SERVICE
 from kabuto.ttrpc import Method, Server
 
 log = logging.getLogger("kabuto.guest")
 
-PORT_DISCOVERY_INTERVAL = 0.1
+# Ports and a vsock device that appear later are looked for when the kernel announces a device;
+# this scan only backs the announcement up (and is the cadence where the kernel gives none).
+PORT_DISCOVERY_BACKSTOP = 1.0
 
 
 async def load_container_service() -> dict[str, Method]:
@@ -152,13 +155,14 @@ async def _serve_channels(first: channel.Channels, args: argparse.Namespace, ser
             log.info("not serving vsock: %s (looking for %gs more)", channel.why_no_vsock(args.vsock),
                      args.port_timeout)
         deadline = loop.time() + args.port_timeout
-        while loop.time() < deadline:
-            serve_ports(channel.find_ports(channel.PORT_NAME_PREFIX))
-            if args.port_name not in served and (primary := channel.find_port(args.port_name)):
-                serve_ports({args.port_name: primary})  # probed after a vsock device was found
-            if not vsock_served and channel.serves_vsock(args.vsock):
-                await serve_vsock()
-            await asyncio.sleep(PORT_DISCOVERY_INTERVAL)
+        with DeviceEvents() as events:
+            while (left := deadline - loop.time()) > 0:
+                serve_ports(channel.find_ports(channel.PORT_NAME_PREFIX))
+                if args.port_name not in served and (primary := channel.find_port(args.port_name)):
+                    serve_ports({args.port_name: primary})  # probed after a vsock device was found
+                if not vsock_served and channel.serves_vsock(args.vsock):
+                    await serve_vsock()
+                await events.wait(min(left, PORT_DISCOVERY_BACKSTOP))
 
 
 def describe(exc: BaseException) -> str:

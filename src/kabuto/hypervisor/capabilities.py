@@ -28,6 +28,8 @@ class Capabilities:
     #: vCPUs and memory can be added to a running VM (Hypervisor.resize_vcpu, resize_memory)
     resize_vcpu: bool = False
     resize_memory: bool = False
+    #: virtio-net NICs on host taps, cold-plugged at least (hot-plug: ``hotplug`` says)
+    network: bool = False
     # extra facts a backend wants to publish (shown by `kabuto hypervisors`)
     notes: tuple[str, ...] = field(default_factory=tuple)
 
@@ -60,6 +62,7 @@ class Capabilities:
             "jailer": self.jailer,
             "resize_vcpu": self.resize_vcpu,
             "resize_memory": self.resize_memory,
+            "network": self.network,
             "notes": list(self.notes),
         }
 
@@ -75,5 +78,6 @@ class Capabilities:
             jailer=bool(data.get("jailer", False)),
             resize_vcpu=bool(data.get("resize_vcpu", False)),
             resize_memory=bool(data.get("resize_memory", False)),
+            network=bool(data.get("network", False)),
             notes=tuple(str(n) for n in data.get("notes", [])),
         )

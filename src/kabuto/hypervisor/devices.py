@@ -64,6 +64,8 @@ class NetworkDevice(Device):
     mac: str = ""
     netns: str = ""
     mtu: int = 1500
+    #: queue pairs: > 1 needs a multi-queue tap (IFF_MULTI_QUEUE) and a VMM that opens as many
+    queues: int = 1
 
     def __post_init__(self) -> None:
         self.kind = DeviceKind.NETWORK
@@ -72,8 +74,11 @@ class NetworkDevice(Device):
 #: a host process claims a virtio-serial agent port (one connection at a time) by a lock file
 #: at the port's socket path plus this suffix
 PORT_LOCK_SUFFIX = ".lock"
-#: the vsock port the guest agent listens on (reached with ``CONNECT <port>`` over hybrid vsock)
+#: the vsock port the guest agent listens on (reached with ``CONNECT <port>`` over hybrid vsock),
+#: unless the kernel command line names another ([agent.kata] server_port, see kabuto.hypervisor.resolve)
 AGENT_VSOCK_PORT = 1024
+#: the kernel command-line word the guest's /init hands the agent as --vsock-port
+AGENT_VSOCK_PORT_PARAM = "agent_vsock_port"
 #: the guest's CID where the VMM's vsock is private to the VM (hybrid vsock)
 HYBRID_VSOCK_GUEST_CID = 3
 
@@ -103,9 +108,21 @@ class AgentChannel(Device):
         return f"unix://{self.socket_path}"
 
 
-def hybrid_vsock_agent_channel(socket_path: Path) -> AgentChannel:
+def agent_vsock_port(kernel_params: str) -> int:
+    """The vsock port the guest agent serves: the kernel command line's agent_vsock_port= (the last
+    one, as the kernel hands /init the last), else Kata's 1024."""
+    port = AGENT_VSOCK_PORT
+    for word in kernel_params.split():
+        name, _, value = word.partition("=")
+        if name == AGENT_VSOCK_PORT_PARAM and value.isdigit():
+            port = int(value)
+    return port
+
+
+def hybrid_vsock_agent_channel(socket_path: Path, kernel_params: str = "") -> AgentChannel:
     """The agent channel of a VMM whose vsock the host reaches through a Unix socket."""
-    return AgentChannel(id="agent", channel=ChannelKind.HYBRID_VSOCK, socket_path=socket_path)
+    return AgentChannel(id="agent", channel=ChannelKind.HYBRID_VSOCK, socket_path=socket_path,
+                        port=agent_vsock_port(kernel_params))
 
 
 @dataclass

@@ -22,6 +22,7 @@ def _yes(flag: bool) -> str:
 def _row(name: str, caps: Capabilities) -> list[str]:
     return [
         name,
+        _yes(caps.network),
         *(_yes(caps.can_hotplug(kind)) for kind in DeviceKind),
         _yes(caps.pause),
         _yes(caps.snapshot),
@@ -37,6 +38,7 @@ def render_markdown(names: list[str] | None = None) -> str:
     """A Markdown table: one row per backend, one column per capability."""
     header = [
         "backend",
+        "network (NICs on taps)",
         *(f"hot-plug {kind.value}" for kind in DeviceKind),
         "pause",
         "snapshot",

@@ -98,6 +98,8 @@ class BasePlugin:
     default_machine_type: str = ""
     block_drivers: tuple[str, ...] = ("virtio-blk",)
     shared_fs_kinds: tuple[str, ...] = ("none",)
+    #: the most queue pairs a virtio-net device of this VMM takes (``network_queues``)
+    max_network_queues: int = 256
 
     def adjust(self, table: HypervisorConfig) -> None:
         from kabuto.hypervisor.host import find_binary, host_cpus
@@ -134,6 +136,9 @@ class BasePlugin:
         problems += self._validate_paths(table)
         problems += self._validate_resources(table)
         problems += self._validate_choices(table)
+        if table.network_queues > self.max_network_queues:
+            problems.append(Problem("network_queues", table.network_queues, "this VMM's virtio-net takes "
+                                    f"at most {self.max_network_queues} queue pair(s)"))
         return problems
 
     def capabilities_for(self, table: HypervisorConfig) -> Capabilities:

@@ -18,8 +18,9 @@ from kabuto.config.annotations import check_enable_annotations
 from kabuto.config.loader import load_config
 from kabuto.config.model import HypervisorConfig, KabutoConfig
 from kabuto.config.rules import common_problems, prefixed, raise_problems
-from kabuto.errors import ConfigError, HypervisorError
+from kabuto.errors import ConfigError, HypervisorError, Problem
 from kabuto.hypervisor.base import DEFAULT_JAILER_ROOT, Hypervisor, HypervisorState
+from kabuto.hypervisor.devices import AGENT_VSOCK_PORT, AGENT_VSOCK_PORT_PARAM
 from kabuto.hypervisor.plugin import HypervisorPlugin
 from kabuto.hypervisor.registry import get_plugin, hypervisor_names, load_warnings
 
@@ -60,12 +61,30 @@ def resolve(config: KabutoConfig, *, validate: bool = True) -> ResolvedConfig:
     # on every backend's kernel command line, so the saved table keeps it for a restored VM
     if config.active_agent.enable_debug and AGENT_DEBUG_PARAM not in table.kernel_params.split():
         table.kernel_params = f"{table.kernel_params} {AGENT_DEBUG_PARAM}".strip()
+    # the guest's /init hands the agent this port; the backends read it back for the host's end
+    port_problems = _agent_port(config, table)
     if validate:
         # the regexes of a table an annotation switched to were not checked by the loader
         own = check_enable_annotations(table) + plugin.validate(table)
-        problems = prefixed(f"hypervisor.{name}", own) + common_problems(config)
+        problems = prefixed(f"hypervisor.{name}", own) + common_problems(config) + port_problems
         raise_problems(config, problems)
     return ResolvedConfig(config, plugin)
+
+
+def _agent_port(config: KabutoConfig, table: HypervisorConfig) -> list[Problem]:
+    """Put [agent] server_port on the kernel command line unless it is Kata's 1024 (what the agent
+    serves without the word); a different agent_vsock_port= already there is a conflict."""
+    port = config.active_agent.server_port
+    written = [word.partition("=")[2] for word in table.kernel_params.split()
+               if word.partition("=")[0] == AGENT_VSOCK_PORT_PARAM]
+    wrong = [value for value in written if value != str(port)]
+    if wrong:
+        return [Problem(f"hypervisor.{config.runtime.hypervisor_name}.kernel_params", table.kernel_params,
+                        f"{AGENT_VSOCK_PORT_PARAM}={wrong[0]} contradicts "
+                        f"agent.{config.runtime.agent_name}.server_port ({port}): set the port there only")]
+    if port != AGENT_VSOCK_PORT and not written:
+        table.kernel_params = f"{table.kernel_params} {AGENT_VSOCK_PORT_PARAM}={port}".strip()
+    return []
 
 
 def resolve_config(

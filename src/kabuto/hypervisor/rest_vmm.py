@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import logging
 import re
 import shutil
 import time
@@ -26,6 +27,8 @@ from kabuto.hypervisor.devices import hybrid_vsock_agent_channel
 from kabuto.hypervisor.plugin import HypervisorPlugin
 from kabuto.hypervisor.rest_api import ApiClient, ApiTransportError
 from kabuto.hypervisor.vmm_process import VmmProcess, check_socket_path, unlink_quietly, vcpu_thread_ids
+
+log = logging.getLogger(__name__)
 
 #: after an API connection failure, how long to wait for the VMM's exit to show
 EXIT_NOTICE = 0.5
@@ -115,8 +118,10 @@ class RestVmm(Hypervisor):
         """What ``save_state`` records beyond the shared fields."""
         return {}
 
-    def _adopt_helpers(self, extra: dict[str, Any]) -> None:
-        """``restore``'s part for what ``_own_state`` recorded: adopt the helper processes."""
+    def _adopt_helpers(self, extra: dict[str, Any]) -> list[str]:
+        """``restore``'s part for what ``_own_state`` recorded: adopt the helper processes; what
+        is gone of them (the VM is stopped then)."""
+        return []
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def prepare_vm(self, id: str, netns: str | None = None) -> None:
@@ -127,7 +132,7 @@ class RestVmm(Hypervisor):
         self.netns = netns
         check_socket_path(self.name, self.api_socket, self.vsock_socket)
         self._make_vm_dir()
-        self.agent_channel = hybrid_vsock_agent_channel(self.vsock_socket)
+        self.agent_channel = hybrid_vsock_agent_channel(self.vsock_socket, self.config.kernel_params)
         self.pending_devices.append(self.agent_channel)
         self.status = VmStatus.PREPARED
 
@@ -240,11 +245,16 @@ class RestVmm(Hypervisor):
     async def _take_over(self, state: HypervisorState) -> None:
         """Drive the VM another process started (its VMM adopted, never spawned again)."""
         extra = state.extra
-        self._adopt_helpers(extra)
+        gone = self._adopt_helpers(extra)
         vmm = extra.get("vmm")
         if vmm and self.status in (VmStatus.RUNNING, VmStatus.PAUSED):
             self._vmm = VmmProcess(self.name, self.vmm_program, self._vmm_log)
             self._vmm.adopt(vmm)
+            if gone:
+                log.error("%s: VM %s: %s; stopping the VM", self.name, self.id, "; ".join(gone))
+                await self._teardown()
+                self.status = VmStatus.STOPPED
+                return
             self._api = self._api_client()
             await self._call("GET", self.probe_endpoint)
 

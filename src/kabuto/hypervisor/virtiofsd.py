@@ -112,15 +112,48 @@ class Virtiofsds:
     async def stop_all(self) -> None:
         await asyncio.gather(*(self.stop(device_id) for device_id in list(self._daemons)))
 
+    async def first_exit(self) -> str:
+        """Wait (the caller bounds it: a task cancelled at stop) until one of the daemons exits;
+        what happened, for an error. Never returns while there is none."""
+        waits = {asyncio.ensure_future(daemon.wait_exit(None)): device_id
+                 for device_id, daemon in self._daemons.items()}
+        if not waits:
+            await asyncio.Event().wait()
+        try:
+            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+        return await self._exit_of(waits[next(iter(done))])
+
+    async def exited(self) -> list[str]:
+        """What happened to each daemon that is no longer running, for an error."""
+        return [await self._exit_of(device_id) for device_id, daemon in self._daemons.items()
+                if daemon.pid is not None and not daemon.alive()]
+
+    async def _exit_of(self, device_id: str) -> str:
+        daemon = self._daemons[device_id]
+        await daemon.output_done()
+        return f"the virtiofsd of share {device_id!r} {daemon.exit_description().removeprefix('virtiofsd ')}"
+
     def processes(self) -> list[VmmProcess]:
         return list(self._daemons.values())
 
     def records(self) -> dict[str, Any]:
         return {device_id: daemon.record() for device_id, daemon in self._daemons.items()}
 
-    def adopt(self, records: dict[str, Any]) -> None:
-        """Take over the daemons another kabuto process recorded (``records``)."""
+    def adopt(self, records: dict[str, Any]) -> list[str]:
+        """Take over the daemons another kabuto process recorded (``records``); what is gone of
+        them, said for an error. A VM whose daemon is gone lost that share: its guest's reads and
+        writes there never complete, so the backend stops the VM (``stop_all`` reaps the rest)."""
+        gone = []
         for device_id, record in records.items():
             daemon = self._process(device_id)
-            daemon.adopt(record or {})
+            try:
+                daemon.adopt(record or {})
+            except (HypervisorError, KeyError, ValueError, TypeError) as exc:
+                gone.append(f"the virtiofsd of share {device_id!r} is gone ({exc})")
+                unlink_quietly(self.socket(device_id))
+                continue
             self._daemons[device_id] = daemon
+        return gone

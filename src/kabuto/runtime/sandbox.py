@@ -130,6 +130,9 @@ class VirtSandbox:
         sandbox: VirtSandbox | None = None
         try:
             resolved = resolve_config(config_path, annotations, hypervisor_name)
+            # once per sandbox: a later process attaches from the record and loads nothing
+            for warning in resolved.config.warnings:
+                log.warning("%s: %s", resolved.config.source, warning)
             hypervisor = new_hypervisor(resolved, jailer_root=store.jailer_root)
             capabilities = hypervisor.capabilities
             record.hypervisor_name = resolved.name
@@ -307,6 +310,8 @@ class VirtSandbox:
                               "seccomp profile; [runtime] disable_guest_seccomp = true runs the container "
                               "without it, as Kata does")
         joined = await self._joined_namespaces(container_id, bundle)
+        if container_id != self.id and self.record.netns:
+            await self._rescan_endpoints()
         cgroups_path = bundle.spec.get("linux", {}).get("cgroupsPath")
         if cgroups_path and not self.config.runtime.sandbox_cgroup_only:
             # the container's limits apply in the guest's cgroup; on the host nothing moves there
@@ -346,18 +351,95 @@ class VirtSandbox:
         anything else can fail, so teardown finds them. The endpoints that got a NIC."""
         netns = self.record.netns
         model = self.config.runtime.internetworking_model
+        queues = self._network_queues
+        endpoints = await network.scan(netns)
+        if endpoints and model != network.model.NONE and not self.capabilities.network:
+            raise SandboxError(f"{netns}: interface {endpoints[0].name} cannot reach the VM: "
+                               f"{self.hypervisor.name} has no network devices")
         plugged = []
-        for index, endpoint in enumerate(await network.scan(netns)):
-            tap = await network.attach(netns, endpoint, model)
+        for index, endpoint in enumerate(endpoints):
+            tap = await network.attach(netns, endpoint, model, queues=queues)
             if tap is None:  # internetworking_model = "none": the VM gets no NIC
                 continue
             self.record.taps.append(tap)
             self.store.save(self.record)
             interface = endpoint.interface
             await self.hypervisor.add_device(NetworkDevice(f"net{index}", tap_name=tap, mac=interface.mac,
-                                                           mtu=interface.mtu or 1500))
+                                                           mtu=interface.mtu or 1500, queues=queues))
             plugged.append(endpoint)
         return plugged
+
+    @property
+    def _network_queues(self) -> int:
+        """[hypervisor] network_queues: queue pairs per NIC (0, Kata's default: one)."""
+        return max(self.hypervisor.config.network_queues, 1)
+
+    async def _rescan_endpoints(self) -> None:
+        """Kata's rescan on a later container create: an interface CNI added since boot gets a
+        tap and a hot-plugged NIC, configured in the guest; a NIC whose interface is gone is
+        unplugged and its tap removed. A backend that cannot hot-plug a NIC refuses the create
+        by name, with nothing made."""
+        netns = self.record.netns
+        model = self.config.runtime.internetworking_model
+        endpoints = await network.scan(netns)
+        nics = [d for d in self.hypervisor.devices if isinstance(d, NetworkDevice)]
+        plugged = {d.mac.lower() for d in nics}
+        scanned = {e.interface.mac.lower() for e in endpoints}
+        for device in [d for d in nics if d.mac.lower() not in scanned]:
+            if self.capabilities.can_hotplug(DeviceKind.NETWORK):
+                await self._unplug_nic(device)
+            else:
+                log.warning("sandbox %s: the interface behind NIC %s (MAC %s) left %s, but %s cannot "
+                            "hot-unplug a NIC: it stays until the sandbox ends", self.id, device.id,
+                            device.mac, netns, self.hypervisor.name)
+        new = [e for e in endpoints if e.interface.mac.lower() not in plugged]
+        if not new or model == network.model.NONE:
+            return
+        if not self.capabilities.can_hotplug(DeviceKind.NETWORK):
+            raise SandboxError(f"{netns}: interface {new[0].name} appeared after sandbox {self.id!r} "
+                               f"booted, and {self.hypervisor.name} cannot hot-plug a NIC")
+        for endpoint in new:
+            device = await self._plug_endpoint(endpoint, model)
+            try:
+                await self._configure_guest_network([endpoint])
+            except BaseException:
+                # the guest's refusal is the error to report; a tap left by a failed unplug
+                # stays recorded, for teardown
+                with contextlib.suppress(KabutoError):
+                    await self._unplug_nic(device)
+                raise
+
+    async def _plug_endpoint(self, endpoint: network.Endpoint, model: str) -> NetworkDevice:
+        """A tap for ``endpoint`` and a NIC hot-plugged on it; on failure neither stays."""
+        queues = self._network_queues
+        tap = await network.attach(self.record.netns, endpoint, model, queues=queues)
+        assert tap is not None
+        self.record.taps.append(tap)
+        self.store.save(self.record)
+        taken = {d.id for d in self.hypervisor.devices}
+        device_id = next(f"net{n}" for n in range(len(taken) + 1) if f"net{n}" not in taken)
+        device = NetworkDevice(device_id, tap_name=tap, mac=endpoint.interface.mac,
+                               mtu=endpoint.interface.mtu or 1500, queues=queues)
+        try:
+            await self.hypervisor.add_device(device)
+        except BaseException:
+            with contextlib.suppress(KabutoError):
+                await self._drop_tap(tap)
+            raise
+        await self._persist_hypervisor()
+        log.info("sandbox %s: %s hot-plugged as %s on %s", self.id, endpoint.name, device_id, tap)
+        return device
+
+    async def _unplug_nic(self, device: NetworkDevice) -> None:
+        await self.hypervisor.remove_device(device)
+        await self._persist_hypervisor()
+        await self._drop_tap(device.tap_name)
+
+    async def _drop_tap(self, tap: str) -> None:
+        await network.detach(self.record.netns, tap)
+        if tap in self.record.taps:
+            self.record.taps.remove(tap)
+        self.store.save(self.record)
 
     async def _configure_guest_network(self, endpoints: list[network.Endpoint]) -> None:
         """The guest's NICs get the pod's names, addresses, routes and neighbours (Kata's
@@ -675,13 +757,12 @@ def _same_namespace(first: str, second: str) -> bool:
 
 
 def _check_netns(path: str) -> None:
-    """A network namespace the VMM can enter: an nsfs file (as ``ip netns add`` or CNI makes)."""
+    """A network namespace the VMM can enter: an nsfs file of a network namespace (as ``ip netns
+    add`` or CNI makes; not another kind's, nor the empty mount point CNI leaves behind)."""
     try:
-        is_nsfs = os.stat(path).st_dev == os.stat("/proc/self/ns/net").st_dev
-    except OSError as exc:
-        raise BundleError(f"network namespace {path}: {exc.strerror}") from None
-    if not is_nsfs:
-        raise BundleError(f"network namespace {path} is not a namespace file (nsfs)")
+        network.check_netns(path)
+    except network.NetworkError as exc:
+        raise BundleError(str(exc)) from None
 
 
 def new_sandbox_id(prefix: str = "sb") -> str:

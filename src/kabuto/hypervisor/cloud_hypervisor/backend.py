@@ -149,7 +149,7 @@ class CloudHypervisor(RestVmm):
         disks = []
         if cfg.image:
             disks.append({"id": "rootfs", "path": cfg.image, "readonly": True})
-        disks += [_disk(d) for d in self.pending_devices if isinstance(d, BlockDevice)]
+        disks += [_disk(d, cfg) for d in self.pending_devices if isinstance(d, BlockDevice)]
         config: dict[str, Any] = {
             "cpus": {"boot_vcpus": vcpus, "max_vcpus": max(vcpus, cfg.default_maxvcpus)},
             "memory": memory,
@@ -208,7 +208,7 @@ class CloudHypervisor(RestVmm):
     # -- hot-plug ---------------------------------------------------------------------------
     async def _hotplug_add(self, device: AnyDevice) -> None:
         if isinstance(device, BlockDevice):
-            await self._call("PUT", "vm.add-disk", _disk(device))
+            await self._call("PUT", "vm.add-disk", _disk(device, self.config))
         elif isinstance(device, NetworkDevice):
             await self._call("PUT", "vm.add-net", _net(device))
         elif isinstance(device, SharedFsDevice):
@@ -244,12 +244,14 @@ class CloudHypervisor(RestVmm):
     def _own_state(self) -> dict[str, Any]:
         return {"virtiofsd": self._virtiofsd.records()}
 
-    def _adopt_helpers(self, extra: dict[str, Any]) -> None:
-        self._virtiofsd.adopt(extra.get("virtiofsd", {}))
+    def _adopt_helpers(self, extra: dict[str, Any]) -> list[str]:
+        return self._virtiofsd.adopt(extra.get("virtiofsd", {}))
 
 
-def _disk(device: BlockDevice) -> dict[str, Any]:
-    """The guest finds the disk by its virtio serial (the device id), cold- or hot-plugged."""
+def _disk(device: BlockDevice, cfg: HypervisorConfig) -> dict[str, Any]:
+    """The guest finds the disk by its virtio serial (the device id), cold- or hot-plugged. Kata's
+    block num_queues and queue_size shape every disk, as Kata's Cloud Hypervisor driver does
+    (0: the VMM's default)."""
     serial = device.id[:VIRTIO_BLK_SERIAL_MAX]
     device.guest_address = serial_address(serial)
     disk: dict[str, Any] = {
@@ -258,6 +260,10 @@ def _disk(device: BlockDevice) -> dict[str, Any]:
         "readonly": device.read_only,
         "serial": serial,
     }
+    if cfg.num_queues:
+        disk["num_queues"] = cfg.num_queues
+    if cfg.queue_size:
+        disk["queue_size"] = cfg.queue_size
     if device.format == "qcow2":
         disk["image_type"] = "Qcow2"
     return disk
@@ -265,6 +271,8 @@ def _disk(device: BlockDevice) -> dict[str, Any]:
 
 def _net(device: NetworkDevice) -> dict[str, Any]:
     net: dict[str, Any] = {"id": device.id, "tap": device.tap_name, "mtu": device.mtu}
+    if device.queues > 1:
+        net["num_queues"] = 2 * device.queues  # NetConfig counts rx and tx queues apart
     if device.mac:
         net["mac"] = device.mac
     return net

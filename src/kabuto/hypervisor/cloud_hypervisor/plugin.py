@@ -19,6 +19,7 @@ CAPABILITIES = Capabilities(
     pause=True,
     snapshot=True,
     shared_fs=frozenset({SharedFsKind.VIRTIO_FS}),
+    network=True,
     agent_channels=(ChannelKind.HYBRID_VSOCK,),
     jailer=False,
     notes=(
@@ -26,6 +27,9 @@ CAPABILITIES = Capabilities(
         "verified against its API contract only (tests/contract), never a real binary",
     ),
 )
+
+
+MAX_QUEUE_SIZE = 32768
 
 
 class CloudHypervisorPlugin(BasePlugin):
@@ -44,6 +48,11 @@ class CloudHypervisorPlugin(BasePlugin):
             )
         if table.shared_fs == "virtio-fs" and not table.virtio_fs_daemon:
             problems.append(Problem("virtio_fs_daemon", "", "shared_fs = virtio-fs needs a virtiofsd path"))
+        # a split virtqueue's size is a power of two, at most 32768 (the virtio specification)
+        size = table.queue_size
+        if size and not (size <= MAX_QUEUE_SIZE and size & (size - 1) == 0):
+            problems.append(Problem("queue_size", size,
+                                    f"must be 0 or a power of two up to {MAX_QUEUE_SIZE}"))
         return problems
 
     def capabilities(self) -> Capabilities:

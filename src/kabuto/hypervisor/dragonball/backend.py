@@ -67,7 +67,7 @@ class Dragonball(Hypervisor):
         self.id = id
         self.netns = netns
         self.vm_path.mkdir(parents=True, exist_ok=False, mode=0o750)
-        self.agent_channel = hybrid_vsock_agent_channel(self.vsock_socket)
+        self.agent_channel = hybrid_vsock_agent_channel(self.vsock_socket, self.config.kernel_params)
         self.pending_devices.append(self.agent_channel)
         self.status = VmStatus.PREPARED
 

@@ -20,6 +20,7 @@ CAPABILITIES = Capabilities(
     pause=True,
     snapshot=False,
     shared_fs=frozenset({SharedFsKind.VIRTIO_FS}),
+    network=True,
     agent_channels=(ChannelKind.HYBRID_VSOCK,),
     jailer=False,
     notes=("in-process VMM: needs a Python binding, none exists",),
@@ -34,7 +35,8 @@ class DragonballPlugin(BasePlugin):
     default_binary = ""
     min_memory_mib = 64
     max_vcpus = 256
-    block_drivers = ("virtio-blk-pci", "virtio-blk-mmio", "virtio-pmem", "virtio-blk")
+    # every name is the one virtio-blk device the backend attaches (virtio-pmem would be another)
+    block_drivers = ("virtio-blk-pci", "virtio-blk-mmio", "virtio-blk")
     shared_fs_kinds = ("virtio-fs", "inline-virtio-fs")
 
     def adjust(self, table: HypervisorConfig) -> None:

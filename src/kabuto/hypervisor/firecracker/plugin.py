@@ -20,6 +20,7 @@ CAPABILITIES = Capabilities(
     pause=True,
     snapshot=True,
     shared_fs=frozenset(),
+    network=True,
     agent_channels=(ChannelKind.HYBRID_VSOCK,),
     jailer=True,
     notes=(
@@ -37,6 +38,7 @@ class FirecrackerPlugin(BasePlugin):
     max_vcpus = 32
     block_drivers = ("virtio-blk-mmio", "virtio-blk")
     shared_fs_kinds = ("none",)
+    max_network_queues = 1  # its NetworkInterface has no queue count
 
     def validate(self, table: HypervisorConfig) -> list[Problem]:
         problems = super().validate(table)

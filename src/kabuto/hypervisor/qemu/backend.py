@@ -27,6 +27,7 @@ from kabuto.hypervisor.devices import (
     AnyDevice,
     BlockDevice,
     ChannelKind,
+    agent_vsock_port,
     device_from_dict,
     device_to_dict,
     serial_address,
@@ -71,6 +72,8 @@ class QemuHypervisor(Hypervisor):
         self.accelerator: Accelerator | None = None
         self._qemu: VmmProcess | None = None
         self._virtiofsd = Virtiofsds(self)
+        # in the process that started the VM: stops it when a virtiofsd exits (see start_vm)
+        self._share_watch: asyncio.Task[None] | None = None
         self._qmp = QmpSession("", Path())
         self._console: ConsoleReader | None = None
         #: the virtio-serial agent ports after the primary one (none for vsock)
@@ -101,7 +104,8 @@ class QemuHypervisor(Hypervisor):
         self._qmp = QmpSession(id, self.paths.qmp_socket)
         if _exists(DEV_VHOST_VSOCK):
             # A CID is host-global; a random one from the 32-bit space makes collisions negligible.
-            agent = AgentChannel(AGENT_DEVICE_ID, ChannelKind.VSOCK, guest_cid=3 + secrets.randbelow(2**31))
+            agent = AgentChannel(AGENT_DEVICE_ID, ChannelKind.VSOCK, guest_cid=3 + secrets.randbelow(2**31),
+                                 port=agent_vsock_port(self.config.kernel_params))
         else:
             agent = AgentChannel(AGENT_DEVICE_ID, ChannelKind.VIRTIO_SERIAL,
                                  socket_path=self.paths.agent_socket, name=AGENT_PORT_NAME)
@@ -130,6 +134,7 @@ class QemuHypervisor(Hypervisor):
             async with asyncio.timeout(timeout):
                 # virtio-fs shares: their daemons' sockets go on QEMU's command line
                 await self._virtiofsd.start_all(self.pending_devices, started + timeout)
+                self._share_watch = asyncio.create_task(self._stop_when_a_share_is_lost())
                 self.boot_timings["virtiofsd_ready"] = time.monotonic() - started
                 command = build_command(self.config, self.accelerator, self.paths, self.pending_devices,
                                         self.id, incoming=restore_from is not None, vhost_net=self._vhost_net)
@@ -163,6 +168,20 @@ class QemuHypervisor(Hypervisor):
         self.pending_devices.clear()
         self.status = VmStatus.RUNNING
 
+    async def _stop_when_a_share_is_lost(self) -> None:
+        """A virtiofsd that exits takes its share with it: the guest's reads and writes there never
+        complete, so the VM is killed (QEMU's exit is what boot, agent calls and containers see;
+        a failed boot's error says why, ``_failure_tail``)."""
+        lost = await self._virtiofsd.first_exit()
+        log.error("qemu: VM %s: %s: the guest lost that share; stopping the VM", self.id, lost)
+        await self._kill()
+
+    async def _stop_share_watch(self) -> None:
+        watch, self._share_watch = self._share_watch, None
+        if watch is not None and watch is not asyncio.current_task():
+            watch.cancel()
+            await asyncio.gather(watch, return_exceptions=True)
+
     async def _boot_until_agent_port_opens(self, started: float) -> None:
         agent = self.agent_channel
         if agent is None or agent.channel != ChannelKind.VIRTIO_SERIAL:
@@ -195,6 +214,8 @@ class QemuHypervisor(Hypervisor):
     async def stop_vm(self) -> None:
         if self.status in (VmStatus.NEW, VmStatus.PREPARED, VmStatus.STOPPED):
             return
+        # QEMU's quit ends the daemons too: that is no lost share
+        await self._stop_share_watch()
         # `quit` lets QEMU flush its block devices; the guest itself is disposable.
         try:
             if not self._qmp.connected:
@@ -275,6 +296,7 @@ class QemuHypervisor(Hypervisor):
         await self._qmp.disconnect()
 
     async def cleanup(self) -> None:
+        await self._stop_share_watch()
         await self._kill()
         await self._virtiofsd.stop_all()
         await self.disconnect()
@@ -315,7 +337,13 @@ class QemuHypervisor(Hypervisor):
             self.status = VmStatus.STOPPED
             return
         self._qemu = qemu
-        self._virtiofsd.adopt(extra.get("virtiofsd", {}))
+        gone = self._virtiofsd.adopt(extra.get("virtiofsd", {}))
+        if gone:
+            log.error("qemu: VM %s: %s: the guest lost that share; stopping the VM", self.id, "; ".join(gone))
+            await self._kill()
+            await self._virtiofsd.stop_all()
+            self.status = VmStatus.STOPPED
+            return
         await self._qmp.connect(None, wait_for_socket=False)
         running = (await self._qmp.call("query-status")).get("running")
         self.status = VmStatus.RUNNING if running else VmStatus.PAUSED
@@ -328,6 +356,7 @@ class QemuHypervisor(Hypervisor):
             if not self._qemu.alive():
                 await self._qemu.output_done()
             stderr = self._qemu.log_tail()[-ERROR_TAIL_CHARS:]
+        parts += await self._virtiofsd.exited()
         if stderr:
             parts.append(f"QEMU stderr: {stderr}")
         if self._console is not None:

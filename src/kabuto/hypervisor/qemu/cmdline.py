@@ -165,12 +165,18 @@ def block_iothread(table: HypervisorConfig) -> str | None:
 
 
 def netdev_args(device: NetworkDevice, vhost: bool) -> dict[str, object]:
-    return {"type": "tap", "id": f"net-{device.id}", "ifname": device.tap_name,
-            "script": "no", "downscript": "no", "vhost": vhost}
+    args: dict[str, object] = {"type": "tap", "id": f"net-{device.id}", "ifname": device.tap_name,
+                               "script": "no", "downscript": "no", "vhost": vhost}
+    if device.queues > 1:
+        args["queues"] = device.queues  # QEMU opens the multi-queue tap once per queue
+    return args
 
 
 def net_device_args(device: NetworkDevice, bus: str | None) -> dict[str, object]:
     args: dict[str, object] = {"driver": "virtio-net-pci", "id": device.id, "netdev": f"net-{device.id}"}
+    if device.queues > 1:
+        # a vector per rx and tx queue, one for the control queue and one for config changes
+        args.update(mq=True, vectors=2 * device.queues + 2)
     if device.mac:
         args["mac"] = device.mac
     if device.mtu and device.mtu != 1500:

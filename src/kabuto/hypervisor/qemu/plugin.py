@@ -25,6 +25,7 @@ CAPABILITIES = Capabilities(
     pause=True,
     snapshot=True,
     shared_fs=frozenset({SharedFsKind.VIRTIO_FS, SharedFsKind.VIRTIO_9P}),
+    network=True,
     agent_channels=(ChannelKind.VIRTIO_SERIAL, ChannelKind.VSOCK),
     jailer=False,
     # vCPU hot-add (device_add of the CPU model) and DIMM hot-add (pc-dimm), ACPI in the guest

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,11 @@ from kabuto.hypervisor.vmm_process import VmmProcess
 QMP_COMMAND_TIMEOUT = 10.0
 QMP_RECONNECT_TIMEOUT = 5.0
 POLL_INTERVAL = 0.02
+
+# qemu.qmp logs every failure at ERROR and then raises it; kabuto reports the exception itself,
+# so the library's copy only shows with debug logging (it reached users as a stray ERROR line)
+_library_log = logging.getLogger(__name__ + ".library")
+_library_log.addFilter(lambda record: _library_log.isEnabledFor(logging.DEBUG))
 
 
 class QmpSession:
@@ -34,6 +40,7 @@ class QmpSession:
         """Connect; while booting (``wait_for_socket``), poll until QEMU created the socket,
         failing as soon as ``qemu`` exits. Otherwise one bounded attempt."""
         client = QMPClient(f"kabuto-{self.vm_id}")
+        client.logger = _library_log
         socket_path = str(self.socket_path)
         try:
             async with asyncio.timeout(None if wait_for_socket else QMP_RECONNECT_TIMEOUT):

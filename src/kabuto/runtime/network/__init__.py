@@ -20,10 +20,11 @@ from kabuto.runtime.network.model import (
     NetworkError,
     Route,
 )
+from kabuto.runtime.network.netns import check_netns
 from kabuto.runtime.network.tcfilter import attach, detach, detach_all
 from kabuto.runtime.network.vhost import host_facts, vhost_net_available
 
 __all__ = [
     "ARPNeighbor", "Endpoint", "IPAddress", "Interface", "NetnsGone", "NetworkError", "Route",
-    "attach", "detach", "detach_all", "host_facts", "scan", "vhost_net_available",
+    "attach", "check_netns", "detach", "detach_all", "host_facts", "scan", "vhost_net_available",
 ]

@@ -2,9 +2,10 @@
 
 Handled: veth (what CNI's bridge, ptp and most plugins leave), macvlan and ipvlan: with the
 tcfilter model each is a netdev whose ingress is redirected to a tap, whatever its kind.
-Skipped: lo, tun/tap devices (Kabuto's own taps among them), physical NICs (Kata passes those
-through with VFIO, which tcfilter cannot do) and every other kind (bridges, dummies, tunnels).
-Like Kata, an interface with no address but an IPv6 link-local one is skipped as unconfigured.
+Skipped: lo, Kabuto's own taps, and, like Kata, any interface with no address but an IPv6
+link-local one (unconfigured). Refused by name: any other interface with an address (a physical
+NIC, which Kata passes through with VFIO; a tap not Kabuto's; a bridge, dummy or tunnel): its
+address would silently be missing in the VM.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from kabuto.runtime.network.model import (
+    TAP_NAME,
     ARPNeighbor,
     Endpoint,
     Interface,
@@ -31,6 +33,7 @@ from kabuto.runtime.network.netns import rtnl
 log = logging.getLogger(__name__)
 
 CONNECTABLE_KINDS = ("veth", "macvlan", "ipvlan")
+LOOPBACK = "lo"
 # linux/rtnetlink.h, linux/neighbour.h
 RT_TABLE_MAIN = 254
 RTN_UNICAST = 1
@@ -58,17 +61,20 @@ def scan_sync(netns_path: str) -> list[Endpoint]:
     endpoints = []
     for link in links:
         name, kind = link.get("ifname"), link_kind(link)
-        if kind not in CONNECTABLE_KINDS:
-            log.debug("%s: skipping %s (kind %s)", netns_path, name, kind or "none")
-            continue
         index = link["index"]
-        mac = link.get("address") or ""
-        if mac in ("", NO_MAC):
-            raise NetworkError(f"{netns_path}: interface {name} has no MAC address for the guest NIC")
+        if name == LOOPBACK or (kind == "tun" and TAP_NAME.fullmatch(name or "")):
+            continue
         addrs = [a for a in map(_address, (m for m in addresses if m["index"] == index)) if a]
         if not addrs:
             log.debug("%s: skipping %s: no address", netns_path, name)
             continue
+        if kind not in CONNECTABLE_KINDS:
+            raise NetworkError(f"{netns_path}: interface {name} ({kind or 'a physical device'}) has an "
+                               f"address but cannot be mirrored into the VM: only "
+                               f"{', '.join(CONNECTABLE_KINDS)} interfaces can")
+        mac = link.get("address") or ""
+        if mac in ("", NO_MAC):
+            raise NetworkError(f"{netns_path}: interface {name} has no MAC address for the guest NIC")
         iface = Interface(name=name, mac=mac, addresses=addrs, mtu=link.get("mtu") or 0)
         own = [r for r in (_route(m, name) for m in routes if m.get("RTA_OIF") == index) if r]
         # link routes first: a gateway must be reachable when its route is added

@@ -7,6 +7,7 @@ AddARPNeighbors send, with no conversion in between.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from kabuto.agent.containers import ARPNeighbor, Interface, IPAddress, Route
@@ -14,6 +15,8 @@ from kabuto.errors import KabutoError
 
 __all__ = ["ARPNeighbor", "Endpoint", "IPAddress", "Interface", "NetnsGone", "NetworkError", "Route"]
 
+#: the taps tcfilter makes (the scan skips them, detach removes only these)
+TAP_NAME = re.compile(r"tap(\d+)_kabuto")
 #: Linux's IFNAMSIZ less the terminating NUL
 MAX_IFNAME = 15
 #: the config's runtime.internetworking_model values (config/rules.py) this package knows

@@ -44,6 +44,11 @@ def open_netns(path: str) -> int:
     return fd
 
 
+def check_netns(path: str) -> None:
+    """NetnsGone (naming ``path``) unless it is a network namespace, as CNI or ``ip netns add`` makes."""
+    os.close(open_netns(path))
+
+
 @contextlib.contextmanager
 def rtnl(path: str) -> Iterator[IPRoute]:
     """A blocking rtnetlink socket inside the netns at ``path``.

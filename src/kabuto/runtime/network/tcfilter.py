@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import socket
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -34,6 +33,7 @@ from kabuto.runtime.network.model import (
     MACVTAP,
     MAX_IFNAME,
     NONE,
+    TAP_NAME,
     TCFILTER,
     Endpoint,
     NetnsGone,
@@ -43,7 +43,6 @@ from kabuto.runtime.network.netns import rtnl
 
 log = logging.getLogger(__name__)
 
-TAP_NAME = re.compile(r"tap(\d+)_kabuto")
 # the parent handle of ingress filters: under an ingress qdisc, and under clsact's ingress hook
 INGRESS_PARENT = 0xFFFF0000
 CLSACT_INGRESS_PARENT = 0xFFFFFFF2
