@@ -76,7 +76,7 @@ async def test_qemu_vcpus_fill_free_slots_from_the_lowest() -> None:
               "qom-path": "/machine/unattached/device[0]"}]
     qmp = RecordingQmp(slots)
     assert await resize.grow_vcpus(qmp, table(), 2) == (1, 2)  # type: ignore[arg-type]
-    assert qmp.calls == [("device_add", {"driver": "max-x86_64-cpu", "id": "kabuto-vcpu1000",
+    assert qmp.calls == [("device_add", {"driver": "max-x86_64-cpu", "id": "kabuto-vcpu0-1-0",
                                          "socket-id": 1, "core-id": 0, "thread-id": 0})]
     with pytest.raises(HypervisorError, match="default_maxvcpus is 2"):
         await resize.grow_vcpus(qmp, table(), 3)  # type: ignore[arg-type]

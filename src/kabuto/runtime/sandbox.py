@@ -560,6 +560,9 @@ class VirtSandbox:
                             "hot-plug needs default_maxmemory above default_memory", self.id,
                             table.default_memory, memory)
         if vcpus > math.ceil(table.default_vcpus):
+            if self.capabilities.resize_vcpu and vcpus > table.default_maxvcpus:
+                log.warning("sandbox %s: its containers' CPU limits ask for %d vCPUs; it grows to "
+                            "default_maxvcpus (%d)", self.id, vcpus, table.default_maxvcpus)
             if self.capabilities.resize_vcpu:
                 _, after = await self.hypervisor.resize_vcpu(math.ceil(table.default_vcpus),
                                                              min(vcpus, table.default_maxvcpus))

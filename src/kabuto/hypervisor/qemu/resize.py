@@ -36,8 +36,9 @@ async def grow_vcpus(qmp: QmpSession, table: HypervisorConfig, new: int) -> tupl
     # QEMU lists the highest slots first; fill from the lowest, as the guest numbers them
     for slot in list(reversed(free))[:new - before]:
         props = slot["props"]
-        index = props.get("socket-id", 0) * 1000 + props.get("core-id", 0) * 10 + props.get("thread-id", 0)
-        await qmp.call("device_add", {"driver": slot["type"], "id": VCPU_ID.format(index), **props})
+        # named by its topology (socket-core-thread ...), unique per slot
+        name = "-".join(str(props[key]) for key in sorted(props))
+        await qmp.call("device_add", {"driver": slot["type"], "id": VCPU_ID.format(name), **props})
     return before, new
 
 
