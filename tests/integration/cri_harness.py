@@ -56,17 +56,18 @@ PAUSE_COMMAND = ["/bin/sleep", "2147483647"]
 
 
 def _generate_client() -> tuple[ModuleType, ModuleType]:
-    """runtime_v1_pb2 and runtime_v1_pb2_grpc, generated from the .proto into a temporary directory."""
-    out = Path(tempfile.mkdtemp(prefix="kbt-cri-gen-"))
-    status = protoc.main(["protoc", f"-I{PROTO.parent}", f"--python_out={out}", f"--grpc_python_out={out}",
-                          str(PROTO)])
-    if status != 0:
-        raise RuntimeError(f"grpc_tools.protoc failed ({status}) on {PROTO}")
-    sys.path.insert(0, str(out))
-    try:
-        return importlib.import_module("runtime_v1_pb2"), importlib.import_module("runtime_v1_pb2_grpc")
-    finally:
-        sys.path.remove(str(out))
+    """runtime_v1_pb2 and runtime_v1_pb2_grpc, generated from the .proto into a temporary
+    directory (gone once they are imported)."""
+    with tempfile.TemporaryDirectory(prefix="kbt-cri-gen-") as out:
+        status = protoc.main(["protoc", f"-I{PROTO.parent}", f"--python_out={out}",
+                              f"--grpc_python_out={out}", str(PROTO)])
+        if status != 0:
+            raise RuntimeError(f"grpc_tools.protoc failed ({status}) on {PROTO}")
+        sys.path.insert(0, out)
+        try:
+            return importlib.import_module("runtime_v1_pb2"), importlib.import_module("runtime_v1_pb2_grpc")
+        finally:
+            sys.path.remove(out)
 
 
 api, api_grpc = _generate_client()
