@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 KABUTO := $(VENV)/bin/kabuto
 # containernetworking-plugins: CNI's bridge and host-local, which tests/unit/test_network_cni.py runs;
 # the last line builds the small guest kernel (src/kabuto/image/kernel.py)
-APT_PACKAGES := qemu-system-x86 qemu-utils busybox-static containerd runc iproute2 cpio zstd \
+APT_PACKAGES := qemu-system-x86 qemu-utils busybox-static containerd runc podman conmon iproute2 cpio zstd \
 	e2fsprogs python3-venv containernetworking-plugins \
 	make gcc libc6-dev flex bison bc xz-utils libelf-dev libssl-dev
 STAMP := $(VENV)/.installed

@@ -138,14 +138,17 @@ class Runtime:
         return result.stdout.decode()
 
     def kill_holder(self, container_id: str) -> None:
-        """SIGKILL the host process `state` names (runc: the container's init; kabuto: the VMM) and
-        wait until it is gone: what a crash leaves for ``delete --force`` to clean up."""
+        """SIGKILL what holds the pod (runc: the container's init, as `state` names it; kabuto: the
+        VMM, found by its command line) and wait until it is gone: what a crash leaves for
+        ``delete --force`` to clean up."""
         if self.name == "runc":
             shown = subprocess.run(["runc", "--root", str(self.runc_root), "state", container_id],
                                    capture_output=True, text=True, timeout=TIMEOUT, check=True).stdout
+            process = psutil.Process(json.loads(shown)["pid"])
         else:
-            shown = kabuto(self.state_root, "state", container_id, check=True).stdout.decode()
-        process = psutil.Process(json.loads(shown)["pid"])
+            process, = [p for p in psutil.process_iter(["name", "cmdline"])
+                        if "qemu" in (p.info["name"] or "")
+                        and any(str(self.state_root) in arg for arg in p.info["cmdline"] or [])]
         process.kill()
         process.wait(timeout=30)
 

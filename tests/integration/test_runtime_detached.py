@@ -43,7 +43,7 @@ def pump_processes(root: Path) -> list[psutil.Process]:
     found = []
     for process in psutil.process_iter(["cmdline"]):
         cmdline = process.info.get("cmdline") or []
-        if "kabuto.runtime.iopump" in cmdline and any(str(root) in arg for arg in cmdline):
+        if "kabuto.runtime.monitor" in cmdline and any(str(root) in arg for arg in cmdline):
             found.append(process)
     return found
 

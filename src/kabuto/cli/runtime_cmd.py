@@ -1,7 +1,7 @@
 """runc's command line: run, create, start, state, pause, resume, update, kill, delete, exec, list, ps.
 
-Global ``--config`` and ``--hypervisor`` come from the ``kabuto`` group; ``--root`` (or
-``$KABUTO_STATE_ROOT``) moves the state directory away from ``/run/kabuto``.
+The global options come from the ``kabuto`` group (kabuto.cli.main); ``--root`` (global, or
+after the verb, or ``$KABUTO_STATE_ROOT``) moves the state directory away from ``/run/kabuto``.
 """
 
 from __future__ import annotations
@@ -14,9 +14,11 @@ import re
 import secrets
 import shutil
 import signal
+import socket
 import tempfile
 import termios
 import threading
+import time
 import tty
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -24,11 +26,12 @@ from typing import Any
 
 import click
 
+from kabuto.errors import KabutoError
 from kabuto.runtime import commands, streaming
-from kabuto.runtime.bundle import default_spec, join_network_namespace
+from kabuto.runtime.bundle import default_spec, join_network_namespace, load_process_file
 from kabuto.runtime.busybox import make_busybox_rootfs
 from kabuto.runtime.sandbox import DEFAULT_BOOT_TIMEOUT
-from kabuto.runtime.state import STATE_ROOT_ENV, StateStore, default_state_root
+from kabuto.runtime.state import StateStore, default_state_root
 
 # SIGWINCH resizes the container's terminal instead of being forwarded
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
@@ -36,6 +39,8 @@ FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUI
 STDIN_CHUNK = 64 * 1024
 # Chunks read from our stdin wait here for the agent; a bounded queue gives back-pressure.
 STDIN_QUEUE_CHUNKS = 16
+# runc exec's status when the exec itself fails (every lower one may be the process's own)
+EXEC_FAILED = 255
 # `update -r`: the guest accepts at most 1 MiB of OCI JSON
 MAX_RESOURCES_BYTES = 1 << 20
 
@@ -43,13 +48,16 @@ MAX_RESOURCES_BYTES = 1 << 20
 def _options(ctx: click.Context, root: Path | None, boot_timeout: float = DEFAULT_BOOT_TIMEOUT
              ) -> commands.RuntimeOptions:
     obj = ctx.find_object(dict) or {}
-    return commands.RuntimeOptions(StateStore(root or default_state_root()), obj.get("config_path"),
-                                   obj.get("hypervisor_name"), boot_timeout)
+    return commands.RuntimeOptions(StateStore(root or obj.get("root") or default_state_root()),
+                                   obj.get("config_path"), obj.get("hypervisor_name"), boot_timeout,
+                                   systemd_cgroup=bool(obj.get("systemd_cgroup")))
 
 
 def _root_option(function: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option("--root", type=click.Path(file_okay=False, path_type=Path), envvar=STATE_ROOT_ENV,
-                        default=None, help="State directory (default /run/kabuto).")(function)
+    # also a global option, as runc has it; given here it wins
+    return click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=None,
+                        help="State directory (default: the global --root, $KABUTO_STATE_ROOT, "
+                             "/run/kabuto).")(function)
 
 
 def _boot_timeout_option(function: Callable[..., Any]) -> Callable[..., Any]:
@@ -210,23 +218,89 @@ def _spec_terminal(bundle_dir: str) -> bool:
 @click.option("-b", "--bundle", type=click.Path(file_okay=False), default=None,
               help="Bundle directory holding config.json (default: the current directory).")
 @click.option("--pid-file", type=click.Path(dir_okay=False), default=None,
-              help="Write the host pid holding the container (its VMM) here.")
+              help="Write the pid of the host process standing for the container here.")
+@click.option("--console-socket", type=click.Path(dir_okay=False), default=None,
+              help="Unix socket that receives the pty master (process.terminal), as runc sends it.")
+@click.option("--no-pivot", is_flag=True,
+              help="Accepted for runc's callers; the guest always pivots into the rootfs (the VM is "
+                   "the boundary; runc's reason for it, a ramdisk root, does not arise).")
+@click.option("--no-new-keyring", is_flag=True,
+              help="Accepted: the guest never makes a session keyring for the container.")
+@click.option("--preserve-fds", type=click.IntRange(min=0), default=0,
+              help="Host fds do not reach a process in a VM: only 0 is accepted.")
 @_root_option
 @_boot_timeout_option
 @click.argument("container_id")
 @click.pass_context
-def create_command(ctx: click.Context, bundle: str | None, pid_file: str | None, root: Path | None,
+def create_command(ctx: click.Context, bundle: str | None, pid_file: str | None, console_socket: str | None,
+                   no_pivot: bool, no_new_keyring: bool, preserve_fds: int, root: Path | None,
                    boot_timeout: float, container_id: str) -> None:
     """Create a container (its VM boots; its process waits for `start`).
 
-    As under runc, the container's stdout and stderr go where this command's went (a terminal,
-    a file, /dev/null), until the container exits: a small output pump keeps them open.
+    As under runc, a host process stays standing for the container's process (its pid is the
+    one --pid-file and `state` give): it keeps this command's stdio (or the pty sent over
+    --console-socket), forwards the signals it gets, and exits with the container's status.
     """
     options = _options(ctx, root, boot_timeout)
+    bundle_dir = bundle or os.getcwd()
+    _check_preserve_fds(preserve_fds)
+    _check_pid_file(pid_file)
+    with _console(console_socket, _spec_terminal(bundle_dir)) as console_fd:
+        pid = asyncio.run(commands.create_detached(container_id, bundle_dir, options, console_fd=console_fd))
+    try:
+        _write_pid_file(pid_file, pid)
+    except BaseException:
+        asyncio.run(commands.delete(container_id, options, force=True))
+        raise
 
-    pid = asyncio.run(commands.create_detached(container_id, bundle or os.getcwd(), options))
-    if pid_file:
-        Path(pid_file).write_text(str(pid))
+
+def _check_preserve_fds(count: int) -> None:
+    if count:
+        raise click.ClickException(f"--preserve-fds {count}: host file descriptors cannot be passed "
+                                   "into a VM")
+
+
+def _check_pid_file(pid_file: str | None) -> None:
+    """A pid file that cannot be written fails before anything is made (runc fails after, then
+    destroys the container)."""
+    if pid_file is not None and not Path(pid_file).absolute().parent.is_dir():
+        raise click.ClickException(f"--pid-file: open {pid_file}: no such file or directory")
+
+
+def _write_pid_file(pid_file: str | None, pid: int) -> None:
+    """As runc: written whole under a temporary name, then renamed, so a reader never sees half."""
+    if pid_file is None:
+        return
+    path = Path(pid_file).absolute()
+    temporary = path.with_name(f".{path.name}.kabuto-tmp")
+    try:
+        temporary.write_text(str(pid))
+        os.replace(temporary, path)
+    except OSError as exc:
+        temporary.unlink(missing_ok=True)
+        raise click.ClickException(f"cannot write the pid file {pid_file}: {exc.strerror}") from None
+
+
+@contextlib.contextmanager
+def _console(console_socket: str | None, terminal: bool, detached: bool = True) -> Iterator[int | None]:
+    """The connected console socket's fd for a process with a terminal, checked as runc checks it."""
+    if console_socket is None:
+        if terminal and detached:
+            raise click.ClickException("cannot allocate tty if runc will detach without setting console "
+                                       "socket")
+        yield None
+        return
+    if not terminal:
+        raise click.ClickException("cannot use console socket if runc will not detach or allocate tty")
+    connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        connection.connect(console_socket)
+    except OSError as exc:
+        connection.close()
+        raise click.ClickException(f"--console-socket: dial unix {console_socket}: connect: "
+                                   f"{exc.strerror or exc}") from None
+    with connection:
+        yield connection.fileno()
 
 
 def _container_verb(name: str, verb: Callable[[str, commands.RuntimeOptions], Awaitable[Any]],
@@ -354,17 +428,84 @@ def delete_command(ctx: click.Context, force: bool, root: Path | None, container
 @click.option("-t", "--tty", "terminal", is_flag=True, help="Give the process a terminal.")
 @click.option("-e", "--env", multiple=True, help="KEY=VALUE added to the environment (repeatable).")
 @click.option("--cwd", default=None, help="Working directory inside the container.")
+@click.option("-u", "--user", default=None, metavar="UID[:GID]", help="User (and group) ids to run as.")
+@click.option("-g", "--additional-gids", type=click.IntRange(min=0), multiple=True,
+              help="Supplementary group id (repeatable).")
+@click.option("-c", "--cap", "caps", multiple=True,
+              help="Capability added to the process's sets (repeatable).")
+@click.option("--no-new-privs", is_flag=True, help="Set no_new_privs for the process.")
+@click.option("-p", "--process", "process_file", type=click.Path(dir_okay=False), default=None,
+              help="JSON file of a whole OCI process (args, env, user...) instead of COMMAND and options.")
+@click.option("-d", "--detach", is_flag=True,
+              help="Start the process and return; a host process stands for it (see --pid-file).")
+@click.option("--pid-file", type=click.Path(dir_okay=False), default=None,
+              help="Write the pid of the host process standing for the process here.")
+@click.option("--console-socket", type=click.Path(dir_okay=False), default=None,
+              help="Unix socket that receives the pty master (with --tty), as runc sends it.")
+@click.option("--preserve-fds", type=click.IntRange(min=0), default=0,
+              help="Host fds do not reach a process in a VM: only 0 is accepted.")
 @_root_option
 @click.argument("container_id")
-@click.argument("command", nargs=-1, required=True)
+@click.argument("command", nargs=-1)
 @click.pass_context
-def exec_command(ctx: click.Context, terminal: bool, env: tuple[str, ...], cwd: str | None, root: Path | None,
-                 container_id: str, command: tuple[str, ...]) -> None:
-    """Run COMMAND in a running container; exit with its exit code."""
+def exec_command(ctx: click.Context, terminal: bool, env: tuple[str, ...], cwd: str | None, user: str | None,
+                 additional_gids: tuple[int, ...], caps: tuple[str, ...], no_new_privs: bool,
+                 process_file: str | None, detach: bool, pid_file: str | None, console_socket: str | None,
+                 preserve_fds: int, root: Path | None, container_id: str, command: tuple[str, ...]) -> None:
+    """Run COMMAND (or the --process file's process) in a running container; exit with its
+    exit code, or with --detach return once it runs. As runc's, a failure exits 255 (the
+    codes below belong to the process)."""
+    try:
+        _exec(ctx, terminal, env, cwd, user, additional_gids, caps, no_new_privs, process_file, detach,
+              pid_file, console_socket, preserve_fds, root, container_id, command)
+    except click.UsageError:
+        raise
+    except (KabutoError, click.ClickException) as exc:
+        reason = exc.format_message() if isinstance(exc, click.ClickException) else str(exc)
+        failure = click.ClickException(f"exec failed: {reason}")
+        failure.exit_code = EXEC_FAILED
+        raise failure from None
+
+
+def _exec(ctx: click.Context, terminal: bool, env: tuple[str, ...], cwd: str | None, user: str | None,
+          additional_gids: tuple[int, ...], caps: tuple[str, ...], no_new_privs: bool,
+          process_file: str | None, detach: bool, pid_file: str | None, console_socket: str | None,
+          preserve_fds: int, root: Path | None, container_id: str, command: tuple[str, ...]) -> None:
+    options = _options(ctx, root)
+    _check_preserve_fds(preserve_fds)
+    _check_pid_file(pid_file)
+    process = None
+    settings: dict[str, Any] = {}
+    if process_file is not None:
+        given = [name for name, value in (("COMMAND", command), ("--env", env), ("--cwd", cwd),
+                                          ("--user", user), ("--additional-gids", additional_gids),
+                                          ("--cap", caps), ("--no-new-privs", no_new_privs)) if value]
+        if given:
+            raise click.UsageError(f"{', '.join(given)}: give these in the --process file")
+        process = load_process_file(process_file)
+        terminal = terminal or bool(process.get("terminal"))
+        process["terminal"] = terminal
+    else:
+        if not command:
+            raise click.UsageError("give COMMAND or --process FILE")
+        settings = {"env": list(env), "cwd": cwd, "terminal": terminal, "user": user,
+                    "additional_gids": list(additional_gids), "caps": list(caps),
+                    "no_new_privileges": no_new_privs}
+    if detach or console_socket is not None:
+        with _console(console_socket, terminal, detached=detach) as console_fd:
+            pid = asyncio.run(commands.exec_detached(container_id, list(command), options,
+                                                     console_fd=console_fd, process=process, **settings))
+        _write_pid_file(pid_file, pid)
+        if not detach:
+            # the pty went to the console socket's owner: this process only waits for the exec
+            _, status = os.waitpid(pid, 0)
+            _exit_with(ctx, os.waitstatus_to_exitcode(status))
+        return
+    # without --detach this process stands for the exec'd one
+    _write_pid_file(pid_file, os.getpid())
     with _raw_terminal(terminal):
-        status = asyncio.run(commands.exec_in(container_id, list(command), _options(ctx, root),
-                                              _stdio(terminal), env=list(env), cwd=cwd, terminal=terminal,
-                                              on_signal=_signal_forwarding))
+        status = asyncio.run(commands.exec_in(container_id, list(command), options, _stdio(terminal),
+                                              on_signal=_signal_forwarding, process=process, **settings))
     _exit_with(ctx, status)
 
 
@@ -409,8 +550,34 @@ def ps_command(ctx: click.Context, fmt: str, root: Path | None, container_id: st
         click.echo(pid)
 
 
+@click.command("events")
+@click.option("--stats", "once", is_flag=True, help="Print the container's stats once and exit.")
+@click.option("--interval", type=click.FloatRange(min=0.1), default=5.0, show_default=True,
+              help="Seconds between stats lines (without --stats).")
+@_root_option
+@click.argument("container_id")
+@click.pass_context
+def events_command(ctx: click.Context, once: bool, interval: float, root: Path | None,
+                   container_id: str) -> None:
+    """Print the container's cgroup stats as runc's `events` does: one JSON line each interval
+    until it stops (OOM events are not reported)."""
+    options = _options(ctx, root)
+    while True:
+        try:
+            line = asyncio.run(commands.stats(container_id, options))
+        except KabutoError:
+            if once:
+                raise
+            return  # the container stopped or went: the stream ends, as runc's does
+        click.echo(json.dumps(line))
+        if once:
+            return
+        time.sleep(interval)
+
+
 def register(cli: click.Group) -> None:
     for command in (run_command, create_command, start_command, state_command, pause_command, resume_command,
-                    update_command, kill_command, delete_command, exec_command, list_command, ps_command):
+                    update_command, kill_command, delete_command, exec_command, list_command, ps_command,
+                    events_command):
         cli.add_command(command)
 

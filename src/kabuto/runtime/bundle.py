@@ -382,14 +382,49 @@ def default_spec(args: list[str], rootfs: str = "rootfs", *, terminal: bool = Fa
     }
 
 
+def load_process_file(path: str | Path) -> dict[str, Any]:
+    """``exec --process FILE``: a whole OCI process object, checked as config.json's is."""
+    try:
+        raw = read_bounded(Path(path), MAX_CONFIG_BYTES)
+    except OSError as exc:
+        raise BundleError(f"open {path}: {exc.strerror or exc}") from None
+    try:
+        process = json.loads(raw)
+    except ValueError as exc:
+        raise BundleError(f"{path} is not valid JSON: {exc}") from None
+    _check_process(_expect(process, dict, str(path), "(top level)", "a JSON object (an OCI process)"),
+                   str(path))
+    return process
+
+
 def process_spec(args: list[str], base: dict[str, Any], *, env: list[str] | None = None,
-                 cwd: str | None = None, terminal: bool = False) -> dict[str, Any]:
-    """An OCI process for ``exec``: the container's own process settings with new args."""
+                 cwd: str | None = None, terminal: bool = False, user: str | None = None,
+                 caps: list[str] | None = None, additional_gids: list[int] | None = None,
+                 no_new_privileges: bool = False) -> dict[str, Any]:
+    """An OCI process for ``exec``: the container's own process settings with new args and
+    runc exec's overrides (``--user uid[:gid]``, ``--cap`` added to each set, ``-g``...)."""
     if not args or not all(isinstance(a, str) for a in args):
         raise BundleError("exec: the command must be a non-empty list of strings")
     process = copy.deepcopy(base)
     process["args"] = list(args)
     process["terminal"] = terminal
+    if user is not None:
+        match = re.fullmatch(r"(\d+)(?::(\d+))?", user)
+        if match is None:
+            raise BundleError(f"exec: --user {user!r} is not uid[:gid] (names mean nothing outside the "
+                              "container's /etc/passwd)")
+        process["user"] = {**process.get("user", {}), "uid": int(match[1])}
+        if match[2] is not None:
+            process["user"]["gid"] = int(match[2])
+    if additional_gids:
+        process.setdefault("user", {})["additionalGids"] = list(additional_gids)
+    if caps:
+        capabilities = process.setdefault("capabilities", {})
+        for kind in {"bounding", "effective", "permitted", *capabilities}:
+            have = capabilities.setdefault(kind, [])
+            have.extend(c for c in caps if c not in have)
+    if no_new_privileges:
+        process["noNewPrivileges"] = True
     if env:
         merged = {e.split("=", 1)[0]: e for e in process.get("env", [])}
         for entry in env:

@@ -9,8 +9,9 @@ meanwhile other calls (``exec``, ``state``, ``kill``...) reach the same sandbox.
 
 A container joins an existing sandbox (a pod) when its annotations say so, as CRI does
 (``Bundle.pod_sandbox_id``); otherwise each container gets a sandbox of its own, named after it.
-Beside this file: streaming one process's stdio (streaming.py), a detached container's output
-pump (detached.py) and the control socket of a streaming ``run`` (control.py).
+Beside this file: streaming one process's stdio (streaming.py), the host process standing for a
+detached container's or exec's process (detached.py, monitor.py) and the control socket of a
+streaming ``run`` (control.py).
 """
 
 from __future__ import annotations
@@ -18,14 +19,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
+import signal
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from kabuto.errors import KabutoError
+from kabuto.processes import live_process
 from kabuto.runtime.bundle import ContainerIdError, check_container_id, load_bundle, process_spec
+from kabuto.runtime.cgroups_path import report_cgroups_path
 from kabuto.runtime.control import CONTROL_SOCKET, control_socket, kill_via_owner, parse_signal
-from kabuto.runtime.detached import end_pump, spawn_pump
+from kabuto.runtime.detached import MONITOR_EXIT_TIMEOUT, end_monitor, spawn_monitor
 from kabuto.runtime.sandbox import (
     DEFAULT_BOOT_TIMEOUT,
     INIT_EXEC_ID,
@@ -47,6 +51,8 @@ class RuntimeOptions:
     config_path: str | None = None
     hypervisor_name: str | None = None
     boot_timeout: float = DEFAULT_BOOT_TIMEOUT
+    #: runc's --systemd-cgroup: linux.cgroupsPath is slice:prefix:name
+    systemd_cgroup: bool = False
 
 
 # -- create / start ----------------------------------------------------------------------------
@@ -55,6 +61,7 @@ async def create(container_id: str, bundle_dir: str, options: RuntimeOptions) ->
     still connected (the caller disconnects it, or keeps using it as ``run`` does)."""
     check_container_id(container_id)
     bundle = load_bundle(bundle_dir)
+    report_cgroups_path(bundle.spec, systemd=options.systemd_cgroup)
     store = options.store
     pod = bundle.pod_sandbox_id
     if pod is not None:
@@ -72,30 +79,31 @@ async def create(container_id: str, bundle_dir: str, options: RuntimeOptions) ->
                                     boot_timeout=options.boot_timeout)
 
 
-async def create_detached(container_id: str, bundle_dir: str, options: RuntimeOptions) -> int:
-    """``runc create`` from the command line: as runc's container process keeps create's stdio,
-    an output pump (kabuto.runtime.iopump) inherits this process's stdout and stderr and copies
-    the container's output there until its process exits. ``run`` streams itself and has none.
-    Returns the host pid that holds the container (its VMM), for ``--pid-file``."""
+async def create_detached(container_id: str, bundle_dir: str, options: RuntimeOptions, *,
+                          console_fd: int | None = None) -> int:
+    """``runc create`` from the command line: as runc leaves the container's init, a host
+    process (kabuto.runtime.monitor) stays standing for the container's process, a child of
+    this one with this process's stdio (or, with ``console_fd``, a pty whose master went over
+    the console socket). Returns its pid, for ``--pid-file``."""
     sandbox = await create(container_id, bundle_dir, options)
     try:
         addresses = await sandbox.hypervisor.get_agent_sockets()
-        pids = await sandbox.hypervisor.get_pids()
     finally:
         await sandbox.disconnect()
-    pump: dict[str, Any] = {}
+    monitor: dict[str, Any] = {}
     try:
-        pump = await asyncio.to_thread(spawn_pump, container_id, addresses)
+        monitor = await asyncio.to_thread(spawn_monitor, container_id, addresses, console_fd=console_fd)
         with options.store.sandbox_lock(sandbox.id):
             record = options.store.load(sandbox.id)
-            record.containers[container_id].io_pump = pump
+            record.containers[container_id].monitor = monitor
             options.store.save(record)
     except BaseException:
         with contextlib.suppress(KabutoError):
             await delete(container_id, options, force=True)
-        await asyncio.to_thread(end_pump, pump, 0.0)
+        if monitor:
+            await asyncio.to_thread(end_monitor, monitor, 0.0)
         raise
-    return pids[0] if pids else 0
+    return int(monitor["pid"])
 
 
 @contextlib.asynccontextmanager
@@ -158,7 +166,10 @@ async def state(container_id: str, options: RuntimeOptions) -> dict[str, Any]:
     try:
         async with attached(container_id, options, lock_timeout=1.0) as sandbox:
             if sandbox.vm_alive:
-                await sandbox.refresh_status(container_id)
+                container = await sandbox.refresh_status(container_id)
+                if container.status in ("running", "paused") and container.monitor \
+                        and live_process(container.monitor) is None:
+                    await _follow_monitor(sandbox, container_id)
             # also a VMM that died after attach found it alive: its host resources go now
             if not await sandbox.vmm_running():
                 await reap(sandbox)
@@ -170,21 +181,38 @@ async def state(container_id: str, options: RuntimeOptions) -> dict[str, Any]:
         return _oci_state(record, container_id, list(record.hypervisor_state.get("pids", [])))
 
 
+async def _follow_monitor(sandbox: VirtSandbox, container_id: str) -> None:
+    """The host process standing for the container is gone (SIGKILLed: it exits by itself only
+    after the container's process did): as when runc's init is killed, the container's process
+    is killed too, and ``state`` reports it stopped."""
+    with contextlib.suppress(KabutoError):
+        await sandbox.kill(container_id, signal.SIGKILL)
+    with contextlib.suppress(KabutoError):
+        await sandbox.wait_process(container_id, INIT_EXEC_ID, timeout=MONITOR_EXIT_TIMEOUT)
+    await sandbox.refresh_status(container_id)
+
+
 def _oci_state(record: SandboxRecord, container_id: str, pids: list[int]) -> dict[str, Any]:
     container = record.containers[container_id]
     status = container.status
-    return {
+    # the host process that stands for the container: its monitor (a detached `create`), else
+    # (a streaming `run`) the VMM that holds it, as Kata reports its shim
+    standing = live_process(container.monitor) if container.monitor else None
+    pid = standing.pid if standing is not None else (pids[0] if pids else 0)
+    state = {
         "ociVersion": OCI_VERSION,
         "id": container_id,
+        "pid": pid if status != "stopped" else 0,
         "status": status,
-        # the host process that holds the container: its VMM (as Kata reports its shim)
-        "pid": pids[0] if pids and status != "stopped" else 0,
         "bundle": container.bundle,
-        "rootfs": "",
+        "rootfs": container.rootfs.get("source", ""),
         "created": container.created,
-        "annotations": container.annotations,
+        "owner": "",
         "sandbox": record.id,
     }
+    if container.annotations:
+        state["annotations"] = container.annotations
+    return state
 
 
 async def list_containers(options: RuntimeOptions) -> list[dict[str, Any]]:
@@ -202,6 +230,28 @@ async def ps(container_id: str, options: RuntimeOptions) -> list[int]:
     async with attached(container_id, options) as sandbox:
         await _require_vm(sandbox, container_id)
         return await sandbox.list_processes(container_id)
+
+
+async def stats(container_id: str, options: RuntimeOptions) -> dict[str, Any]:
+    """``runc events --stats``: one ``{"type": "stats", "id", "data"}`` object with what the
+    guest reads from the container's cgroup (cpu in nanoseconds, as runc reports it); what the
+    guest cannot tell is left out rather than made up."""
+    async with attached(container_id, options) as sandbox:
+        await _require_vm(sandbox, container_id)
+        if sandbox.container(container_id).status == "stopped":
+            raise SandboxError(f"container {container_id!r} is not running")
+        numbers = await sandbox.containers.stats_container(container_id)
+
+    def present(**values: int | None) -> dict[str, int]:
+        return {key: value for key, value in values.items() if value is not None}
+
+    usec = {"total": numbers.cpu_usage_usec, "user": numbers.cpu_user_usec, "kernel": numbers.cpu_system_usec}
+    data = {
+        "cpu": {"usage": present(**{k: None if v is None else v * 1000 for k, v in usec.items()})},
+        "memory": {"usage": present(usage=numbers.memory_usage_bytes, limit=numbers.memory_limit_bytes)},
+        "pids": present(current=numbers.pids_current, limit=numbers.pids_limit),
+    }
+    return {"type": "stats", "id": container_id, "data": data}
 
 
 # -- pause / resume / update -------------------------------------------------------------------
@@ -243,7 +293,13 @@ async def kill(container_id: str, signal_value: str | int, options: RuntimeOptio
 
 async def delete(container_id: str, options: RuntimeOptions, *, force: bool = False) -> None:
     """``runc delete``: a stopped (or created) container goes; ``--force`` kills a running one.
-    The sandbox's own container takes the whole sandbox with it (its VM stops)."""
+    The sandbox's own container takes the whole sandbox with it (its VM stops). As runc,
+    ``--force`` of a container that does not exist succeeds."""
+    if force:
+        try:
+            options.store.find_container(container_id)
+        except ContainerIdError:
+            return
     async with attached(container_id, options) as sandbox:
         if sandbox.vm_alive:
             await sandbox.refresh_status(container_id)
@@ -255,40 +311,72 @@ async def delete(container_id: str, options: RuntimeOptions, *, force: bool = Fa
         if container_id == sandbox.id and others and not force:
             raise SandboxError(f"cannot delete sandbox container {container_id}: containers "
                                f"{', '.join(others)} still belong to it (use --force)")
-        await end_pumps(sandbox, [container_id, *(others if container_id == sandbox.id else [])])
+        going = [sandbox.record.containers[c] for c in
+                 [container_id, *(others if container_id == sandbox.id else [])]]
+        # a stopped container's monitor hands over its last output and exits by itself
+        await end_monitors([c for c in going if c.status == "stopped" and sandbox.vm_alive],
+                           OUTPUT_DRAIN_TIMEOUT)
         if container_id == sandbox.id or (not sandbox.vm_alive and not others):
             await sandbox.destroy()
         elif sandbox.vm_alive:
             await sandbox.remove_container(container_id)
         else:
             await sandbox.release_container(container_id)
+        # the others' process was killed with the container: their monitors exit now
+        await end_monitors(going, MONITOR_EXIT_TIMEOUT)
 
 
-async def end_pumps(sandbox: VirtSandbox, container_ids: list[str]) -> None:
-    """The output pumps of containers about to go: a stopped container's pump gets the time its
-    last output needs; the others' output ends with their process."""
-    def grace(container: ContainerRecord) -> float:
-        return OUTPUT_DRAIN_TIMEOUT if container.status == "stopped" and sandbox.vm_alive else 0.0
-
-    pumped = [sandbox.record.containers[c] for c in container_ids
-              if c in sandbox.record.containers and sandbox.record.containers[c].io_pump]
-    await asyncio.gather(*(asyncio.to_thread(end_pump, c.io_pump, grace(c)) for c in pumped))
+async def end_monitors(containers: list[ContainerRecord], grace: float) -> None:
+    await asyncio.gather(*(asyncio.to_thread(end_monitor, c.monitor, grace) for c in containers if c.monitor))
 
 
 async def exec_in(container_id: str, args: list[str], options: RuntimeOptions, io: ProcessIO, *,
                   env: list[str] | None = None, cwd: str | None = None, terminal: bool = False,
-                  on_signal: Callable[[Callable[[int], None]], None] | None = None) -> int:
+                  on_signal: Callable[[Callable[[int], None]], None] | None = None,
+                  process: dict[str, Any] | None = None, **settings: Any) -> int:
+    """``runc exec``, streamed by this process; its exit status. ``process`` is a whole OCI
+    process (``--process FILE``); else ``args`` with the container's own settings and
+    ``settings`` (process_spec's user, caps, additional_gids, no_new_privileges)."""
     async with attached(container_id, options, keep_agent=True) as sandbox:
-        await _require_vm(sandbox, container_id)
-        container = sandbox.container(container_id)
-        process = process_spec(args, container.process, env=env, cwd=cwd, terminal=terminal)
-        exec_id = f"exec-{secrets.token_hex(4)}"
-        await sandbox.exec_process(container_id, exec_id, process)
+        exec_id = await _start_exec(sandbox, container_id, args, process, env=env, cwd=cwd,
+                                    terminal=terminal, **settings)
     # streaming changes no record: only this process's own agent port stays in use
     try:
         return await run_process(sandbox, container_id, exec_id, io, on_signal)
     finally:
         await sandbox.close()
+
+
+async def exec_detached(container_id: str, args: list[str], options: RuntimeOptions, *,
+                        console_fd: int | None = None, process: dict[str, Any] | None = None,
+                        **settings: Any) -> int:
+    """``runc exec --detach`` (or with ``--console-socket``): the process starts and a host
+    process (kabuto.runtime.monitor) stays standing for it, a child of this one with this
+    process's stdio or the pty sent over the console socket. Returns its pid."""
+    async with attached(container_id, options, keep_agent=True) as sandbox:
+        exec_id = await _start_exec(sandbox, container_id, args, process, **settings)
+        addresses = await sandbox.hypervisor.get_agent_sockets()
+    try:
+        monitor = await asyncio.to_thread(spawn_monitor, container_id, addresses, exec_id=exec_id,
+                                          console_fd=console_fd)
+    except BaseException:
+        with contextlib.suppress(KabutoError):
+            await sandbox.kill(container_id, 9, exec_id=exec_id)
+        raise
+    finally:
+        await sandbox.close()
+    return int(monitor["pid"])
+
+
+async def _start_exec(sandbox: VirtSandbox, container_id: str, args: list[str],
+                      process: dict[str, Any] | None, **settings: Any) -> str:
+    await _require_vm(sandbox, container_id)
+    container = sandbox.container(container_id)
+    if process is None:
+        process = process_spec(args, container.process, **settings)
+    exec_id = f"exec-{secrets.token_hex(4)}"
+    await sandbox.exec_process(container_id, exec_id, process)
+    return exec_id
 
 
 async def run(container_id: str, bundle_dir: str, options: RuntimeOptions, io: ProcessIO,

@@ -325,6 +325,7 @@ class VirtSandbox:
         self.record = self.store.add_container(self.id, container)
         try:
             guest_root, storage, container.rootfs = await self._deliver_rootfs(container_id, bundle)
+            container.rootfs["source"] = str(bundle.rootfs)  # the host path `state` reports
             self.record.containers[container_id] = container
             self.store.save(self.record)
             binds = bundle.host_binds()

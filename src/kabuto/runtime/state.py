@@ -59,8 +59,9 @@ class ContainerRecord:
     #: how its rootfs reached the guest: {"kind": "shared"|"block", "host_path", "mount", "device_id"...}
     rootfs: dict[str, Any] = field(default_factory=dict)
     exit_status: int | None = None
-    #: the output pump a detached ``create`` left behind: {"pid": ..., "create_time": ...}
-    io_pump: dict[str, Any] = field(default_factory=dict)
+    #: the host process a detached ``create`` left standing for the container's process
+    #: (kabuto.runtime.monitor): {"pid": ..., "create_time": ...}
+    monitor: dict[str, Any] = field(default_factory=dict)
     #: its OCI linux.resources as created and updated since (what the VM is sized by)
     resources: dict[str, Any] = field(default_factory=dict)
 
