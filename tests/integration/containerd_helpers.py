@@ -22,6 +22,7 @@ import tarfile
 import tempfile
 import time
 from collections.abc import Callable
+from importlib.resources import files
 from pathlib import Path
 
 import psutil
@@ -94,14 +95,20 @@ def describe(process: psutil.Process) -> str:
 class Containerd:
     """One containerd daemon in ``directory``; shims keep their state in ``state_root``."""
 
-    def __init__(self, directory: Path, state_root: Path, extra_env: dict[str, str] | None = None) -> None:
+    def __init__(self, directory: Path, state_root: Path, extra_env: dict[str, str] | None = None, *,
+                 config: str | None = None, namespace: str = NAMESPACE,
+                 launcher: tuple[str, ...] = ()) -> None:
+        """``config`` replaces the default configuration; ``launcher`` prefixes containerd's
+        command line (``nsenter --net=...``: containerd in a network namespace of its own)."""
         self.directory = directory
         self.state_root = state_root
+        self.namespace = namespace
+        self.launcher = launcher
         self.address = str(directory / "containerd.sock")
         self.fifo_dir = directory / "fifo"
         self.config_path = directory / "config.toml"
         self.log_path = directory / "containerd.log"
-        self.config_path.write_text(containerd_config(directory))
+        self.config_path.write_text(config if config is not None else containerd_config(directory))
         self.fifo_dir.mkdir(exist_ok=True)
         venv_bin = str(Path(sys.executable).parent)
         self.env = {
@@ -116,7 +123,7 @@ class Containerd:
         assert self.process is None, "containerd is already running"
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [str(CONTAINERD), "--config", str(self.config_path)],
+                [*self.launcher, str(CONTAINERD), "--config", str(self.config_path)],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=self.env, start_new_session=True)
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
@@ -146,11 +153,11 @@ class Containerd:
         self.start()
 
     def ctr_command(self, *args: str) -> list[str]:
-        return [str(CTR), "--address", self.address, "--namespace", NAMESPACE, *args]
+        return [str(CTR), "--address", self.address, "--namespace", self.namespace, *args]
 
     def ctr(self, *args: str, input: bytes | None = None,
             timeout: float = CTR_TIMEOUT) -> subprocess.CompletedProcess[bytes]:
-        """``ctr --address SOCK --namespace kbt ARGS``; a timeout kills ctr and fails the test."""
+        """``ctr --address SOCK --namespace NS ARGS``; a timeout kills ctr and fails the test."""
         command = self.ctr_command(*args)
         try:
             return subprocess.run(command, input=input, capture_output=True, timeout=timeout,
@@ -294,9 +301,11 @@ def remove_tree(root: Path, *, keep_root: bool = False) -> None:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def write_oci_archive(rootfs: Path, image_name: str, archive: Path) -> Path:
+def write_oci_archive(rootfs: Path, image_name: str, archive: Path,
+                      image_config: dict[str, object] | None = None) -> Path:
     """An OCI image layout tar (one uncompressed layer holding ``rootfs``) that ``ctr image
-    import`` accepts: images without a registry, so containerd's snapshotter makes the rootfs."""
+    import`` accepts: images without a registry, so containerd's snapshotter makes the rootfs.
+    ``image_config`` is the image's ``config`` (Env, Entrypoint, Cmd...), by default a shell."""
     blobs: dict[str, bytes] = {}
 
     def add_blob(data: bytes, media_type: str) -> dict[str, object]:
@@ -311,7 +320,7 @@ def write_oci_archive(rootfs: Path, image_name: str, archive: Path) -> Path:
     layer_descriptor = add_blob(layer.getvalue(), "application/vnd.oci.image.layer.v1.tar")
     platform = {"architecture": "amd64", "os": "linux"}
     config = {**platform, "rootfs": {"type": "layers", "diff_ids": [layer_descriptor["digest"]]},
-              "config": {"Env": ["PATH=/bin"], "Cmd": ["/bin/sh"]}}
+              "config": image_config or {"Env": ["PATH=/bin"], "Cmd": ["/bin/sh"]}}
     config_descriptor = add_blob(json.dumps(config).encode(), "application/vnd.oci.image.config.v1+json")
     manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
                 "config": config_descriptor, "layers": [layer_descriptor]}
@@ -371,3 +380,20 @@ def run_in_pty(command: list[str], *, send: bytes = b"", when: Callable[[], bool
         return process.wait(timeout=STOP_TIMEOUT), bytes(output)
     finally:
         os.close(master)
+
+
+def write_unbootable_config(directory: Path) -> Path:
+    """The built-in configuration with a guest kernel of garbage (and the image's initrd)."""
+    from kabuto.image import installed_image
+
+    garbage_kernel = directory / "garbage-vmlinux"
+    garbage_kernel.write_bytes(bytes(range(256)) * 64)
+    image = installed_image()
+    assert image is not None
+    default = files("kabuto.config").joinpath("default.toml").read_text()
+    unbootable = default.replace('kernel = ""', f'kernel = "{garbage_kernel}"') \
+                        .replace('initrd = ""', f'initrd = "{image.initrd}"')
+    assert unbootable.count(str(garbage_kernel)) == 1 and unbootable.count(str(image.initrd)) == 1
+    config = directory / "unbootable.toml"
+    config.write_text(unbootable)
+    return config

@@ -14,7 +14,6 @@ import re
 import subprocess
 import sys
 from collections.abc import Iterator
-from importlib.resources import files
 from pathlib import Path
 
 import pytest
@@ -28,6 +27,7 @@ from containerd_helpers import (
     run_in_pty,
     short_temp_dir,
     write_oci_archive,
+    write_unbootable_config,
 )
 from test_runtime_helpers import busybox_rootfs, require_guest_image
 
@@ -222,23 +222,6 @@ def test_task_survives_containerd_restart(containerd: Containerd, rootfs: Path) 
     assert (result.returncode, result.stdout) == (0, b"still here\n"), containerd.explain(result)
 
     stop_and_delete(containerd, "survivor")
-
-
-def write_unbootable_config(directory: Path) -> Path:
-    """The built-in configuration with a guest kernel of garbage (and the image's initrd)."""
-    from kabuto.image import installed_image
-
-    garbage_kernel = directory / "garbage-vmlinux"
-    garbage_kernel.write_bytes(bytes(range(256)) * 64)
-    image = installed_image()
-    assert image is not None
-    default = files("kabuto.config").joinpath("default.toml").read_text()
-    unbootable = default.replace('kernel = ""', f'kernel = "{garbage_kernel}"') \
-                        .replace('initrd = ""', f'initrd = "{image.initrd}"')
-    assert unbootable.count(str(garbage_kernel)) == 1 and unbootable.count(str(image.initrd)) == 1
-    config = directory / "unbootable.toml"
-    config.write_text(unbootable)
-    return config
 
 
 def test_bad_input_fails_clearly_and_leaves_nothing(containerd: Containerd, rootfs: Path,

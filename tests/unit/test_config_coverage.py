@@ -89,7 +89,6 @@ def test_the_issue_keys_are_not_claimed_applied():
     for key in ("hypervisor.rx_rate_limiter_max_rate",
                 "hypervisor.tx_rate_limiter_max_rate", "hypervisor.disk_rate_limiter_bw_max_rate",
                 "runtime.enable_tracing", "runtime.jaeger_endpoint",
-                "runtime.sandbox_cgroup_only",
                 "runtime.enable_vcpus_pinning", "agent.kernel_modules"):
         assert REGISTRY[key] is WARNED, key
 
@@ -184,14 +183,14 @@ def test_an_annotation_for_a_key_kabuto_does_not_apply_warns_naming_it(tmp_path)
         [hypervisor.qemu]
         enable_annotations = ["enable_mem_prealloc", "enable_virtio_mem"]
         """, {K + "enable_mem_prealloc": "true", K + "enable_virtio_mem": "false",
-              "io.katacontainers.config.runtime.sandbox_cgroup_only": "true"})
+              "io.katacontainers.config.runtime.enable_vcpus_pinning": "true"})
     assert unapplied(config) == [
         f"hypervisor.qemu.enable_mem_prealloc = true: {NOT_APPLIED} "
         f"(set by annotation {K}enable_mem_prealloc)",
         # the default value, but asked for explicitly
         f"hypervisor.qemu.enable_virtio_mem = false: {NOT_APPLIED} (set by annotation {K}enable_virtio_mem)",
-        f"runtime.sandbox_cgroup_only = true: {NOT_APPLIED} "
-        "(set by annotation io.katacontainers.config.runtime.sandbox_cgroup_only)",
+        f"runtime.enable_vcpus_pinning = true: {NOT_APPLIED} "
+        "(set by annotation io.katacontainers.config.runtime.enable_vcpus_pinning)",
     ]
 
 

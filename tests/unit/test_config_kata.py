@@ -117,7 +117,6 @@ def test_qemu_stock_file_keeps_its_values(tmp_path):
         f"hypervisor.qemu.overhead_memory = 32: {NOT_APPLIED}",
         f"hypervisor.qemu.queue_size = 128: {ONLY_CLH.format('qemu')}",
         f"hypervisor.qemu.num_queues = 1: {ONLY_CLH.format('qemu')}",
-        f"runtime.sandbox_cgroup_only = true: {NOT_APPLIED}",
         f"runtime.static_sandbox_resource_mgmt = true: {NOT_APPLIED}",
         f'runtime.dan_conf = "/run/kata-containers/dans": {NOT_APPLIED}',
     ]
@@ -152,7 +151,6 @@ def test_cloud_hypervisor_stock_file_keeps_its_values(tmp_path):
         f"hypervisor.cloud-hypervisor.overhead_vcpus = 0.2: {NOT_APPLIED}",
         f"hypervisor.cloud-hypervisor.overhead_memory = 32: {NOT_APPLIED}",
         f"agent.kata.container_pipe_size = 1: {NOT_APPLIED}",
-        f"runtime.sandbox_cgroup_only = true: {NOT_APPLIED}",
         f"runtime.static_sandbox_resource_mgmt = true: {NOT_APPLIED}",
         f'runtime.dan_conf = "/run/kata-containers/dans": {NOT_APPLIED}',
     ]
@@ -172,7 +170,6 @@ def test_firecracker_stock_file_loads_its_dial_timeout_adjusting_the_reconnect_t
         "(only qemu)",
         f"hypervisor.firecracker.queue_size = 128: {ONLY_CLH.format('firecracker')}",
         f"hypervisor.firecracker.num_queues = 1: {ONLY_CLH.format('firecracker')}",
-        f"runtime.sandbox_cgroup_only = true: {NOT_APPLIED}",
         f"runtime.static_sandbox_resource_mgmt = true: {NOT_APPLIED}",
         f'runtime.dan_conf = "/run/kata-containers/dans": {NOT_APPLIED}',
         "agent.kata.dial_timeout_ms = 45000 without agent.kata.reconnect_timeout_ms: "
@@ -211,7 +208,6 @@ def test_dragonball_stock_file_keeps_its_values(tmp_path):
         'hypervisor.dragonball.virtio_fs_extra_args = ["--thread-pool-size=1", "-o", "announce_submounts"]: '
         "parsed, not applied by the dragonball backend (only cloud-hypervisor, qemu)",
         f"agent.kata.container_pipe_size = 1: {NOT_APPLIED}",
-        f"runtime.sandbox_cgroup_only = true: {NOT_APPLIED}",
         f"runtime.static_sandbox_resource_mgmt = true: {NOT_APPLIED}",
         f'runtime.dan_conf = "/run/kata-containers/dans": {NOT_APPLIED}',
         f"runtime.use_passfd_io = true: {NOT_APPLIED}",

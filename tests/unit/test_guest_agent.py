@@ -386,6 +386,25 @@ def test_a_bad_vsock_port_is_refused_before_anything_starts(port: str) -> None:
     assert f"invalid vsock_port value: '{port}'" in result.stderr
 
 
+async def test_online_cpus_brings_hot_added_cpus_online_and_waits_bounded(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sysfs of two CPUs, cpu1 hot-added and offline: the agent writes its online file (the
+    kernel's online list, standing in, counts cpu0 and every cpuN whose file says 1). Asking for
+    more than exist ends at the (short) timeout with what is online."""
+    cpus = tmp_path / "devices/system/cpu"
+    (cpus / "cpu1").mkdir(parents=True)
+    (cpus / "cpu1" / "online").write_text("0\n")
+
+    def kernel_list(sys_root: Path) -> int:
+        return 1 + sum(f.read_text().strip() == "1" for f in cpus.glob("cpu[0-9]*/online"))
+
+    monkeypatch.setattr(service, "read_online_cpus", kernel_list)
+    monkeypatch.setattr(service, "ONLINE_POLL", 0.01)
+    assert await service.online_cpus(2, 5.0, sys_root=tmp_path) == 2
+    assert (cpus / "cpu1" / "online").read_text() == "1"
+    assert await service.online_cpus(3, 0.05, sys_root=tmp_path) == 2
+
+
 def test_a_vsock_port_already_in_use_ends_the_agent_naming_it() -> None:
     """The serving path of the shipped agent (vsock on, no --listen) on this host's AF_VSOCK: a
     port something else holds is a fatal error naming the port (as PID 1 it powers off)."""

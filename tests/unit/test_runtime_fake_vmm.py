@@ -27,7 +27,7 @@ import netns_helpers
 import psutil
 import pytest
 
-from kabuto.agent.containers import ContainerCallError
+from kabuto.agent.containers import ContainerCallError, ContainerStats
 from kabuto.config import loader
 from kabuto.errors import AgentError, KabutoError
 from kabuto.hypervisor import registry
@@ -177,12 +177,15 @@ class FakeGuest:
 
 
 def behave(process: FakeProcess) -> None:
-    """``echo`` and ``exit N`` finish at once; ``cat`` echoes stdin at close; the rest run until signalled."""
+    """``echo`` and ``exit N`` finish at once; ``oom`` is SIGKILLed by the guest's OOM killer at
+    once; ``cat`` echoes stdin at close; the rest run until signalled."""
     if process.args[0] == "echo":
         process.stdout += (" ".join(process.args[1:]) + "\n").encode()
         process.exit_status = 0
     elif process.args[0] == "exit":
         process.exit_status = int(process.args[1])
+    elif process.args[0] == "oom":
+        process.exit_status = 128 + 9
 
 
 async def until(condition: Any, timeout: float = 10.0) -> None:
@@ -217,6 +220,11 @@ class FakeContainers:
         self.guest.containers[cid]["started"] = True
         behave(self.guest.process(cid, ""))
         return 1
+
+    async def stats_container(self, cid: str) -> ContainerStats:
+        """Only the OOM kills are known: one for a container whose init is ``oom``."""
+        oom = self.guest.process(cid, "").args[0] == "oom"
+        return ContainerStats(None, None, None, None, None, None, None, memory_oom_kills=1 if oom else 0)
 
     async def exec_process(self, cid: str, eid: str, process_json: bytes) -> int:
         process = FakeProcess(json.loads(process_json)["args"])

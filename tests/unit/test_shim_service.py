@@ -293,6 +293,16 @@ async def test_exit_status_and_a_running_task_refusing_delete(shim: Shim, tmp_pa
     assert isinstance(exit_event, events_pb.TaskExit) and exit_event.exit_status == 137
 
 
+async def test_an_oom_kill_in_the_guest_is_task_oom_before_task_exit(shim: Shim, tmp_path: Path) -> None:
+    await shim.create("c1", fake_vm.make_bundle(tmp_path / "bundle", ["oom"]))
+    await shim.call("Start", pb.StartRequest(id="c1"), pb.StartResponse)
+    waited = await asyncio.wait_for(shim.call("Wait", pb.WaitRequest(id="c1"), pb.WaitResponse), BOUND)
+    assert waited.exit_status == 137
+    await shim.call("Delete", pb.DeleteRequest(id="c1"), pb.DeleteResponse)
+    assert shim.publisher.kinds() == ["TaskCreate", "TaskStart", "TaskOOM", "TaskExit", "TaskDelete"]
+    assert shim.publisher.events[2] == events_pb.TaskOOM(container_id="c1")
+
+
 async def test_a_created_task_can_be_deleted_without_starting(shim: Shim, store: StateStore,
                                                                tmp_path: Path) -> None:
     await shim.create("c1", fake_vm.make_bundle(tmp_path / "bundle", ["sleep"]))
@@ -340,6 +350,27 @@ async def test_close_io_hands_over_what_was_written_then_ends_stdin(shim: Shim, 
     waited = await shim.call("Wait", pb.WaitRequest(id="c1"), pb.WaitResponse)
     os.close(writer)
     assert waited.exit_status == 0 and reader.join() == b"last words\n"
+    await shim.call("Delete", pb.DeleteRequest(id="c1"), pb.DeleteResponse)
+
+
+async def test_close_io_after_an_exec_with_stdin_exited_is_answered(shim: Shim, tmp_path: Path) -> None:
+    """CRI closes an exec's stdin once the exec exited (its stdin pump is cancelled by then)."""
+    await shim.create("c1", fake_vm.make_bundle(tmp_path / "bundle", ["sleep"]))
+    await shim.call("Start", pb.StartRequest(id="c1"), pb.StartResponse)
+    stdin = fifo(tmp_path, "exec-stdin")
+    writer = os.open(stdin, os.O_RDWR)  # containerd keeps its end open until CloseIO
+    try:
+        await shim.call("Exec", pb.ExecProcessRequest(id="c1", exec_id="e1", stdin=str(stdin),
+                                                      spec=AnyMessage(value=b'{"args": ["exit", "7"]}')))
+        await shim.call("Start", pb.StartRequest(id="c1", exec_id="e1"), pb.StartResponse)
+        waited = await shim.call("Wait", pb.WaitRequest(id="c1", exec_id="e1"), pb.WaitResponse)
+        assert waited.exit_status == 7
+        await shim.call("CloseIO", pb.CloseIORequest(id="c1", exec_id="e1", stdin=True))
+    finally:
+        os.close(writer)
+    await shim.call("Delete", pb.DeleteRequest(id="c1", exec_id="e1"), pb.DeleteResponse)
+    await shim.call("Kill", pb.KillRequest(id="c1", signal=9))
+    await shim.call("Wait", pb.WaitRequest(id="c1"), pb.WaitResponse)
     await shim.call("Delete", pb.DeleteRequest(id="c1"), pb.DeleteResponse)
 
 
@@ -514,7 +545,7 @@ async def test_stats_are_cgroup_v2_metrics_with_the_guests_figures_bounded(
         # a hostile or broken guest: negative and unknown figures must not break containerd's fields
         return ContainerStats(cpu_usage_usec=1500, cpu_user_usec=-1, cpu_system_usec=None,
                               memory_usage_bytes=2**70, memory_limit_bytes=None, pids_current=3,
-                              pids_limit=None)
+                              pids_limit=None, memory_oom_kills=None)
 
     monkeypatch.setattr(fake_vm.FakeContainers, "stats_container", stats_container, raising=False)
     await shim.create("c1", fake_vm.make_bundle(tmp_path / "bundle", ["sleep"]))

@@ -208,6 +208,14 @@ class AgentClient:
         )
         return GuestDetails.from_message(response)
 
+    async def online_cpus(self, cpus: int, wait: float) -> int:
+        """Have the guest bring hot-added CPUs online until ``cpus`` are (waiting up to ``wait``
+        seconds for them to appear); the number online afterwards."""
+        request = agent_pb2.OnlineCpusRequest(cpus=cpus, timeout_seconds=wait)
+        response = await self.call("OnlineCpus", request, agent_pb2.OnlineCpusResponse,
+                                   wait + self.call_timeout)
+        return response.online_cpus
+
     async def shutdown(self, timeout: float | None = None) -> None:
         """Ask the guest to power off (the agent answers first)."""
         await self.call("Shutdown", agent_pb2.ShutdownRequest(), agent_pb2.ShutdownResponse, timeout)

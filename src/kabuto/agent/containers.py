@@ -133,6 +133,7 @@ class ContainerStats:
     memory_limit_bytes: int | None  # None: no limit
     pids_current: int | None
     pids_limit: int | None  # None: no limit
+    memory_oom_kills: int | None  # processes of the container the guest's OOM killer took
 
     @classmethod
     def from_message(cls, message: pb.StatsContainerResponse) -> ContainerStats:

@@ -139,9 +139,13 @@ REGISTRY: dict[str, Coverage] = {
          "hypervisor/dragonball/backend.py"), frozenset({QEMU, CLH, DB})),
     "hypervisor.default_memory": Applied("all backends", _ALL_BACKENDS),
     "hypervisor.overhead_memory": WARNED,
-    "hypervisor.default_maxmemory": _qemu("cmdline (-m maxmem: memory hot-plug headroom)"),
-    "hypervisor.memory_slots": _qemu("cmdline (-m slots, with default_maxmemory)",
-                                     "hypervisor/qemu/cmdline.py", "hypervisor/qemu/plugin.py"),
+    "hypervisor.default_maxmemory": _qemu("cmdline (-m maxmem: memory hot-plug headroom); the ceiling a "
+                                          "pod's VM grows to, and refuses beyond",
+                                          "hypervisor/qemu/cmdline.py", "hypervisor/qemu/resize.py",
+                                          "runtime/sandbox.py"),
+    "hypervisor.memory_slots": _qemu("cmdline (-m slots, with default_maxmemory); DIMMs resize_memory adds",
+                                     "hypervisor/qemu/cmdline.py", "hypervisor/qemu/plugin.py",
+                                     "hypervisor/qemu/resize.py"),
     "hypervisor.memory_offset": WARNED,
     "hypervisor.default_bridges": WARNED,
     "hypervisor.enable_virtio_mem": WARNED,
@@ -322,7 +326,9 @@ REGISTRY: dict[str, Coverage] = {
     "runtime.disable_guest_seccomp": Applied("runtime: a bundle's seccomp profile is refused unless true",
                                              ("runtime/sandbox.py",)),
     "runtime.disable_new_netns": WARNED,
-    "runtime.sandbox_cgroup_only": WARNED,
+    "runtime.sandbox_cgroup_only": Applied(
+        "runtime: the sandbox's creator (the shim), so the VMM and virtiofsd, join the sandbox "
+        "container's linux.cgroupsPath on the host (runtime/host_cgroup.py)", ("runtime/sandbox.py",)),
     "runtime.sandbox_bind_mounts": WARNED,
     "runtime.static_sandbox_resource_mgmt": WARNED,
     "runtime.enable_vcpus_pinning": WARNED,

@@ -95,6 +95,30 @@ def count_cpu_list(text: str) -> int:
     return count
 
 
+#: OnlineCpus waits at most this long for hot-added CPUs to appear, whatever the host asks
+MAX_ONLINE_WAIT = 30.0
+ONLINE_POLL = 0.1
+
+
+async def online_cpus(wanted: int, timeout: float, sys_root: Path = Path("/sys")) -> int:
+    """Write 1 to the ``online`` file of offline CPUs until ``wanted`` are online or ``timeout``
+    (bounded by MAX_ONLINE_WAIT) passes; the CPUs online at the end."""
+    cpus = sys_root / "devices/system/cpu"
+    deadline = asyncio.get_running_loop().time() + min(max(timeout, 0.0), MAX_ONLINE_WAIT)
+    while True:
+        online = read_online_cpus(sys_root)
+        if online >= wanted or asyncio.get_running_loop().time() >= deadline:
+            return online
+        for control in sorted(cpus.glob("cpu[0-9]*/online")):
+            try:
+                if control.read_text().strip() == "0":
+                    control.write_text("1")
+            except OSError:
+                continue  # not ready yet (ACPI still adding it): the next round tries again
+        if read_online_cpus(sys_root) < wanted:
+            await asyncio.sleep(ONLINE_POLL)
+
+
 def read_online_cpus(sys_root: Path = Path("/sys")) -> int:
     try:
         return count_cpu_list((sys_root / "devices/system/cpu/online").read_text())
@@ -115,7 +139,12 @@ class AgentService:
             "Check": unary_method(agent_pb2.CheckRequest, self.check),
             "GetGuestDetails": unary_method(agent_pb2.GuestDetailsRequest, self.get_guest_details),
             "Shutdown": unary_method(agent_pb2.ShutdownRequest, self.shutdown),
+            "OnlineCpus": unary_method(agent_pb2.OnlineCpusRequest, self.online_cpus),
         }
+
+    async def online_cpus(self, request: agent_pb2.OnlineCpusRequest) -> agent_pb2.OnlineCpusResponse:
+        online = await online_cpus(request.cpus, request.timeout_seconds)
+        return agent_pb2.OnlineCpusResponse(online_cpus=online)
 
     async def check(self, request: agent_pb2.CheckRequest) -> agent_pb2.CheckResponse:
         return agent_pb2.CheckResponse(status=agent_pb2.CheckResponse.SERVING)

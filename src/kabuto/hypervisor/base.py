@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import enum
+import hashlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Self
@@ -17,6 +18,20 @@ if TYPE_CHECKING:
     from kabuto.hypervisor.plugin import HypervisorPlugin
 
 DEFAULT_JAILER_ROOT = Path("/run/kabuto/vm")
+#: A VM directory's name is at most this long: its sockets (QMP, agent ports and their locks,
+#: virtiofsd's) must fit sun_path's 107 bytes under any sane jailer root, with any VM id (CRI's
+#: are 64 hex digits). Longer ids are shortened to a prefix and a hash of the whole id.
+MAX_VM_DIR_NAME = 20
+VM_DIR_PREFIX = 6
+
+
+def vm_dir_name(vm_id: str) -> str:
+    """The VM's directory name under the jailer root: the id itself when short enough, else
+    ``<first 6 characters>-<13 hex digits of its SHA-256>`` (distinct ids stay distinct)."""
+    if len(vm_id) <= MAX_VM_DIR_NAME:
+        return vm_id
+    digest = hashlib.sha256(vm_id.encode()).hexdigest()
+    return f"{vm_id[:VM_DIR_PREFIX]}-{digest[:MAX_VM_DIR_NAME - VM_DIR_PREFIX - 1]}"
 
 
 class VmStatus(enum.StrEnum):
@@ -97,7 +112,7 @@ class Hypervisor(abc.ABC):
     @property
     def vm_path(self) -> Path:
         """Per-VM directory under the jailer root: sockets, logs and state live here."""
-        return self.jailer_root / self.id
+        return self.jailer_root / vm_dir_name(self.id)
 
     def _error(self, message: str) -> HypervisorError:
         return HypervisorError(f"{self.name}: {message}")
@@ -137,6 +152,29 @@ class Hypervisor(abc.ABC):
         self._check_hotplug(plugged[0])
         await self._hotplug_remove(plugged[0])
         self.devices.remove(plugged[0])
+
+    # -- resizing (Kata runtime-rs: resize_vcpu, resize_memory) --------------------------------
+    async def resize_vcpu(self, old: int, new: int) -> tuple[int, int]:
+        """Grow the VM to ``new`` vCPUs (``old``: what the caller believes it has); returns
+        (vCPUs before, vCPUs after). Never shrinks. Where ``capabilities.resize_vcpu``."""
+        if not self.capabilities.resize_vcpu:
+            raise self._unsupported(f"resizing vCPUs ({old} -> {new})")
+        self._require(VmStatus.RUNNING, operation="resize vCPUs")
+        return await self._resize_vcpu(old, new)
+
+    async def resize_memory(self, new_mib: int) -> int:
+        """Grow the VM's memory to at least ``new_mib`` MiB (within default_maxmemory); returns
+        the MiB it has after. Never shrinks. Where ``capabilities.resize_memory``."""
+        if not self.capabilities.resize_memory:
+            raise self._unsupported(f"resizing memory (to {new_mib} MiB)")
+        self._require(VmStatus.RUNNING, operation="resize memory")
+        return await self._resize_memory(new_mib)
+
+    async def _resize_vcpu(self, old: int, new: int) -> tuple[int, int]:
+        raise self._unsupported("resizing vCPUs")
+
+    async def _resize_memory(self, new_mib: int) -> int:
+        raise self._unsupported("resizing memory")
 
     async def hypervisor_config(self) -> HypervisorConfig:
         return self.config

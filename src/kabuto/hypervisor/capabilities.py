@@ -25,6 +25,9 @@ class Capabilities:
     shared_fs: frozenset[SharedFsKind] = frozenset()
     agent_channels: tuple[ChannelKind, ...] = ()
     jailer: bool = False
+    #: vCPUs and memory can be added to a running VM (Hypervisor.resize_vcpu, resize_memory)
+    resize_vcpu: bool = False
+    resize_memory: bool = False
     #: virtio-net NICs on host taps, cold-plugged at least (hot-plug: ``hotplug`` says)
     network: bool = False
     # extra facts a backend wants to publish (shown by `kabuto hypervisors`)
@@ -35,7 +38,10 @@ class Capabilities:
         names (``shared_fs = "none"``: none), and no block devices under disable_block_device_use."""
         chosen = SHARED_FS_VALUES.get(table.shared_fs)
         hotplug = self.hotplug - {DeviceKind.BLOCK} if table.disable_block_device_use else self.hotplug
-        return replace(self, shared_fs=self.shared_fs & {chosen} if chosen else frozenset(), hotplug=hotplug)
+        # room to grow only up to default_maxvcpus / default_maxmemory, as Kata sizes the VM
+        return replace(self, shared_fs=self.shared_fs & {chosen} if chosen else frozenset(), hotplug=hotplug,
+                       resize_vcpu=self.resize_vcpu and table.default_maxvcpus > table.default_vcpus,
+                       resize_memory=self.resize_memory and table.default_maxmemory > table.default_memory)
 
     def can_hotplug(self, kind: DeviceKind) -> bool:
         return kind in self.hotplug
@@ -54,6 +60,8 @@ class Capabilities:
             "shared_fs": sorted(k.value for k in self.shared_fs),
             "agent_channels": [k.value for k in self.agent_channels],
             "jailer": self.jailer,
+            "resize_vcpu": self.resize_vcpu,
+            "resize_memory": self.resize_memory,
             "network": self.network,
             "notes": list(self.notes),
         }
@@ -68,6 +76,8 @@ class Capabilities:
             shared_fs=frozenset(SharedFsKind(k) for k in data.get("shared_fs", [])),
             agent_channels=tuple(ChannelKind(k) for k in data.get("agent_channels", [])),
             jailer=bool(data.get("jailer", False)),
+            resize_vcpu=bool(data.get("resize_vcpu", False)),
+            resize_memory=bool(data.get("resize_memory", False)),
             network=bool(data.get("network", False)),
             notes=tuple(str(n) for n in data.get("notes", [])),
         )

@@ -29,6 +29,8 @@ def _row(name: str, caps: Capabilities) -> list[str]:
         ", ".join(sorted(k.value for k in caps.shared_fs)) or "none",
         ", ".join(k.value for k in caps.agent_channels) or "none",
         _yes(caps.jailer),
+        _yes(caps.resize_vcpu),
+        _yes(caps.resize_memory),
     ]
 
 
@@ -43,6 +45,8 @@ def render_markdown(names: list[str] | None = None) -> str:
         "shared fs",
         "agent channels",
         "jailer",
+        "resize vCPUs",
+        "resize memory",
     ]
     rows = [_row(name, get_plugin(name).capabilities()) for name in (names or registered_names())]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

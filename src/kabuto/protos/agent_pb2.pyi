@@ -5,6 +5,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class OnlineCpusRequest(_message.Message):
+    __slots__ = ("cpus", "timeout_seconds")
+    CPUS_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    cpus: int
+    timeout_seconds: float
+    def __init__(self, cpus: _Optional[int] = ..., timeout_seconds: _Optional[float] = ...) -> None: ...
+
+class OnlineCpusResponse(_message.Message):
+    __slots__ = ("online_cpus",)
+    ONLINE_CPUS_FIELD_NUMBER: _ClassVar[int]
+    online_cpus: int
+    def __init__(self, online_cpus: _Optional[int] = ...) -> None: ...
+
 class CheckRequest(_message.Message):
     __slots__ = ("service",)
     SERVICE_FIELD_NUMBER: _ClassVar[int]

@@ -275,7 +275,7 @@ class StatsContainerRequest(_message.Message):
     def __init__(self, container_id: _Optional[str] = ...) -> None: ...
 
 class StatsContainerResponse(_message.Message):
-    __slots__ = ("cpu_usage_usec", "cpu_user_usec", "cpu_system_usec", "memory_usage_bytes", "memory_limit_bytes", "pids_current", "pids_limit")
+    __slots__ = ("cpu_usage_usec", "cpu_user_usec", "cpu_system_usec", "memory_usage_bytes", "memory_limit_bytes", "pids_current", "pids_limit", "memory_oom_kills")
     CPU_USAGE_USEC_FIELD_NUMBER: _ClassVar[int]
     CPU_USER_USEC_FIELD_NUMBER: _ClassVar[int]
     CPU_SYSTEM_USEC_FIELD_NUMBER: _ClassVar[int]
@@ -283,6 +283,7 @@ class StatsContainerResponse(_message.Message):
     MEMORY_LIMIT_BYTES_FIELD_NUMBER: _ClassVar[int]
     PIDS_CURRENT_FIELD_NUMBER: _ClassVar[int]
     PIDS_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_OOM_KILLS_FIELD_NUMBER: _ClassVar[int]
     cpu_usage_usec: int
     cpu_user_usec: int
     cpu_system_usec: int
@@ -290,7 +291,8 @@ class StatsContainerResponse(_message.Message):
     memory_limit_bytes: int
     pids_current: int
     pids_limit: int
-    def __init__(self, cpu_usage_usec: _Optional[int] = ..., cpu_user_usec: _Optional[int] = ..., cpu_system_usec: _Optional[int] = ..., memory_usage_bytes: _Optional[int] = ..., memory_limit_bytes: _Optional[int] = ..., pids_current: _Optional[int] = ..., pids_limit: _Optional[int] = ...) -> None: ...
+    memory_oom_kills: int
+    def __init__(self, cpu_usage_usec: _Optional[int] = ..., cpu_user_usec: _Optional[int] = ..., cpu_system_usec: _Optional[int] = ..., memory_usage_bytes: _Optional[int] = ..., memory_limit_bytes: _Optional[int] = ..., pids_current: _Optional[int] = ..., pids_limit: _Optional[int] = ..., memory_oom_kills: _Optional[int] = ...) -> None: ...
 
 class CopyFileInRequest(_message.Message):
     __slots__ = ("path", "data", "mode", "offset", "container_id")

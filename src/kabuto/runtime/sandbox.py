@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import secrets
 import shutil
@@ -30,12 +31,13 @@ from kabuto.agent.containers import Storage as AgentStorage
 from kabuto.config.model import KabutoConfig
 from kabuto.errors import AgentError, HypervisorError, KabutoError
 from kabuto.hypervisor import new_hypervisor, resolve_config, restore_hypervisor
-from kabuto.hypervisor.base import Hypervisor, HypervisorState, VmStatus
+from kabuto.hypervisor.base import Hypervisor, HypervisorState, VmStatus, vm_dir_name
 from kabuto.hypervisor.capabilities import Capabilities
 from kabuto.hypervisor.devices import BlockDevice, DeviceKind, NetworkDevice, SharedFsDevice
 from kabuto.hypervisor.vmm_process import kill_processes_naming
 from kabuto.processes import process_record
-from kabuto.runtime import network
+from kabuto.runtime import host_cgroup, network
+from kabuto.runtime import resources as resource_sizing
 from kabuto.runtime import rootfs as rootfs_delivery
 from kabuto.runtime.bundle import Bundle, BundleError, ContainerIdError, check_container_id
 from kabuto.runtime.rootfs import RootfsError, Storage
@@ -52,6 +54,8 @@ STATUS_POLL = 0.5
 READ_CHUNK = 1024 * 1024
 # a VMM's agent connection closes a moment before its exit can be seen (reaped, or a zombie)
 VMM_EXIT_GRACE = 2.0
+# how long the guest gets to bring hot-added vCPUs online
+CPU_ONLINE_WAIT = 20.0
 
 
 class SandboxError(KabutoError):
@@ -114,9 +118,11 @@ class VirtSandbox:
         netns: str | None = None,
         block_rootfs: list[tuple[str, Bundle]] | None = None,
         boot_timeout: float = DEFAULT_BOOT_TIMEOUT,
+        cgroups_path: str | None = None,
     ) -> VirtSandbox:
         """Boot a sandbox VM and reach its agent. ``block_rootfs`` lists the containers whose rootfs
-        must be cold-plugged when the backend has no shared filesystem.
+        must be cold-plugged when the backend has no shared filesystem. ``cgroups_path``: the
+        sandbox container's host cgroup, which the VMM runs in under sandbox_cgroup_only.
 
         The caller reserved ``sandbox_id`` in ``store`` (``StateStore.reserve``); on failure the
         reservation is released too.
@@ -143,6 +149,10 @@ class VirtSandbox:
             if netns is not None:
                 _check_netns(netns)
             record.netns = netns or ""
+            if cgroups_path and resolved.config.runtime.sandbox_cgroup_only:
+                # before anything is spawned: the VMM and virtiofsd inherit it
+                record.host_cgroup = host_cgroup.join(cgroups_path, os.getpid())
+                store.save(record)
             await hypervisor.prepare_vm(sandbox_id, netns=netns)
             storages: list[Storage] = []
             if fs_kind is not None:
@@ -323,8 +333,15 @@ class VirtSandbox:
         joined = await self._joined_namespaces(container_id, bundle)
         if container_id != self.id and self.record.netns:
             await self._rescan_endpoints()
+        cgroups_path = bundle.spec.get("linux", {}).get("cgroupsPath")
+        if cgroups_path and not self.config.runtime.sandbox_cgroup_only:
+            # the container's limits apply in the guest's cgroup; on the host nothing moves there
+            log.warning("container %s: linux.cgroupsPath %s is not applied on the host (the VMM and the "
+                        "shim stay where they run): [runtime] sandbox_cgroup_only = true puts them in the "
+                        "sandbox's", container_id, cgroups_path)
         container = ContainerRecord(id=container_id, bundle=str(bundle.path), created=now_rfc3339(),
-                                    annotations=bundle.annotations, process=bundle.spec["process"])
+                                    annotations=bundle.annotations, process=bundle.spec["process"],
+                                    resources=dict(bundle.spec.get("linux", {}).get("resources") or {}))
         # refuses an id in use anywhere under the state root, before anything is made for it
         self.record = self.store.add_container(self.id, container)
         try:
@@ -338,6 +355,7 @@ class VirtSandbox:
                 bind_sources = await rootfs_delivery.share_binds(Path(self.record.shared_dir), container_id,
                                                                  binds)
             spec = bundle.guest_spec(guest_root, bind_sources, joined)
+            await self._fit_resources(container_id, container.resources)
             await self._agent_call("CreateContainer", self.containers.create_container(
                 container_id, json.dumps(spec).encode(), rootfs=_agent_storage(storage) if storage else None,
                 timeout=self.config.runtime.create_container_timeout))
@@ -536,7 +554,55 @@ class VirtSandbox:
         container = self.container(container_id)
         if container.status == "stopped":
             raise SandboxError(f"cannot update container {container_id!r}: it is stopped")
+        wanted = resource_sizing.updated(container.resources, resources)
+        await self._fit_resources(container_id, wanted)
         await self._agent_call("UpdateContainer", self.containers.update_container(container_id, resources))
+        container.resources = wanted
+        self.store.save(self.record)
+
+    async def _fit_resources(self, container_id: str, resources: dict[str, Any]) -> None:
+        """Grow the VM to the configured size plus every container's limits (``container_id``
+        with ``resources``), where the backend can resize; a pod over default_maxmemory is refused
+        by name, and a VM that cannot grow is said so in the log."""
+        table = self.hypervisor.config
+        others = [c.resources for c in self.record.containers.values() if c.id != container_id]
+        vcpus, memory = resource_sizing.pod_size(table.default_vcpus, table.default_memory,
+                                                 [*others, resources])
+        if table.default_maxmemory and memory > max(table.default_maxmemory, table.default_memory):
+            raise SandboxError(
+                f"container {container_id!r}: the pod needs {memory} MiB (default_memory "
+                f"{table.default_memory} MiB plus its containers' memory limits), more than "
+                f"default_maxmemory ({table.default_maxmemory} MiB)")
+        if memory > table.default_memory:
+            if self.capabilities.resize_memory:
+                await self.hypervisor.resize_memory(memory)
+                await self._persist_hypervisor()
+            else:
+                log.warning("sandbox %s: the VM stays at %d MiB (its containers' limits ask for %d): memory "
+                            "hot-plug needs default_maxmemory above default_memory", self.id,
+                            table.default_memory, memory)
+        if vcpus > math.ceil(table.default_vcpus):
+            if self.capabilities.resize_vcpu and vcpus > table.default_maxvcpus:
+                log.warning("sandbox %s: its containers' CPU limits ask for %d vCPUs; it grows to "
+                            "default_maxvcpus (%d)", self.id, vcpus, table.default_maxvcpus)
+            if self.capabilities.resize_vcpu:
+                _, after = await self.hypervisor.resize_vcpu(math.ceil(table.default_vcpus),
+                                                             min(vcpus, table.default_maxvcpus))
+                await self._persist_hypervisor()
+                # the guest has no udev: its agent brings the hot-added CPUs online
+                assert self.agent is not None
+                try:
+                    online = await self._agent_call("OnlineCpus",
+                                                    self.agent.online_cpus(after, CPU_ONLINE_WAIT))
+                except KabutoError as exc:  # an agent without OnlineCpus: the vCPUs stay offline
+                    log.warning("sandbox %s: %d vCPUs plugged, not brought online: %s", self.id, after, exc)
+                    return
+                if online < after:
+                    log.warning("sandbox %s: %d of %d vCPUs online in the guest", self.id, online, after)
+            else:
+                log.warning("sandbox %s: the VM stays at %g vCPUs (its containers' CPU limits ask for %d): "
+                            "vCPU hot-plug needs default_maxvcpus above default_vcpus", self.id,
+                            table.default_vcpus, vcpus)
 
     async def remove_container(self, container_id: str) -> None:
         container = self.container(container_id)
@@ -638,6 +704,7 @@ class VirtSandbox:
             await self.hypervisor.stop_vm()
         await self.hypervisor.cleanup()
         await _unplug_endpoints(self.record)
+        _leave_host_cgroup(self.record)
         errors: list[str] = []
         for container in list(self.record.containers.values()):
             try:
@@ -681,7 +748,7 @@ async def create_sandbox_for(
         container_id, store, config_path=config_path, hypervisor_name=hypervisor_name,
         annotations=bundle.annotations, hostname=hostname, netns=bundle.network_namespace,
         block_rootfs=[(container_id, bundle)],
-        boot_timeout=boot_timeout)
+        boot_timeout=boot_timeout, cgroups_path=bundle.spec.get("linux", {}).get("cgroupsPath"))
     try:
         await sandbox.create_container(container_id, bundle)
     except BaseException:
@@ -696,6 +763,13 @@ async def _unplug_endpoints(record: SandboxRecord) -> None:
     if record.taps:
         await network.detach_all(record.netns, record.taps)
         record.taps = []
+
+
+def _leave_host_cgroup(record: SandboxRecord) -> None:
+    """Out of the sandbox's host cgroup (its creator moves back), its directories removed."""
+    if record.host_cgroup:
+        host_cgroup.leave(record.host_cgroup, os.getpid())
+        record.host_cgroup = {}
 
 
 #: namespace type -> its file under /proc/<pid>/ns
@@ -758,9 +832,10 @@ async def remove_dead_sandbox(store: StateStore, sandbox_id: str) -> None:
     """Clean up after a sandbox whose creator died mid-creation (no hypervisor state saved): the
     processes it may have spawned for the VM (found by the VM directory they name), shares, files."""
     record = store.load(sandbox_id)
-    vm_dir = store.jailer_root / sandbox_id
+    vm_dir = store.jailer_root / vm_dir_name(sandbox_id)
     await kill_processes_naming(vm_dir)
     await _unplug_endpoints(record)
+    _leave_host_cgroup(record)
     shared = Path(record.shared_dir) if record.shared_dir else None
     if shared is not None:
         for child in rootfs_delivery.list_dir(shared):

@@ -62,6 +62,8 @@ class ContainerRecord:
     #: the host process a detached ``create`` left standing for the container's process
     #: (kabuto.runtime.monitor): {"pid": ..., "create_time": ...}
     monitor: dict[str, Any] = field(default_factory=dict)
+    #: its OCI linux.resources as created and updated since (what the VM is sized by)
+    resources: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -83,6 +85,8 @@ class SandboxRecord:
     config: dict[str, Any] = field(default_factory=dict)
     #: the capabilities the runtime chose its strategies by (Capabilities.to_dict)
     capabilities: dict[str, Any] = field(default_factory=dict)
+    #: the host cgroup its creator joined (sandbox_cgroup_only; kabuto.runtime.host_cgroup), or {}
+    host_cgroup: dict[str, Any] = field(default_factory=dict)
     #: the long-lived process that manages this sandbox, if not the CLI (containerd's shim):
     #: {"name": ..., "pid": ..., "create_time": ...}
     owner: dict[str, Any] = field(default_factory=dict)

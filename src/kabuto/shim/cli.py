@@ -241,6 +241,15 @@ def _setup_logging(debug: bool) -> None:
     logging.getLogger("qemu").setLevel(logging.INFO)
 
 
+def _forget_signal_handlers() -> None:
+    """In a forked child (pyroute2 forks one to open a socket in the pod's netns, then SIGTERMs
+    it): SIGTERM and SIGINT kill it as usual. Inherited, asyncio's wakeup fd is the parent's own
+    socket, so the child's SIGTERM would reach the shim's loop and shut the shim down."""
+    signal.set_wakeup_fd(-1)
+    for number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(number, signal.SIG_DFL)
+
+
 async def serve(args: argparse.Namespace) -> int:
     _setup_logging(args.debug)
     listener = socket.socket(fileno=args.listen_fd)
@@ -254,6 +263,7 @@ async def serve(args: argparse.Namespace) -> int:
     server.register(TASK_SERVICE, service.methods())
     for number in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(number, done.set)
+    os.register_at_fork(after_in_child=_forget_signal_handlers)
     # containerd's shim would hold the same: SIGPIPE from a gone FIFO reader is an error, not death
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
 

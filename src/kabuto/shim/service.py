@@ -292,9 +292,15 @@ class TaskService:
         # the stdin pump hands over what containerd wrote before closing, then closes; a
         # process not started yet gets it all once it starts
         process.stdin_closing.set()
-        if process.stdin_pump is not None:
-            async with asyncio.timeout(CLOSE_IO_TIMEOUT):
-                await asyncio.shield(process.stdin_pump)
+        # asyncio.wait, not an await of the pump: the pump of a process that exited meanwhile is
+        # cancelled, and CRI closes an exec's stdin only after its exit (a CancelledError here left
+        # CloseIO unanswered, and CRI's exec hung on it)
+        pump = process.stdin_pump
+        if pump is not None:
+            await asyncio.wait([pump], timeout=CLOSE_IO_TIMEOUT)
+            if not pump.done():
+                raise RpcError(Code.DEADLINE_EXCEEDED, f"{describe(process)}: stdin not closed within "
+                                                       f"{CLOSE_IO_TIMEOUT:.0f} s")
         return Empty()
 
     # -- state -------------------------------------------------------------------------------

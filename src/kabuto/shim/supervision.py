@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 # a process whose VM or agent channel died is reported with this status (as Kata does)
 LOST_EXIT_STATUS = 255
 MAX_EXIT_STATUS = 255
+# after a task's init exits: how long the guest gets to say whether its OOM killer struck
+OOM_CHECK_TIMEOUT = 5.0
 
 
 def now() -> Timestamp:
@@ -133,10 +135,26 @@ class Supervisor:
             log.warning("%s: lost (%s)", describe(process), exc)
             status = LOST_EXIT_STATUS
         await cancel([*pumps, *([process.stdin_pump] if process.stdin_pump else [])])
+        if not process.exec_id and status != LOST_EXIT_STATUS:
+            await self._report_oom(process)
         self.exited(process, status)
         self.publisher.publish(events_pb.TaskExit(
             container_id=process.container_id, id=process.exec_id or process.container_id,
             pid=await self._vmm_pid(), exit_status=status, exited_at=process.exited_at))
+
+    async def _report_oom(self, process: Process) -> None:
+        """TaskOOM (before TaskExit, as runc's shim sends it) when the guest's OOM killer took a
+        process of the task's container: CRI then reports the container as OOMKilled."""
+        try:
+            async with asyncio.timeout(OOM_CHECK_TIMEOUT):
+                stats = await self._sandbox().containers.stats_container(process.container_id)
+        except (KabutoError, TimeoutError) as exc:
+            log.debug("%s: no OOM figure from the guest: %s", describe(process), exc)
+            return
+        if stats.memory_oom_kills:
+            log.info("%s: the guest's OOM killer took %d of its processes", describe(process),
+                     stats.memory_oom_kills)
+            self.publisher.publish(events_pb.TaskOOM(container_id=process.container_id))
 
     @staticmethod
     def exited(process: Process, status: int) -> None:

@@ -149,6 +149,9 @@ def cgroup_stats(cgroup: Path) -> dict[str, int]:
         value = _read_number(cgroup / file_name)
         if value is not None:
             stats[field_name] = value
+    events = _read_flat_keyed(cgroup / "memory.events")
+    if "oom_kill" in events:
+        stats["memory_oom_kills"] = events["oom_kill"]
     return stats
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 
 from kabuto.errors import HypervisorError
-from kabuto.hypervisor.base import VmStatus
+from kabuto.hypervisor.base import VmStatus, vm_dir_name
 from kabuto.hypervisor.devices import AgentChannel, AnyDevice, BlockDevice, DeviceKind, NetworkDevice
 from kabuto.hypervisor.firecracker.plugin import CAPABILITIES
 from kabuto.hypervisor.firecracker.plugin import plugin as firecracker_plugin
@@ -79,8 +79,9 @@ class Firecracker(RestVmm):
 
     @property
     def jail_root(self) -> Path:
-        """``<chroot base>/<exec file name>/<id>/root``, the jailer's layout, under the VM dir."""
-        return self.vm_path / Path(self.config.path).name / self.id / "root"
+        """``<chroot base>/<exec file name>/<id>/root``, the jailer's layout, under the VM dir (the
+        jailer's id is the VM directory's short name, so its socket fits sun_path too)."""
+        return self.vm_path / Path(self.config.path).name / vm_dir_name(self.id) / "root"
 
     @property
     def api_socket(self) -> Path:
@@ -170,7 +171,7 @@ class Firecracker(RestVmm):
             return [self.config.path, *fc_args]
         argv = [
             self.config.jailer_path,
-            "--id", self.id,
+            "--id", vm_dir_name(self.id),
             "--exec-file", self.config.path,
             "--uid", str(os.getuid()),
             "--gid", str(os.getgid()),

@@ -34,8 +34,8 @@ from kabuto.hypervisor.devices import (
 )
 from kabuto.hypervisor.host import Accelerator, choose_accelerator
 from kabuto.hypervisor.plugin import HypervisorPlugin
-from kabuto.hypervisor.qemu import migration
-from kabuto.hypervisor.qemu.cmdline import VmPaths, block_serial, build_command, use_vhost_net
+from kabuto.hypervisor.qemu import migration, resize
+from kabuto.hypervisor.qemu.cmdline import VmPaths, block_serial, build_command, memory_backend, use_vhost_net
 from kabuto.hypervisor.qemu.console import ConsoleReader, printable
 from kabuto.hypervisor.qemu.hotplug import Hotplug
 from kabuto.hypervisor.qemu.plugin import CAPABILITIES
@@ -84,6 +84,8 @@ class QemuHypervisor(Hypervisor):
         #: the virtio-serial agent ports after the primary one (none for vsock)
         self._extra_agent_ports: list[AgentChannel] = []
         self._hotplug_slots: dict[str, str] = {}
+        #: MiB of each DIMM hot-added (resize_memory), in order
+        self._dimms: list[int] = []
         self._vhost_net = False
 
     @property
@@ -271,6 +273,14 @@ class QemuHypervisor(Hypervisor):
     async def _hotplug_remove(self, device: AnyDevice) -> None:
         await self._hotplug().remove(device)
 
+    # -- resizing -----------------------------------------------------------------------------
+    async def _resize_vcpu(self, old: int, new: int) -> tuple[int, int]:
+        return await resize.grow_vcpus(self._qmp, self.config, new)
+
+    async def _resize_memory(self, new_mib: int) -> int:
+        shared = bool(memory_backend(self.config, self.devices))
+        return await resize.grow_memory(self._qmp, self.config, self._dimms, new_mib, shared)
+
     # -- queries ------------------------------------------------------------------------------
     async def qmp(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
         """Run one QMP command on the VM (diagnostics, tests), bounded like every other call."""
@@ -330,6 +340,7 @@ class QemuHypervisor(Hypervisor):
             "hotplug_slots": dict(self._hotplug_slots),
             "vhost_net": self._vhost_net,
             "extra_agent_ports": [device_to_dict(port) for port in self._extra_agent_ports],
+            "dimms": list(self._dimms),
         })
 
     async def _take_over(self, state: HypervisorState) -> None:
@@ -338,6 +349,7 @@ class QemuHypervisor(Hypervisor):
         self._qmp = QmpSession(self.id, self.paths.qmp_socket)
         self._hotplug_slots = dict(extra.get("hotplug_slots", {}))
         self._vhost_net = bool(extra.get("vhost_net", False))
+        self._dimms = [int(size) for size in extra.get("dimms", [])]
         self._extra_agent_ports = [port for port in map(device_from_dict, extra.get("extra_agent_ports", []))
                                    if isinstance(port, AgentChannel)]
         qemu = VmmProcess(self.name, "QEMU", self.paths.qemu_log)

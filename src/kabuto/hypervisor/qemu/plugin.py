@@ -28,6 +28,9 @@ CAPABILITIES = Capabilities(
     network=True,
     agent_channels=(ChannelKind.VIRTIO_SERIAL, ChannelKind.VSOCK),
     jailer=False,
+    # vCPU hot-add (device_add of the CPU model) and DIMM hot-add (pc-dimm), ACPI in the guest
+    resize_vcpu=True,
+    resize_memory=True,
     notes=(
         "machine q35: PCI(e) hot-plug of virtio-blk and virtio-net through QMP",
         "agent over virtio-serial here; vsock where /dev/vhost-vsock exists",
