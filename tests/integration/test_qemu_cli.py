@@ -40,9 +40,16 @@ def test_vm_boot_reports_guest_and_phases(vm_root: Path) -> None:
     # vm_root's teardown asserts the VM left nothing behind
 
 
+def _sigint_as_at_a_terminal() -> None:
+    # Ctrl-C reaches a terminal's foreground job with SIGINT at its default; a job a script put in
+    # the background (one way to start CI) inherits it ignored, and Python then keeps ignoring it
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_during_boot_stops_and_cleans(vm_root: Path, leftover_check: Callable[[Path], None]) -> None:
     process = subprocess.Popen([*KABUTO, "vm", "boot", "--jailer-root", str(vm_root)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=_sigint_as_at_a_terminal)
     try:
         deadline = time.monotonic() + 60
         # interrupt once QEMU is up and the guest is booting
