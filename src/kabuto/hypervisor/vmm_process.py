@@ -138,11 +138,12 @@ class VmmProcess:
         last words), then stop it."""
         if self._pump is None:
             return
-        with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-            await asyncio.wait_for(asyncio.shield(self._pump), OUTPUT_DRAIN_TIMEOUT)
+        # asyncio.wait and gather(return_exceptions) take the pump's own end, whatever it is, and
+        # still raise a cancellation of the caller (a suppressed CancelledError would swallow a
+        # Ctrl-C that arrived here)
+        await asyncio.wait({self._pump}, timeout=OUTPUT_DRAIN_TIMEOUT)
         self._pump.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._pump
+        await asyncio.gather(self._pump, return_exceptions=True)
 
     def adopt(self, record: dict[str, Any]) -> None:
         """Take over the process another kabuto process spawned (``record()``); refuse a

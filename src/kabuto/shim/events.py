@@ -80,8 +80,7 @@ class Publisher:
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await asyncio.gather(self._task, return_exceptions=True)  # a caller's cancel propagates
         await self._disconnect()
 
     async def _run(self) -> None:

@@ -203,8 +203,8 @@ class Client:
         if self._closed is None:
             self._closed = ConnectionClosed(f"ttrpc connection to {self.name} closed")
         self._read_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._read_task
+        # the read task's end, not a cancellation of the caller (that one propagates)
+        await asyncio.gather(self._read_task, return_exceptions=True)
         await self._close_writer()
 
     async def __aenter__(self) -> Client:
