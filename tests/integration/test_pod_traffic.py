@@ -219,7 +219,7 @@ def test_pod_traffic_as_under_runc(state_root: Path, host_netns: str, tmp_path: 
                     # its NIC hot-unplugged and its tap removed at that create)
                     pod.remove("eth1")
                     started = time.monotonic()
-                    # (the interfaces CNI made: a kernel's own devices, such as sit0, are not the point)
+                    # (the interfaces CNI made; lo is the kernel's own)
                     after = runtime.run(bundle(tmp_path / name / "late", rootfs, pod.path,
                                                ["sh", "-c", "ls /sys/class/net | grep ^eth"], joins),
                                         f"{name}-late")
