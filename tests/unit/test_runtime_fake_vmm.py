@@ -9,6 +9,7 @@ mount. Only the guest is simulated: a ContainerService double keyed by VM id, so
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -166,6 +167,7 @@ class FakeGuest:
     containers: dict[str, dict[str, Any]] = field(default_factory=dict)
     sandbox_created: bool = False
     storages: list[Any] = field(default_factory=list)
+    create_sandbox_timeout: float | None = None
     interfaces: dict[str, Any] = field(default_factory=dict)
     routes: list[Any] = field(default_factory=list)
 
@@ -200,9 +202,11 @@ class FakeContainers:
     def __init__(self, guest: FakeGuest) -> None:
         self.guest = guest
 
-    async def create_sandbox(self, *, hostname: str, storages: list[Any], sandbox_id: str) -> None:
+    async def create_sandbox(self, *, hostname: str, storages: list[Any], sandbox_id: str,
+                             timeout: float | None = None) -> None:
         self.guest.sandbox_created = True
         self.guest.storages = storages
+        self.guest.create_sandbox_timeout = timeout
 
     async def create_container(self, cid: str, spec_json: bytes, *, rootfs: Any,
                                timeout: float | None = None) -> int:
@@ -340,9 +344,10 @@ def fakes(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
 def runtime_leftovers(root: Path) -> list[str]:
     """Processes naming ``root``, mounts under it, and any path in it but the lock file and the
     (empty) VM directory root: what a removed sandbox must not leave."""
-    found = [f"process {p.pid}" for p in psutil.process_iter(["cmdline"])
+    # status read with cmdline: a process that ends meanwhile is skipped, not an error
+    found = [f"process {p.pid}" for p in psutil.process_iter(["cmdline", "status"])
              if any(str(root) in arg for arg in p.info.get("cmdline") or [])
-             and p.status() != psutil.STATUS_ZOMBIE]
+             and p.info.get("status") != psutil.STATUS_ZOMBIE]
     with open("/proc/self/mounts") as mounts:
         found += [f"mount {line.split()[1]}" for line in mounts if line.split()[1].startswith(str(root))]
     if root.exists():
@@ -367,7 +372,8 @@ def store() -> Iterator[StateStore]:
     finally:
         for process in psutil.process_iter(["cmdline"]):
             if any(str(root) in arg for arg in process.info.get("cmdline") or []):
-                process.kill()
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    process.kill()
         for mount_point in sorted(mounts_below(root), reverse=True):
             subprocess.run(["umount", "--lazy", mount_point], capture_output=True, check=False)
         shutil.rmtree(root, ignore_errors=True)
@@ -585,6 +591,8 @@ async def test_agent_timeouts_and_msize_come_from_the_recorded_configuration(sto
     assert sandbox.agent.waits == {"timeout": 9.0, "call_timeout": 5.0, "retry_interval": 0.02}
     guest = GUESTS[sandbox.id]
     assert guest.containers["c1"]["timeout"] == 7
+    # the first call waits for a guest service still loading with what is left of the boot's 9 s
+    assert guest.create_sandbox_timeout is not None and 5.0 < guest.create_sandbox_timeout <= 9.0
     [share] = guest.storages
     assert share.fstype == "9p" and "msize=65536" in share.options
     await sandbox.disconnect()

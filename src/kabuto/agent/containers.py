@@ -192,12 +192,13 @@ class ContainerClient:
     # --- sandbox ---------------------------------------------------------------------
 
     async def create_sandbox(
-        self, *, hostname: str = "", storages: Sequence[Storage] = (), sandbox_id: str = ""
+        self, *, hostname: str = "", storages: Sequence[Storage] = (), sandbox_id: str = "",
+        timeout: float | None = None,
     ) -> None:
         request = pb.CreateSandboxRequest(
             hostname=hostname, storages=[s.to_message() for s in storages], sandbox_id=sandbox_id
         )
-        await self._call("CreateSandbox", request, pb.CreateSandboxResponse)
+        await self._call("CreateSandbox", request, pb.CreateSandboxResponse, timeout)
 
     async def destroy_sandbox(self, timeout: float | None = None) -> None:
         await self._call("DestroySandbox", pb.DestroySandboxRequest(), pb.DestroySandboxResponse, timeout)

@@ -21,6 +21,7 @@ import math
 import os
 import secrets
 import shutil
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -128,6 +129,7 @@ class VirtSandbox:
         reservation is released too.
         """
         check_container_id(sandbox_id)
+        boot_deadline = time.monotonic() + boot_timeout
         record = store.load(sandbox_id)
         hypervisor: Hypervisor | None = None
         sandbox: VirtSandbox | None = None
@@ -171,8 +173,13 @@ class VirtSandbox:
             await hypervisor.start_vm(timeout=boot_timeout)
             await sandbox._persist_hypervisor()
             await sandbox.connect(boot_timeout)
+            # the guest's container service may still be loading (a slow import on a busy host):
+            # the first call may take what is left of the boot's budget, not just one call's
+            first_call = max(boot_deadline - time.monotonic(),
+                             resolved.config.active_agent.request_timeout_ms / 1000)
             await sandbox._agent_call("CreateSandbox", sandbox.containers.create_sandbox(
-                hostname=hostname, storages=[_agent_storage(s) for s in storages], sandbox_id=sandbox_id))
+                hostname=hostname, storages=[_agent_storage(s) for s in storages], sandbox_id=sandbox_id,
+                timeout=first_call))
             await sandbox._configure_guest_network(endpoints)
             record.status = "ready"
             store.save(record)
