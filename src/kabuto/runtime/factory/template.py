@@ -169,6 +169,7 @@ class TemplateSource:
         except BaseException:
             await hypervisor.cleanup()
             raise
+        log.info("sandbox %s: started from template %s", request.sandbox_id, template.directory)
         return hypervisor
 
 
