@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kabuto.agent.client import wait_for_agent
 from kabuto.config.model import HypervisorConfig, KabutoConfig
 from kabuto.errors import HypervisorError
 from kabuto.hypervisor import Hypervisor, ResolvedConfig, new_hypervisor
@@ -35,6 +36,7 @@ from kabuto.runtime.factory.source import (
     content_key,
     differences,
 )
+from kabuto.runtime.freshen import SEED_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +201,8 @@ async def init_template(resolved: ResolvedConfig, jailer_root: Path,
     try:
         await hypervisor.prepare_vm(f"template-{token}")
         try:
-            facts = await hypervisor.save_template(staging / MEMORY_FILE, staging / STATE_FILE, timeout)
+            facts = await hypervisor.save_template(staging / MEMORY_FILE, staging / STATE_FILE, timeout,
+                                                   warm_up=lambda: _warm_up(hypervisor, timeout))
         except HypervisorError as exc:
             raise FactoryError(f"the template VM failed: {exc}") from None
         record = {"key": key, "hypervisor": resolved.name, "memory_mib": table.default_memory,
@@ -215,6 +218,16 @@ async def init_template(resolved: ResolvedConfig, jailer_root: Path,
         raise
     await hypervisor.cleanup()
     return Template(root / key, record)
+
+
+async def _warm_up(hypervisor: Hypervisor, timeout: float) -> None:
+    """Serve a connection and the calls every clone begins with (health, details, a reseed)
+    before the template is saved: the agent's first-call work (its connection handling, message
+    classes) is then done once in the template, not again in each clone."""
+    agent = await wait_for_agent(await hypervisor.get_agent_sockets(), timeout)
+    async with agent:
+        await agent.guest_details()
+        await agent.reseed_random_dev(secrets.token_bytes(SEED_BYTES))
 
 
 def _check_room(root: Path, memory_mib: int) -> None:
