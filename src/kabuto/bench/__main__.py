@@ -10,6 +10,8 @@ Sections:
         virtio-fs, each vs the same busybox commands on the host
   network  TCP download throughput and small-request latency from the host netns to a pod on a CNI
         bridge, vs a runc container on the same bridge and vs a bare QEMU behind the same tap
+  factory  `kabuto run /bin/true` from a VM template vs a cold boot and vs the bare-QEMU floor;
+        PSS of idle templated sandboxes vs cold ones
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 from kabuto.bench.containerd import containerd_section
+from kabuto.bench.factory import factory_section
 from kabuto.bench.floor import boot_floor, one_line_initrd
 from kabuto.bench.network import network_section
 from kabuto.bench.raw_serial import bench_initrd, raw_copy_seconds
@@ -165,8 +168,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m kabuto.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--section", choices=["boot", "run", "containerd", "storage", "network", "all"],
-                        default="all")
+    parser.add_argument("--section", default="all",
+                        choices=["boot", "run", "containerd", "storage", "network", "factory", "all"])
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     rows: list[dict[str, object]] = []
@@ -182,6 +185,8 @@ def main() -> None:
             rows += asyncio.run(storage_section(args.runs, work, _row))
         if args.section in ("network", "all"):
             rows += asyncio.run(network_section(args.runs, work, _row))
+        if args.section in ("factory", "all"):
+            rows += asyncio.run(factory_section(args.runs, work, _row, _alternate))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 

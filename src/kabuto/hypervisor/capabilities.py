@@ -30,6 +30,9 @@ class Capabilities:
     resize_memory: bool = False
     #: virtio-net NICs on host taps, cold-plugged at least (hot-plug: ``hotplug`` says)
     network: bool = False
+    #: VM templating: boot a template to agent-ready and save it, start clones that map its
+    #: memory copy-on-write (Hypervisor.save_template, start_from_template)
+    template: bool = False
     # extra facts a backend wants to publish (shown by `kabuto hypervisors`)
     notes: tuple[str, ...] = field(default_factory=tuple)
 
@@ -63,6 +66,7 @@ class Capabilities:
             "resize_vcpu": self.resize_vcpu,
             "resize_memory": self.resize_memory,
             "network": self.network,
+            "template": self.template,
             "notes": list(self.notes),
         }
 
@@ -79,5 +83,6 @@ class Capabilities:
             resize_vcpu=bool(data.get("resize_vcpu", False)),
             resize_memory=bool(data.get("resize_memory", False)),
             network=bool(data.get("network", False)),
+            template=bool(data.get("template", False)),
             notes=tuple(str(n) for n in data.get("notes", [])),
         )

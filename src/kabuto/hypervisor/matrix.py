@@ -31,6 +31,7 @@ def _row(name: str, caps: Capabilities) -> list[str]:
         _yes(caps.jailer),
         _yes(caps.resize_vcpu),
         _yes(caps.resize_memory),
+        _yes(caps.template),
     ]
 
 
@@ -47,6 +48,7 @@ def render_markdown(names: list[str] | None = None) -> str:
         "jailer",
         "resize vCPUs",
         "resize memory",
+        "VM templates",
     ]
     rows = [_row(name, get_plugin(name).capabilities()) for name in (names or registered_names())]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

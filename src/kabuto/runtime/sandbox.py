@@ -37,10 +37,11 @@ from kabuto.hypervisor.capabilities import Capabilities
 from kabuto.hypervisor.devices import BlockDevice, DeviceKind, NetworkDevice, SharedFsDevice
 from kabuto.hypervisor.vmm_process import kill_processes_naming
 from kabuto.processes import process_record
-from kabuto.runtime import host_cgroup, network
+from kabuto.runtime import factory, host_cgroup, network
 from kabuto.runtime import resources as resource_sizing
 from kabuto.runtime import rootfs as rootfs_delivery
 from kabuto.runtime.bundle import Bundle, BundleError, ContainerIdError, check_container_id
+from kabuto.runtime.freshen import freshen_guest
 from kabuto.runtime.rootfs import RootfsError, Storage
 from kabuto.runtime.state import ContainerRecord, SandboxRecord, StateError, StateStore, now_rfc3339
 from kabuto.ttrpc.status import Code
@@ -155,24 +156,39 @@ class VirtSandbox:
                 # before anything is spawned: the VMM and virtiofsd inherit it
                 record.host_cgroup = host_cgroup.join(cgroups_path, os.getpid())
                 store.save(record)
-            await hypervisor.prepare_vm(sandbox_id, netns=netns)
             storages: list[Storage] = []
+            shares: list[SharedFsDevice] = []
             if fs_kind is not None:
                 shared = sandbox.directory / "shared"
                 shared.mkdir(mode=0o700)
                 record.shared_dir, record.share_tag = str(shared), rootfs_delivery.SHARE_TAG
-                await hypervisor.add_device(SharedFsDevice(SHARED_FS_DEVICE_ID, fs_kind, shared,
-                                                           rootfs_delivery.SHARE_TAG))
+                shares.append(SharedFsDevice(SHARED_FS_DEVICE_ID, fs_kind, shared, rootfs_delivery.SHARE_TAG))
                 storages.append(rootfs_delivery.sandbox_share_storage(fs_kind.value,
                                                                       hypervisor.config.msize_9p))
-            else:
-                for container_id, bundle in block_rootfs or []:
-                    await hypervisor.add_device(await sandbox._block_device(container_id, bundle))
-            endpoints = await sandbox._plug_endpoints() if netns else []
             store.save(record)
-            await hypervisor.start_vm(timeout=boot_timeout)
+            warm, record.warm_start = await _take_warm(
+                factory.WarmRequest(sandbox_id, resolved, store.jailer_root, netns, shares, boot_timeout),
+                block_rootfs)
+            if warm is not None:
+                # a running VM with the shares on it: NICs are hot-plugged
+                hypervisor = sandbox.hypervisor = warm
+                endpoints = await sandbox._plug_endpoints() if netns else []
+            else:
+                await hypervisor.prepare_vm(sandbox_id, netns=netns)
+                for share in shares:
+                    await hypervisor.add_device(share)
+                if fs_kind is None:
+                    for container_id, bundle in block_rootfs or []:
+                        await hypervisor.add_device(await sandbox._block_device(container_id, bundle))
+                endpoints = await sandbox._plug_endpoints() if netns else []
+                store.save(record)
+                await hypervisor.start_vm(timeout=boot_timeout)
             await sandbox._persist_hypervisor()
             await sandbox.connect(boot_timeout)
+            if warm is not None:
+                # a clone's RNG and clock are its template's: fresh ones before any container
+                assert sandbox.agent is not None
+                await sandbox._agent_call("freshen", freshen_guest(sandbox.agent))
             # the guest's container service may still be loading (a slow import on a busy host):
             # the first call may take what is left of the boot's budget, not just one call's
             first_call = max(boot_deadline - time.monotonic(),
@@ -727,6 +743,22 @@ class VirtSandbox:
         self.store.remove(self.id)
         if errors:
             raise SandboxError(f"sandbox {self.id!r} removed, but: " + "; ".join(errors))
+
+
+async def _take_warm(request: factory.WarmRequest,
+                     block_rootfs: list[tuple[str, Bundle]] | None) -> tuple[Hypervisor | None, str]:
+    """A warm VM from the configured factory and the source's name, or (None, "") to boot cold
+    (the source logged why)."""
+    source = factory.warm_source(request.resolved)
+    if source is None:
+        return None, ""
+    if not request.shares and block_rootfs:
+        # a rootfs disk is cold-plugged at boot; a warm VM would need it hot-plugged
+        log.warning("sandbox %s: booting cold: the %s factory needs a shared filesystem for the rootfs",
+                    request.sandbox_id, source.name)
+        return None, ""
+    warm = await source.take(request)
+    return warm, source.name if warm is not None else ""
 
 
 async def create_sandbox_for(
