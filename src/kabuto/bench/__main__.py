@@ -53,7 +53,8 @@ def _row(name: str, kabuto: list[float], floor: list[float], unit: str = "s", hi
     k, f = _median(kabuto), _median(floor)
     ratio = (f / k) if higher_is_better else (k / f)
     goal = f"  aim {aim:g}" if aim is not None else ""
-    print(f"  {name:<44} kabuto {k:9.3f} {unit:<5} floor {f:9.3f} {unit:<5} ratio {ratio:5.2f}{goal}", flush=True)
+    print(f"  {name:<44} kabuto {k:9.3f} {unit:<5} floor {f:9.3f} {unit:<5} ratio {ratio:5.2f}{goal}",
+          flush=True)
     return {"name": name, "kabuto": k, "floor": f, "unit": unit, "ratio": round(ratio, 3), "aim": aim,
             "kabuto_runs": kabuto, "floor_runs": floor}
 
@@ -112,7 +113,8 @@ async def run_section(runs: int, work: Path) -> list[dict[str, object]]:
 
     print(f"run ({runs} runs each)")
     kabuto_runs, floor = await _alternate(runs, kabuto_true, floor_boot)
-    rows.append(_row("kabuto run /bin/true vs bare QEMU one-line init", kabuto_runs, floor, aim=COLD_START_AIM))
+    rows.append(_row("kabuto run /bin/true vs bare QEMU one-line init", kabuto_runs, floor,
+                     aim=COLD_START_AIM))
 
     # exec latency in a running sandbox vs runc exec in a running runc container
     execs = max(runs * 4, 10)

@@ -205,10 +205,12 @@ async def coldstart_section(runs: int, work: Path, row: Row,
     print("  the guest's user-space start, on its own clock (medians, seconds):")
     print(f"    {_median([s['init'] for s in stamps]):7.3f}  kernel until /init runs")
     print(f"    {step('mounts', 'init'):7.3f}  /init's mounts ({step('proc', 'init'):.3f} the first)")
-    print(f"    {step('python', 'mounts'):7.3f}  python3 -S -c pass (first; {step('python2', 'python'):.3f} again)")
+    print(f"    {step('python', 'mounts'):7.3f}  python3 -S -c pass "
+          f"(first; {step('python2', 'python'):.3f} again)")
     print(f"    {step('imports', 'python2'):7.3f}  python3 -S, the agent's imports before it answers "
           f"(first; {step('imports2', 'imports'):.3f} again)")
-    print(f"    {step('containers', 'imports2'):7.3f}  ... and ContainerService's too (loaded after the first answer)")
+    print(f"    {step('containers', 'imports2'):7.3f}  ... and ContainerService's too "
+          "(loaded after the first answer)")
     print("  the agent's heaviest imports in the guest (-X importtime, cumulative ms):")
     for cumulative, module in stamp_runs[-1][1]:
         print(f"    {cumulative / 1000:7.0f}  {module}")
