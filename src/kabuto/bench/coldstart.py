@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import statistics
 import subprocess
 import sys
@@ -38,7 +39,6 @@ IMPORTTIME_TOP = 8
 GUEST_STEPS_INIT = """#!/bin/busybox sh
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin PYTHONPATH=/usr/lib/kabuto PYTHONDONTWRITEBYTECODE=1 PYTHONUTF8=1
 stamp() {{ read -r up _ < /proc/uptime; echo "{mark} $1 $up" > /dev/console; }}
-stamp init
 mount -t proc -o nosuid,nodev,noexec proc /proc
 stamp proc
 mount -t sysfs -o nosuid,nodev,noexec sysfs /sys
@@ -91,33 +91,42 @@ def _guest_initrd(table: HypervisorConfig, dest: Path) -> Path:
     return dest
 
 
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of process ``pid`` (all its threads) so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def guest_steps(table: HypervisorConfig, initrd: Path, timeout: float = 300.0
-                      ) -> tuple[dict[str, float], list[tuple[int, str]]]:
-    """The guest clock at each stamp, and ``-X importtime``'s cumulative microseconds per top module."""
+                      ) -> tuple[dict[str, tuple[float, float]], list[tuple[int, str]]]:
+    """Each stamp's guest clock and QEMU's CPU seconds when the host read it (on a shared host the
+    CPU time is the steadier of the two), and ``-X importtime``'s heaviest top-level imports."""
     args = [*bare_qemu_args(table, table.kernel, initrd, "console=ttyS0 quiet panic=-1 rdinit=/steps-init"),
             "-serial", "stdio"]
     proc = await asyncio.create_subprocess_exec(*args, stdin=asyncio.subprocess.DEVNULL,
                                                 stdout=asyncio.subprocess.PIPE,
                                                 stderr=asyncio.subprocess.DEVNULL)
+    stamps: dict[str, tuple[float, float]] = {}
+    imports: list[tuple[int, str]] = []
+    tail = b""
     try:
         async with asyncio.timeout(timeout):
-            output, _ = await proc.communicate()
+            while raw := await proc.stdout.readline():  # type: ignore[union-attr]
+                tail = (tail + raw)[-600:]
+                line = raw.decode(errors="replace").strip()
+                if GUEST_MARK in line:  # a stamp may follow the kernel's last line on the console
+                    _, name, uptime = line[line.index(GUEST_MARK):].split()
+                    stamps[name] = (float(uptime), cpu_seconds(proc.pid))
+                elif line.startswith("import time:") and "cumulative" not in line:
+                    _, cumulative, module = line.split("|")
+                    if True:
+                        imports.append((int(cumulative), module.strip()))
     finally:
         if proc.returncode is None:
             proc.kill()
-            await proc.wait()
-    stamps: dict[str, float] = {}
-    imports: list[tuple[int, str]] = []
-    for line in output.decode(errors="replace").splitlines():
-        if line.startswith(GUEST_MARK):
-            _, name, uptime = line.split()
-            stamps[name] = float(uptime)
-        elif line.startswith("import time:") and "|" in line and "cumulative" not in line:
-            _, cumulative, module = line.split("|")
-            if not module.startswith("  "):  # a top-level import of the command
-                imports.append((int(cumulative), module.strip()))
+        await proc.wait()
     if "containers" not in stamps:
-        raise RuntimeError(f"the guest printed no stamps; output tail: {output[-600:]!r}")
+        raise RuntimeError(f"the guest printed no stamps; output tail: {tail!r}")
     return stamps, sorted(imports, reverse=True)[:IMPORTTIME_TOP]
 
 
@@ -199,21 +208,25 @@ async def coldstart_section(runs: int, work: Path, row: Row,
     stamp_runs = [await guest_steps(table, steps_initrd) for _ in range(max(runs // 2, 1))]
     stamps = [s for s, _ in stamp_runs]
 
-    def step(later: str, earlier: str) -> float:
-        return _median([s[later] - s[earlier] for s in stamps])
+    def step(later: str, earlier: str | None) -> str:
+        wall = _median([s[later][0] - (s[earlier][0] if earlier else 0.0) for s in stamps])
+        cpu = _median([s[later][1] - (s[earlier][1] if earlier else 0.0) for s in stamps])
+        return f"{wall:7.3f} {cpu:7.3f}"
 
-    print("  the guest's user-space start, on its own clock (medians, seconds):")
-    print(f"    {_median([s['init'] for s in stamps]):7.3f}  kernel until /init runs")
-    print(f"    {step('mounts', 'init'):7.3f}  /init's mounts ({step('proc', 'init'):.3f} the first)")
-    print(f"    {step('python', 'mounts'):7.3f}  python3 -S -c pass "
-          f"(first; {step('python2', 'python'):.3f} again)")
-    print(f"    {step('imports', 'python2'):7.3f}  python3 -S, the agent's imports before it answers "
-          f"(first; {step('imports2', 'imports'):.3f} again)")
-    print(f"    {step('containers', 'imports2'):7.3f}  ... and ContainerService's too "
-          "(loaded after the first answer)")
+    print("  the guest's user-space start (medians: seconds on the guest's clock, QEMU's CPU seconds):")
+    for label, later, earlier in (
+            ("kernel until /init mounted /proc (one fork)", "proc", None),
+            ("/init's other mounts (8 forks)", "mounts", "proc"),
+            ("python3 -S -c pass, the first", "python", "mounts"),
+            ("python3 -S -c pass again (its code translated already)", "python2", "python"),
+            ("python3 -S importing the agent (what runs before its first answer)", "imports", "python2"),
+            ("... again", "imports2", "imports"),
+            ("... with ContainerService (loaded after the first answer)", "containers", "imports2")):
+        print(f"    {step(later, earlier)}  {label}")
     print("  the agent's heaviest imports in the guest (-X importtime, cumulative ms):")
     for cumulative, module in stamp_runs[-1][1]:
         print(f"    {cumulative / 1000:7.0f}  {module}")
+    rows.append({"name": "guest steps", "stamps": stamps})
 
     async def run_imports() -> float:
         return await asyncio.to_thread(_import_seconds, "import kabuto.cli.main, kabuto.cli.runtime_cmd")
