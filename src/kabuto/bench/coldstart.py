@@ -32,7 +32,7 @@ from kabuto.hypervisor import resolve_config
 Row = Callable[..., dict[str, object]]
 
 #: tcg_tb_size values swept (MiB; 0 is QEMU's own default)
-TB_SIZES = (0, 32, 64, 128, 256)
+TB_SIZES = (0, 32, 64)
 GUEST_MARK = "KABUTO-STAMP"
 IMPORTTIME_TOP = 16
 # stamps the guest's clock around each step; `read` is a shell builtin, so a stamp forks nothing
