@@ -75,3 +75,28 @@ def test_installed_image_reads_the_record(cache: Path) -> None:
     found = installed_image()
     assert found == image
     assert found.kernel_version == "6.1.0-1-amd64" and found.flavour == "generic"
+
+
+def test_build_without_a_terminal_prints_a_line_per_step_and_heartbeat(
+        cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`make demo` in CI: no terminal, so no bar; each step the build reports, and each heartbeat
+    of a long step (the kernel's compile), is a line of its own on stderr, as it happens."""
+    from kabuto.cli import image_cmd
+    from kabuto.image import STEPS
+
+    image = GuestImage(kernel=cache / "vmlinux", initrd=cache / "initrd.img", key="k2",
+                       kernel_version="6.1.192", flavour="custom", compression="none")
+    heartbeat = f"{STEPS[3]}: 1234 objects compiled in 90 s"
+
+    async def build(force: bool, flavour: str, compression: str, progress) -> GuestImage:  # type: ignore[no-untyped-def]
+        for step in (STEPS[0], STEPS[3], heartbeat, *STEPS[4:]):
+            progress(step)
+        return image
+
+    monkeypatch.setattr(image_cmd, "build_guest_image", build)
+    result = CliRunner().invoke(cli, ["image", "build"])
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stderr.splitlines() if line.startswith("[")]
+    assert [line.split("] ", 1)[1] for line in lines] == [STEPS[0], STEPS[3], heartbeat, *STEPS[4:]]
+    assert all(line.split("]")[0].endswith(" s") for line in lines)
+    assert f"kernel {image.kernel}" in result.stdout

@@ -223,3 +223,36 @@ async def test_a_long_compile_reports_how_far_it_got(tmp_path: Path, monkeypatch
         await first.wait()
     ticker.cancel()
     assert heard[0].startswith("2 objects compiled in ")
+
+
+async def test_each_silent_phase_of_the_kernel_build_is_announced(tmp_path: Path, monkeypatch) -> None:
+    """Unpacking the source and configuring it print nothing for minutes, as make -s does: the
+    heartbeat hears each phase begin, in order, before the compile's object counts."""
+    commands: list[list[str]] = []
+
+    async def extract(deb: Path, dest: Path) -> None:
+        (dest / "usr/src").mkdir(parents=True)
+        (dest / "usr/src/linux-source-6.1.tar.xz").write_bytes(b"")
+
+    async def run(args: list[str], timeout: float) -> str:
+        commands.append(args)
+        if args[0] == "tar":
+            (tmp_path / "linux-source-6.1").mkdir()
+        elif args[-1] == "tinyconfig":
+            (tmp_path / "out").mkdir()
+            (tmp_path / "out/.config").write_text("")
+        elif args[-1] == "vmlinux":
+            (tmp_path / "out/vmlinux").write_bytes(b"\x7fELF")
+        return "6.1.192\n"
+
+    monkeypatch.setattr(debian, "extract", extract)
+    monkeypatch.setattr(kernel, "_run", run)
+    monkeypatch.setattr(kernel.elf, "has_pvh_entry", lambda data: True)
+    heard: list[str] = []
+    release = await kernel._compile(tmp_path / "linux-source-6.1_all.deb", tmp_path, {}, 2,
+                                    heartbeat=heard.append)
+    assert release == "6.1.192"
+    assert heard == ["unpacking linux-source-6.1_all.deb", "configuring linux-source-6.1",
+                     "compiling with 2 jobs"]
+    assert [args[-1] for args in commands] == [str(tmp_path), "tinyconfig", "olddefconfig", "vmlinux",
+                                               "kernelrelease"]

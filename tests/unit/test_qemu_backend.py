@@ -89,7 +89,7 @@ def test_command_line_tcg(table: HypervisorConfig, tmp_path: Path) -> None:
     args = build_command(table, TCG, paths, [agent, disk, share], "vm1")
     assert args[0] == table.path
     assert {"-nodefaults", "-no-user-config", "-nographic", "-S", "-no-reboot"} <= set(args)
-    assert _option(args, "-accel") == ["tcg,thread=multi"]
+    assert _option(args, "-accel") == [f"tcg,thread=multi,tb-size={table.tcg_tb_size}"]
     assert _option(args, "-cpu") == ["max"]
     assert _option(args, "-machine") == ["q35,sata=off,smbus=off,vmport=off,smm=off"]
     assert _option(args, "-m") == ["512M"]
@@ -419,3 +419,13 @@ async def test_console_from_a_flooding_guest_stays_bounded(vm_root: Path) -> Non
     assert CONSOLE_LOG_MAX_BYTES <= log_size < CONSOLE_LOG_MAX_BYTES + 100
     socket_path.unlink()
     log_path.unlink()
+
+
+def test_tcg_tb_size_sizes_tcg_s_translation_cache_only(table: HypervisorConfig, tmp_path: Path) -> None:
+    table.tcg_tb_size = 0  # QEMU's own default: no option at all
+    assert _option(build_command(table, TCG, VmPaths(tmp_path), [], "vm1"), "-accel") == ["tcg,thread=multi"]
+    table.tcg_tb_size = 128
+    assert _option(build_command(table, TCG, VmPaths(tmp_path), [], "vm1"), "-accel") == [
+        "tcg,thread=multi,tb-size=128"]
+    # KVM has no translation cache
+    assert _option(build_command(table, KVM, VmPaths(tmp_path), [], "vm1"), "-accel") == ["kvm"]

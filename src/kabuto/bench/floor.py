@@ -18,9 +18,11 @@ MARKER = b"KABUTO-FLOOR-UP"
 BUSYBOX = "/bin/busybox"
 
 
-def one_line_initrd(dest: Path) -> Path:
-    """A gzip'd initramfs holding busybox and an /init of one line that prints the marker."""
-    init = f"#!/bin/busybox sh\n/bin/busybox echo {MARKER.decode()}; /bin/busybox reboot -f\n"
+def one_line_initrd(dest: Path, idle: bool = False) -> Path:
+    """A gzip'd initramfs holding busybox and an /init of one line that prints the marker, then
+    powers off (or, ``idle``, sleeps: a VM to measure the memory of)."""
+    after = "/bin/busybox sleep 86400" if idle else "/bin/busybox reboot -f"
+    init = f"#!/bin/busybox sh\n/bin/busybox echo {MARKER.decode()}; {after}\n"
     return pack_initrd(dest, {"init": init.encode(), "bin/busybox": Path(BUSYBOX).read_bytes()})
 
 

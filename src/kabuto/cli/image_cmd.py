@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 
 import click
 from rich.console import Console
-from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+from kabuto.cli import progress
 from kabuto.config.model import HypervisorConfig
 from kabuto.errors import ConfigError
 from kabuto.image import (
@@ -38,17 +37,7 @@ def image_group() -> None:
 def build_command(force: bool, flavour: str, compression: str) -> None:
     """Assemble the guest image from Debian packages into /var/cache/kabuto (cached by its inputs)."""
     console = Console(stderr=True)
-    started = time.monotonic()
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
-                  console=console, transient=True) as progress:
-        task = progress.add_task("guest image", total=len(STEPS))
-
-        def report(step: str) -> None:
-            # a step, or "<step>: how far it got"
-            progress.update(task, description=step, completed=STEPS.index(step.split(": ")[0]))
-            if not console.is_terminal:  # a log or CI: a line per step, as the bar cannot show
-                click.echo(f"[{time.monotonic() - started:5.0f} s] {step}", err=True)
-
+    with progress.phases("guest image", STEPS) as report:
         image = asyncio.run(build_guest_image(force=force, flavour=flavour, compression=compression,
                                               progress=report))
     console.print(f"guest image {image.key}: {image.flavour} kernel {image.kernel_version}, "

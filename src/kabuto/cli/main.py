@@ -7,17 +7,28 @@ that drive runc (conmon, containerd's runc shim, the OCI validation suite) can d
 
 from __future__ import annotations
 
+import importlib
 import sys
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import click
 
-from kabuto.cli import config_cmd, factory_cmd, image_cmd, runtime_cmd, spec_cmd, vm_cmd
 from kabuto.cli.logs import RuntimeLog
 from kabuto.errors import KabutoError
-from kabuto.runtime.commands import OCI_VERSION
 from kabuto.runtime.state import STATE_ROOT_ENV
+
+#: command -> the kabuto.cli module whose register() adds it. A command's module is imported
+#: only when that command runs (or help lists them all): `kabuto run` pays for no rich, no image
+#: builder and no configuration tooling (docs/benchmarks.md, cold start)
+COMMAND_MODULES = {
+    **dict.fromkeys(("config", "hypervisors", "check"), "config_cmd"),
+    "factory": "factory_cmd",
+    "image": "image_cmd",
+    "vm": "vm_cmd",
+    **dict.fromkeys(("run", "create", "start", "state", "pause", "resume", "update", "kill", "delete",
+                     "exec", "list", "ps", "events"), "runtime_cmd"),
+    **dict.fromkeys(("features", "spec"), "spec_cmd"),
+}
 
 # the log the global options set up; main() reports failures through it
 _log: list[RuntimeLog] = []
@@ -25,6 +36,10 @@ _log: list[RuntimeLog] = []
 
 def version_text() -> str:
     """runc's --version lines: the runtime's version, then the runtime-spec version it implements."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from kabuto.runtime.commands import OCI_VERSION
+
     try:
         own = version("kabuto")
     except PackageNotFoundError:
@@ -38,7 +53,20 @@ def _print_version(ctx: click.Context, param: click.Parameter, value: bool) -> N
         ctx.exit()
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class LazyGroup(click.Group):
+    """A group whose commands are added by their module's register() the first time one is asked for."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | COMMAND_MODULES.keys())
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands and cmd_name in COMMAND_MODULES:
+            module = importlib.import_module(f"kabuto.cli.{COMMAND_MODULES[cmd_name]}")
+            module.register(self)
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), envvar="KABUTO_CONFIG",
               help="configuration.toml to use (default: $KABUTO_CONFIG, /etc/kabuto/configuration.toml).")
 @click.option("--hypervisor", "hypervisor_name", default=None, help="Override [runtime] hypervisor_name.")
@@ -64,10 +92,6 @@ def cli(ctx: click.Context, config_path: str | None, hypervisor_name: str | None
     ctx.ensure_object(dict)
     ctx.obj.update(config_path=config_path, hypervisor_name=hypervisor_name, root=root,
                    systemd_cgroup=systemd_cgroup)
-
-
-for module in (config_cmd, image_cmd, vm_cmd, runtime_cmd, spec_cmd, factory_cmd):
-    module.register(cli)
 
 
 def _fail(message: str, code: int) -> None:

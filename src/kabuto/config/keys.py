@@ -125,6 +125,8 @@ REGISTRY: dict[str, Coverage] = {
                                        frozenset({QEMU, DB})),
     "hypervisor.machine_accelerators": _qemu("cmdline (-machine)"),
     "hypervisor.accel": _qemu("backend (accelerator choice)", "hypervisor/qemu/backend.py"),
+    "hypervisor.tcg_tb_size": _qemu("cmdline (-accel tcg,tb-size: TCG only; a value set under KVM warns)",
+                                    "hypervisor/qemu/cmdline.py", "hypervisor/qemu/backend.py"),
     "hypervisor.cpu_features": _qemu("cmdline (-cpu)"),
     "hypervisor.vm_rootfs_driver": WARNED,
     "hypervisor.rootfs_type": WARNED,

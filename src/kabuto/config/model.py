@@ -64,6 +64,10 @@ class HypervisorConfig(_Table):
     machine_accelerators: str = ""
     #: Kabuto extension: "auto" uses KVM only where it runs ordinary guests, else TCG
     accel: str = "auto"
+    #: Kabuto extension: MiB of QEMU's TCG translation cache (-accel tcg,tb-size=N; 0 is QEMU's own
+    #: default, 1 GiB in 7.2); the cache fills as the guest runs new code and stays resident, so it
+    #: is most of a TCG QEMU's memory beyond the guest's (docs/benchmarks.md). No effect under KVM.
+    tcg_tb_size: int = 64
     cpu_features: str = ""
     vm_rootfs_driver: str = ""
     rootfs_type: str = ""

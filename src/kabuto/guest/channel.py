@@ -32,8 +32,11 @@ DEFAULT_PORT_NAME = "agent.channel.0"
 # agent.channel.N so that several host processes can talk to the agent at once.
 PORT_NAME_PREFIX = "agent.channel."
 PORT_POLL_INTERVAL = 0.02
-# SIGIO announces a host (dis)connection; this poll only backs it up.
+# SIGIO announces a host (dis)connection; this poll only backs it up, rarely where SIGIO works:
+# every idle port woke 10 times a second, which kept an idle TCG guest's vCPU half busy
+# (docs/benchmarks.md, cold start); without SIGIO the poll is all there is, and it is kept short.
 HOST_POLL_INTERVAL = 0.1
+HOST_POLL_BACKSTOP = 2.0
 READ_CHUNK = 256 * 1024
 WRITE_HIGH_WATER = 1 << 20
 WRITE_LOW_WATER = 256 * 1024
@@ -313,7 +316,7 @@ class VirtioSerialChannel:
             if self.host_connected():
                 return
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(HOST_POLL_INTERVAL):
+                async with asyncio.timeout(HOST_POLL_BACKSTOP if self._sigio else HOST_POLL_INTERVAL):
                     await self._host_event.wait()
 
     async def serve_forever(self, serve: Serve) -> None:

@@ -160,7 +160,10 @@ async def build_kernel(source: debian.Package, cache: Path, options: dict[str, s
 
 async def _compile(deb: Path, staging: Path, options: dict[str, str], jobs: int,
                    heartbeat: Callable[[str], None] | None = None) -> str:
-    """Unpack the source, configure it with ``options`` and build vmlinux; its kernel release."""
+    """Unpack the source, configure it with ``options`` and build vmlinux; its kernel release.
+    ``heartbeat`` hears each phase begin (unpacking and configuring print nothing for minutes too)."""
+    say = heartbeat or (lambda detail: None)
+    say(f"unpacking {deb.name}")
     unpacked = staging / "deb"
     await debian.extract(deb, unpacked)
     tarballs = sorted((unpacked / "usr" / "src").glob("linux-source-*.tar.*"))
@@ -171,6 +174,7 @@ async def _compile(deb: Path, staging: Path, options: dict[str, str], jobs: int,
     await asyncio.to_thread(shutil.rmtree, unpacked, True)
     out = staging / "out"
     make = ["make", "-s", "-C", str(source_dir), f"O={out}"]
+    say(f"configuring {source_dir.name}")
     await _run([*make, "tinyconfig"], CONFIGURE_TIMEOUT)
     config = out / ".config"
     with config.open("a") as merged:
@@ -180,6 +184,7 @@ async def _compile(deb: Path, staging: Path, options: dict[str, str], jobs: int,
     if unmet:
         raise ImageError(f"kernel options in {FRAGMENT.name} not accepted by {source_dir.name} "
                          f"(unmet dependencies?): {', '.join(unmet)}")
+    say(f"compiling with {jobs} jobs")
     ticker = asyncio.create_task(_count_objects(out, heartbeat)) if heartbeat else None
     try:
         await _run([*make, f"-j{jobs}", KERNEL_NAME], MAKE_TIMEOUT)

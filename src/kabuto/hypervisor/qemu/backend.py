@@ -72,6 +72,7 @@ STOP_GRACE_TIMEOUT = 5.0
 QEMU_EXIT_GRACE_POLLS = 20
 KILL_TIMEOUT = 5.0
 ERROR_TAIL_CHARS = 1500
+TCG_TB_SIZE_DEFAULT = HypervisorConfig.model_fields["tcg_tb_size"].default
 
 
 class QemuHypervisor(Hypervisor):
@@ -145,6 +146,9 @@ class QemuHypervisor(Hypervisor):
         if restore_from is not None and not _is_file(restore_from):
             raise self._error(f"saved VM state {restore_from} does not exist")
         self.accelerator = choose_accelerator(self.config.accel)
+        if self.accelerator.name == "kvm" and self.config.tcg_tb_size != TCG_TB_SIZE_DEFAULT:
+            log.warning("qemu: tcg_tb_size = %d does nothing under KVM (it sizes TCG's translation cache)",
+                        self.config.tcg_tb_size)
         self._vhost_net = use_vhost_net(self.config, self.accelerator, _exists(DEV_VHOST_NET))
         started = time.monotonic()
         try:

@@ -117,6 +117,8 @@ def accel_args(accel: Accelerator, table: HypervisorConfig) -> list[str]:
         # Multi-threaded TCG: one host thread per vCPU, so vCPU thread ids are real threads.
         cpu = "max"
         accel_opt = "tcg,thread=multi"
+        if table.tcg_tb_size:
+            accel_opt += f",tb-size={table.tcg_tb_size}"
     if table.cpu_features:
         cpu += "," + table.cpu_features
     return ["-accel", accel_opt, "-cpu", cpu]
