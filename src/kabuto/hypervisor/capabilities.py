@@ -30,6 +30,10 @@ class Capabilities:
     resize_memory: bool = False
     #: virtio-net NICs on host taps, cold-plugged at least (hot-plug: ``hotplug`` says)
     network: bool = False
+    #: a hot-plugged NIC can use a tap of another network namespace than the VMM's: the tap is
+    #: opened there and its file descriptor passed to the VMM (a VM booted before its pod's netns
+    #: was known, as a VM factory's)
+    network_tap_fd: bool = False
     # extra facts a backend wants to publish (shown by `kabuto hypervisors`)
     notes: tuple[str, ...] = field(default_factory=tuple)
 
@@ -63,6 +67,7 @@ class Capabilities:
             "resize_vcpu": self.resize_vcpu,
             "resize_memory": self.resize_memory,
             "network": self.network,
+            "network_tap_fd": self.network_tap_fd,
             "notes": list(self.notes),
         }
 
@@ -79,5 +84,6 @@ class Capabilities:
             resize_vcpu=bool(data.get("resize_vcpu", False)),
             resize_memory=bool(data.get("resize_memory", False)),
             network=bool(data.get("network", False)),
+            network_tap_fd=bool(data.get("network_tap_fd", False)),
             notes=tuple(str(n) for n in data.get("notes", [])),
         )

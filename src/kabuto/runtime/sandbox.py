@@ -34,12 +34,14 @@ from kabuto.hypervisor import new_hypervisor, resolve_config, restore_hypervisor
 from kabuto.hypervisor.base import Hypervisor, HypervisorState, VmStatus, vm_dir_name
 from kabuto.hypervisor.capabilities import Capabilities
 from kabuto.hypervisor.devices import BlockDevice, DeviceKind, NetworkDevice, SharedFsDevice
+from kabuto.hypervisor.resolve import ResolvedConfig
 from kabuto.hypervisor.vmm_process import kill_processes_naming
 from kabuto.processes import process_record
 from kabuto.runtime import host_cgroup, network
 from kabuto.runtime import resources as resource_sizing
 from kabuto.runtime import rootfs as rootfs_delivery
 from kabuto.runtime.bundle import Bundle, BundleError, ContainerIdError, check_container_id
+from kabuto.runtime.factory import cache, cache_store
 from kabuto.runtime.rootfs import RootfsError, Storage
 from kabuto.runtime.state import ContainerRecord, SandboxRecord, StateError, StateStore, now_rfc3339
 from kabuto.ttrpc.status import Code
@@ -153,23 +155,36 @@ class VirtSandbox:
                 # before anything is spawned: the VMM and virtiofsd inherit it
                 record.host_cgroup = host_cgroup.join(cgroups_path, os.getpid())
                 store.save(record)
-            await hypervisor.prepare_vm(sandbox_id, netns=netns)
             storages: list[Storage] = []
-            if fs_kind is not None:
-                shared = sandbox.directory / "shared"
-                shared.mkdir(mode=0o700)
-                record.shared_dir, record.share_tag = str(shared), rootfs_delivery.SHARE_TAG
-                await hypervisor.add_device(SharedFsDevice(SHARED_FS_DEVICE_ID, fs_kind, shared,
-                                                           rootfs_delivery.SHARE_TAG))
-                storages.append(rootfs_delivery.sandbox_share_storage(fs_kind.value,
-                                                                      hypervisor.config.msize_9p))
+            warm = await sandbox._take_cached_vm(resolved, bool(block_rootfs), boot_timeout, cgroups_path)
+            if warm is not None:
+                hypervisor = sandbox.hypervisor = warm
+                share = next((d for d in warm.devices if isinstance(d, SharedFsDevice)
+                              and d.id == SHARED_FS_DEVICE_ID), None)
+                if share is not None:
+                    record.shared_dir, record.share_tag = str(share.host_path), share.mount_tag
+                    storages.append(rootfs_delivery.sandbox_share_storage(share.fs.value,
+                                                                          warm.config.msize_9p))
+                # the VM runs: its NICs are hot-plugged, on taps it is handed by descriptor
+                endpoints = await sandbox._plug_endpoints() if netns else []
+                await sandbox._persist_hypervisor()
             else:
-                for container_id, bundle in block_rootfs or []:
-                    await hypervisor.add_device(await sandbox._block_device(container_id, bundle))
-            endpoints = await sandbox._plug_endpoints() if netns else []
-            store.save(record)
-            await hypervisor.start_vm(timeout=boot_timeout)
-            await sandbox._persist_hypervisor()
+                await hypervisor.prepare_vm(sandbox_id, netns=netns)
+                if fs_kind is not None:
+                    shared = sandbox.directory / "shared"
+                    shared.mkdir(mode=0o700)
+                    record.shared_dir, record.share_tag = str(shared), rootfs_delivery.SHARE_TAG
+                    await hypervisor.add_device(SharedFsDevice(SHARED_FS_DEVICE_ID, fs_kind, shared,
+                                                               rootfs_delivery.SHARE_TAG))
+                    storages.append(rootfs_delivery.sandbox_share_storage(fs_kind.value,
+                                                                          hypervisor.config.msize_9p))
+                else:
+                    for container_id, bundle in block_rootfs or []:
+                        await hypervisor.add_device(await sandbox._block_device(container_id, bundle))
+                endpoints = await sandbox._plug_endpoints() if netns else []
+                store.save(record)
+                await hypervisor.start_vm(timeout=boot_timeout)
+                await sandbox._persist_hypervisor()
             await sandbox.connect(boot_timeout)
             await sandbox._agent_call("CreateSandbox", sandbox.containers.create_sandbox(
                 hostname=hostname, storages=[_agent_storage(s) for s in storages], sandbox_id=sandbox_id))
@@ -185,6 +200,39 @@ class VirtSandbox:
                     await hypervisor.cleanup()
                 store.remove(sandbox_id)
             raise
+
+    async def _take_cached_vm(self, resolved: ResolvedConfig, block_rootfs: bool, boot_timeout: float,
+                              cgroups_path: str | None) -> Hypervisor | None:
+        """A VM the factory cache booted before this sandbox asked ([factory] vm_cache_number),
+        when it can be made this sandbox's as a cold boot would be; None (with the reason in
+        the log) for a cold boot."""
+        if cache.cache_endpoint(resolved) is None:
+            return None
+        capabilities, netns = self.capabilities, self.record.netns
+        why = ""
+        if cgroups_path and resolved.config.runtime.sandbox_cgroup_only:
+            why = "under sandbox_cgroup_only the VMM must start in the sandbox's cgroup"
+        elif netns and not (capabilities.can_hotplug(DeviceKind.NETWORK) and capabilities.network_tap_fd):
+            why = (f"the pod's NICs would have to be hot-plugged on taps of {netns}, which "
+                   f"{self.hypervisor.name} cannot take by descriptor")
+        elif block_rootfs and capabilities.preferred_shared_fs() is None \
+                and not capabilities.can_hotplug(DeviceKind.BLOCK):
+            why = f"{self.hypervisor.name} can neither share nor hot-plug the container's rootfs"
+        if why:
+            log.info("sandbox %s: not from the factory cache (%s); booting a VM cold", self.id, why)
+            return None
+
+        def claim(state: HypervisorState) -> None:
+            self.record.hypervisor_state = state.to_dict()
+            self.store.save(self.record)
+
+        warm = await cache.take(resolved, self.store, claim=claim, wait=boot_timeout)
+        if warm is None:
+            self.record.hypervisor_state = {}
+            self.store.save(self.record)
+            return None
+        log.info("sandbox %s: VM %s from the factory cache", self.id, warm.id)
+        return warm
 
     @classmethod
     async def attach(cls, sandbox_id: str, store: StateStore) -> VirtSandbox:
@@ -387,9 +435,16 @@ class VirtSandbox:
             self.store.save(self.record)
             interface = endpoint.interface
             await self.hypervisor.add_device(NetworkDevice(f"net{index}", tap_name=tap, mac=interface.mac,
-                                                           mtu=interface.mtu or 1500, queues=queues))
+                                                           netns=self._tap_netns, mtu=interface.mtu or 1500,
+                                                           queues=queues))
             plugged.append(endpoint)
         return plugged
+
+    @property
+    def _tap_netns(self) -> str:
+        """Where the backend opens a NIC's tap: "" in the VMM's own netns (a cold boot started it
+        in the pod's), else the pod's netns, the tap handed over by descriptor."""
+        return "" if (self.hypervisor.netns or "") == self.record.netns else self.record.netns
 
     @property
     def _network_queues(self) -> int:
@@ -440,7 +495,7 @@ class VirtSandbox:
         self.store.save(self.record)
         taken = {d.id for d in self.hypervisor.devices}
         device_id = next(f"net{n}" for n in range(len(taken) + 1) if f"net{n}" not in taken)
-        device = NetworkDevice(device_id, tap_name=tap, mac=endpoint.interface.mac,
+        device = NetworkDevice(device_id, tap_name=tap, mac=endpoint.interface.mac, netns=self._tap_netns,
                                mtu=endpoint.interface.mtu or 1500, queues=queues)
         try:
             await self.hypervisor.add_device(device)
@@ -716,6 +771,7 @@ class VirtSandbox:
             for child in rootfs_delivery.list_dir(shared):
                 with contextlib.suppress(RootfsError):
                     await rootfs_delivery.unshare_container(shared, child.name)
+            cache_store.forget_shared(self.store, shared)
         rootfs_delivery.remove_files(*self.directory.glob("*.ext4"))
         self.store.remove(self.id)
         if errors:
@@ -832,7 +888,8 @@ async def remove_dead_sandbox(store: StateStore, sandbox_id: str) -> None:
     """Clean up after a sandbox whose creator died mid-creation (no hypervisor state saved): the
     processes it may have spawned for the VM (found by the VM directory they name), shares, files."""
     record = store.load(sandbox_id)
-    vm_dir = store.jailer_root / vm_dir_name(sandbox_id)
+    # a VM from the factory cache has an id of its own, recorded as the daemon handed it out
+    vm_dir = store.jailer_root / vm_dir_name(record.hypervisor_state.get("id") or sandbox_id)
     await kill_processes_naming(vm_dir)
     await _unplug_endpoints(record)
     _leave_host_cgroup(record)
@@ -840,6 +897,7 @@ async def remove_dead_sandbox(store: StateStore, sandbox_id: str) -> None:
     if shared is not None:
         for child in rootfs_delivery.list_dir(shared):
             await rootfs_delivery.unshare_container(shared, child.name)
+        cache_store.forget_shared(store, shared)
     if vm_dir.is_dir():
         await asyncio.to_thread(shutil.rmtree, vm_dir, True)
     rootfs_delivery.remove_files(*store.sandbox_dir(sandbox_id).glob("*.ext4"))

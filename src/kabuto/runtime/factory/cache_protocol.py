@@ -1,0 +1,78 @@
+"""The cache daemon's wire protocol: one JSON object per line over a Unix stream socket.
+
+Every line is bounded (MAX_LINE) and every read waits a bounded time, on both sides: neither a
+client nor the daemon hangs on a peer that stopped answering or sends without end.
+
+    client -> {"op": "take", "key": K, "wait": S}   a VM of configuration K, waiting up to S s
+    daemon -> {"vm": HypervisorState} | {"none": reason}
+    client -> {"op": "taken"}                        the client recorded the VM: it is its own
+    daemon -> {"ok": true}
+    client -> {"op": "status"}
+    daemon -> {"ready": n, "booting": n, "number": N, "key": K, "pid": P}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from kabuto.errors import KabutoError
+
+#: a hypervisor state with its whole table is a few KiB
+MAX_LINE = 256 * 1024
+#: how long either side waits for a line the protocol says comes at once
+LINE_TIMEOUT = 5.0
+#: the longest a client may ask the daemon to wait for a VM being booted
+MAX_TAKE_WAIT = 300.0
+
+
+class CacheProtocolError(KabutoError):
+    """The peer broke the protocol, went away or did not answer in time."""
+
+
+def config_key(hypervisor_name: str, table: dict[str, Any], state_root: Path) -> str:
+    """What a cached VM must match to be used: the backend, its effective table (after
+    annotations and the plugin's adjust: kernel, initrd, sizes, devices) and the state root
+    (whose .vm directory holds the VM)."""
+    text = json.dumps({"hypervisor": hypervisor_name, "table": table, "root": str(state_root)},
+                      sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+async def send(writer: asyncio.StreamWriter, message: dict[str, Any]) -> None:
+    line = json.dumps(message, separators=(",", ":")).encode() + b"\n"
+    if len(line) > MAX_LINE:
+        raise CacheProtocolError(f"message of {len(line)} bytes is over the {MAX_LINE}-byte limit")
+    writer.write(line)
+    try:
+        async with asyncio.timeout(LINE_TIMEOUT):
+            await writer.drain()
+    except TimeoutError:
+        raise CacheProtocolError(f"the peer took no data for {LINE_TIMEOUT:g}s") from None
+    except OSError as exc:
+        raise CacheProtocolError(f"the peer went away: {exc.strerror or exc}") from None
+
+
+async def receive(reader: asyncio.StreamReader, timeout: float = LINE_TIMEOUT) -> dict[str, Any]:
+    """The next message within ``timeout`` seconds (the reader's limit bounds its size)."""
+    try:
+        async with asyncio.timeout(timeout):
+            line = await reader.readline()
+    except TimeoutError:
+        raise CacheProtocolError(f"no answer within {timeout:g}s") from None
+    except ValueError:  # asyncio's "separator is not found, and chunk exceed the limit"
+        raise CacheProtocolError(f"a line over the {MAX_LINE}-byte limit") from None
+    except OSError as exc:
+        raise CacheProtocolError(f"the connection failed: {exc.strerror or exc}") from None
+    if not line.endswith(b"\n"):
+        raise CacheProtocolError("the peer closed the connection" + (" mid-line" if line else ""))
+    try:
+        message = json.loads(line)
+    except ValueError as exc:
+        raise CacheProtocolError(f"not JSON: {exc}") from None
+    if not isinstance(message, dict):
+        raise CacheProtocolError("a message that is no JSON object")
+    return message
