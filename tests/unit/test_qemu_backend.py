@@ -99,6 +99,7 @@ def test_command_line_tcg(table: HypervisorConfig, tmp_path: Path) -> None:
     assert "console=ttyS0" in _option(args, "-append")[0]
     devices = _option(args, "-device")
     assert "virtserialport,bus=virtio-serial0.0,chardev=chr-agent,name=agent.channel.0,id=agent" in devices
+    assert "vmgenid,guid=auto" in devices
     assert "virtio-blk-pci,id=disk0,drive=drive-disk0,serial=disk0" in devices
     assert sum(d.startswith("pcie-root-port") for d in devices) == 4
     blockdev = json.loads(_option(args, "-blockdev")[0])

@@ -216,6 +216,17 @@ class AgentClient:
                                    wait + self.call_timeout)
         return response.online_cpus
 
+    async def reseed_random_dev(self, data: bytes, timeout: float | None = None) -> None:
+        """Have the guest mix ``data`` into its entropy pool and reseed its CRNG (Kata's
+        ReseedRandomDev)."""
+        await self.call("ReseedRandomDev", agent_pb2.ReseedRandomDevRequest(data=data),
+                        agent_pb2.ReseedRandomDevResponse, timeout)
+
+    async def set_guest_date_time(self, sec: int, usec: int, timeout: float | None = None) -> None:
+        """Set the guest's wall clock (Kata's SetGuestDateTime)."""
+        await self.call("SetGuestDateTime", agent_pb2.SetGuestDateTimeRequest(sec=sec, usec=usec),
+                        agent_pb2.SetGuestDateTimeResponse, timeout)
+
     async def shutdown(self, timeout: float | None = None) -> None:
         """Ask the guest to power off (the agent answers first)."""
         await self.call("Shutdown", agent_pb2.ShutdownRequest(), agent_pb2.ShutdownResponse, timeout)

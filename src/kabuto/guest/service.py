@@ -1,4 +1,5 @@
-"""AgentService: the methods the host calls (health, guest details, shutdown)."""
+"""AgentService: the methods the host calls (health, guest details, shutdown, freshening a
+restored guest: entropy and clock)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import os
 from pathlib import Path
 
 import kabuto
+from kabuto.guest import freshen
 from kabuto.protos import agent_pb2
-from kabuto.ttrpc import Method, unary_method
+from kabuto.ttrpc import Code, Method, RpcError, unary_method
 
 # Lets the Shutdown answer leave the guest before the power goes.
 SHUTDOWN_GRACE = 0.1
@@ -140,7 +142,31 @@ class AgentService:
             "GetGuestDetails": unary_method(agent_pb2.GuestDetailsRequest, self.get_guest_details),
             "Shutdown": unary_method(agent_pb2.ShutdownRequest, self.shutdown),
             "OnlineCpus": unary_method(agent_pb2.OnlineCpusRequest, self.online_cpus),
+            "ReseedRandomDev": unary_method(agent_pb2.ReseedRandomDevRequest, self.reseed_random_dev),
+            "SetGuestDateTime": unary_method(agent_pb2.SetGuestDateTimeRequest, self.set_guest_date_time),
         }
+
+    async def reseed_random_dev(
+        self, request: agent_pb2.ReseedRandomDevRequest
+    ) -> agent_pb2.ReseedRandomDevResponse:
+        try:
+            freshen.reseed(request.data)
+        except freshen.FreshenError as exc:
+            raise RpcError(Code.INVALID_ARGUMENT, str(exc)) from None
+        except OSError as exc:
+            raise RpcError(Code.INTERNAL, f"reseeding the guest RNG: {exc}") from None
+        return agent_pb2.ReseedRandomDevResponse()
+
+    async def set_guest_date_time(
+        self, request: agent_pb2.SetGuestDateTimeRequest
+    ) -> agent_pb2.SetGuestDateTimeResponse:
+        try:
+            freshen.set_wall_clock(request.sec, request.usec)
+        except freshen.FreshenError as exc:
+            raise RpcError(Code.INVALID_ARGUMENT, str(exc)) from None
+        except OSError as exc:
+            raise RpcError(Code.INTERNAL, f"setting the guest clock: {exc}") from None
+        return agent_pb2.SetGuestDateTimeResponse()
 
     async def online_cpus(self, request: agent_pb2.OnlineCpusRequest) -> agent_pb2.OnlineCpusResponse:
         online = await online_cpus(request.cpus, request.timeout_seconds)

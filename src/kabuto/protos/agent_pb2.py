@@ -24,31 +24,39 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19kabuto/protos/agent.proto\x12\x0fkabuto.agent.v1\":\n\x11OnlineCpusRequest\x12\x0c\n\x04\x63pus\x18\x01 \x01(\r\x12\x17\n\x0ftimeout_seconds\x18\x02 \x01(\x01\")\n\x12OnlineCpusResponse\x12\x13\n\x0bonline_cpus\x18\x01 \x01(\r\"\x1f\n\x0c\x43heckRequest\x12\x0f\n\x07service\x18\x01 \x01(\t\"\x89\x01\n\rCheckResponse\x12<\n\x06status\x18\x01 \x01(\x0e\x32,.kabuto.agent.v1.CheckResponse.ServingStatus\":\n\rServingStatus\x12\x0b\n\x07UNKNOWN\x10\x00\x12\x0b\n\x07SERVING\x10\x01\x12\x0f\n\x0bNOT_SERVING\x10\x02\"\x15\n\x13GuestDetailsRequest\"\xb6\x02\n\x14GuestDetailsResponse\x12\x16\n\x0ekernel_release\x18\x01 \x01(\t\x12\x17\n\x0fmem_total_bytes\x18\x02 \x01(\x04\x12\x13\n\x0bonline_cpus\x18\x03 \x01(\r\x12\x15\n\ragent_version\x18\x04 \x01(\t\x12\x16\n\x0ekernel_version\x18\x05 \x01(\t\x12\x0f\n\x07machine\x18\x06 \x01(\t\x12$\n\x1c\x61gent_started_uptime_seconds\x18\x07 \x01(\x01\x12\x16\n\x0euptime_seconds\x18\x08 \x01(\x01\x12\x0f\n\x07is_init\x18\t \x01(\x08\x12#\n\x1binit_started_uptime_seconds\x18\n \x01(\x01\x12$\n\x1c\x61gent_serving_uptime_seconds\x18\x0b \x01(\x01\"\x11\n\x0fShutdownRequest\"\x12\n\x10ShutdownResponse2\xde\x02\n\x0c\x41gentService\x12\x46\n\x05\x43heck\x12\x1d.kabuto.agent.v1.CheckRequest\x1a\x1e.kabuto.agent.v1.CheckResponse\x12^\n\x0fGetGuestDetails\x12$.kabuto.agent.v1.GuestDetailsRequest\x1a%.kabuto.agent.v1.GuestDetailsResponse\x12O\n\x08Shutdown\x12 .kabuto.agent.v1.ShutdownRequest\x1a!.kabuto.agent.v1.ShutdownResponse\x12U\n\nOnlineCpus\x12\".kabuto.agent.v1.OnlineCpusRequest\x1a#.kabuto.agent.v1.OnlineCpusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19kabuto/protos/agent.proto\x12\x0fkabuto.agent.v1\"&\n\x16ReseedRandomDevRequest\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\x19\n\x17ReseedRandomDevResponse\"4\n\x17SetGuestDateTimeRequest\x12\x0b\n\x03sec\x18\x01 \x01(\x03\x12\x0c\n\x04usec\x18\x02 \x01(\x03\"\x1a\n\x18SetGuestDateTimeResponse\":\n\x11OnlineCpusRequest\x12\x0c\n\x04\x63pus\x18\x01 \x01(\r\x12\x17\n\x0ftimeout_seconds\x18\x02 \x01(\x01\")\n\x12OnlineCpusResponse\x12\x13\n\x0bonline_cpus\x18\x01 \x01(\r\"\x1f\n\x0c\x43heckRequest\x12\x0f\n\x07service\x18\x01 \x01(\t\"\x89\x01\n\rCheckResponse\x12<\n\x06status\x18\x01 \x01(\x0e\x32,.kabuto.agent.v1.CheckResponse.ServingStatus\":\n\rServingStatus\x12\x0b\n\x07UNKNOWN\x10\x00\x12\x0b\n\x07SERVING\x10\x01\x12\x0f\n\x0bNOT_SERVING\x10\x02\"\x15\n\x13GuestDetailsRequest\"\xb6\x02\n\x14GuestDetailsResponse\x12\x16\n\x0ekernel_release\x18\x01 \x01(\t\x12\x17\n\x0fmem_total_bytes\x18\x02 \x01(\x04\x12\x13\n\x0bonline_cpus\x18\x03 \x01(\r\x12\x15\n\ragent_version\x18\x04 \x01(\t\x12\x16\n\x0ekernel_version\x18\x05 \x01(\t\x12\x0f\n\x07machine\x18\x06 \x01(\t\x12$\n\x1c\x61gent_started_uptime_seconds\x18\x07 \x01(\x01\x12\x16\n\x0euptime_seconds\x18\x08 \x01(\x01\x12\x0f\n\x07is_init\x18\t \x01(\x08\x12#\n\x1binit_started_uptime_seconds\x18\n \x01(\x01\x12$\n\x1c\x61gent_serving_uptime_seconds\x18\x0b \x01(\x01\"\x11\n\x0fShutdownRequest\"\x12\n\x10ShutdownResponse2\xad\x04\n\x0c\x41gentService\x12\x46\n\x05\x43heck\x12\x1d.kabuto.agent.v1.CheckRequest\x1a\x1e.kabuto.agent.v1.CheckResponse\x12^\n\x0fGetGuestDetails\x12$.kabuto.agent.v1.GuestDetailsRequest\x1a%.kabuto.agent.v1.GuestDetailsResponse\x12O\n\x08Shutdown\x12 .kabuto.agent.v1.ShutdownRequest\x1a!.kabuto.agent.v1.ShutdownResponse\x12U\n\nOnlineCpus\x12\".kabuto.agent.v1.OnlineCpusRequest\x1a#.kabuto.agent.v1.OnlineCpusResponse\x12\x64\n\x0fReseedRandomDev\x12\'.kabuto.agent.v1.ReseedRandomDevRequest\x1a(.kabuto.agent.v1.ReseedRandomDevResponse\x12g\n\x10SetGuestDateTime\x12(.kabuto.agent.v1.SetGuestDateTimeRequest\x1a).kabuto.agent.v1.SetGuestDateTimeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kabuto.protos.agent_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ONLINECPUSREQUEST']._serialized_start=46
-  _globals['_ONLINECPUSREQUEST']._serialized_end=104
-  _globals['_ONLINECPUSRESPONSE']._serialized_start=106
-  _globals['_ONLINECPUSRESPONSE']._serialized_end=147
-  _globals['_CHECKREQUEST']._serialized_start=149
-  _globals['_CHECKREQUEST']._serialized_end=180
-  _globals['_CHECKRESPONSE']._serialized_start=183
-  _globals['_CHECKRESPONSE']._serialized_end=320
-  _globals['_CHECKRESPONSE_SERVINGSTATUS']._serialized_start=262
-  _globals['_CHECKRESPONSE_SERVINGSTATUS']._serialized_end=320
-  _globals['_GUESTDETAILSREQUEST']._serialized_start=322
-  _globals['_GUESTDETAILSREQUEST']._serialized_end=343
-  _globals['_GUESTDETAILSRESPONSE']._serialized_start=346
-  _globals['_GUESTDETAILSRESPONSE']._serialized_end=656
-  _globals['_SHUTDOWNREQUEST']._serialized_start=658
-  _globals['_SHUTDOWNREQUEST']._serialized_end=675
-  _globals['_SHUTDOWNRESPONSE']._serialized_start=677
-  _globals['_SHUTDOWNRESPONSE']._serialized_end=695
-  _globals['_AGENTSERVICE']._serialized_start=698
-  _globals['_AGENTSERVICE']._serialized_end=1048
+  _globals['_RESEEDRANDOMDEVREQUEST']._serialized_start=46
+  _globals['_RESEEDRANDOMDEVREQUEST']._serialized_end=84
+  _globals['_RESEEDRANDOMDEVRESPONSE']._serialized_start=86
+  _globals['_RESEEDRANDOMDEVRESPONSE']._serialized_end=111
+  _globals['_SETGUESTDATETIMEREQUEST']._serialized_start=113
+  _globals['_SETGUESTDATETIMEREQUEST']._serialized_end=165
+  _globals['_SETGUESTDATETIMERESPONSE']._serialized_start=167
+  _globals['_SETGUESTDATETIMERESPONSE']._serialized_end=193
+  _globals['_ONLINECPUSREQUEST']._serialized_start=195
+  _globals['_ONLINECPUSREQUEST']._serialized_end=253
+  _globals['_ONLINECPUSRESPONSE']._serialized_start=255
+  _globals['_ONLINECPUSRESPONSE']._serialized_end=296
+  _globals['_CHECKREQUEST']._serialized_start=298
+  _globals['_CHECKREQUEST']._serialized_end=329
+  _globals['_CHECKRESPONSE']._serialized_start=332
+  _globals['_CHECKRESPONSE']._serialized_end=469
+  _globals['_CHECKRESPONSE_SERVINGSTATUS']._serialized_start=411
+  _globals['_CHECKRESPONSE_SERVINGSTATUS']._serialized_end=469
+  _globals['_GUESTDETAILSREQUEST']._serialized_start=471
+  _globals['_GUESTDETAILSREQUEST']._serialized_end=492
+  _globals['_GUESTDETAILSRESPONSE']._serialized_start=495
+  _globals['_GUESTDETAILSRESPONSE']._serialized_end=805
+  _globals['_SHUTDOWNREQUEST']._serialized_start=807
+  _globals['_SHUTDOWNREQUEST']._serialized_end=824
+  _globals['_SHUTDOWNRESPONSE']._serialized_start=826
+  _globals['_SHUTDOWNRESPONSE']._serialized_end=844
+  _globals['_AGENTSERVICE']._serialized_start=847
+  _globals['_AGENTSERVICE']._serialized_end=1404
 # @@protoc_insertion_point(module_scope)

@@ -5,6 +5,28 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class ReseedRandomDevRequest(_message.Message):
+    __slots__ = ("data",)
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    def __init__(self, data: _Optional[bytes] = ...) -> None: ...
+
+class ReseedRandomDevResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class SetGuestDateTimeRequest(_message.Message):
+    __slots__ = ("sec", "usec")
+    SEC_FIELD_NUMBER: _ClassVar[int]
+    USEC_FIELD_NUMBER: _ClassVar[int]
+    sec: int
+    usec: int
+    def __init__(self, sec: _Optional[int] = ..., usec: _Optional[int] = ...) -> None: ...
+
+class SetGuestDateTimeResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class OnlineCpusRequest(_message.Message):
     __slots__ = ("cpus", "timeout_seconds")
     CPUS_FIELD_NUMBER: _ClassVar[int]

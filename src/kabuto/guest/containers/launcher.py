@@ -39,6 +39,7 @@ import termios
 from dataclasses import dataclass
 from typing import NoReturn
 
+from kabuto.guest import freshen
 from kabuto.guest.containers import syscalls as sc
 from kabuto.guest.containers.spec import CAPABILITIES, ContainerSpec, MountSpec, ProcessSpec
 
@@ -248,6 +249,18 @@ def _mount_one(rootfs: str, mount: MountSpec) -> str:
     return target
 
 
+def _bind_sandbox_boot_id(rootfs: str) -> None:
+    """The sandbox's own boot id over the kernel's in the container's /proc (the kernel's is the
+    template's in every clone, and read-only), read-only; a container without /proc has none."""
+    if not os.path.isfile(freshen.SANDBOX_BOOT_ID):
+        return
+    target = secure_join(rootfs, freshen.KERNEL_BOOT_ID)
+    if not os.path.isfile(target):
+        return
+    sc.mount(freshen.SANDBOX_BOOT_ID, target, None, sc.MS_BIND)
+    _remount_readonly(target)
+
+
 def _create_devices(rootfs: str, container: ContainerSpec) -> None:
     dev = secure_join(rootfs, "/dev")
     for name, major, minor in DEFAULT_DEVICES:
@@ -334,6 +347,7 @@ def build_container(container: ContainerSpec, console_socket: int | None = None)
             needs_devices = False
     if needs_devices:
         _create_devices(rootfs, container)
+    _bind_sandbox_boot_id(rootfs)
     # As runc: a missing working directory is made (before a read-only root forbids it);
     # where it cannot be, the chdir later says why.
     with contextlib.suppress(OSError):

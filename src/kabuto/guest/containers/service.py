@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kabuto.guest import freshen
 from kabuto.guest.containers import network
 from kabuto.guest.containers import syscalls as sc
 from kabuto.guest.containers.cgroups import (
@@ -207,6 +208,8 @@ class ContainerService:
                     mounted.append(mount_point)
                 if request.hostname:
                     sc.sethostname(request.hostname)
+                # after the host's reseed of a restored guest: each sandbox's differs
+                freshen.new_sandbox_boot_id()
             except BaseException:
                 for mount_point in reversed(mounted):
                     unmount(mount_point)

@@ -292,6 +292,9 @@ def build_command(
         "-kernel", table.kernel,
         "-append", kernel_append(table),
         "-device", f"virtio-serial-pci,id={VIRTIO_SERIAL_BUS}",
+        # a generation id QEMU changes after an incoming migration: the guest kernel's vmgenid
+        # driver then reseeds its RNG at once (a clone of a template, a restored snapshot)
+        "-device", "vmgenid,guid=auto",
     ]
     if table.firmware:
         args += ["-bios", table.firmware]
