@@ -42,6 +42,7 @@ from kabuto.runtime import resources as resource_sizing
 from kabuto.runtime import rootfs as rootfs_delivery
 from kabuto.runtime.bundle import Bundle, BundleError, ContainerIdError, check_container_id
 from kabuto.runtime.factory import cache, cache_store
+from kabuto.runtime.freshen import freshen_guest
 from kabuto.runtime.rootfs import RootfsError, Storage
 from kabuto.runtime.state import ContainerRecord, SandboxRecord, StateError, StateStore, now_rfc3339
 from kabuto.ttrpc.status import Code
@@ -156,7 +157,7 @@ class VirtSandbox:
                 record.host_cgroup = host_cgroup.join(cgroups_path, os.getpid())
                 store.save(record)
             storages: list[Storage] = []
-            warm = await sandbox._take_cached_vm(resolved, bool(block_rootfs), boot_timeout, cgroups_path)
+            warm = await sandbox._take_cached_vm(resolved, bool(block_rootfs), cgroups_path)
             if warm is not None:
                 hypervisor = sandbox.hypervisor = warm
                 share = next((d for d in warm.devices if isinstance(d, SharedFsDevice)
@@ -186,6 +187,10 @@ class VirtSandbox:
                 await hypervisor.start_vm(timeout=boot_timeout)
                 await sandbox._persist_hypervisor()
             await sandbox.connect(boot_timeout)
+            if warm is not None:
+                # clones are not twins: its own entropy and the host's clock before any container
+                assert sandbox.agent is not None
+                await sandbox._agent_call("freshening the guest", freshen_guest(sandbox.agent))
             await sandbox._agent_call("CreateSandbox", sandbox.containers.create_sandbox(
                 hostname=hostname, storages=[_agent_storage(s) for s in storages], sandbox_id=sandbox_id))
             await sandbox._configure_guest_network(endpoints)
@@ -201,7 +206,7 @@ class VirtSandbox:
                 store.remove(sandbox_id)
             raise
 
-    async def _take_cached_vm(self, resolved: ResolvedConfig, block_rootfs: bool, boot_timeout: float,
+    async def _take_cached_vm(self, resolved: ResolvedConfig, block_rootfs: bool,
                               cgroups_path: str | None) -> Hypervisor | None:
         """A VM the factory cache booted before this sandbox asked ([factory] vm_cache_number),
         when it can be made this sandbox's as a cold boot would be; None (with the reason in
@@ -226,7 +231,7 @@ class VirtSandbox:
             self.record.hypervisor_state = state.to_dict()
             self.store.save(self.record)
 
-        warm = await cache.take(resolved, self.store, claim=claim, wait=boot_timeout)
+        warm = await cache.take(resolved, self.store, claim=claim)
         if warm is None:
             self.record.hypervisor_state = {}
             self.store.save(self.record)

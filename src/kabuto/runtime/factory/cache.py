@@ -32,10 +32,10 @@ def cache_endpoint(resolved: ResolvedConfig) -> Path | None:
     return Path(factory.vm_cache_endpoint) if factory.vm_cache_number > 0 else None
 
 
-async def take(resolved: ResolvedConfig, store: StateStore, *, claim: Callable[[HypervisorState], None],
-               wait: float) -> Hypervisor | None:
-    """A running VM of ``resolved``'s configuration from the daemon, waiting up to ``wait``
-    seconds for one it boots; None (logged) for a cold boot. ``claim`` records the VM's state
+async def take(resolved: ResolvedConfig, store: StateStore, *,
+               claim: Callable[[HypervisorState], None]) -> Hypervisor | None:
+    """A running VM of ``resolved``'s configuration from the daemon, if it holds one ready;
+    None (logged) for a cold boot. ``claim`` records the VM's state
     (in the sandbox record) before the daemon lets it go, so a creator killed from then on
     leaves it to the sandbox reaper, never to nobody."""
     endpoint = cache_endpoint(resolved)
@@ -54,8 +54,8 @@ async def take(resolved: ResolvedConfig, store: StateStore, *, claim: Callable[[
     state: HypervisorState | None = None
     claimed = False
     try:
-        await wire.send(writer, {"op": "take", "key": key, "wait": wait})
-        answer = await wire.receive(reader, min(wait, wire.MAX_TAKE_WAIT) + wire.LINE_TIMEOUT)
+        await wire.send(writer, {"op": "take", "key": key})
+        answer = await wire.receive(reader)
         if "none" in answer:
             log.info("factory cache at %s: %s; booting a VM cold", endpoint, answer["none"])
             return None

@@ -207,11 +207,10 @@ class CacheDaemon:
             await wire.send(writer, {"none": "the cache holds VMs of another configuration (backend, "
                                              "hypervisor table or state root differ)"})
             return
-        wait = request.get("wait", 0)
-        wait = min(max(float(wait), 0.0), wire.MAX_TAKE_WAIT) if isinstance(wait, int | float) else 0.0
-        vm = await self._next_ready(wait)
+        vm = await self._next_ready()
         if vm is None:
-            await wire.send(writer, {"none": f"no cached VM ready ({self._booting} booting)"})
+            await wire.send(writer, {"none": "the cache is empty"
+                                             + (f" ({self._booting} VM booting)" if self._booting else "")})
             return
         try:
             await wire.send(writer, {"vm": (await vm.save_state()).to_dict()})
@@ -230,25 +229,16 @@ class CacheDaemon:
         with contextlib.suppress(wire.CacheProtocolError):
             await wire.send(writer, {"ok": True})
 
-    async def _next_ready(self, wait: float) -> Hypervisor | None:
-        """A held VM whose VMM still runs, waiting up to ``wait`` seconds for one that boots."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait
-        while True:
-            while self.ready:
-                vm = self.ready.popleft()
-                self._changed.set()  # the filler boots its replacement
-                if await vm.get_pids():
-                    return vm
-                log.warning("factory cache: VM %s died while cached (%s)", vm.id, vm.exit_reason() or "?")
-                await self._destroy(vm)
-            remaining = deadline - loop.time()
-            if remaining <= 0 or (self._booting == 0 and self.failed_boots and not self.ready):
-                return None
-            self._changed.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(remaining):
-                    await self._changed.wait()
+    async def _next_ready(self) -> Hypervisor | None:
+        """A held VM whose VMM still runs (the filler boots its replacement), or None."""
+        while self.ready:
+            vm = self.ready.popleft()
+            self._changed.set()
+            if await vm.get_pids():
+                return vm
+            log.warning("factory cache: VM %s died while cached (%s)", vm.id, vm.exit_reason() or "?")
+            await self._destroy(vm)
+        return None
 
 
 async def _answers(path: Path) -> bool:

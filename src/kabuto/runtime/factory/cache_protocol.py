@@ -3,8 +3,8 @@
 Every line is bounded (MAX_LINE) and every read waits a bounded time, on both sides: neither a
 client nor the daemon hangs on a peer that stopped answering or sends without end.
 
-    client -> {"op": "take", "key": K, "wait": S}   a VM of configuration K, waiting up to S s
-    daemon -> {"vm": HypervisorState} | {"none": reason}
+    client -> {"op": "take", "key": K}               a VM of configuration K, if one is ready
+    daemon -> {"vm": HypervisorState} | {"none": reason}   at once: no VM ready means a cold boot
     client -> {"op": "taken"}                        the client recorded the VM: it is its own
     daemon -> {"ok": true}
     client -> {"op": "status"}
@@ -25,8 +25,6 @@ from kabuto.errors import KabutoError
 MAX_LINE = 256 * 1024
 #: how long either side waits for a line the protocol says comes at once
 LINE_TIMEOUT = 5.0
-#: the longest a client may ask the daemon to wait for a VM being booted
-MAX_TAKE_WAIT = 300.0
 
 
 class CacheProtocolError(KabutoError):

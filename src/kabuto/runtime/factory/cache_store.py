@@ -67,8 +67,9 @@ def remove_entry(store: StateStore, vm_id: str) -> None:
     entry = entry_dir(store, vm_id)
     with contextlib.suppress(FileNotFoundError):
         (entry / OWNER_FILE).unlink()
-    for directory in (entry / "shared", entry):
-        with contextlib.suppress(FileNotFoundError, OSError):
+    # the cache root too once empty: a state root with no VM cached holds nothing of the cache
+    for directory in (entry / "shared", entry, entry.parent):
+        with contextlib.suppress(OSError):
             directory.rmdir()
 
 
