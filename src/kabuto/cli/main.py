@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from kabuto.cli import config_cmd, factory_serve_cmd, image_cmd, runtime_cmd, spec_cmd, vm_cmd
+from kabuto.cli import config_cmd, factory_cmd, factory_serve_cmd, image_cmd, runtime_cmd, spec_cmd, vm_cmd
 from kabuto.cli.logs import RuntimeLog
 from kabuto.errors import KabutoError
 from kabuto.runtime.commands import OCI_VERSION
@@ -66,7 +66,7 @@ def cli(ctx: click.Context, config_path: str | None, hypervisor_name: str | None
                    systemd_cgroup=systemd_cgroup)
 
 
-for module in (config_cmd, image_cmd, vm_cmd, runtime_cmd, spec_cmd, factory_serve_cmd):
+for module in (config_cmd, image_cmd, vm_cmd, runtime_cmd, spec_cmd, factory_cmd, factory_serve_cmd):
     module.register(cli)
 
 

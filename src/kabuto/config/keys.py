@@ -276,8 +276,10 @@ REGISTRY: dict[str, Coverage] = {
     "hypervisor.boot_from_template": WARNED,
     "hypervisor.memory_path": WARNED,
     "hypervisor.device_state_path": WARNED,
-    "hypervisor.factory.enable_template": WARNED,
-    "hypervisor.factory.template_path": WARNED,
+    "hypervisor.factory.enable_template": _qemu("template mode: clones of a saved VM (kabuto factory)",
+                                                "runtime/factory/template.py", "hypervisor/resolve.py"),
+    "hypervisor.factory.template_path": _qemu("template mode: where templates live",
+                                              "runtime/factory/template.py"),
     # [agent.<name>]: Kabuto's agent client keeps its own ports
     "agent.enable_debug": Applied("all backends: agent_log_level=DEBUG on the guest kernel command line",
                                   ("hypervisor/resolve.py",)),
@@ -350,8 +352,10 @@ REGISTRY: dict[str, Coverage] = {
     "runtime.create_container_timeout": Applied("runtime: the bound of the agent's CreateContainer",
                                                 ("runtime/sandbox.py",)),
     # [factory] (the Go runtime's)
-    "factory.enable_template": WARNED,
-    "factory.template_path": WARNED,
+    "factory.enable_template": _qemu("template mode (the Go runtime's key; [hypervisor.<name>.factory] "
+                                     "wins when it enables it)", "runtime/factory/template.py",
+                                     "hypervisor/resolve.py"),
+    "factory.template_path": _qemu("template mode: where templates live", "runtime/factory/template.py"),
     "factory.vm_cache_number": Applied("factory cache: VMs `kabuto factory serve` keeps booted; above 0 a "
                                        "sandbox takes one from it (else boots cold)",
                                        ("runtime/factory/cache.py", "cli/factory_serve_cmd.py")),

@@ -309,6 +309,19 @@ class Hypervisor(abc.ABC):
         """``restore``'s own part: adopt the processes ``state`` names and reconnect; a VM that
         is gone comes back STOPPED."""
 
+    # -- VM templates (where ``capabilities.template``) --------------------------------------
+    async def save_template(self, memory: Path, state: Path, timeout: float) -> dict[str, Any]:
+        """Boot the prepared VM (no sandbox device) to agent-ready with its RAM in the file
+        ``memory``, pause it, save its device state (without the RAM) into ``state`` and stop it.
+        Returns the backend's facts a clone must match (checked by ``start_from_template``)."""
+        raise self._unsupported("making a VM template")
+
+    async def start_from_template(self, memory: Path, state: Path, facts: dict[str, Any],
+                                  timeout: float) -> None:
+        """Start the prepared VM as a clone of a template: RAM mapped copy-on-write from
+        ``memory``, devices from ``state``; its pending devices arrive by hot-plug once it runs."""
+        raise self._unsupported("starting a VM from a template")
+
     async def _hotplug_add(self, device: AnyDevice) -> None:
         raise self._unsupported(f"hot-plugging a {device.kind.value} device")
 

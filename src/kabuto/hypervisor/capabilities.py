@@ -34,6 +34,9 @@ class Capabilities:
     #: opened there and its file descriptor passed to the VMM (a VM booted before its pod's netns
     #: was known, as a VM factory's)
     network_tap_fd: bool = False
+    #: VM templating: boot a template to agent-ready and save it, start clones that map its
+    #: memory copy-on-write (Hypervisor.save_template, start_from_template)
+    template: bool = False
     # extra facts a backend wants to publish (shown by `kabuto hypervisors`)
     notes: tuple[str, ...] = field(default_factory=tuple)
 
@@ -68,6 +71,7 @@ class Capabilities:
             "resize_memory": self.resize_memory,
             "network": self.network,
             "network_tap_fd": self.network_tap_fd,
+            "template": self.template,
             "notes": list(self.notes),
         }
 
@@ -85,5 +89,6 @@ class Capabilities:
             resize_memory=bool(data.get("resize_memory", False)),
             network=bool(data.get("network", False)),
             network_tap_fd=bool(data.get("network_tap_fd", False)),
+            template=bool(data.get("template", False)),
             notes=tuple(str(n) for n in data.get("notes", [])),
         )

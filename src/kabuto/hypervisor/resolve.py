@@ -20,7 +20,8 @@ from kabuto.config.model import HypervisorConfig, KabutoConfig
 from kabuto.config.rules import common_problems, prefixed, raise_problems
 from kabuto.errors import ConfigError, HypervisorError, Problem
 from kabuto.hypervisor.base import DEFAULT_JAILER_ROOT, Hypervisor, HypervisorState
-from kabuto.hypervisor.devices import AGENT_VSOCK_PORT, AGENT_VSOCK_PORT_PARAM
+from kabuto.hypervisor.capabilities import SHARED_FS_VALUES
+from kabuto.hypervisor.devices import AGENT_VSOCK_PORT, AGENT_VSOCK_PORT_PARAM, SharedFsKind
 from kabuto.hypervisor.plugin import HypervisorPlugin
 from kabuto.hypervisor.registry import get_plugin, hypervisor_names, load_warnings
 
@@ -67,8 +68,22 @@ def resolve(config: KabutoConfig, *, validate: bool = True) -> ResolvedConfig:
         # the regexes of a table an annotation switched to were not checked by the loader
         own = check_enable_annotations(table) + plugin.validate(table)
         problems = prefixed(f"hypervisor.{name}", own) + common_problems(config) + port_problems
+        problems += _template_problems(config, name, table)
         raise_problems(config, problems)
     return ResolvedConfig(config, plugin)
+
+
+def _template_problems(config: KabutoConfig, name: str, table: HypervisorConfig) -> list[Problem]:
+    """A template's clones map its memory private, and vhost-user (virtiofsd) needs guest memory
+    shared (a vhost-user-fs device also blocks migration): refused by name, as Kata's Go runtime
+    refused templating with virtio-fs; no silent switch to 9p."""
+    if SHARED_FS_VALUES.get(table.shared_fs) != SharedFsKind.VIRTIO_FS:
+        return []
+    keys = [key for key, on in ((f"hypervisor.{name}.factory.enable_template", table.factory.enable_template),
+                                ("factory.enable_template", config.factory.enable_template)) if on]
+    why = (f"VM templates need hypervisor.{name}.shared_fs = \"virtio-9p\" (or \"none\"), not "
+           f"{table.shared_fs!r}: a clone maps the template's memory private, and virtio-fs needs it shared")
+    return [Problem(key, True, why) for key in keys]
 
 
 def _agent_port(config: KabutoConfig, table: HypervisorConfig) -> list[Problem]:

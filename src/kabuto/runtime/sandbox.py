@@ -34,14 +34,13 @@ from kabuto.hypervisor import new_hypervisor, resolve_config, restore_hypervisor
 from kabuto.hypervisor.base import Hypervisor, HypervisorState, VmStatus, vm_dir_name
 from kabuto.hypervisor.capabilities import Capabilities
 from kabuto.hypervisor.devices import BlockDevice, DeviceKind, NetworkDevice, SharedFsDevice
-from kabuto.hypervisor.resolve import ResolvedConfig
 from kabuto.hypervisor.vmm_process import kill_processes_naming
 from kabuto.processes import process_record
-from kabuto.runtime import host_cgroup, network
+from kabuto.runtime import factory, host_cgroup, network
 from kabuto.runtime import resources as resource_sizing
 from kabuto.runtime import rootfs as rootfs_delivery
 from kabuto.runtime.bundle import Bundle, BundleError, ContainerIdError, check_container_id
-from kabuto.runtime.factory import cache, cache_store
+from kabuto.runtime.factory import cache_store
 from kabuto.runtime.freshen import freshen_guest
 from kabuto.runtime.rootfs import RootfsError, Storage
 from kabuto.runtime.state import ContainerRecord, SandboxRecord, StateError, StateStore, now_rfc3339
@@ -157,40 +156,42 @@ class VirtSandbox:
                 record.host_cgroup = host_cgroup.join(cgroups_path, os.getpid())
                 store.save(record)
             storages: list[Storage] = []
-            warm = await sandbox._take_cached_vm(resolved, bool(block_rootfs), cgroups_path)
+            shares: list[SharedFsDevice] = []
+            if fs_kind is not None:
+                shared = sandbox.directory / "shared"
+                shared.mkdir(mode=0o700)
+                record.shared_dir, record.share_tag = str(shared), rootfs_delivery.SHARE_TAG
+                shares.append(SharedFsDevice(SHARED_FS_DEVICE_ID, fs_kind, shared, rootfs_delivery.SHARE_TAG))
+                storages.append(rootfs_delivery.sandbox_share_storage(fs_kind.value,
+                                                                      hypervisor.config.msize_9p))
+            warm, record.warm_start = await _take_warm(
+                factory.WarmRequest(sandbox_id, resolved, store.jailer_root, netns, shares, boot_timeout,
+                                    claim=sandbox._claim_vm),
+                block_rootfs)
             if warm is not None:
+                # a running VM with the shares on it: NICs are hot-plugged
                 hypervisor = sandbox.hypervisor = warm
-                share = next((d for d in warm.devices if isinstance(d, SharedFsDevice)
-                              and d.id == SHARED_FS_DEVICE_ID), None)
-                if share is not None:
-                    record.shared_dir, record.share_tag = str(share.host_path), share.mount_tag
-                    storages.append(rootfs_delivery.sandbox_share_storage(share.fs.value,
-                                                                          warm.config.msize_9p))
-                # the VM runs: its NICs are hot-plugged, on taps it is handed by descriptor
+                sandbox._share_through(warm)
                 endpoints = await sandbox._plug_endpoints() if netns else []
-                await sandbox._persist_hypervisor()
             else:
+                if record.hypervisor_state:  # claimed, then found dead: the source removed it
+                    record.hypervisor_state = {}
+                    store.save(record)
                 await hypervisor.prepare_vm(sandbox_id, netns=netns)
-                if fs_kind is not None:
-                    shared = sandbox.directory / "shared"
-                    shared.mkdir(mode=0o700)
-                    record.shared_dir, record.share_tag = str(shared), rootfs_delivery.SHARE_TAG
-                    await hypervisor.add_device(SharedFsDevice(SHARED_FS_DEVICE_ID, fs_kind, shared,
-                                                               rootfs_delivery.SHARE_TAG))
-                    storages.append(rootfs_delivery.sandbox_share_storage(fs_kind.value,
-                                                                          hypervisor.config.msize_9p))
-                else:
+                for share in shares:
+                    await hypervisor.add_device(share)
+                if fs_kind is None:
                     for container_id, bundle in block_rootfs or []:
                         await hypervisor.add_device(await sandbox._block_device(container_id, bundle))
                 endpoints = await sandbox._plug_endpoints() if netns else []
                 store.save(record)
                 await hypervisor.start_vm(timeout=boot_timeout)
-                await sandbox._persist_hypervisor()
+            await sandbox._persist_hypervisor()
             await sandbox.connect(boot_timeout)
             if warm is not None:
-                # clones are not twins: its own entropy and the host's clock before any container
+                # a clone's RNG and clock are its template's: fresh ones before any container
                 assert sandbox.agent is not None
-                await sandbox._agent_call("freshening the guest", freshen_guest(sandbox.agent))
+                await sandbox._agent_call("freshen", freshen_guest(sandbox.agent))
             await sandbox._agent_call("CreateSandbox", sandbox.containers.create_sandbox(
                 hostname=hostname, storages=[_agent_storage(s) for s in storages], sandbox_id=sandbox_id))
             await sandbox._configure_guest_network(endpoints)
@@ -206,38 +207,23 @@ class VirtSandbox:
                 store.remove(sandbox_id)
             raise
 
-    async def _take_cached_vm(self, resolved: ResolvedConfig, block_rootfs: bool,
-                              cgroups_path: str | None) -> Hypervisor | None:
-        """A VM the factory cache booted before this sandbox asked ([factory] vm_cache_number),
-        when it can be made this sandbox's as a cold boot would be; None (with the reason in
-        the log) for a cold boot."""
-        if cache.cache_endpoint(resolved) is None:
-            return None
-        capabilities, netns = self.capabilities, self.record.netns
-        why = ""
-        if cgroups_path and resolved.config.runtime.sandbox_cgroup_only:
-            why = "under sandbox_cgroup_only the VMM must start in the sandbox's cgroup"
-        elif netns and not (capabilities.can_hotplug(DeviceKind.NETWORK) and capabilities.network_tap_fd):
-            why = (f"the pod's NICs would have to be hot-plugged on taps of {netns}, which "
-                   f"{self.hypervisor.name} cannot take by descriptor")
-        elif block_rootfs and capabilities.preferred_shared_fs() is None \
-                and not capabilities.can_hotplug(DeviceKind.BLOCK):
-            why = f"{self.hypervisor.name} can neither share nor hot-plug the container's rootfs"
-        if why:
-            log.info("sandbox %s: not from the factory cache (%s); booting a VM cold", self.id, why)
-            return None
+    def _claim_vm(self, state: HypervisorState) -> None:
+        """A warm source hands over a VM another process runs: recorded before it lets go."""
+        self.record.hypervisor_state = state.to_dict()
+        self.store.save(self.record)
 
-        def claim(state: HypervisorState) -> None:
-            self.record.hypervisor_state = state.to_dict()
-            self.store.save(self.record)
-
-        warm = await cache.take(resolved, self.store, claim=claim)
-        if warm is None:
-            self.record.hypervisor_state = {}
-            self.store.save(self.record)
-            return None
-        log.info("sandbox %s: VM %s from the factory cache", self.id, warm.id)
-        return warm
+    def _share_through(self, warm: Hypervisor) -> None:
+        """A warm VM that came with a share of its own (a cached VM's, exporting a directory the
+        cache made): the sandbox shares its rootfs and binds through that directory."""
+        share = next((d for d in warm.devices
+                      if isinstance(d, SharedFsDevice) and d.id == SHARED_FS_DEVICE_ID), None)
+        if share is None or str(share.host_path) == self.record.shared_dir:
+            return
+        if self.record.shared_dir:
+            with contextlib.suppress(OSError):
+                Path(self.record.shared_dir).rmdir()  # made for a share that never came
+        self.record.shared_dir, self.record.share_tag = str(share.host_path), share.mount_tag
+        self.store.save(self.record)
 
     @classmethod
     async def attach(cls, sandbox_id: str, store: StateStore) -> VirtSandbox:
@@ -781,6 +767,22 @@ class VirtSandbox:
         self.store.remove(self.id)
         if errors:
             raise SandboxError(f"sandbox {self.id!r} removed, but: " + "; ".join(errors))
+
+
+async def _take_warm(request: factory.WarmRequest,
+                     block_rootfs: list[tuple[str, Bundle]] | None) -> tuple[Hypervisor | None, str]:
+    """A warm VM from the configured factory and the source's name, or (None, "") to boot cold
+    (the source logged why)."""
+    source = factory.warm_source(request.resolved)
+    if source is None:
+        return None, ""
+    if not request.shares and block_rootfs:
+        # a rootfs disk is cold-plugged at boot; a warm VM would need it hot-plugged
+        log.warning("sandbox %s: booting cold: the %s factory needs a shared filesystem for the rootfs",
+                    request.sandbox_id, source.name)
+        return None, ""
+    warm = await source.take(request)
+    return warm, source.name if warm is not None else ""
 
 
 async def create_sandbox_for(

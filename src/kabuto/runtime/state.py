@@ -95,6 +95,8 @@ class SandboxRecord:
     #: the process creating the sandbox ({"pid", "create_time"}): a sandbox it left half made
     #: when it died (killed mid-create or mid-boot) is what the next command cleans up
     creator: dict[str, Any] = field(default_factory=dict)
+    #: where its VM came from when not a cold boot: the factory source's name ("template")
+    warm_start: str = ""
 
     def owned_by_live_process(self) -> bool:
         return live_process(self.owner) is not None

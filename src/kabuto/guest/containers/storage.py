@@ -40,7 +40,7 @@ async def mount_storage(storage: pb.Storage, mount_point: str) -> None:
         await wait_for_device(source)
     try:
         os.makedirs(mount_point, exist_ok=True)
-        sc.mount(source, mount_point, storage.fstype, flags, data or None)
+        await _mount(source, mount_point, storage.fstype, flags, data or None)
         if propagation:
             sc.mount(None, mount_point, None, propagation)
     except OSError as exc:
@@ -48,6 +48,21 @@ async def mount_storage(storage: pb.Storage, mount_point: str) -> None:
             Code.INVALID_ARGUMENT,
             f"cannot mount {storage.source} ({storage.fstype}) on {mount_point}: {exc.strerror or exc}",
         ) from None
+
+
+async def _mount(source: str, target: str, fstype: str, flags: int, data: str | None) -> None:
+    """mount(2); a 9p share whose tag no device has yet (a virtio-9p device hot-plugged into a
+    VM restored from a template, still being probed: ENOENT) is tried again, not forever."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + DEVICE_WAIT
+    while True:
+        try:
+            sc.mount(source, target, fstype, flags, data)
+            return
+        except FileNotFoundError:
+            if fstype != "9p" or loop.time() >= deadline:
+                raise
+        await asyncio.sleep(DEVICE_POLL)
 
 
 async def wait_for_device(path: str) -> None:

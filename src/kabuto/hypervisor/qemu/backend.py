@@ -27,6 +27,8 @@ from kabuto.hypervisor.devices import (
     AnyDevice,
     BlockDevice,
     ChannelKind,
+    SharedFsDevice,
+    SharedFsKind,
     agent_vsock_port,
     device_from_dict,
     device_to_dict,
@@ -35,7 +37,14 @@ from kabuto.hypervisor.devices import (
 from kabuto.hypervisor.host import Accelerator, choose_accelerator
 from kabuto.hypervisor.plugin import HypervisorPlugin
 from kabuto.hypervisor.qemu import migration, resize
-from kabuto.hypervisor.qemu.cmdline import VmPaths, block_serial, build_command, memory_backend, use_vhost_net
+from kabuto.hypervisor.qemu.cmdline import (
+    MemoryFile,
+    VmPaths,
+    block_serial,
+    build_command,
+    memory_backend,
+    use_vhost_net,
+)
 from kabuto.hypervisor.qemu.console import ConsoleReader, printable
 from kabuto.hypervisor.qemu.hotplug import Hotplug
 from kabuto.hypervisor.qemu.plugin import CAPABILITIES
@@ -87,6 +96,8 @@ class QemuHypervisor(Hypervisor):
         #: MiB of each DIMM hot-added (resize_memory), in order
         self._dimms: list[int] = []
         self._vhost_net = False
+        #: guest RAM in a file: set by save_template for the template's boot
+        self._memory_file: MemoryFile | None = None
 
     @property
     def paths(self) -> VmPaths:
@@ -142,7 +153,8 @@ class QemuHypervisor(Hypervisor):
                 self._share_watch = asyncio.create_task(self._stop_when_a_share_is_lost())
                 self.boot_timings["virtiofsd_ready"] = time.monotonic() - started
                 command = build_command(self.config, self.accelerator, self.paths, self.pending_devices,
-                                        self.id, incoming=restore_from is not None, vhost_net=self._vhost_net)
+                                        self.id, incoming=restore_from is not None, vhost_net=self._vhost_net,
+                                        memory_file=self._memory_file)
                 for device in self.pending_devices:
                     if isinstance(device, BlockDevice):  # as hot-plug names it: the guest finds it so
                         device.guest_address = serial_address(block_serial(device))
@@ -172,6 +184,94 @@ class QemuHypervisor(Hypervisor):
         self.devices.extend(self.pending_devices)
         self.pending_devices.clear()
         self.status = VmStatus.RUNNING
+
+    # -- VM templates ---------------------------------------------------------------------------
+    async def save_template(self, memory: Path, state: Path, timeout: float) -> dict[str, Any]:
+        """Boot to agent-ready with guest RAM in ``memory`` (memory-backend-file, share=on: the
+        guest's pages land in the file), pause, migrate the device state alone into ``state``
+        (x-ignore-shared leaves the shared RAM out) and quit; the file keeps the RAM."""
+        self._require(VmStatus.PREPARED, operation="make a template")
+        extra = [d for d in self.pending_devices if not isinstance(d, AgentChannel)]
+        if extra:
+            raise self._error(f"a template VM has no sandbox device (got {extra[0].id})")
+        self._memory_file = MemoryFile(memory, shared=True)
+        await self.start_vm(timeout)
+        try:
+            async with asyncio.timeout(timeout):
+                await self.pause_vm()
+                await self._ignore_shared_memory()
+                await migration.save_to(self._qmp, state)
+        except BaseException as exc:
+            reason = await self._failure_tail()
+            await self.cleanup()
+            if isinstance(exc, TimeoutError):
+                raise VmTimeout(f"qemu: template VM {self.id} was not saved within {timeout:g}s{reason}") \
+                    from None
+            raise
+        assert self.accelerator is not None
+        facts = {"accelerator": self.accelerator.name}
+        await self.stop_vm()
+        return facts
+
+    async def start_from_template(self, memory: Path, state: Path, facts: dict[str, Any],
+                                  timeout: float) -> None:
+        """A clone: the template's command line (its agent ports; socket paths are no migration
+        state) with its RAM file mapped private (share=off: copy-on-write), ``-incoming defer``,
+        x-ignore-shared, the device state loaded, then ``cont``. The pending devices arrive by
+        hot-plug once it runs: a 9p share's -fsdev backend rides on the command line."""
+        self._require(VmStatus.PREPARED, operation="start the VM from a template")
+        self.accelerator = choose_accelerator(self.config.accel)
+        if facts.get("accelerator") != self.accelerator.name:
+            raise self._error(f"the template was made under {facts.get('accelerator')!r}, this VM would "
+                              f"run under {self.accelerator.name!r}")
+        for device in self.pending_devices:
+            if isinstance(device, SharedFsDevice) and device.fs != SharedFsKind.VIRTIO_9P:
+                raise self._error(f"share {device.id}: a clone of a template maps its memory private; "
+                                  f"{device.fs.value} needs it shared (use virtio-9p)")
+        self._vhost_net = use_vhost_net(self.config, self.accelerator, _exists(DEV_VHOST_NET))
+        channels = [d for d in self.pending_devices if isinstance(d, AgentChannel)]
+        later = [d for d in self.pending_devices if not isinstance(d, AgentChannel)]
+        shares = [d for d in later if isinstance(d, SharedFsDevice)]
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(timeout):
+                command = build_command(self.config, self.accelerator, self.paths, channels, self.id,
+                                        incoming=True, vhost_net=self._vhost_net,
+                                        memory_file=MemoryFile(memory, shared=False), fsdevs=shares)
+                log.debug("qemu command: %s", command)
+                self._qemu = VmmProcess(self.name, "QEMU", self.paths.qemu_log)
+                await self._qemu.spawn(command, netns=self.netns)
+                self.boot_timings["vmm_spawned"] = time.monotonic() - started
+                await self._qmp.connect(self._qemu, wait_for_socket=True)
+                self._console = ConsoleReader(self.paths.console_socket, self.paths.console_log)
+                await self._console.start()
+                await self._ignore_shared_memory()
+                await migration.load_from(self._qmp, state, self._until_exit_or)
+                await self._qmp.call("cont")
+                self.boot_timings["restored"] = time.monotonic() - started
+                self.devices.extend(channels)
+                self.pending_devices = later
+                self.status = VmStatus.RUNNING
+                for device in later:
+                    await self._hotplug_add(device)
+                    self.pending_devices.remove(device)
+                    self.devices.append(device)
+                self.boot_timings["devices_plugged"] = time.monotonic() - started
+        except TimeoutError:
+            reason = await self._failure_tail()
+            await self.cleanup()
+            raise VmTimeout(f"qemu: VM {self.id} did not start from its template within {timeout:g}s"
+                            f"{reason}") from None
+        except BaseException as exc:
+            reason = await self._failure_tail()
+            await self.cleanup()
+            if isinstance(exc, HypervisorError):
+                raise type(exc)(f"{exc}{reason}") from exc
+            raise
+
+    async def _ignore_shared_memory(self) -> None:
+        await self._qmp.call("migrate-set-capabilities",
+                             {"capabilities": [{"capability": "x-ignore-shared", "state": True}]})
 
     async def _stop_when_a_share_is_lost(self) -> None:
         """A virtiofsd that exits takes its share with it: the guest's reads and writes there never

@@ -191,6 +191,25 @@ def net_device_args(device: NetworkDevice, bus: str | None) -> dict[str, object]
     return args
 
 
+def fsdev_cmdline(device: SharedFsDevice) -> list[str]:
+    """A 9p share's backend (``-fsdev``): no device, so no migration state; a clone of a template
+    carries it on its command line and gets the device by hot-plug (QMP has no fsdev_add)."""
+    # multidevs=remap: a share spanning several host filesystems keeps inode numbers unique
+    fsdev = (f"local,id=fs-{device.id},path={_path_opt(device.host_path)},security_model=none,"
+             "multidevs=remap")
+    if device.read_only:
+        fsdev += ",readonly=on"
+    return ["-fsdev", fsdev]
+
+
+def virtio_9p_device_args(device: SharedFsDevice, bus: str | None) -> dict[str, object]:
+    args: dict[str, object] = {"driver": "virtio-9p-pci", "id": device.id, "fsdev": f"fs-{device.id}",
+                               "mount_tag": device.mount_tag}
+    if bus:
+        args["bus"] = bus
+    return args
+
+
 def _device_opt(args: dict[str, object]) -> str:
     """``-device`` option string from device_add-style arguments."""
     args = dict(args)
@@ -247,14 +266,7 @@ def device_cmdline(device: AnyDevice, table: HypervisorConfig, vhost_net: bool =
                                         "chardev": f"chr-{device.id}", "tag": device.mount_tag,
                                         "queue-size": table.virtio_fs_queue_size or 1024})]
     if isinstance(device, SharedFsDevice):
-        # multidevs=remap: a share spanning several host filesystems keeps inode numbers unique
-        fsdev = (f"local,id=fs-{device.id},path={_path_opt(device.host_path)},security_model=none,"
-                 "multidevs=remap")
-        if device.read_only:
-            fsdev += ",readonly=on"
-        return ["-fsdev", fsdev,
-                "-device", _device_opt({"driver": "virtio-9p-pci", "id": device.id,
-                                        "fsdev": f"fs-{device.id}", "mount_tag": device.mount_tag})]
+        return [*fsdev_cmdline(device), "-device", _device_opt(virtio_9p_device_args(device, None))]
     if isinstance(device, VfioDevice):
         raise HypervisorError("qemu: VFIO devices are not supported by this backend")
     raise HypervisorError(f"qemu: unknown device {device!r}")
@@ -268,13 +280,17 @@ def build_command(
     name: str,
     incoming: bool = False,
     vhost_net: bool = False,
+    memory_file: MemoryFile | None = None,
+    fsdevs: list[SharedFsDevice] | None = None,
 ) -> list[str]:
-    """The whole QEMU command line. QEMU starts paused (-S) so QMP listeners are in place before boot."""
+    """The whole QEMU command line. QEMU starts paused (-S) so QMP listeners are in place before boot.
+    ``memory_file``: guest RAM in that file (a template, or a clone of one); ``fsdevs``: 9p share
+    backends without their device (a clone's, hot-plugged after its restore)."""
     if not table.kernel:
         raise HypervisorError("qemu: no guest kernel configured (build one with `kabuto image build`)")
     vcpus = max(1, math.ceil(table.default_vcpus))
     maxvcpus = max(vcpus, table.default_maxvcpus)
-    memory = memory_backend(table, devices)
+    memory = memory_backend(table, devices, memory_file)
     args = [
         table.path,
         "-name", f"kabuto-{name}",
@@ -314,6 +330,8 @@ def build_command(
                                          **({"iothread": IOTHREAD_ID} if table.enable_iothreads else {})})]
     for device in devices:
         args += device_cmdline(device, table, vhost_net)
+    for share in fsdevs or []:
+        args += fsdev_cmdline(share)
     if table.seccomp_sandbox:
         args += ["-sandbox", table.seccomp_sandbox]
     if incoming:
@@ -335,13 +353,28 @@ def memory_size(table: HypervisorConfig) -> str:
     return size
 
 
-def memory_backend(table: HypervisorConfig, devices: list[AnyDevice]) -> list[str]:
+@dataclass(frozen=True)
+class MemoryFile:
+    """Guest RAM in a file: a template's, shared (its pages reach the file, x-ignore-shared
+    leaves them out of the migration stream), or a clone's mapping of it, private (copy-on-write:
+    clones share the pages they only read)."""
+
+    path: Path
+    shared: bool
+
+
+def memory_backend(table: HypervisorConfig, devices: list[AnyDevice],
+                   memory_file: MemoryFile | None = None) -> list[str]:
     """Guest RAM that a vhost-user daemon (virtiofsd) can map: a memfd, or the file
     ``file_mem_backend`` names, shared. Without either, QEMU's private anonymous RAM."""
+    size = f"size={table.default_memory}M"
+    if memory_file is not None:
+        share = "on" if memory_file.shared else "off"
+        return ["-object", f"memory-backend-file,id={MEMORY_BACKEND_ID},{size},"
+                           f"mem-path={_path_opt(memory_file.path)},share={share}"]
     vhost_user = any(isinstance(d, SharedFsDevice) and d.fs == SharedFsKind.VIRTIO_FS for d in devices)
     if not (vhost_user or table.file_mem_backend):
         return []
-    size = f"size={table.default_memory}M"
     if table.file_mem_backend:
         mem_path = _path_opt(Path(table.file_mem_backend))
         backend = f"memory-backend-file,id={MEMORY_BACKEND_ID},{size},mem-path={mem_path}"

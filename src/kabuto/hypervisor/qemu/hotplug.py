@@ -1,5 +1,6 @@
-"""PCI hot-plug through QMP: virtio-blk (or virtio-scsi) disks and virtio-net NICs, each on a
-free hot-plug slot (a PCIe root port on q35, the root bus on pc), undone on failure."""
+"""PCI hot-plug through QMP: virtio-blk (or virtio-scsi) disks, virtio-net NICs and virtio-9p
+shares whose -fsdev backend is on the command line (a template's clone), each on a free hot-plug
+slot (a PCIe root port on q35, the root bus on pc), undone on failure."""
 
 from __future__ import annotations
 
@@ -11,7 +12,14 @@ from qemu.qmp import EventListener
 
 from kabuto.config.model import HypervisorConfig
 from kabuto.errors import HypervisorError, UnsupportedOperation, VmTimeout
-from kabuto.hypervisor.devices import AnyDevice, BlockDevice, NetworkDevice, serial_address
+from kabuto.hypervisor.devices import (
+    AnyDevice,
+    BlockDevice,
+    NetworkDevice,
+    SharedFsDevice,
+    SharedFsKind,
+    serial_address,
+)
 from kabuto.hypervisor.qemu.cmdline import (
     block_device_args,
     block_iothread,
@@ -21,6 +29,7 @@ from kabuto.hypervisor.qemu.cmdline import (
     net_device_args,
     netdev_args,
     root_port_count,
+    virtio_9p_device_args,
 )
 from kabuto.hypervisor.qemu.qmp import QmpSession
 from kabuto.hypervisor.tapfd import open_tap
@@ -43,6 +52,8 @@ class Hotplug:
             await self._add_block(device)
         elif isinstance(device, NetworkDevice):
             await self._add_net(device)
+        elif isinstance(device, SharedFsDevice) and device.fs == SharedFsKind.VIRTIO_9P:
+            await self._add_9p(device)
         else:
             raise UnsupportedOperation(f"qemu: hot-plugging a {device.kind.value} device is not supported "
                                        "by this VMM")
@@ -102,6 +113,15 @@ class Hotplug:
             for fd in fds:
                 os.close(fd)
         return names
+
+    async def _add_9p(self, device: SharedFsDevice) -> None:
+        """The device of a 9p share whose backend the command line already has (``fsdev_cmdline``)."""
+        bus = self._take_slot(device.id)
+        try:
+            await self.qmp.call("device_add", virtio_9p_device_args(device, bus))
+        except BaseException:
+            self.slots.pop(device.id, None)
+            raise
 
     async def remove(self, device: AnyDevice) -> None:
         if not isinstance(device, BlockDevice | NetworkDevice):

@@ -33,10 +33,13 @@ CAPABILITIES = Capabilities(
     # vCPU hot-add (device_add of the CPU model) and DIMM hot-add (pc-dimm), ACPI in the guest
     resize_vcpu=True,
     resize_memory=True,
+    # memory-backend-file shared in the template, private in its clones; x-ignore-shared migration
+    template=True,
     notes=(
         "machine q35: PCI(e) hot-plug of virtio-blk and virtio-net through QMP",
         "agent over virtio-serial here; vsock where /dev/vhost-vsock exists",
         "shared fs: virtio-fs (a virtiofsd per share, guest memory shared) or virtio-9p",
+        "VM templates: clones map the template's memory private; their 9p share is hot-plugged",
     ),
 )
 

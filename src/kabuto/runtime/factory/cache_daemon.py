@@ -33,6 +33,7 @@ from kabuto.hypervisor.vmm_process import check_socket_path
 from kabuto.runtime import rootfs as rootfs_delivery
 from kabuto.runtime.factory import cache_protocol as wire
 from kabuto.runtime.factory import cache_store
+from kabuto.runtime.factory.cache import cache_key
 from kabuto.runtime.state import StateStore
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ class CacheDaemon:
         self.number = number
         self.endpoint = endpoint
         self.boot_timeout = boot_timeout
-        self.key = wire.config_key(resolved.name, resolved.table.model_dump(mode="json"), store.root)
+        self.key = cache_key(resolved, store.jailer_root)
         self.ready: collections.deque[Hypervisor] = collections.deque()
         self._booting = 0
         self._changed = asyncio.Event()

@@ -14,9 +14,7 @@ client nor the daemon hangs on a peer that stopped answering or sends without en
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
-from pathlib import Path
 from typing import Any
 
 from kabuto.errors import KabutoError
@@ -29,15 +27,6 @@ LINE_TIMEOUT = 5.0
 
 class CacheProtocolError(KabutoError):
     """The peer broke the protocol, went away or did not answer in time."""
-
-
-def config_key(hypervisor_name: str, table: dict[str, Any], state_root: Path) -> str:
-    """What a cached VM must match to be used: the backend, its effective table (after
-    annotations and the plugin's adjust: kernel, initrd, sizes, devices) and the state root
-    (whose .vm directory holds the VM)."""
-    text = json.dumps({"hypervisor": hypervisor_name, "table": table, "root": str(state_root)},
-                      sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 async def send(writer: asyncio.StreamWriter, message: dict[str, Any]) -> None:
