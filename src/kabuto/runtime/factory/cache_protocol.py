@@ -43,8 +43,10 @@ async def send(writer: asyncio.StreamWriter, message: dict[str, Any]) -> None:
         raise CacheProtocolError(f"the peer went away: {exc.strerror or exc}") from None
 
 
-async def receive(reader: asyncio.StreamReader, timeout: float = LINE_TIMEOUT) -> dict[str, Any]:
-    """The next message within ``timeout`` seconds (the reader's limit bounds its size)."""
+async def receive(reader: asyncio.StreamReader, timeout: float | None = None) -> dict[str, Any]:
+    """The next message within ``timeout`` seconds (default LINE_TIMEOUT; the reader's limit
+    bounds its size)."""
+    timeout = LINE_TIMEOUT if timeout is None else timeout
     try:
         async with asyncio.timeout(timeout):
             line = await reader.readline()
