@@ -70,9 +70,13 @@ async def _wait_ready(endpoint: Path, daemon: subprocess.Popen[bytes], number: i
 
 def _timed(args: list[str], env: dict[str, str]) -> float:
     start = time.monotonic()
-    subprocess.run(args, check=True, stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL, timeout=300,
-                   env=env)
-    return time.monotonic() - start
+    done = subprocess.run(args, stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          timeout=300, env=env)
+    elapsed = time.monotonic() - start
+    if done.returncode != 0:
+        why = done.stderr.decode(errors='replace')
+        raise RuntimeError(f"{' '.join(args)} exited {done.returncode}: {why}")
+    return elapsed
 
 
 def _serve(args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
