@@ -29,7 +29,8 @@ def config(tmp_path: Path, extra: str = "", shared_fs: str = "virtio-9p", enable
     dropins.mkdir(exist_ok=True)
     (dropins / "50-template.toml").write_text(
         f'[hypervisor.qemu]\nshared_fs = "{shared_fs}"\nkernel = "{kernel}"\ninitrd = "{initrd}"\n'
-        f'[hypervisor.qemu.factory]\nenable_template = {str(enable).lower()}\ntemplate_path = "{tmp_path / "templates"}"\n'
+        f'[hypervisor.qemu.factory]\nenable_template = {str(enable).lower()}\n'
+        f'template_path = "{tmp_path / "templates"}"\n'
         + extra)
     return path
 
@@ -64,10 +65,10 @@ def test_the_digest_cache_hashes_a_file_once(tmp_path: Path, monkeypatch: pytest
 
 
 def test_differences_name_what_changed() -> None:
-    made = {"hypervisor": "qemu", "table": {"default_memory": 512, "kernel": "/k"}, "files": {"kernel": "a"},
-            "guest_code": "g"}
-    wanted = {"hypervisor": "qemu", "table": {"default_memory": 256, "kernel": "/k"}, "files": {"kernel": "b"},
-              "guest_code": "h"}
+    made = {"hypervisor": "qemu", "table": {"default_memory": 512, "kernel": "/k"},
+            "files": {"kernel": "a"}, "guest_code": "g"}
+    wanted = {"hypervisor": "qemu", "table": {"default_memory": 256, "kernel": "/k"},
+              "files": {"kernel": "b"}, "guest_code": "h"}
     assert source.differences(made, wanted) == ["kernel", "default_memory", "Kabuto's guest code"]
 
 

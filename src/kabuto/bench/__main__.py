@@ -8,10 +8,11 @@ Sections:
         the shim's memory vs runc's shim
   storage  untar, find + stat, and a large write and read on a bind mount, through virtio-9p and
         virtio-fs, each vs the same busybox commands on the host
-  cache  `kabuto run /bin/true` from the factory cache's booted VM vs a cold one and vs the floor;
-        starts per minute with the cache vs without
   network  TCP download throughput and small-request latency from the host netns to a pod on a CNI
         bridge, vs a runc container on the same bridge and vs a bare QEMU behind the same tap
+  factory  `kabuto run /bin/true` from a VM template vs a cold boot and vs the bare-QEMU floor;
+        PSS of idle templated sandboxes vs cold ones; the same start from the factory cache's booted
+        VM vs a cold one and vs the floor, and starts per minute with the cache vs without
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from pathlib import Path
 
 from kabuto.bench.containerd import containerd_section
 from kabuto.bench.factory_cache import cache_rows
+from kabuto.bench.factory import factory_section
 from kabuto.bench.floor import boot_floor, one_line_initrd
 from kabuto.bench.network import network_section
 from kabuto.bench.raw_serial import bench_initrd, raw_copy_seconds
@@ -169,7 +171,7 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--section", default="all",
-                        choices=["boot", "run", "containerd", "storage", "network", "cache", "all"])
+                        choices=["boot", "run", "containerd", "storage", "network", "factory", "all"])
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     rows: list[dict[str, object]] = []
@@ -185,7 +187,8 @@ def main() -> None:
             rows += asyncio.run(storage_section(args.runs, work, _row))
         if args.section in ("network", "all"):
             rows += asyncio.run(network_section(args.runs, work, _row))
-        if args.section in ("cache", "all"):
+        if args.section in ("factory", "all"):
+            rows += asyncio.run(factory_section(args.runs, work, _row, _alternate))
             rows += asyncio.run(cache_rows(args.runs, work, _row, _alternate))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))

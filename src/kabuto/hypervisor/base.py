@@ -5,6 +5,7 @@ from __future__ import annotations
 import abc
 import enum
 import hashlib
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Self
@@ -310,10 +311,12 @@ class Hypervisor(abc.ABC):
         is gone comes back STOPPED."""
 
     # -- VM templates (where ``capabilities.template``) --------------------------------------
-    async def save_template(self, memory: Path, state: Path, timeout: float) -> dict[str, Any]:
+    async def save_template(self, memory: Path, state: Path, timeout: float,
+                            warm_up: Callable[[], Awaitable[None]] | None = None) -> dict[str, Any]:
         """Boot the prepared VM (no sandbox device) to agent-ready with its RAM in the file
-        ``memory``, pause it, save its device state (without the RAM) into ``state`` and stop it.
-        Returns the backend's facts a clone must match (checked by ``start_from_template``)."""
+        ``memory``, run ``warm_up`` (the caller's agent calls), pause it, save its device state
+        (without the RAM) into ``state`` and stop it. Returns the backend's facts a clone must
+        match (checked by ``start_from_template``)."""
         raise self._unsupported("making a VM template")
 
     async def start_from_template(self, memory: Path, state: Path, facts: dict[str, Any],

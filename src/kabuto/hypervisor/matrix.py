@@ -23,6 +23,7 @@ def _row(name: str, caps: Capabilities) -> list[str]:
     return [
         name,
         _yes(caps.network),
+        _yes(caps.network_tap_fd),
         *(_yes(caps.can_hotplug(kind)) for kind in DeviceKind),
         _yes(caps.pause),
         _yes(caps.snapshot),
@@ -31,6 +32,7 @@ def _row(name: str, caps: Capabilities) -> list[str]:
         _yes(caps.jailer),
         _yes(caps.resize_vcpu),
         _yes(caps.resize_memory),
+        _yes(caps.template),
     ]
 
 
@@ -39,6 +41,7 @@ def render_markdown(names: list[str] | None = None) -> str:
     header = [
         "backend",
         "network (NICs on taps)",
+        "NIC on a tap by descriptor",
         *(f"hot-plug {kind.value}" for kind in DeviceKind),
         "pause",
         "snapshot",
@@ -47,6 +50,7 @@ def render_markdown(names: list[str] | None = None) -> str:
         "jailer",
         "resize vCPUs",
         "resize memory",
+        "VM templates",
     ]
     rows = [_row(name, get_plugin(name).capabilities()) for name in (names or registered_names())]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

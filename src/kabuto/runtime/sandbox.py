@@ -164,6 +164,7 @@ class VirtSandbox:
                 shares.append(SharedFsDevice(SHARED_FS_DEVICE_ID, fs_kind, shared, rootfs_delivery.SHARE_TAG))
                 storages.append(rootfs_delivery.sandbox_share_storage(fs_kind.value,
                                                                       hypervisor.config.msize_9p))
+            store.save(record)
             warm, record.warm_start = await _take_warm(
                 factory.WarmRequest(sandbox_id, resolved, store.jailer_root, netns, shares, boot_timeout,
                                     claim=sandbox._claim_vm),

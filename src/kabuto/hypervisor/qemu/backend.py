@@ -13,6 +13,7 @@ import re
 import secrets
 import shutil
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -186,7 +187,8 @@ class QemuHypervisor(Hypervisor):
         self.status = VmStatus.RUNNING
 
     # -- VM templates ---------------------------------------------------------------------------
-    async def save_template(self, memory: Path, state: Path, timeout: float) -> dict[str, Any]:
+    async def save_template(self, memory: Path, state: Path, timeout: float,
+                            warm_up: Callable[[], Awaitable[None]] | None = None) -> dict[str, Any]:
         """Boot to agent-ready with guest RAM in ``memory`` (memory-backend-file, share=on: the
         guest's pages land in the file), pause, migrate the device state alone into ``state``
         (x-ignore-shared leaves the shared RAM out) and quit; the file keeps the RAM."""
@@ -198,6 +200,8 @@ class QemuHypervisor(Hypervisor):
         await self.start_vm(timeout)
         try:
             async with asyncio.timeout(timeout):
+                if warm_up is not None:
+                    await warm_up()
                 await self.pause_vm()
                 await self._ignore_shared_memory()
                 await migration.save_to(self._qmp, state)

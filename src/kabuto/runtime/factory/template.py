@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kabuto.agent.client import wait_for_agent
+from kabuto.agent.containers import ContainerCallError, ContainerClient
 from kabuto.config.model import HypervisorConfig, KabutoConfig
 from kabuto.errors import HypervisorError
 from kabuto.hypervisor import Hypervisor, ResolvedConfig, new_hypervisor
@@ -35,6 +37,8 @@ from kabuto.runtime.factory.source import (
     content_key,
     differences,
 )
+from kabuto.runtime.freshen import SEED_BYTES
+from kabuto.ttrpc.status import Code
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +50,8 @@ DIGESTS_FILE = ".digests.json"
 STATE_ROOM_MIB = 32
 DEFAULT_INIT_TIMEOUT = 120.0
 READ_ONLY = 0o400
+#: a container id no template has: the warm-up's ContainerService call answers NOT_FOUND once loaded
+WARM_UP_PROBE = "kabuto-template-warm-up"
 
 
 @dataclass(frozen=True)
@@ -169,6 +175,7 @@ class TemplateSource:
         except BaseException:
             await hypervisor.cleanup()
             raise
+        log.info("sandbox %s: started from template %s", request.sandbox_id, template.directory)
         return hypervisor
 
 
@@ -198,7 +205,8 @@ async def init_template(resolved: ResolvedConfig, jailer_root: Path,
     try:
         await hypervisor.prepare_vm(f"template-{token}")
         try:
-            facts = await hypervisor.save_template(staging / MEMORY_FILE, staging / STATE_FILE, timeout)
+            facts = await hypervisor.save_template(staging / MEMORY_FILE, staging / STATE_FILE, timeout,
+                                                   warm_up=lambda: _warm_up(hypervisor, timeout))
         except HypervisorError as exc:
             raise FactoryError(f"the template VM failed: {exc}") from None
         record = {"key": key, "hypervisor": resolved.name, "memory_mib": table.default_memory,
@@ -214,6 +222,26 @@ async def init_template(resolved: ResolvedConfig, jailer_root: Path,
         raise
     await hypervisor.cleanup()
     return Template(root / key, record)
+
+
+async def _warm_up(hypervisor: Hypervisor, timeout: float) -> None:
+    """Serve a connection and the calls every clone begins with (health, details, a reseed)
+    before the template is saved, and wait for the agent's ContainerService, which loads in the
+    background: its first-call work and that import are then done once, in the template, not
+    again in each clone."""
+    agent = await wait_for_agent(await hypervisor.get_agent_sockets(), timeout)
+    async with agent:
+        await agent.guest_details()
+        await agent.reseed_random_dev(secrets.token_bytes(SEED_BYTES))
+        while True:  # bounded by save_template's timeout
+            try:
+                await ContainerClient(agent).list_processes(WARM_UP_PROBE)
+            except ContainerCallError as exc:
+                if exc.code == Code.DEADLINE_EXCEEDED:
+                    continue  # still loading
+                if exc.code != Code.NOT_FOUND:
+                    raise
+            return
 
 
 def _check_room(root: Path, memory_mib: int) -> None:
