@@ -32,8 +32,8 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 from kabuto.bench.containerd import containerd_section
-from kabuto.bench.factory_cache import cache_rows
 from kabuto.bench.factory import factory_section
+from kabuto.bench.factory_cache import cache_rows
 from kabuto.bench.floor import boot_floor, one_line_initrd
 from kabuto.bench.network import network_section
 from kabuto.bench.raw_serial import bench_initrd, raw_copy_seconds
