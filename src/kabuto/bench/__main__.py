@@ -14,7 +14,8 @@ Sections:
   network  TCP download throughput and small-request latency from the host netns to a pod on a CNI
         bridge, vs a runc container on the same bridge and vs a bare QEMU behind the same tap
   factory  `kabuto run /bin/true` from a VM template vs a cold boot and vs the bare-QEMU floor;
-        PSS of idle templated sandboxes vs cold ones
+        PSS of idle templated sandboxes vs cold ones; the same start from the factory cache's booted
+        VM vs a cold one and vs the floor, and starts per minute with the cache vs without
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from pathlib import Path
 from kabuto.bench.coldstart import coldstart_section
 from kabuto.bench.containerd import containerd_section
 from kabuto.bench.factory import factory_section
+from kabuto.bench.factory_cache import cache_rows
 from kabuto.bench.floor import boot_floor, one_line_initrd
 from kabuto.bench.network import network_section
 from kabuto.bench.raw_serial import bench_initrd, raw_copy_seconds
@@ -199,6 +201,7 @@ def main() -> None:
             rows += asyncio.run(network_section(args.runs, work, _row))
         if args.section in ("factory", "all"):
             rows += asyncio.run(factory_section(args.runs, work, _row, _alternate))
+            rows += asyncio.run(cache_rows(args.runs, work, _row, _alternate))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 

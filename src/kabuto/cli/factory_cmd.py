@@ -1,4 +1,5 @@
-"""`kabuto factory init|status|destroy`: VM templates, as `kata-runtime factory`."""
+"""`kabuto factory init|status|destroy`: VM templates, as `kata-runtime factory` (and the cache
+daemon's `serve`, `cache-status`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from kabuto.cli import factory_serve_cmd
 from kabuto.hypervisor import resolve_config
 from kabuto.hypervisor.base import DEFAULT_JAILER_ROOT
 from kabuto.runtime.factory.template import (
@@ -87,3 +89,4 @@ def destroy(ctx: click.Context) -> None:
 
 def register(cli: click.Group) -> None:
     cli.add_command(factory_group)
+    factory_serve_cmd.register(factory_group)

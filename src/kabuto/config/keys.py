@@ -358,8 +358,11 @@ REGISTRY: dict[str, Coverage] = {
                                      "wins when it enables it)", "runtime/factory/template.py",
                                      "hypervisor/resolve.py"),
     "factory.template_path": _qemu("template mode: where templates live", "runtime/factory/template.py"),
-    "factory.vm_cache_number": WARNED,
-    "factory.vm_cache_endpoint": WARNED,
+    "factory.vm_cache_number": Applied("factory cache: VMs `kabuto factory serve` keeps booted; above 0 a "
+                                       "sandbox takes one from it (else boots cold)",
+                                       ("runtime/factory/cache.py", "cli/factory_serve_cmd.py")),
+    "factory.vm_cache_endpoint": Applied("factory cache: the daemon's Unix socket",
+                                         ("runtime/factory/cache.py", "cli/factory_serve_cmd.py")),
 }
 
 #: the model behind each table kind; a field holding one model is a table of its own

@@ -247,6 +247,11 @@ class Hypervisor(abc.ABC):
     async def disconnect(self) -> None:
         """Drop control connections (QMP, API client) without stopping the VM."""
 
+    async def release(self) -> None:
+        """Let the VM go to another process without stopping it (a VM factory hands it out):
+        control connections and this process's watchers end; the VM and its helpers run on."""
+        await self.disconnect()
+
     @abc.abstractmethod
     async def get_thread_ids(self) -> VcpuThreadIds: ...
 

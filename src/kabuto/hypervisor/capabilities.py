@@ -30,6 +30,10 @@ class Capabilities:
     resize_memory: bool = False
     #: virtio-net NICs on host taps, cold-plugged at least (hot-plug: ``hotplug`` says)
     network: bool = False
+    #: a hot-plugged NIC can use a tap of another network namespace than the VMM's: the tap is
+    #: opened there and its file descriptor passed to the VMM (a VM booted before its pod's netns
+    #: was known, as a VM factory's)
+    network_tap_fd: bool = False
     #: VM templating: boot a template to agent-ready and save it, start clones that map its
     #: memory copy-on-write (Hypervisor.save_template, start_from_template)
     template: bool = False
@@ -66,6 +70,7 @@ class Capabilities:
             "resize_vcpu": self.resize_vcpu,
             "resize_memory": self.resize_memory,
             "network": self.network,
+            "network_tap_fd": self.network_tap_fd,
             "template": self.template,
             "notes": list(self.notes),
         }
@@ -83,6 +88,7 @@ class Capabilities:
             resize_vcpu=bool(data.get("resize_vcpu", False)),
             resize_memory=bool(data.get("resize_memory", False)),
             network=bool(data.get("network", False)),
+            network_tap_fd=bool(data.get("network_tap_fd", False)),
             template=bool(data.get("template", False)),
             notes=tuple(str(n) for n in data.get("notes", [])),
         )

@@ -23,6 +23,7 @@ def _row(name: str, caps: Capabilities) -> list[str]:
     return [
         name,
         _yes(caps.network),
+        _yes(caps.network_tap_fd),
         *(_yes(caps.can_hotplug(kind)) for kind in DeviceKind),
         _yes(caps.pause),
         _yes(caps.snapshot),
@@ -40,6 +41,7 @@ def render_markdown(names: list[str] | None = None) -> str:
     header = [
         "backend",
         "network (NICs on taps)",
+        "NIC on a tap by descriptor",
         *(f"hot-plug {kind.value}" for kind in DeviceKind),
         "pause",
         "snapshot",

@@ -41,6 +41,7 @@ from kabuto.runtime import factory, host_cgroup, network
 from kabuto.runtime import resources as resource_sizing
 from kabuto.runtime import rootfs as rootfs_delivery
 from kabuto.runtime.bundle import Bundle, BundleError, ContainerIdError, check_container_id
+from kabuto.runtime.factory import cache_store
 from kabuto.runtime.freshen import freshen_guest
 from kabuto.runtime.rootfs import RootfsError, Storage
 from kabuto.runtime.state import ContainerRecord, SandboxRecord, StateError, StateStore, now_rfc3339
@@ -167,13 +168,18 @@ class VirtSandbox:
                                                                       hypervisor.config.msize_9p))
             store.save(record)
             warm, record.warm_start = await _take_warm(
-                factory.WarmRequest(sandbox_id, resolved, store.jailer_root, netns, shares, boot_timeout),
+                factory.WarmRequest(sandbox_id, resolved, store.jailer_root, netns, shares, boot_timeout,
+                                    claim=sandbox._claim_vm),
                 block_rootfs)
             if warm is not None:
                 # a running VM with the shares on it: NICs are hot-plugged
                 hypervisor = sandbox.hypervisor = warm
+                sandbox._share_through(warm)
                 endpoints = await sandbox._plug_endpoints() if netns else []
             else:
+                if record.hypervisor_state:  # claimed, then found dead: the source removed it
+                    record.hypervisor_state = {}
+                    store.save(record)
                 await hypervisor.prepare_vm(sandbox_id, netns=netns)
                 for share in shares:
                     await hypervisor.add_device(share)
@@ -208,6 +214,24 @@ class VirtSandbox:
                     await hypervisor.cleanup()
                 store.remove(sandbox_id)
             raise
+
+    def _claim_vm(self, state: HypervisorState) -> None:
+        """A warm source hands over a VM another process runs: recorded before it lets go."""
+        self.record.hypervisor_state = state.to_dict()
+        self.store.save(self.record)
+
+    def _share_through(self, warm: Hypervisor) -> None:
+        """A warm VM that came with a share of its own (a cached VM's, exporting a directory the
+        cache made): the sandbox shares its rootfs and binds through that directory."""
+        share = next((d for d in warm.devices
+                      if isinstance(d, SharedFsDevice) and d.id == SHARED_FS_DEVICE_ID), None)
+        if share is None or str(share.host_path) == self.record.shared_dir:
+            return
+        if self.record.shared_dir:
+            with contextlib.suppress(OSError):
+                Path(self.record.shared_dir).rmdir()  # made for a share that never came
+        self.record.shared_dir, self.record.share_tag = str(share.host_path), share.mount_tag
+        self.store.save(self.record)
 
     @classmethod
     async def attach(cls, sandbox_id: str, store: StateStore) -> VirtSandbox:
@@ -410,9 +434,16 @@ class VirtSandbox:
             self.store.save(self.record)
             interface = endpoint.interface
             await self.hypervisor.add_device(NetworkDevice(f"net{index}", tap_name=tap, mac=interface.mac,
-                                                           mtu=interface.mtu or 1500, queues=queues))
+                                                           netns=self._tap_netns, mtu=interface.mtu or 1500,
+                                                           queues=queues))
             plugged.append(endpoint)
         return plugged
+
+    @property
+    def _tap_netns(self) -> str:
+        """Where the backend opens a NIC's tap: "" in the VMM's own netns (a cold boot started it
+        in the pod's), else the pod's netns, the tap handed over by descriptor."""
+        return "" if (self.hypervisor.netns or "") == self.record.netns else self.record.netns
 
     @property
     def _network_queues(self) -> int:
@@ -463,7 +494,7 @@ class VirtSandbox:
         self.store.save(self.record)
         taken = {d.id for d in self.hypervisor.devices}
         device_id = next(f"net{n}" for n in range(len(taken) + 1) if f"net{n}" not in taken)
-        device = NetworkDevice(device_id, tap_name=tap, mac=endpoint.interface.mac,
+        device = NetworkDevice(device_id, tap_name=tap, mac=endpoint.interface.mac, netns=self._tap_netns,
                                mtu=endpoint.interface.mtu or 1500, queues=queues)
         try:
             await self.hypervisor.add_device(device)
@@ -739,6 +770,7 @@ class VirtSandbox:
             for child in rootfs_delivery.list_dir(shared):
                 with contextlib.suppress(RootfsError):
                     await rootfs_delivery.unshare_container(shared, child.name)
+            cache_store.forget_shared(self.store, shared)
         rootfs_delivery.remove_files(*self.directory.glob("*.ext4"))
         self.store.remove(self.id)
         if errors:
@@ -871,7 +903,8 @@ async def remove_dead_sandbox(store: StateStore, sandbox_id: str) -> None:
     """Clean up after a sandbox whose creator died mid-creation (no hypervisor state saved): the
     processes it may have spawned for the VM (found by the VM directory they name), shares, files."""
     record = store.load(sandbox_id)
-    vm_dir = store.jailer_root / vm_dir_name(sandbox_id)
+    # a VM from the factory cache has an id of its own, recorded as the daemon handed it out
+    vm_dir = store.jailer_root / vm_dir_name(record.hypervisor_state.get("id") or sandbox_id)
     await kill_processes_naming(vm_dir)
     await _unplug_endpoints(record)
     _leave_host_cgroup(record)
@@ -879,6 +912,7 @@ async def remove_dead_sandbox(store: StateStore, sandbox_id: str) -> None:
     if shared is not None:
         for child in rootfs_delivery.list_dir(shared):
             await rootfs_delivery.unshare_container(shared, child.name)
+        cache_store.forget_shared(store, shared)
     if vm_dir.is_dir():
         await asyncio.to_thread(shutil.rmtree, vm_dir, True)
     rootfs_delivery.remove_files(*store.sandbox_dir(sandbox_id).glob("*.ext4"))

@@ -6,7 +6,9 @@ Layout under the state root (``/run/kabuto`` by default)::
     <root>/<sandbox-id>/sandbox.json   SandboxRecord (with the hypervisor's save_state())
     <root>/<sandbox-id>/lock      flock serialising calls that talk to this sandbox's agent
     <root>/<sandbox-id>/shared/   the directory exported to the guest (rootfs mounts below)
-    <root>/.vm/<sandbox-id>/      the hypervisor's VM directory (its jailer root is <root>/.vm)
+    <root>/.vm/<vm-id>/           the hypervisor's VM directory (its jailer root is <root>/.vm); the
+                                  VM id is the sandbox id, or the factory cache's for a VM it booted
+    <root>/.cache/<vm-id>/        the factory cache's VMs (kabuto.runtime.factory.cache_store)
 
 Container ids are unique across the root: a container that joins a sandbox is recorded in
 that sandbox's file. Writes go through a temporary file and rename, so a crash never leaves

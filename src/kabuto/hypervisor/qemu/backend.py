@@ -425,6 +425,11 @@ class QemuHypervisor(Hypervisor):
             self._console = None
         await self._qmp.disconnect()
 
+    async def release(self) -> None:
+        # a virtiofsd's exit is the new owner's to act on
+        await self._stop_share_watch()
+        await self.disconnect()
+
     async def cleanup(self) -> None:
         await self._stop_share_watch()
         await self._kill()

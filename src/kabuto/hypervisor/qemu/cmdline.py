@@ -166,7 +166,12 @@ def block_iothread(table: HypervisorConfig) -> str | None:
     return IOTHREAD_ID if table.enable_iothreads else None
 
 
-def netdev_args(device: NetworkDevice, vhost: bool) -> dict[str, object]:
+def netdev_args(device: NetworkDevice, vhost: bool, fd_names: list[str] | None = None) -> dict[str, object]:
+    """The tap by name in QEMU's netns, or (``fd_names``) by the descriptors passed to it
+    (QEMU takes neither ifname, script nor queues with them: one descriptor per queue)."""
+    if fd_names:
+        passed = {"fd": fd_names[0]} if len(fd_names) == 1 else {"fds": ":".join(fd_names)}
+        return {"type": "tap", "id": f"net-{device.id}", **passed, "vhost": vhost}
     args: dict[str, object] = {"type": "tap", "id": f"net-{device.id}", "ifname": device.tap_name,
                                "script": "no", "downscript": "no", "vhost": vhost}
     if device.queues > 1:

@@ -5,6 +5,8 @@ slot (a PCIe root port on q35, the root bus on pc), undone on failure."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 
 from qemu.qmp import EventListener
 
@@ -30,6 +32,7 @@ from kabuto.hypervisor.qemu.cmdline import (
     virtio_9p_device_args,
 )
 from kabuto.hypervisor.qemu.qmp import QmpSession
+from kabuto.hypervisor.tapfd import open_tap
 
 DEVICE_RELEASE_TIMEOUT = 10.0
 
@@ -74,7 +77,14 @@ class Hotplug:
     async def _add_net(self, device: NetworkDevice) -> None:
         bus = self._take_slot(device.id)
         try:
-            await self.qmp.call("netdev_add", netdev_args(device, vhost=self.vhost_net))
+            fd_names = await self._pass_tap(device) if device.netns else None
+            try:
+                await self.qmp.call("netdev_add", netdev_args(device, self.vhost_net, fd_names))
+            except BaseException:
+                for name in fd_names or []:
+                    with contextlib.suppress(HypervisorError):
+                        await self.qmp.call("closefd", {"fdname": name})
+                raise
             try:
                 await self.qmp.call("device_add", net_device_args(device, bus))
             except BaseException:
@@ -83,6 +93,26 @@ class Hotplug:
         except BaseException:
             self.slots.pop(device.id, None)
             raise
+
+    async def _pass_tap(self, device: NetworkDevice) -> list[str]:
+        """The device's tap lives in ``device.netns``, not QEMU's: opened there, its descriptors
+        (one per queue) are handed to QEMU by name; ours are closed (QEMU holds its copies)."""
+        fds = await open_tap(device.netns, device.tap_name, device.queues)
+        names = [f"tap-{device.id}-{index}" for index in range(len(fds))]
+        passed: list[str] = []
+        try:
+            for fd, name in zip(fds, names, strict=True):
+                await self.qmp.pass_fd(fd, name)
+                passed.append(name)
+        except BaseException:
+            for name in passed:
+                with contextlib.suppress(HypervisorError):
+                    await self.qmp.call("closefd", {"fdname": name})
+            raise
+        finally:
+            for fd in fds:
+                os.close(fd)
+        return names
 
     async def _add_9p(self, device: SharedFsDevice) -> None:
         """The device of a 9p share whose backend the command line already has (``fsdev_cmdline``)."""

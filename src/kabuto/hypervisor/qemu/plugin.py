@@ -26,6 +26,8 @@ CAPABILITIES = Capabilities(
     snapshot=True,
     shared_fs=frozenset({SharedFsKind.VIRTIO_FS, SharedFsKind.VIRTIO_9P}),
     network=True,
+    # QMP getfd (SCM_RIGHTS) then netdev_add tap fd=
+    network_tap_fd=True,
     agent_channels=(ChannelKind.VIRTIO_SERIAL, ChannelKind.VSOCK),
     jailer=False,
     # vCPU hot-add (device_add of the CPU model) and DIMM hot-add (pc-dimm), ACPI in the guest

@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -20,6 +21,7 @@ from typing import Any, Protocol
 from kabuto.config.model import HypervisorConfig
 from kabuto.errors import KabutoError
 from kabuto.hypervisor import Hypervisor, ResolvedConfig
+from kabuto.hypervisor.base import HypervisorState
 from kabuto.hypervisor.devices import SharedFsDevice
 from kabuto.image.cache import guest_code_hash
 
@@ -45,6 +47,9 @@ class WarmRequest:
     #: the sandbox's shares, for a source that can attach them once the VM runs
     shares: list[SharedFsDevice] = field(default_factory=list)
     timeout: float = 120.0
+    #: records a VM another process hands over (its saved state, in the sandbox record) before
+    #: that process lets it go: a creator killed from then on leaves it to the sandbox reaper
+    claim: Callable[[HypervisorState], None] | None = None
 
 
 class WarmSource(Protocol):
