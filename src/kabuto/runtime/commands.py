@@ -362,7 +362,7 @@ async def delete(container_id: str, options: RuntimeOptions, *, force: bool = Fa
         # the others' process was killed with the container: their monitors exit now
         await end_monitors(going, MONITOR_EXIT_TIMEOUT)
         for gone in going:
-            for busy in remove_container(gone.host_cgroup):
+            for busy in await asyncio.to_thread(remove_container, gone.host_cgroup):
                 log.warning("container %s: host cgroup %s still holds a process; left in place",
                             gone.id, busy)
 

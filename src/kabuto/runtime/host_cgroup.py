@@ -20,7 +20,9 @@ runtime/cgroups_path.py).
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,8 @@ from kabuto.errors import KabutoError
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 # cpuset's files must be filled before a process can join (cgroup v1), as runc copies them
 CPUSET_FILES = ("cpuset.cpus", "cpuset.mems")
+# how long a container's host cgroup may stay busy after its processes were told to end
+REMOVE_TIMEOUT = 10.0
 
 
 class HostCgroupError(KabutoError):
@@ -181,15 +185,22 @@ def place_container(cgroups_path: str, resources: dict[str, Any], pids: list[int
     return record
 
 
-def remove_container(record: dict[str, Any]) -> list[str]:
+def remove_container(record: dict[str, Any], timeout: float = REMOVE_TIMEOUT) -> list[str]:
     """Remove the directories ``place_container`` made (deepest first); returns those still
-    holding a process (they stay)."""
+    holding a task after ``timeout`` (they stay). A VMM that was just told to stop may still be
+    ending its vCPU threads: a busy directory is retried until then."""
     left = []
+    deadline = time.monotonic() + timeout
     for directory in sorted(record.get("created", []), key=lambda d: d.count("/"), reverse=True):
-        try:
-            os.rmdir(directory)
-        except FileNotFoundError:
-            pass
-        except OSError:
-            left.append(directory)
+        while True:
+            try:
+                os.rmdir(directory)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                if exc.errno == errno.EBUSY and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
+                left.append(directory)
+            break
     return left
