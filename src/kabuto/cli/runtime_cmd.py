@@ -575,9 +575,26 @@ def events_command(ctx: click.Context, once: bool, interval: float, root: Path |
         time.sleep(interval)
 
 
+#: why runc's checkpoint/restore verbs are refused by name
+NO_CHECKPOINT = ("runc dumps a container's processes with CRIU and restores them in place of a "
+                 "container; a Kabuto container's processes live in a VM whose snapshot holds the whole "
+                 "sandbox (every container of the pod, the guest agent and kernel), not one container")
+
+
+def _refused_verb(name: str) -> click.Command:
+    @click.command(name, context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+                   add_help_option=False)
+    @click.argument("args", nargs=-1, type=click.UNPROCESSED)
+    def refuse(args: tuple[str, ...]) -> None:
+        raise click.ClickException(f"{name} is not supported: {NO_CHECKPOINT}")
+
+    refuse.help = f"Refused: {NO_CHECKPOINT}."
+    return refuse
+
+
 def register(cli: click.Group) -> None:
     for command in (run_command, create_command, start_command, state_command, pause_command, resume_command,
                     update_command, kill_command, delete_command, exec_command, list_command, ps_command,
-                    events_command):
+                    events_command, _refused_verb("checkpoint"), _refused_verb("restore")):
         cli.add_command(command)
 
