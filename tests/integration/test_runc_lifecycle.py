@@ -207,6 +207,43 @@ def cgroup_step(rt: Runtime, rootfs: Path, name: str, cgroups_path: str, etc: Pa
     return seen
 
 
+def oom_step(rt: Runtime, rootfs: Path) -> list[dict[str, Any]]:
+    """A container with a 16 MiB memory limit whose `dd` asks for 64 MiB once `events` runs:
+    the events seen up to the first `oom` one (stats lines left out)."""
+    script = "read x; dd if=/dev/zero of=/dev/null bs=64M count=1; exec sleep 1000"
+    bundle = rt.bundle("c9", rootfs, ["sh", "-c", script],
+                       linux={"resources": {"memory": {"limit": 16 << 20}}})
+    read_end, write_end = os.pipe()
+    rt.ok("create", "--bundle", str(bundle), "c9", stdin=read_end, stdout=subprocess.DEVNULL,
+          stderr=subprocess.DEVNULL)
+    os.close(read_end)
+    rt.ok("start", "c9")
+    events = subprocess.Popen([rt.binary, "--root", str(rt.root), "events", "--interval", "1", "c9"],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, bufsize=0)
+    seen: list[dict[str, Any]] = []
+    try:
+        assert events.stdout is not None
+        first = json.loads(events.stdout.readline())  # events is watching before dd runs
+        assert first["type"] == "stats", first
+        os.write(write_end, b"go\n")
+        deadline = time.monotonic() + EXIT_TIMEOUT
+        while (left := deadline - time.monotonic()) > 0 and select.select([events.stdout], [], [], left)[0]:
+            line = events.stdout.readline()
+            if not line:
+                break  # events ended: the container stopped
+            event = json.loads(line)
+            if event["type"] != "stats":
+                seen.append(event)
+                if event["type"] == "oom":
+                    break
+    finally:
+        os.close(write_end)
+        events.kill()
+        events.wait()
+        rt.ok("delete", "--force", "c9")
+    return seen
+
+
 def scenario(rt: Runtime, rootfs: Path) -> dict[str, Any]:
     seen: dict[str, Any] = {}
     seen["state-unknown"] = rt("state", "nosuch").returncode
@@ -326,6 +363,9 @@ def scenario(rt: Runtime, rootfs: Path) -> dict[str, Any]:
     seen["cgroup-absolute"] = cgroup_step(rt, rootfs, "c7", f"/kbl-{rt.name}-{os.getpid()}", etc)
     seen["cgroup-relative"] = cgroup_step(rt, rootfs, "c8", f"kbl-{rt.name}-{os.getpid()}/c8", etc)
 
+    # the OOM killer in the container's cgroup: `events` reports it as {"type": "oom", "id"}
+    seen["oom-event"] = oom_step(rt, rootfs)
+
     # bad input: runc's exit codes, a JSON log line, no container made
     not_a_socket = rt.work / "not-a-socket"
     not_a_socket.write_text("")
@@ -390,6 +430,7 @@ def test_detached_lifecycle_as_runc(rootfs: Path) -> None:
         assert runc["c4-console"][1:] == (True, True, True) and runc["exec-tty-exit"] == 6, runc
         assert runc["cgroup-absolute"]["at-path"] and runc["cgroup-relative"]["removed"] == [False] * 3, runc
         assert runc["cgroup-absolute"]["bind-root-name"] == "etc", runc
+        assert runc["oom-event"] == [{"type": "oom", "id": "c9"}], runc
         # threads of one other process (the VMM), never its main thread
         assert CGROUP_V2 or (vcpu_threads and len({g for _, g in vcpu_threads}) == 1
                              and all(t != g for t, g in vcpu_threads)), vcpu_threads

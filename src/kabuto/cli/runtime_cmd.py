@@ -560,15 +560,20 @@ def ps_command(ctx: click.Context, fmt: str, root: Path | None, container_id: st
 def events_command(ctx: click.Context, once: bool, interval: float, root: Path | None,
                    container_id: str) -> None:
     """Print the container's cgroup stats as runc's `events` does: one JSON line each interval
-    until it stops (OOM events are not reported)."""
+    until it stops, and an `oom` event when the guest's OOM killer took one of its processes
+    since the previous line (read each interval: runc reports it as it happens)."""
     options = _options(ctx, root)
+    oom_kills: int | None = None
     while True:
         try:
-            line = asyncio.run(commands.stats(container_id, options))
+            line, kills = asyncio.run(commands.stats(container_id, options))
         except KabutoError:
             if once:
                 raise
             return  # the container stopped or went: the stream ends, as runc's does
+        if not once and kills is not None and oom_kills is not None and kills > oom_kills:
+            click.echo(json.dumps({"type": "oom", "id": container_id}))
+        oom_kills = kills
         click.echo(json.dumps(line))
         if once:
             return

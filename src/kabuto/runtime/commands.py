@@ -269,10 +269,11 @@ async def ps(container_id: str, options: RuntimeOptions) -> list[int]:
         return await sandbox.list_processes(container_id)
 
 
-async def stats(container_id: str, options: RuntimeOptions) -> dict[str, Any]:
+async def stats(container_id: str, options: RuntimeOptions) -> tuple[dict[str, Any], int | None]:
     """``runc events --stats``: one ``{"type": "stats", "id", "data"}`` object with what the
     guest reads from the container's cgroup (cpu in nanoseconds, as runc reports it); what the
-    guest cannot tell is left out rather than made up."""
+    guest cannot tell is left out rather than made up. Also the count of processes the guest's
+    OOM killer took in the container's cgroup (memory.events ``oom_kill``), None if unknown."""
     async with attached(container_id, options) as sandbox:
         await _require_vm(sandbox, container_id)
         if sandbox.container(container_id).status == "stopped":
@@ -288,7 +289,7 @@ async def stats(container_id: str, options: RuntimeOptions) -> dict[str, Any]:
         "memory": {"usage": present(usage=numbers.memory_usage_bytes, limit=numbers.memory_limit_bytes)},
         "pids": present(current=numbers.pids_current, limit=numbers.pids_limit),
     }
-    return {"type": "stats", "id": container_id, "data": data}
+    return {"type": "stats", "id": container_id, "data": data}, numbers.memory_oom_kills
 
 
 # -- pause / resume / update -------------------------------------------------------------------
