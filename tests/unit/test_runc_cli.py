@@ -76,7 +76,8 @@ def test_json_errors_on_stderr_without_a_log_file(tmp_path: Path) -> None:
 
 @needs_runc
 @pytest.mark.parametrize("args", [["--log-format", "xml", "list"], ["--no-such-flag", "list"],
-                                  ["--root", "{root}", "delete"], ["--root", "{root}", "kill"]])
+                                  ["--root", "{root}", "delete"], ["--root", "{root}", "kill"],
+                                  ["--root", "{root}", "events", "--interval", "1", "c1"]])  # a Go duration
 def test_refused_alike(tmp_path: Path, args: list[str]) -> None:
     result = both(tmp_path, *args)
     assert result["runc"].returncode != 0 and result["kabuto"].returncode != 0, result

@@ -550,10 +550,30 @@ def ps_command(ctx: click.Context, fmt: str, root: Path | None, container_id: st
         click.echo(pid)
 
 
+class GoDuration(click.ParamType):
+    """runc's duration flags (Go's time.ParseDuration: ``5s``, ``1m30s``, ``500ms``), in seconds."""
+
+    name = "duration"
+    UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+    PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        if isinstance(value, float):
+            return value
+        text = str(value)
+        parts = self.PART.findall(text)
+        if not parts or "".join(n + u for n, u in parts) != text:
+            self.fail(f"invalid duration {text!r} (e.g. 5s, 500ms, 1m)", param, ctx)
+        seconds = sum(float(n) * self.UNITS[u] for n, u in parts)
+        if seconds < 0.1:
+            self.fail(f"{text!r} is shorter than 100ms", param, ctx)
+        return seconds
+
+
 @click.command("events")
 @click.option("--stats", "once", is_flag=True, help="Print the container's stats once and exit.")
-@click.option("--interval", type=click.FloatRange(min=0.1), default=5.0, show_default=True,
-              help="Seconds between stats lines (without --stats).")
+@click.option("--interval", type=GoDuration(), default="5s", show_default=True,
+              help="Time between stats lines (without --stats), as runc's: 5s, 500ms...")
 @_root_option
 @click.argument("container_id")
 @click.pass_context
