@@ -218,7 +218,7 @@ def oom_step(rt: Runtime, rootfs: Path) -> list[dict[str, Any]]:
           stderr=subprocess.DEVNULL)
     os.close(read_end)
     rt.ok("start", "c9")
-    events = subprocess.Popen([rt.binary, "--root", str(rt.root), "events", "--interval", "1", "c9"],
+    events = subprocess.Popen([rt.binary, "--root", str(rt.root), "events", "--interval", "1s", "c9"],
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, bufsize=0)
     seen: list[dict[str, Any]] = []
     try:
