@@ -11,16 +11,21 @@ conmon starts), so kabuto keeps its state in its default root, /run/kabuto, as a
 would; after each step nothing of the step's containers is left there, nor a process, nor a
 mount.
 
-Three VM boots: `run -i --rm` (stdin, stdout, stderr, exit code), `run -d` + `exec` + `logs` +
-`stop` + `rm`, and `run -t`; all with `--network none`.
+Four VM boots: `run -i --rm` (stdin, stdout, stderr, exit code), `run -d` + `exec` + `logs` +
+`stop` + `rm`, and `run -t`, all with `--network none`; and `run --rm` on podman's default
+network (CNI's bridge plugin, containernetworking-plugins): the container has its address on
+podman's bridge and reaches a listener in the host's netns through the bridge's gateway and
+one in another container's netns (a runc container on the same bridge); no netns left.
 """
 
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 import tarfile
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -116,11 +121,12 @@ def _leftovers(podman: Podman, ids: list[str]) -> list[str]:
     return left
 
 
-def assert_step_left_nothing(podman: Podman, ids: list[str]) -> None:
-    """No container in podman's list; of the step's containers no kabuto state, VMM, monitor,
-    conmon or mount. conmon may still be finishing its exit command when podman returns: it gets
-    the time podman itself waits for it."""
-    assert _container_ids(podman) == []
+def assert_step_left_nothing(podman: Podman, ids: list[str], keep: tuple[str, ...] = ()) -> None:
+    """No container in podman's list (but those in ``keep``, still running); of the step's other
+    containers no kabuto state, VMM, monitor, conmon or mount. conmon may still be finishing its
+    exit command when podman returns: it gets the time podman itself waits for it."""
+    assert _container_ids(podman) == list(keep)
+    ids = [i for i in ids if i not in keep]
     deadline = time.monotonic() + CONMON_EXIT_TIMEOUT
     while (left := _leftovers(podman, ids)) and time.monotonic() < deadline:
         time.sleep(0.5)
@@ -187,3 +193,66 @@ def test_run_with_a_terminal(podman: Podman) -> None:
         assert_step_left_nothing(podman, _cid(cidfile))
     assert seen["runc"] == (2, b"/dev/pts/0\r\n"), seen["runc"]
     assert seen[str(KABUTO)] == seen["runc"]
+
+
+def _serve(listener: socket.socket, reply: bytes) -> None:
+    """Answer each connection with ``reply`` until the listener closes."""
+    while True:
+        try:
+            connection, _ = listener.accept()
+        except OSError:
+            return
+        with connection:
+            connection.sendall(reply)
+
+
+def _until_listening(address: str, port: int, timeout: float = 30.0) -> None:
+    """The peer container's listener answers (from the host, through the bridge)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((address, port), timeout=2) as connection:
+                if connection.recv(64):
+                    return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+        time.sleep(0.1)
+
+
+def _netns() -> set[str]:
+    """The netns podman's CNI made (named cni-<uuid>)."""
+    return {p.name for p in Path("/run/netns").glob("cni-*")}
+
+
+def test_default_network_reaches_the_host_bridge_and_another_netns(podman: Podman) -> None:
+    """podman's default network (CNI: bridge cni-podman0, 10.88.0.0/16, gateway 10.88.0.1): the
+    VMM runs in the netns podman made, the guest takes eth0's address and routes, and TCP goes
+    out through the bridge to the host's netns and to a runc container's netns."""
+    netns_before = _netns()
+    listener = socket.create_server(("0.0.0.0", 0))
+    port = listener.getsockname()[1]
+    threading.Thread(target=_serve, args=(listener, b"from-host\n"), daemon=True).start()
+    peer = podman.ok("runc", "run", "-d", "--name", "kbp-peer", IMAGE, "sh", "-c",
+                     "while :; do echo from-peer | nc -l -p 7777; done").decode().strip()
+    seen = {}
+    try:
+        peer_ip = _inspect(podman, "kbp-peer", ".NetworkSettings.IPAddress")
+        gateway = _inspect(podman, "kbp-peer", ".NetworkSettings.Gateway")
+        assert gateway == "10.88.0.1", gateway
+        _until_listening(peer_ip, 7777)
+        script = (f"ip -4 -o addr show eth0 | grep -o 'inet 10[.]88[.]'; "
+                  f"ip route | grep ^default | cut -d' ' -f1-3; "
+                  f"nc -w 10 {gateway} {port}; nc -w 10 {peer_ip} 7777; exit 7")
+        for runtime in RUNTIMES:
+            cidfile = _cidfile(podman)
+            result = podman(runtime, "run", "--rm", "--cidfile", str(cidfile), IMAGE, "sh", "-c", script)
+            seen[runtime] = (result.returncode, result.stdout)
+            assert_step_left_nothing(podman, [*_cid(cidfile), peer], keep=(peer,))
+    finally:
+        podman("runc", "rm", "--force", "--time", "0", "kbp-peer")
+        listener.close()
+    assert seen["runc"] == (7, b"inet 10.88.\ndefault via 10.88.0.1\nfrom-host\nfrom-peer\n"), seen["runc"]
+    assert seen[str(KABUTO)] == seen["runc"]
+    assert_step_left_nothing(podman, [peer])
+    assert _netns() == netns_before

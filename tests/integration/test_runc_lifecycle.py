@@ -101,9 +101,12 @@ class Runtime:
     def state(self, container_id: str) -> dict[str, Any]:
         return json.loads(self.ok("state", container_id).stdout)
 
-    def bundle(self, name: str, rootfs: Path, args: list[str], terminal: bool = False) -> Path:
+    def bundle(self, name: str, rootfs: Path, args: list[str], terminal: bool = False,
+               linux: dict[str, Any] | None = None, mounts: tuple[dict[str, Any], ...] = ()) -> Path:
         def change(spec: dict[str, Any]) -> None:
             spec["process"]["terminal"] = terminal
+            spec["linux"].update(linux or {})
+            spec["mounts"] += list(mounts)
         return write_bundle(self.work / name, rootfs, args, annotations=self.annotations, change=change)
 
     def last_log(self) -> dict[str, Any]:
@@ -150,6 +153,95 @@ def read_until(fd: int, marker: bytes, timeout: float = EXIT_TIMEOUT) -> bytes:
                 break
             data += chunk
     return data
+
+
+# linux.resources the host cgroup at cgroupsPath must show (the OCI suite's linux_cgroups_pids,
+# linux_cgroups_cpus, their relative forms, delete_resources)
+RESOURCES = {"cpu": {"shares": 2048, "quota": 50000, "period": 100000, "cpus": "0", "mems": "0"},
+             "pids": {"limit": 1000}}
+CGROUP_V2 = Path("/sys/fs/cgroup/cgroup.controllers").is_file()
+# controller -> the files it shows RESOURCES in
+CGROUP_FILES = (
+    {"pids": ["pids.max"], "cpu": ["cpu.weight", "cpu.max"], "cpuset": ["cpuset.cpus"]} if CGROUP_V2
+    else {"pids": ["pids.max"], "cpu": ["cpu.shares", "cpu.cfs_quota_us", "cpu.cfs_period_us"],
+          "cpuset": ["cpuset.cpus", "cpuset.mems"]})
+
+
+def thread_group(tid: int) -> int:
+    """The process thread ``tid`` belongs to."""
+    status = Path(f"/proc/{tid}/status").read_text()
+    return int(status.split("\nTgid:", 1)[1].split()[0])
+
+
+def host_cgroup(pid: int, controller: str) -> Path:
+    """The host cgroup directory ``pid`` is in for ``controller`` (v1: its own hierarchy)."""
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if (CGROUP_V2 and controllers == "") or controller in controllers.split(","):
+            base = Path("/sys/fs/cgroup") if CGROUP_V2 else Path("/sys/fs/cgroup") / controller
+            return base / path.lstrip("/")
+    raise AssertionError(f"pid {pid} has no {controller} cgroup")
+
+
+def cgroup_step(rt: Runtime, rootfs: Path, name: str, cgroups_path: str, etc: Path) -> dict[str, Any]:
+    """A container with cgroupsPath and CPU/pids limits, and a host bind named after its source
+    with a propagation option (the suite's `mounts`): what the host's cgroup files show while it
+    exists, the root of the bind in the container's mountinfo, and that delete removes the cgroup."""
+    bind = {"destination": "/mnt/etc", "source": str(etc), "options": ["rbind", "rslave"]}
+    bundle = rt.bundle(name, rootfs, ["sh", "-c", "grep ' /mnt/etc ' /proc/self/mountinfo | cut -d' ' -f4"],
+                       linux={"cgroupsPath": cgroups_path, "resources": RESOURCES}, mounts=(bind,))
+    pid_file = rt.work / f"{name}.pid"
+    with (rt.work / f"{name}.out").open("wb") as out:
+        rt.ok("create", "--bundle", str(bundle), "--pid-file", str(pid_file), name, stdout=out)
+    pid = int(pid_file.read_text())
+    directories = {controller: host_cgroup(pid, controller) for controller in CGROUP_FILES}
+    seen = {
+        "at-path": all(str(d).endswith(cgroups_path.lstrip("/")) for d in directories.values()),
+        "limits": {f: (d / f).read_text().strip() for c, d in directories.items() for f in CGROUP_FILES[c]},
+    }
+    rt.ok("start", name)
+    seen["exit"] = wait_exit(pid)
+    seen["bind-root-name"] = Path((rt.work / f"{name}.out").read_text().strip()).name
+    rt.ok("delete", name)
+    seen["removed"] = [d.exists() for d in directories.values()]
+    return seen
+
+
+def oom_step(rt: Runtime, rootfs: Path) -> list[dict[str, Any]]:
+    """A container with a 16 MiB memory limit whose `dd` asks for 64 MiB once `events` runs:
+    the events seen up to the first `oom` one (stats lines left out)."""
+    script = "read x; dd if=/dev/zero of=/dev/null bs=64M count=1; exec sleep 1000"
+    bundle = rt.bundle("c9", rootfs, ["sh", "-c", script],
+                       linux={"resources": {"memory": {"limit": 16 << 20}}})
+    read_end, write_end = os.pipe()
+    rt.ok("create", "--bundle", str(bundle), "c9", stdin=read_end, stdout=subprocess.DEVNULL,
+          stderr=subprocess.DEVNULL)
+    os.close(read_end)
+    rt.ok("start", "c9")
+    events = subprocess.Popen([rt.binary, "--root", str(rt.root), "events", "--interval", "1s", "c9"],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, bufsize=0)
+    seen: list[dict[str, Any]] = []
+    try:
+        assert events.stdout is not None
+        first = json.loads(events.stdout.readline())  # events is watching before dd runs
+        assert first["type"] == "stats", first
+        os.write(write_end, b"go\n")
+        deadline = time.monotonic() + EXIT_TIMEOUT
+        while (left := deadline - time.monotonic()) > 0 and select.select([events.stdout], [], [], left)[0]:
+            line = events.stdout.readline()
+            if not line:
+                break  # events ended: the container stopped
+            event = json.loads(line)
+            if event["type"] != "stats":
+                seen.append(event)
+                if event["type"] == "oom":
+                    break
+    finally:
+        os.close(write_end)
+        events.kill()
+        events.wait()
+        rt.ok("delete", "--force", "c9")
+    return seen
 
 
 def scenario(rt: Runtime, rootfs: Path) -> dict[str, Any]:
@@ -265,6 +357,15 @@ def scenario(rt: Runtime, rootfs: Path) -> dict[str, Any]:
     finally:
         console.close()
 
+    # the host cgroup at an absolute and at a relative cgroupsPath
+    etc = rt.work / "etc"
+    etc.mkdir()
+    seen["cgroup-absolute"] = cgroup_step(rt, rootfs, "c7", f"/kbl-{rt.name}-{os.getpid()}", etc)
+    seen["cgroup-relative"] = cgroup_step(rt, rootfs, "c8", f"kbl-{rt.name}-{os.getpid()}/c8", etc)
+
+    # the OOM killer in the container's cgroup: `events` reports it as {"type": "oom", "id"}
+    seen["oom-event"] = oom_step(rt, rootfs)
+
     # bad input: runc's exit codes, a JSON log line, no container made
     not_a_socket = rt.work / "not-a-socket"
     not_a_socket.write_text("")
@@ -304,18 +405,42 @@ def test_detached_lifecycle_as_runc(rootfs: Path) -> None:
             (work / "kabuto").mkdir()
             ours = Runtime("kabuto", str(KABUTO), kabuto_root, work / "kabuto",
                            {CONTAINER_TYPE_ANNOTATION: "container", SANDBOX_ID_ANNOTATION: POD})
-            pod = write_bundle(work / "pod", rootfs, SLEEPER)
+            # the sandbox's own container at a cgroupsPath: its VMM's vCPU threads join the cpu one
+            pod_cgroup = f"/kbl-pod-{os.getpid()}"
+            pod = write_bundle(work / "pod", rootfs, SLEEPER,
+                               change=lambda spec: spec["linux"].update(cgroupsPath=pod_cgroup))
             ours.ok("create", "--bundle", str(pod), "--pid-file", str(work / "pod.pid"), POD)
             ours.ok("start", POD)
+            monitor = int((work / "pod.pid").read_text())
+            cpu = host_cgroup(monitor, "cpu")
+            # the tasks there but the monitor's own threads: (thread, its process) (v2 moves whole
+            # processes only)
+            vcpu_threads = [] if CGROUP_V2 else [
+                (int(tid), tgid) for tid in (cpu / "tasks").read_text().split()
+                if (tgid := thread_group(int(tid))) != monitor]
             try:
                 kabuto = scenario(ours, rootfs)
             finally:
                 ours("delete", "--force", POD)
                 with contextlib.suppress(AssertionError, ChildProcessError):
                     wait_exit(int((work / "pod.pid").read_text()), timeout=30)
+            assert not cpu.exists(), f"{cpu} left after delete"
         assert runc["c1-exit"] == 3 and runc["c1-stdio"] == (b"got hello\n", b"err\n"), runc
         assert runc["c2-exit"] == 7 and runc["c3-exit"] == 137 and runc["exec-exit"] == 5, runc
         assert runc["c4-console"][1:] == (True, True, True) and runc["exec-tty-exit"] == 6, runc
+        assert runc["cgroup-absolute"]["at-path"] and runc["cgroup-relative"]["removed"] == [False] * 3, runc
+        assert runc["cgroup-absolute"]["bind-root-name"] == "etc", runc
+        assert runc["oom-event"] == [{"type": "oom", "id": "c9"}], runc
+        # threads of one other process (the VMM), never its main thread
+        assert CGROUP_V2 or (vcpu_threads and len({g for _, g in vcpu_threads}) == 1
+                             and all(t != g for t, g in vcpu_threads)), vcpu_threads
+        # the one known difference: virtio-fs announces each host mount in the share as a
+        # filesystem of its own in the guest (inode numbers stay unique), so a bind's root in the
+        # guest's mountinfo is that filesystem's "/", where runc's names the source (the suite's
+        # `mounts`; docs/runtime.md); through 9p it ends with the source's name as runc's does
+        for key in ("cgroup-absolute", "cgroup-relative"):
+            assert kabuto[key].pop("bind-root-name") == "", kabuto[key]
+            runc[key].pop("bind-root-name")
         differ = {key: (kabuto.get(key), runc[key]) for key in runc if kabuto.get(key) != runc[key]}
         assert not differ, f"(kabuto, runc) where they differ: {differ}"
         assert_nothing_left(kabuto_root)
@@ -324,3 +449,6 @@ def test_detached_lifecycle_as_runc(rootfs: Path) -> None:
         subprocess.run(["runc", "--root", str(runc_root), "list"], capture_output=True, check=False)
         shutil.rmtree(runc_root, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
+        # runc removes a relative cgroupsPath's last directory only
+        for parent in Path("/sys/fs/cgroup").glob(f"*/kbl-runc-{os.getpid()}"):
+            parent.rmdir()

@@ -86,13 +86,16 @@ async def test_file_and_dir_sources_are_shared_ro_enforced_on_the_host(
     await sandbox.disconnect()
     shared = Path(sandbox.record.shared_dir) / "c1" / "mounts"
     first = len(default_spec(["true"])["mounts"])
-    data, resolv, data_ro, inner = (shared / str(first + i) for i in (0, 1, 2, 4))
+    names = {0: host.name, 1: "resolv.conf", 2: host.name, 4: "inner"}
+    data, resolv, data_ro, inner = (shared / str(first + i) / names[i] for i in (0, 1, 2, 4))
     assert sorted(p.name for p in shared.iterdir()) == sorted(str(first + i) for i in (0, 1, 2, 4))
 
     spec = GUESTS["c1"].containers["c1"]["spec"]
     guest_mounts = {m["destination"]: m for m in spec["mounts"]}
     for index, destination in ((0, "/data"), (1, "/etc/resolv.conf"), (2, "/data-ro"), (4, "/inner")):
-        assert guest_mounts[destination]["source"] == f"{GUEST_SHARE_DIR}/c1/mounts/{first + index}"
+        # the source's own name last, as the guest's mountinfo shows it (the suite's `mounts` check)
+        source = f"{GUEST_SHARE_DIR}/c1/mounts/{first + index}/{names[index]}"
+        assert guest_mounts[destination]["source"] == source
         assert guest_mounts[destination]["type"] == "bind"
     assert guest_mounts["/data-ro"]["options"] == ["rbind", "ro"]
     assert guest_mounts["/dev/guest-null"]["source"] == "/dev/null"
@@ -168,7 +171,7 @@ async def test_dead_vmm_cleanup_paths_release_bind_shares(store: StateStore, tmp
     await asyncio.to_thread(vmm.wait, 10)
     attached = await VirtSandbox.attach("pod", store)
     await attached.release_container("app")
-    pod_bind = binds_path(shared, "pod") / str(len(default_spec(["true"])["mounts"]))
+    pod_bind = binds_path(shared, "pod") / str(len(default_spec(["true"])["mounts"])) / host.name
     assert mounts_below(shared) == [str(shared / "pod" / "rootfs"), str(pod_bind), str(pod_bind / "sub")]
     await remove_dead_sandbox(store, "pod")
     assert not mounts_below(store.root)

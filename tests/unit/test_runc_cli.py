@@ -76,11 +76,23 @@ def test_json_errors_on_stderr_without_a_log_file(tmp_path: Path) -> None:
 
 @needs_runc
 @pytest.mark.parametrize("args", [["--log-format", "xml", "list"], ["--no-such-flag", "list"],
-                                  ["--root", "{root}", "delete"], ["--root", "{root}", "kill"]])
+                                  ["--root", "{root}", "delete"], ["--root", "{root}", "kill"],
+                                  ["--root", "{root}", "events", "--interval", "1", "c1"]])  # a Go duration
 def test_refused_alike(tmp_path: Path, args: list[str]) -> None:
     result = both(tmp_path, *args)
     assert result["runc"].returncode != 0 and result["kabuto"].returncode != 0, result
     assert not (tmp_path / "kabuto" / "root").exists()
+
+
+@pytest.mark.parametrize("verb", ["checkpoint", "restore"])
+def test_checkpoint_and_restore_are_refused_by_name(tmp_path: Path, verb: str) -> None:
+    run = subprocess.run([str(KABUTO), "--root", str(tmp_path / "root"), "--log", str(tmp_path / "log"),
+                          "--log-format", "json", verb, "--image-path", str(tmp_path / "img"), "c1"],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1
+    line = json.loads((tmp_path / "log").read_text().splitlines()[-1])
+    assert line["level"] == "error" and line["msg"].startswith(f"{verb} is not supported: runc dumps"), line
+    assert not (tmp_path / "root").exists() and not (tmp_path / "img").exists()
 
 
 @needs_runc

@@ -550,34 +550,76 @@ def ps_command(ctx: click.Context, fmt: str, root: Path | None, container_id: st
         click.echo(pid)
 
 
+class GoDuration(click.ParamType):
+    """runc's duration flags (Go's time.ParseDuration: ``5s``, ``1m30s``, ``500ms``), in seconds."""
+
+    name = "duration"
+    UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+    PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        if isinstance(value, float):
+            return value
+        text = str(value)
+        parts = self.PART.findall(text)
+        if not parts or "".join(n + u for n, u in parts) != text:
+            self.fail(f"invalid duration {text!r} (e.g. 5s, 500ms, 1m)", param, ctx)
+        seconds = sum(float(n) * self.UNITS[u] for n, u in parts)
+        if seconds < 0.1:
+            self.fail(f"{text!r} is shorter than 100ms", param, ctx)
+        return seconds
+
+
 @click.command("events")
 @click.option("--stats", "once", is_flag=True, help="Print the container's stats once and exit.")
-@click.option("--interval", type=click.FloatRange(min=0.1), default=5.0, show_default=True,
-              help="Seconds between stats lines (without --stats).")
+@click.option("--interval", type=GoDuration(), default="5s", show_default=True,
+              help="Time between stats lines (without --stats), as runc's: 5s, 500ms...")
 @_root_option
 @click.argument("container_id")
 @click.pass_context
 def events_command(ctx: click.Context, once: bool, interval: float, root: Path | None,
                    container_id: str) -> None:
     """Print the container's cgroup stats as runc's `events` does: one JSON line each interval
-    until it stops (OOM events are not reported)."""
+    until it stops, and an `oom` event when the guest's OOM killer took one of its processes
+    since the previous line (read each interval: runc reports it as it happens)."""
     options = _options(ctx, root)
+    oom_kills: int | None = None
     while True:
         try:
-            line = asyncio.run(commands.stats(container_id, options))
+            line, kills = asyncio.run(commands.stats(container_id, options))
         except KabutoError:
             if once:
                 raise
             return  # the container stopped or went: the stream ends, as runc's does
+        if not once and kills is not None and oom_kills is not None and kills > oom_kills:
+            click.echo(json.dumps({"type": "oom", "id": container_id}))
+        oom_kills = kills
         click.echo(json.dumps(line))
         if once:
             return
         time.sleep(interval)
 
 
+#: why runc's checkpoint/restore verbs are refused by name
+NO_CHECKPOINT = ("runc dumps a container's processes with CRIU and restores them in place of a "
+                 "container; a Kabuto container's processes live in a VM whose snapshot holds the whole "
+                 "sandbox (every container of the pod, the guest agent and kernel), not one container")
+
+
+def _refused_verb(name: str) -> click.Command:
+    @click.command(name, context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+                   add_help_option=False)
+    @click.argument("args", nargs=-1, type=click.UNPROCESSED)
+    def refuse(args: tuple[str, ...]) -> None:
+        raise click.ClickException(f"{name} is not supported: {NO_CHECKPOINT}")
+
+    refuse.help = f"Refused: {NO_CHECKPOINT}."
+    return refuse
+
+
 def register(cli: click.Group) -> None:
     for command in (run_command, create_command, start_command, state_command, pause_command, resume_command,
                     update_command, kill_command, delete_command, exec_command, list_command, ps_command,
-                    events_command):
+                    events_command, _refused_verb("checkpoint"), _refused_verb("restore")):
         cli.add_command(command)
 

@@ -1,10 +1,10 @@
 """``linux.cgroupsPath`` as runc reads it: a cgroupfs path, or with ``--systemd-cgroup``
 systemd's ``slice:prefix:name``.
 
-Kabuto's containers live in cgroups inside the VM (the guest applies ``linux.resources``); the
-VMM and the container's host process are not moved into a host cgroup. So the path is checked
-as runc checks it (a malformed one fails ``create`` as under runc), and its host placement is
-reported as not applied, never dropped without a word.
+Kabuto's containers live in cgroups inside the VM (the guest applies ``linux.resources``). The
+path is checked as runc checks it (a malformed one fails ``create`` as under runc) and mapped to
+the cgroupfs path where ``kabuto create`` places the container's host side
+(runtime/host_cgroup.py ``place_container``).
 """
 
 from __future__ import annotations
@@ -59,14 +59,12 @@ def _expand_slice(slice_name: str) -> str:
     return "/" + "/".join("-".join(pieces[:i + 1]) + ".slice" for i in range(len(pieces)))
 
 
-def report_cgroups_path(spec: dict[str, object], *, systemd: bool) -> None:
-    """Check the spec's cgroupsPath and say that the host processes stay where they are."""
+def spec_cgroups_path(spec: dict[str, object], *, systemd: bool) -> str | None:
+    """The spec's cgroupsPath, checked, as a cgroupfs path; None without one."""
     linux = spec.get("linux")
     cgroups_path = linux.get("cgroupsPath") if isinstance(linux, dict) else None
     if not cgroups_path:
-        return
+        return None
     if not isinstance(cgroups_path, str):
         raise CgroupsPathError("linux.cgroupsPath must be a string")
-    path = host_cgroup(cgroups_path, systemd=systemd)
-    logger.warning("linux.cgroupsPath %s: limits apply to the container's cgroup inside the VM; the "
-                   "VMM is not placed in a host cgroup", path)
+    return host_cgroup(cgroups_path, systemd=systemd)

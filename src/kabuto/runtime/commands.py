@@ -18,18 +18,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import secrets
 import signal
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from kabuto.errors import KabutoError
+from kabuto.errors import HypervisorError, KabutoError
 from kabuto.processes import live_process
 from kabuto.runtime.bundle import ContainerIdError, check_container_id, load_bundle, process_spec
-from kabuto.runtime.cgroups_path import report_cgroups_path
+from kabuto.runtime.cgroups_path import spec_cgroups_path
 from kabuto.runtime.control import CONTROL_SOCKET, control_socket, kill_via_owner, parse_signal
 from kabuto.runtime.detached import MONITOR_EXIT_TIMEOUT, end_monitor, spawn_monitor
+from kabuto.runtime.host_cgroup import place_container, remove_container
 from kabuto.runtime.sandbox import (
     DEFAULT_BOOT_TIMEOUT,
     INIT_EXEC_ID,
@@ -40,6 +42,8 @@ from kabuto.runtime.sandbox import (
 )
 from kabuto.runtime.state import ContainerRecord, SandboxRecord, StateError, StateStore
 from kabuto.runtime.streaming import OUTPUT_DRAIN_TIMEOUT, ProcessIO, run_process
+
+log = logging.getLogger(__name__)
 
 OCI_VERSION = "1.0.2"
 # A sandbox whose lock is held this long is busy streaming: `kill` goes through its owner.
@@ -57,12 +61,14 @@ class RuntimeOptions:
 
 
 # -- create / start ----------------------------------------------------------------------------
-async def create(container_id: str, bundle_dir: str, options: RuntimeOptions) -> VirtSandbox:
+async def create(container_id: str, bundle_dir: str, options: RuntimeOptions, *,
+                 host_cgroup_by_caller: bool = False) -> VirtSandbox:
     """``runc create``: the container exists, its process waits for ``start``. Returns the sandbox,
-    still connected (the caller disconnects it, or keeps using it as ``run`` does)."""
+    still connected (the caller disconnects it, or keeps using it as ``run`` does).
+    ``host_cgroup_by_caller``: the caller places the container's host side at its cgroupsPath."""
     check_container_id(container_id)
     bundle = load_bundle(bundle_dir)
-    report_cgroups_path(bundle.spec, systemd=options.systemd_cgroup)
+    spec_cgroups_path(bundle.spec, systemd=options.systemd_cgroup)
     store = options.store
     pod = bundle.pod_sandbox_id
     if pod is not None:
@@ -71,14 +77,16 @@ async def create(container_id: str, bundle_dir: str, options: RuntimeOptions) ->
             sandbox = await VirtSandbox.attach(pod, store)
             try:
                 await sandbox.connect()
-                await sandbox.create_container(container_id, bundle)
+                await sandbox.create_container(container_id, bundle,
+                                               host_cgroup_by_caller=host_cgroup_by_caller)
             except BaseException:
                 await sandbox.disconnect()
                 raise
         return sandbox
     return await create_sandbox_for(container_id, bundle, store, config_path=options.config_path,
                                     hypervisor_name=options.hypervisor_name,
-                                    boot_timeout=options.boot_timeout)
+                                    boot_timeout=options.boot_timeout,
+                                    host_cgroup_by_caller=host_cgroup_by_caller)
 
 
 async def create_detached(container_id: str, bundle_dir: str, options: RuntimeOptions, *,
@@ -86,10 +94,20 @@ async def create_detached(container_id: str, bundle_dir: str, options: RuntimeOp
     """``runc create`` from the command line: as runc leaves the container's init, a host
     process (kabuto.runtime.monitor) stays standing for the container's process, a child of
     this one with this process's stdio (or, with ``console_fd``, a pty whose master went over
-    the console socket). Returns its pid, for ``--pid-file``."""
-    sandbox = await create(container_id, bundle_dir, options)
+    the console socket). Returns its pid, for ``--pid-file``.
+
+    With ``linux.cgroupsPath`` (and no sandbox_cgroup_only, which puts the whole sandbox in it),
+    the container's host side is placed there as Kata places it (host_cgroup.place_container):
+    the monitor, and for the sandbox's own container the VMM's vCPU threads."""
+    bundle = load_bundle(bundle_dir)
+    cgroups_path = spec_cgroups_path(bundle.spec, systemd=options.systemd_cgroup)
+    sandbox = await create(container_id, bundle_dir, options, host_cgroup_by_caller=True)
+    placed = bool(cgroups_path) and not sandbox.config.runtime.sandbox_cgroup_only
+    threads: list[int] = []
     try:
         addresses = await sandbox.hypervisor.get_agent_sockets()
+        if placed and container_id == sandbox.id:
+            threads = await _vcpu_threads(sandbox)
     finally:
         await sandbox.disconnect()
     monitor: dict[str, Any] = {}
@@ -97,7 +115,12 @@ async def create_detached(container_id: str, bundle_dir: str, options: RuntimeOp
         monitor = await asyncio.to_thread(spawn_monitor, container_id, addresses, console_fd=console_fd)
         with options.store.sandbox_lock(sandbox.id):
             record = options.store.load(sandbox.id)
-            record.containers[container_id].monitor = monitor
+            container = record.containers[container_id]
+            container.monitor = monitor
+            if placed and cgroups_path:
+                container.host_cgroup = place_container(
+                    cgroups_path, bundle.spec.get("linux", {}).get("resources") or {},
+                    [int(monitor["pid"])], threads)
             options.store.save(record)
     except BaseException:
         with contextlib.suppress(KabutoError):
@@ -106,6 +129,15 @@ async def create_detached(container_id: str, bundle_dir: str, options: RuntimeOp
             await asyncio.to_thread(end_monitor, monitor, 0.0)
         raise
     return int(monitor["pid"])
+
+
+async def _vcpu_threads(sandbox: VirtSandbox) -> list[int]:
+    try:
+        return sorted((await sandbox.hypervisor.get_thread_ids()).vcpus.values())
+    except HypervisorError as exc:
+        log.warning("sandbox %s: its vCPU threads are not known (%s): the host cgroup at "
+                    "linux.cgroupsPath holds only the container's monitor", sandbox.id, exc)
+        return []
 
 
 @contextlib.asynccontextmanager
@@ -237,10 +269,11 @@ async def ps(container_id: str, options: RuntimeOptions) -> list[int]:
         return await sandbox.list_processes(container_id)
 
 
-async def stats(container_id: str, options: RuntimeOptions) -> dict[str, Any]:
+async def stats(container_id: str, options: RuntimeOptions) -> tuple[dict[str, Any], int | None]:
     """``runc events --stats``: one ``{"type": "stats", "id", "data"}`` object with what the
     guest reads from the container's cgroup (cpu in nanoseconds, as runc reports it); what the
-    guest cannot tell is left out rather than made up."""
+    guest cannot tell is left out rather than made up. Also the count of processes the guest's
+    OOM killer took in the container's cgroup (memory.events ``oom_kill``), None if unknown."""
     async with attached(container_id, options) as sandbox:
         await _require_vm(sandbox, container_id)
         if sandbox.container(container_id).status == "stopped":
@@ -256,7 +289,7 @@ async def stats(container_id: str, options: RuntimeOptions) -> dict[str, Any]:
         "memory": {"usage": present(usage=numbers.memory_usage_bytes, limit=numbers.memory_limit_bytes)},
         "pids": present(current=numbers.pids_current, limit=numbers.pids_limit),
     }
-    return {"type": "stats", "id": container_id, "data": data}
+    return {"type": "stats", "id": container_id, "data": data}, numbers.memory_oom_kills
 
 
 # -- pause / resume / update -------------------------------------------------------------------
@@ -329,6 +362,10 @@ async def delete(container_id: str, options: RuntimeOptions, *, force: bool = Fa
             await sandbox.release_container(container_id)
         # the others' process was killed with the container: their monitors exit now
         await end_monitors(going, MONITOR_EXIT_TIMEOUT)
+        for gone in going:
+            for busy in await asyncio.to_thread(remove_container, gone.host_cgroup):
+                log.warning("container %s: host cgroup %s still holds a process; left in place",
+                            gone.id, busy)
 
 
 async def end_monitors(containers: list[ContainerRecord], grace: float) -> None:

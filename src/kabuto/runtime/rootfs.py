@@ -3,7 +3,7 @@
 * With a shared filesystem (virtio-9p / virtio-fs): one share per sandbox exports
   ``<sandbox>/shared``; each container's rootfs is bind-mounted at ``shared/<cid>/rootfs``, so
   one device serves the whole pod and containers added after boot need no hot-plug. The host
-  paths its config.json bind-mounts go the same way, to ``shared/<cid>/mounts/<index>``.
+  paths its config.json bind-mounts go the same way, to ``shared/<cid>/mounts/<index>/<name>``.
 * Without one (Firecracker): the rootfs is copied into an ext4 image (``mkfs.ext4 -d``) and
   handed over as a block device, before boot or hot-plugged after where that is allowed.
 """
@@ -89,9 +89,15 @@ def binds_path(shared_dir: Path, container_id: str) -> Path:
     return shared_dir / container_id / "mounts"
 
 
+def bind_name(source: Path) -> str:
+    """The share's mount point for ``source`` keeps its name, so the guest's mountinfo shows the
+    bind's root ending as the source does (``.../mounts/7/etc`` for ``/etc``), as runc's does."""
+    return source.name or "root"
+
+
 async def share_binds(shared_dir: Path, container_id: str, binds: list[HostBind]) -> dict[int, str]:
-    """Bind-mount each host source at ``mounts/<index>`` beside the container's rootfs share;
-    return index -> guest path. What a failure leaves is ``unshare_container``'s to undo.
+    """Bind-mount each host source at ``mounts/<index>/<name>`` beside the container's rootfs
+    share; return index -> guest path. What a failure leaves is ``unshare_container``'s to undo.
 
     The guest is untrusted, so a read-only bind is read-only on the host side too (every mount
     of an rbind's tree) and private (no writable mount propagates into it later). Every copy is
@@ -101,7 +107,8 @@ async def share_binds(shared_dir: Path, container_id: str, binds: list[HostBind]
     directory.mkdir(parents=True, exist_ok=True)
     guest_paths: dict[int, str] = {}
     for bind in binds:
-        target = directory / str(bind.index)
+        (directory / str(bind.index)).mkdir()
+        target = directory / str(bind.index) / bind_name(bind.source)
         if bind.source.is_dir():
             target.mkdir()
         else:  # a file (or socket, fifo...) is bind-mounted over an empty file
@@ -112,7 +119,7 @@ async def share_binds(shared_dir: Path, container_id: str, binds: list[HostBind]
             # mount(8) keeps the mount's other flags (nosuid...) on a bind remount
             for mount_point in sorted(_mounts_at_or_below(target)):
                 await run_command("mount", "-o", "remount,bind,ro", mount_point)
-        guest_paths[bind.index] = f"{GUEST_SHARE_DIR}/{container_id}/mounts/{bind.index}"
+        guest_paths[bind.index] = f"{GUEST_SHARE_DIR}/{container_id}/mounts/{bind.index}/{target.name}"
     return guest_paths
 
 
@@ -124,13 +131,15 @@ async def unshare_container(shared_dir: Path, container_id: str) -> None:
     """Undo ``share_rootfs`` and ``share_binds``: unmount, then remove the emptied mount points
     (never recursively: a path still mounted refuses removal instead of losing host files)."""
     binds = binds_path(shared_dir, container_id)
-    for target in list_dir(binds):
-        await _unmount(target)
-        with contextlib.suppress(OSError):
-            if target.is_dir():
-                target.rmdir()
-            else:
-                target.unlink()
+    for index in list_dir(binds):
+        for target in list_dir(index):
+            await _unmount(target)
+            with contextlib.suppress(OSError):
+                if target.is_dir():
+                    target.rmdir()
+                else:
+                    target.unlink()
+        _remove_dirs(index)
     rootfs = share_path(shared_dir, container_id)
     await _unmount(rootfs)
     _remove_dirs(rootfs, binds, shared_dir / container_id)

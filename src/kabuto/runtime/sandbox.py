@@ -366,9 +366,11 @@ class VirtSandbox:
         return storage.mount_point, storage, {"kind": "block", "device_id": device_id,
                                               "image": str(device.path)}
 
-    async def create_container(self, container_id: str, bundle: Bundle) -> ContainerRecord:
+    async def create_container(self, container_id: str, bundle: Bundle, *,
+                               host_cgroup_by_caller: bool = False) -> ContainerRecord:
         """Create (not start) a container from ``bundle``; recorded before the agent hears of it.
-        Its host bind mounts are shared beside its rootfs and the guest spec points at them."""
+        Its host bind mounts are shared beside its rootfs and the guest spec points at them.
+        ``host_cgroup_by_caller``: the caller places its host side at cgroupsPath (``kabuto create``)."""
         check_container_id(container_id)
         refuse_binds_without_shared_fs(bundle, bool(self.record.shared_dir), self.hypervisor.name)
         # [runtime] disable_guest_seccomp: a spec's seccomp profile is dropped (Kata's default);
@@ -381,7 +383,7 @@ class VirtSandbox:
         if container_id != self.id and self.record.netns:
             await self._rescan_endpoints()
         cgroups_path = bundle.spec.get("linux", {}).get("cgroupsPath")
-        if cgroups_path and not self.config.runtime.sandbox_cgroup_only:
+        if cgroups_path and not self.config.runtime.sandbox_cgroup_only and not host_cgroup_by_caller:
             # the container's limits apply in the guest's cgroup; on the host nothing moves there
             log.warning("container %s: linux.cgroupsPath %s is not applied on the host (the VMM and the "
                         "shim stay where they run): [runtime] sandbox_cgroup_only = true puts them in the "
@@ -803,6 +805,7 @@ async def create_sandbox_for(
     hostname: str = "",
     boot_timeout: float = DEFAULT_BOOT_TIMEOUT,
     owner: dict[str, Any] | None = None,
+    host_cgroup_by_caller: bool = False,
 ) -> VirtSandbox:
     """A sandbox of its own for ``container_id`` (named after it), with the container created
     in it: what ``kabuto create``, containerd's first task and the Python API all start with.
@@ -821,7 +824,7 @@ async def create_sandbox_for(
         block_rootfs=[(container_id, bundle)],
         boot_timeout=boot_timeout, cgroups_path=bundle.spec.get("linux", {}).get("cgroupsPath"))
     try:
-        await sandbox.create_container(container_id, bundle)
+        await sandbox.create_container(container_id, bundle, host_cgroup_by_caller=host_cgroup_by_caller)
     except BaseException:
         await sandbox.destroy()
         raise

@@ -66,6 +66,8 @@ class ContainerRecord:
     monitor: dict[str, Any] = field(default_factory=dict)
     #: its OCI linux.resources as created and updated since (what the VM is sized by)
     resources: dict[str, Any] = field(default_factory=dict)
+    #: its host cgroup at linux.cgroupsPath, made by ``kabuto create`` (host_cgroup.place_container)
+    host_cgroup: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
