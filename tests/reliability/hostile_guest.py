@@ -30,7 +30,7 @@ MISDEEDS = {
     "overread": "ReadStdout answers with one byte more than asked",
     "silent": "ExecProcess is never answered",
     "late": "ExecProcess is answered a second after the caller's deadline",
-    "flood": f"{FLOOD} answers on streams never opened, and none on the caller's",
+    "flood": f"{FLOOD} answers on streams the host never opens, and none on the caller's",
     "garbage": "ExecProcess is answered with bytes that are no ExecProcessResponse",
     "huge-frame": "ExecProcess is answered with a header announcing ~4 GiB",
 }
@@ -78,8 +78,11 @@ class Guest:
         if what == "late":
             return [seconds + 1.0, done]
         if what == "flood":
-            return [b"".join(answer(stream + 2 * (i + 1), pb.WaitProcessResponse()) for i in range(1000))
-                    for _ in range(FLOOD // 1000)]
+            # even ids, which no call of the host's ever has: over a TCG guest's slow channel, odd
+            # ones would still be arriving when the host's next calls take those ids, and would
+            # answer them (as a guest may: nothing on the wire tells such an answer apart)
+            return [b"".join(answer(stream + 1 + 2 * (i + 1000 * n), pb.WaitProcessResponse())
+                             for i in range(1000)) for n in range(FLOOD // 1000)]
         if what == "garbage":
             return [answer(stream, b"\xff\xff\xff\xff\x0f")]
         if what == "huge-frame":

@@ -30,6 +30,7 @@ from kabuto.errors import AgentError, KabutoError
 from kabuto.image import installed_image
 from kabuto.image.cpio import write_newc
 from kabuto.image.rootfs import GUEST_PYTHONPATH, PYTHON_VERSION
+from kabuto.runtime.sandbox import VMM_EXIT_GRACE
 
 pytestmark = pytest.mark.vm
 
@@ -133,8 +134,9 @@ async def test_hostile_guest_through_the_api(hostile_config: Path, state_root: P
         with bounded(figures, "garbage protobuf", 0.0), pytest.raises(AgentError, match="ExecProcess"):
             await sb.run(["garbage"])
         await still_serves(sb)
-        # last: it breaks the connection, and every later call on it says why
-        with bounded(figures, "oversized frame", 0.0), \
+        # last: it breaks the connection, and every later call on it says why; a broken agent
+        # connection gives the VMM VMM_EXIT_GRACE to be seen gone (a dying VM is then named)
+        with bounded(figures, "oversized frame", VMM_EXIT_GRACE), \
                 pytest.raises(AgentError, match="over the 4194304-byte limit"):
             await sb.run(["huge-frame"])
     assert_nothing_left(state_root)
