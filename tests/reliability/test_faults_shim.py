@@ -147,6 +147,7 @@ def shim_counts(containerd: Containerd) -> dict[str, int]:
     }
 
 
+@pytest.mark.timeout(1800)  # 30 members at 10-20 s each on a loaded machine
 def test_pod_container_cycles_leave_the_shim_as_it_was(containerd: Containerd, rootfs: Path,
                                                        figures: Figures) -> None:
     """N containers join a running pod and go (`ctr run --rm`, each a CreateContainer in the pod's

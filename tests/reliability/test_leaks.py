@@ -52,6 +52,13 @@ pytestmark = pytest.mark.vm
 CONTAINER_CYCLES = 30
 SANDBOX_CYCLES = 2
 CYCLE_TIMEOUT = 300.0
+# 30 container cycles took 10-20 s each at load 17 on the 2 cores: a test's own bound, not 300 s
+CYCLES_TEST_TIMEOUT = 1800
+# a container's set-up missed the default 60 s CreateContainer bound at that load; the leak
+# tests count resources, not latency
+CONFIG = """[runtime]
+create_container_timeout = 600
+"""
 SLEEPER = ["sh", "-c", "trap 'exit 0' TERM; while :; do sleep 1; done"]
 IN_POD = ["sh", "-c", "ip -o -4 addr show eth0"]
 
@@ -157,8 +164,18 @@ def in_pod(pod_netns: str, pod: str, kind: str) -> Callable[[dict[str, Any]], No
     return change
 
 
-def test_cli_container_cycles_in_a_pod_leave_nothing(state_root: Path, temp_dir: Path, pod_netns: str,
-                                                     tmp_path: Path, figures: Figures) -> None:
+@pytest.fixture
+def config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    path = tmp_path / "configuration.toml"
+    path.write_text(CONFIG)
+    monkeypatch.setenv("KABUTO_CONFIG", str(path))
+    return path
+
+
+@pytest.mark.timeout(CYCLES_TEST_TIMEOUT)
+def test_cli_container_cycles_in_a_pod_leave_nothing(config: Path, state_root: Path, temp_dir: Path,
+                                                     pod_netns: str, tmp_path: Path,
+                                                     figures: Figures) -> None:
     """A pod (`create` + `start`, CRI's annotations) and N `kabuto run` of a member joining it:
     each a CreateContainer in the pod's VM, its output streamed, its rootfs unshared at the end."""
     require_guest_image()
@@ -193,7 +210,8 @@ def test_cli_container_cycles_in_a_pod_leave_nothing(state_root: Path, temp_dir:
     assert_nothing_left(state_root)
 
 
-async def test_api_container_cycles_in_a_sandbox_leave_nothing(state_root: Path, temp_dir: Path,
+@pytest.mark.timeout(CYCLES_TEST_TIMEOUT)
+async def test_api_container_cycles_in_a_sandbox_leave_nothing(config: Path, state_root: Path, temp_dir: Path,
                                                                pod_netns: str, tmp_path: Path,
                                                                figures: Figures) -> None:
     """One AsyncSandbox and N containers created, started, waited for and removed in its VM."""
@@ -201,7 +219,8 @@ async def test_api_container_cycles_in_a_sandbox_leave_nothing(state_root: Path,
     rootfs = busybox_rootfs(tmp_path / "rootfs")
     scope = Scope(state_root, temp_dir, pod_netns)
     cycles = scale(CONTAINER_CYCLES, soak_cycles())
-    async with kabuto_api.AsyncSandbox(state_root=state_root, netns=f"/run/netns/{pod_netns}") as sb:
+    async with kabuto_api.AsyncSandbox(state_root=state_root, netns=f"/run/netns/{pod_netns}",
+                                       config=str(config)) as sb:
         member = load_bundle(write_bundle(tmp_path / "member", rootfs,
                                           ["sh", "-c", "ip -o -4 addr show eth0 | grep -q 198.18.9.2/24"],
                                           change=in_pod(pod_netns, sb.id, "container")))
