@@ -153,7 +153,7 @@ def test_pod_container_cycles_leave_the_shim_as_it_was(containerd: Containerd, r
     """N containers join a running pod and go (`ctr run --rm`, each a CreateContainer in the pod's
     VM): the pod's shim holds as many fds, threads and children after as before, and nothing
     else is left below the state root."""
-    cycles = scale(CONTAINER_CYCLES, soak_cycles())
+    cycles = scale(CONTAINER_CYCLES, soak_cycles(CONTAINER_CYCLES))
 
     def member(kind: str, *flags: str) -> list[str]:
         return ["run", "--runtime", RUNTIME, "--fifo-dir", str(containerd.fifo_dir), *flags,

@@ -111,7 +111,7 @@ def test_cli_run_cycles_leave_nothing(state_root: Path, temp_dir: Path, pod_netn
                           change=lambda spec: join_network_namespace(spec, f"/run/netns/{pod_netns}"))
     scope = Scope(state_root, temp_dir, pod_netns)
     env = {**os.environ, "KABUTO_STATE_ROOT": str(state_root), "TMPDIR": str(temp_dir)}
-    cycles = scale(SANDBOX_CYCLES, soak_cycles())
+    cycles = scale(SANDBOX_CYCLES, soak_cycles(SANDBOX_CYCLES))
 
     def cycle(number: int) -> None:
         done = subprocess.run([str(KABUTO), "run", "--bundle", str(bundle), f"leak{number}"], env=env,
@@ -133,7 +133,7 @@ async def test_api_sandbox_cycles_leave_nothing(state_root: Path, temp_dir: Path
                                                 figures: Figures) -> None:
     require_guest_image()
     scope = Scope(state_root, temp_dir, pod_netns)
-    cycles = scale(SANDBOX_CYCLES, soak_cycles())
+    cycles = scale(SANDBOX_CYCLES, soak_cycles(SANDBOX_CYCLES))
     # the first sandbox loads what every later one shares (modules, the image's metadata); while
     # it runs, the counts show what a sandbox holds, so a count that cannot see it would fail here
     async with kabuto_api.AsyncSandbox(state_root=state_root, netns=f"/run/netns/{pod_netns}") as sb:
@@ -184,7 +184,7 @@ def test_cli_container_cycles_in_a_pod_leave_nothing(config: Path, state_root: P
     member = write_bundle(tmp_path / "member", rootfs, IN_POD, change=in_pod(pod_netns, "lpod", "container"))
     scope = Scope(state_root, temp_dir, pod_netns)
     env = {**os.environ, "KABUTO_STATE_ROOT": str(state_root), "TMPDIR": str(temp_dir)}
-    cycles = scale(CONTAINER_CYCLES, soak_cycles())
+    cycles = scale(CONTAINER_CYCLES, soak_cycles(CONTAINER_CYCLES))
 
     def cycle(number: int) -> None:
         done = subprocess.run([str(KABUTO), "run", "--bundle", str(member), f"m{number}"], env=env,
@@ -218,7 +218,7 @@ async def test_api_container_cycles_in_a_sandbox_leave_nothing(config: Path, sta
     require_guest_image()
     rootfs = busybox_rootfs(tmp_path / "rootfs")
     scope = Scope(state_root, temp_dir, pod_netns)
-    cycles = scale(CONTAINER_CYCLES, soak_cycles())
+    cycles = scale(CONTAINER_CYCLES, soak_cycles(CONTAINER_CYCLES))
     async with kabuto_api.AsyncSandbox(state_root=state_root, netns=f"/run/netns/{pod_netns}",
                                        config=str(config)) as sb:
         member = load_bundle(write_bundle(tmp_path / "member", rootfs,
