@@ -46,7 +46,7 @@ SOCKET_DIR = ".shim"
 MAX_SPEC_BYTES = 4 * 1024 * 1024
 MAX_OPTIONS_BYTES = 1024 * 1024
 CONNECT_TIMEOUT = 2.0
-# a live shim's Delete (abandoning a create) and Shutdown, asked by `shim delete`
+# a live shim's Shutdown (abandoning its creates), asked by `shim delete`
 RELEASE_TIMEOUT = 30.0
 # containerd marks a task whose shim died as killed
 DEAD_SHIM_EXIT_STATUS = 128 + signal.SIGKILL
@@ -196,7 +196,7 @@ async def cleanup(args: argparse.Namespace) -> pb.DeleteResponse:
         if path.exists() and _can_connect(path):
             # first: a create it still runs ends (and removes what it made) before what is left
             # is looked for below
-            await _release_live_shim(path, args.id)
+            await _release_live_shim(path)
     try:
         # a sandbox still booting has its record but not yet its container
         booting = store.record_path(args.id).is_file()
@@ -223,23 +223,20 @@ async def cleanup(args: argparse.Namespace) -> pb.DeleteResponse:
     return pb.DeleteResponse(exit_status=DEAD_SHIM_EXIT_STATUS, exited_at=exited_at)
 
 
-async def _release_live_shim(path: Path, task_id: str) -> None:
+async def _release_live_shim(path: Path) -> None:
     """containerd deletes a task it lost while its shim still runs (containerd restarted during the
-    task's create, and the shim did not know the task yet): the shim drops the task (an unfinished
-    create is abandoned) and, left with none, exits. A pod's shim serving other tasks stays."""
+    task's create, and the shim did not know the task yet): Shutdown makes a shim with no task
+    abandon the creates it still runs (their VM and files go) and exit. A shim serving tasks
+    ignores it: a pod's shim after one member's delete (containerd runs `delete` whenever a
+    task's connection closes), or a task's shim on its way out."""
     try:
         client = Client(*await asyncio.wait_for(asyncio.open_unix_connection(str(path)), CONNECT_TIMEOUT),
                         name=f"shim at {path}")
     except (OSError, TimeoutError):
         return
     try:
-        with contextlib.suppress(RpcError):  # not known to that shim, or still running
-            await client.call(TASK_SERVICE, "Delete", pb.DeleteRequest(id=task_id), pb.DeleteResponse,
-                              timeout=RELEASE_TIMEOUT)
-        with contextlib.suppress(RpcError):
-            await client.call(TASK_SERVICE, "Shutdown", pb.ShutdownRequest(id=task_id), Empty,
-                              timeout=RELEASE_TIMEOUT)
-    except ProtocolError:
+        await client.call(TASK_SERVICE, "Shutdown", pb.ShutdownRequest(), Empty, timeout=RELEASE_TIMEOUT)
+    except (RpcError, ProtocolError):
         pass  # it went meanwhile
     finally:
         await client.close()
