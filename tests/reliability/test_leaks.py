@@ -57,7 +57,7 @@ CYCLES_TEST_TIMEOUT = 1800
 # a container's set-up missed the default 60 s CreateContainer bound at that load; the leak
 # tests count resources, not latency
 CONFIG = """[runtime]
-create_container_timeout = 600
+create_container_timeout = 180
 """
 SLEEPER = ["sh", "-c", "trap 'exit 0' TERM; while :; do sleep 1; done"]
 IN_POD = ["sh", "-c", "ip -o -4 addr show eth0"]
