@@ -51,12 +51,15 @@ test: deps image
 bench: deps image
 	$(PY) -m kabuto.bench
 
-# the reliability suite's long versions (300 leak cycles per entry, more hypothesis examples,
-# bigger floods); its figures go into docs/reliability.md
+# the reliability suite's long versions (SOAK_CYCLES leak cycles per entry, 300 unless given as
+# `make soak SOAK_CYCLES=N`; more hypothesis examples, bigger floods); its figures go into
+# docs/reliability.md
 SOAK_FIGURES := build/reliability-figures.json
+SOAK_CYCLES ?= 300
 soak: deps image
 	@rm -f $(SOAK_FIGURES)
-	KABUTO_SOAK=1 KABUTO_FIGURES=$(abspath $(SOAK_FIGURES)) $(PY) -m pytest -q -ra -p no:cacheprovider \
+	KABUTO_SOAK=1 KABUTO_SOAK_CYCLES=$(SOAK_CYCLES) KABUTO_FIGURES=$(abspath $(SOAK_FIGURES)) \
+		$(PY) -m pytest -q -ra -p no:cacheprovider \
 		-o timeout=0 tests/reliability
 	$(PY) tests/reliability/report.py $(SOAK_FIGURES) docs/reliability.md
 

@@ -34,6 +34,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from test_runtime_helpers import (
     KABUTO,
@@ -53,17 +54,46 @@ POD = "lifepod"
 CLI_TIMEOUT = 300.0
 EXIT_TIMEOUT = 120.0
 PR_SET_CHILD_SUBREAPER = 36
+# a VMM that `delete` stopped ends at once; its virtiofsd follows within a second or two
+ADOPTED_EXIT_TIMEOUT = 30.0
 SLEEPER = ["sh", "-c", "while :; do sleep 1; done"]
 
 
 @contextlib.contextmanager
 def subreaper() -> Iterator[None]:
+    """The test process as a child subreaper; on the way out it reaps what it adopted besides the
+    containers' processes the test waits for: kabuto's QEMU and virtiofsd (started in their own
+    session by a CLI call that has exited) are reparented here too, and were left as zombies
+    under pytest for the rest of the suite once `delete` had stopped them."""
     libc = ctypes.CDLL(None, use_errno=True)
+    own = {child.pid for child in psutil.Process().children()}
     assert libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
     try:
         yield
     finally:
         libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+        adopted = [child for child in psutil.Process().children() if child.pid not in own]
+        running = [child for child in adopted if wait_reaped(child.pid, ADOPTED_EXIT_TIMEOUT) is None]
+        for child in running:
+            with contextlib.suppress(ProcessLookupError):
+                child.kill()
+            wait_reaped(child.pid, ADOPTED_EXIT_TIMEOUT)
+        assert not running, f"still running after the test: {[c.pid for c in running]}"
+
+
+def wait_reaped(pid: int, timeout: float) -> int | None:
+    """Reap our child ``pid`` once it exits within ``timeout``: its wait status, else None."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            done, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:  # reaped already (a subprocess call of the test's own)
+            return 0
+        if done:
+            return status
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.05)
 
 
 def wait_exit(pid: int, timeout: float = EXIT_TIMEOUT) -> int:

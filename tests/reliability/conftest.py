@@ -20,7 +20,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent.parent / "integration"))
 sys.path.insert(0, str(Path(__file__).parent))
 
-from reliability_support import FIGURES, FIGURES_ENV, Figures, soak
+from reliability_support import FIGURES, FIGURES_ENV, Figures, soak, soak_cycles
 
 
 @pytest.fixture
@@ -36,6 +36,8 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     old = json.loads(path.read_text()) if path.is_file() else {}
     old.setdefault("scenarios", {}).update(FIGURES)
     old["mode"] = "soak" if soak() else "make test"
+    old["soak_cycles"] = soak_cycles() if soak() else None
+    old["outcome"] = f"{session.testscollected} tests, {session.testsfailed} failed"
     old["written"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(old, indent=1, sort_keys=True))

@@ -1,5 +1,6 @@
-"""What a sandbox can leave on the host, counted: processes, this process's open fds and threads,
-mounts, unix sockets, taps and tc filters in a pod netns, cgroups, files and directories.
+"""What a sandbox can leave on the host, counted: processes (and the fds they hold open), this
+process's open fds and threads, mounts, unix sockets, taps and tc filters in a pod netns, cgroups,
+files and directories.
 
 Counts are scoped to what the test owns (its state root, its temporary directory, its netns,
 this process and its children), so other work on the machine does not move them.
@@ -28,12 +29,12 @@ class Scope:
 def count(scope: Scope) -> dict[str, int]:
     me = psutil.Process()
     root = str(scope.state_root)
-    naming = 0
+    naming: list[psutil.Process] = []
     for process in psutil.process_iter(["cmdline"]):
         try:
             if any(root in arg for arg in process.info.get("cmdline") or []) \
                     and process.status() != psutil.STATUS_ZOMBIE:
-                naming += 1
+                naming.append(process)
         except psutil.Error:
             continue
     children = [c for c in me.children(recursive=True) if _alive(c)]
@@ -42,7 +43,9 @@ def count(scope: Scope) -> dict[str, int]:
     with open("/proc/net/unix") as unix:
         sockets = [line.split()[-1] for line in unix.readlines()[1:] if len(line.split()) >= 8]
     counts = {
-        "processes naming the state root": naming,
+        "processes naming the state root": len(naming),
+        # a running sandbox's VMM, virtiofsd and the container's monitor: what each holds open
+        "open fds of processes naming the state root": sum(_fds(process) for process in naming),
         "child processes": len(children),
         "open fds": len(os.listdir("/proc/self/fd")),
         # asyncio's default executor keeps up to min(32, cpus + 4) idle workers for reuse: a
@@ -63,6 +66,13 @@ def count(scope: Scope) -> dict[str, int]:
             for link in _links(scope.netns))
         counts["qdiscs in the pod netns"] = len(_tc(scope.netns, "qdisc", "show").splitlines())
     return counts
+
+
+def _fds(process: psutil.Process) -> int:
+    try:
+        return process.num_fds()
+    except psutil.Error:  # ended meanwhile
+        return 0
 
 
 def _alive(process: psutil.Process) -> bool:

@@ -1,5 +1,7 @@
-"""A guest agent built to misbehave, speaking ttrpc on a unix socket: the same kind of channel as
-QEMU's virtio-serial agent port (a unix socket the host connects to).
+"""A guest agent built to misbehave, speaking ttrpc on a unix socket (the same kind of channel as
+QEMU's virtio-serial agent port: a unix socket the host connects to) or, inside a VM of the
+shipped image, on the guest's own virtio-serial port (hostile_guest.py: ``serve`` is what the
+guest's channel hands each host connection).
 
 It answers Check as SERVING and every other call as ``behaviour(method, request)`` says: a list
 of actions, each raw bytes to send or a number of seconds to sleep. Helpers build the usual
@@ -42,9 +44,10 @@ def oversized_header(stream_id: int, length: int = 0xFFFFFFF0) -> bytes:
 
 
 class HostileAgent:
-    """``async with HostileAgent(path, behaviour) as agent``: serves until closed; counts calls."""
+    """``async with HostileAgent(path, behaviour) as agent``: serves until closed; counts calls.
+    (In a guest, ``path`` is None and the guest's channel calls ``serve`` for each connection.)"""
 
-    def __init__(self, path: Path, behaviour: Behaviour) -> None:
+    def __init__(self, path: Path | None, behaviour: Behaviour) -> None:
         self.path = path
         self.behaviour = behaviour
         self.calls: list[str] = []
@@ -53,10 +56,12 @@ class HostileAgent:
 
     @property
     def address(self) -> str:
+        assert self.path is not None
         return f"unix://{self.path}"
 
     async def __aenter__(self) -> HostileAgent:
-        self._server = await asyncio.start_unix_server(self._serve, str(self.path))
+        assert self.path is not None
+        self._server = await asyncio.start_unix_server(self.serve, str(self.path))
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -66,9 +71,9 @@ class HostileAgent:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+            self.path.unlink()  # type: ignore[union-attr]
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, **_: object) -> None:
         self._tasks.add(task := asyncio.current_task())  # type: ignore[arg-type]
         try:
             while (frame := await read_frame(reader)) is not None:

@@ -17,7 +17,9 @@ def render(figures: dict[str, object]) -> str:
     assert isinstance(scenarios, dict)
     lines = [BEGIN, "",
              f"Measured by `{figures.get('mode')}` run at {figures.get('written')} "
-             f"(`KABUTO_SOAK={'1' if figures.get('mode') == 'soak' else '0'}`).", "",
+             f"(`KABUTO_SOAK={'1' if figures.get('mode') == 'soak' else '0'}`"
+             + (f", `KABUTO_SOAK_CYCLES={figures['soak_cycles']}`" if figures.get("soak_cycles") else "")
+             + f"): {figures.get('outcome', 'outcome not recorded')}.", "",
              "| scenario | figure | value |", "|---|---|---|"]
     for scenario in sorted(scenarios):
         for name, value in sorted(scenarios[scenario].items()):

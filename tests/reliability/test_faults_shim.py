@@ -1,7 +1,9 @@
 """Faults under containerd (Debian's containerd, driven with ctr, as
 tests/integration/test_containerd_shim.py does): the VMM killed under a running task (containerd
-gets the task's exit event within 5 s, the task is STOPPED, deleting it leaves nothing) and the
-shim itself killed (containerd runs `shim delete` and drops the task; nothing is left)."""
+gets the task's exit event within 5 s, the task is STOPPED, deleting it leaves nothing), the
+shim itself killed (containerd runs `shim delete` and drops the task; nothing is left),
+containerd restarting while a task's VM boots, four pods at once, and pod members joining and
+leaving one pod with the shim's and the VMM's resources counted."""
 
 from __future__ import annotations
 
@@ -12,11 +14,12 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from containerd_helpers import CONTAINERD, CTR, Containerd, remove_tree, short_temp_dir
-from reliability_support import Figures, scale
+from reliability_support import Figures, scale, soak_cycles
 from test_runtime_helpers import busybox_rootfs, require_guest_image
 
 from kabuto.runtime.bundle import CONTAINER_TYPE_ANNOTATION, SANDBOX_ID_ANNOTATION
@@ -30,6 +33,9 @@ pytestmark = [
 RUNTIME = "io.containerd.kabuto.v2"
 SLEEPER = ["/bin/sh", "-c", "trap 'exit 0' TERM; while :; do sleep 1; done"]
 DETECTION_LIMIT = 5.0
+# pod members joining and leaving one running pod (~1.3 s each on an idle machine)
+CONTAINER_CYCLES = 30
+PARALLEL_PODS = 4
 
 
 @pytest.fixture(scope="module")
@@ -134,17 +140,20 @@ def shim_counts(containerd: Containerd) -> dict[str, int]:
         "shim threads": shim.num_threads(),
         "shim children": len(shim.children(recursive=True)),
         "processes naming the state root": len(containerd.sandbox_processes()),
+        # the pod's VMM and virtiofsd: an fd kept per container (a hot-plug, a share) shows here
+        "open fds of the VMM and virtiofsd": sum(p.num_fds() for p in containerd.sandbox_processes()),
         "mounts below the state root": sum(m.startswith(f"{containerd.state_root}/") for m in mounts),
         "paths below the state root": sum(1 for _ in containerd.state_root.rglob("*")),
     }
 
 
+@pytest.mark.timeout(1800)  # 30 members at 10-20 s each on a loaded machine
 def test_pod_container_cycles_leave_the_shim_as_it_was(containerd: Containerd, rootfs: Path,
                                                        figures: Figures) -> None:
     """N containers join a running pod and go (`ctr run --rm`, each a CreateContainer in the pod's
     VM): the pod's shim holds as many fds, threads and children after as before, and nothing
     else is left below the state root."""
-    cycles = scale(8, 300)
+    cycles = scale(CONTAINER_CYCLES, soak_cycles(CONTAINER_CYCLES))
 
     def member(kind: str, *flags: str) -> list[str]:
         return ["run", "--runtime", RUNTIME, "--fifo-dir", str(containerd.fifo_dir), *flags,
@@ -175,5 +184,82 @@ def test_pod_container_cycles_leave_the_shim_as_it_was(containerd: Containerd, r
         containerd.wait_for_status("lpod", "STOPPED", 60)
         containerd.ctr("task", "delete", "lpod")
         containerd.ctr("container", "delete", "lpod")
+    left = containerd.wait_until_clean()
+    assert not left, left
+
+
+def test_containerd_restarting_during_a_create(containerd: Containerd, rootfs: Path,
+                                               figures: Figures) -> None:
+    """containerd stops (SIGTERM) while the shim boots the task's VM and starts again: the
+    interrupted `ctr run` fails, containerd finds the task (or finds it gone) through the shim
+    it reloads, deleting it leaves nothing, and the next task runs."""
+    command = containerd.ctr_command("run", "--runtime", RUNTIME, "--fifo-dir", str(containerd.fifo_dir),
+                                     "--detach", "--rootfs", str(rootfs), "midcreate", *SLEEPER)
+    interrupted = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not containerd.vmms() and time.monotonic() < deadline and interrupted.poll() is None:
+            time.sleep(0.05)
+        assert containerd.vmms(), ("no VMM while the task was created", interrupted.poll(),
+                                   containerd.log_tail())
+        containerd.restart()
+        restarted = time.monotonic()
+        _, err = interrupted.communicate(timeout=120)
+    finally:
+        if interrupted.poll() is None:
+            interrupted.kill()
+            interrupted.wait(30)
+    figures["interrupted_ctr_exit_code"] = interrupted.returncode
+    assert interrupted.returncode != 0, err
+    # the shim finishes the create it was given; containerd shows it once it has reloaded the shim
+    seen = containerd.wait_for_status("midcreate", "CREATED", 60)
+    figures["task_status_after_restart"] = seen or "(gone)"
+    figures["status_seen_after_seconds"] = round(time.monotonic() - restarted, 2)
+    assert seen in ("CREATED", ""), (seen, containerd.log_tail())
+    if seen:
+        containerd.check("task", "delete", "--force", "midcreate")
+    containerd.check("container", "delete", "midcreate")
+    left = containerd.wait_until_clean()
+    figures["left_after_delete"] = len(left)
+    assert not left, left
+    after = containerd.ctr("run", "--runtime", RUNTIME, "--fifo-dir", str(containerd.fifo_dir), "--rm",
+                           "--rootfs", str(rootfs), "after", "/bin/echo", "after")
+    assert (after.returncode, after.stdout) == (0, b"after\n"), containerd.explain(after)
+    assert not containerd.wait_until_clean()
+
+
+def test_four_pods_at_once(containerd: Containerd, rootfs: Path, figures: Figures) -> None:
+    """Four pods started at once (CRI's annotations: a sandbox container each, so a shim and a VM
+    each), a member joining each, all answering; then all stopped and deleted: nothing left."""
+    pods = [f"pod{i}" for i in range(PARALLEL_PODS)]
+
+    def args(pod: str, kind: str, *flags: str) -> list[str]:
+        return ["run", "--runtime", RUNTIME, "--fifo-dir", str(containerd.fifo_dir), *flags,
+                "--annotation", f"{CONTAINER_TYPE_ANNOTATION}={kind}",
+                "--annotation", f"{SANDBOX_ID_ANNOTATION}={pod}", "--rootfs", str(rootfs)]
+
+    def one_pod(pod: str) -> tuple[int, bytes, int, bytes]:
+        made = containerd.ctr(*args(pod, "sandbox", "--detach"), pod, *SLEEPER)
+        member = containerd.ctr(*args(pod, "container", "--rm"), f"{pod}-app", "/bin/echo", f"in {pod}")
+        return made.returncode, made.stderr, member.returncode, member.stdout
+
+    started = time.monotonic()
+    try:
+        with ThreadPoolExecutor(PARALLEL_PODS) as pool:
+            results = dict(zip(pods, pool.map(one_pod, pods), strict=True))
+        figures["pods"] = PARALLEL_PODS
+        figures["seconds_for_all"] = round(time.monotonic() - started, 1)
+        assert {pod: (made, member, out) for pod, (made, _, member, out) in results.items()} == \
+            {pod: (0, 0, f"in {pod}\n".encode()) for pod in pods}, (results, containerd.log_tail())
+        assert containerd.task_status() == dict.fromkeys(pods, "RUNNING")
+        assert len(containerd.shims()) == PARALLEL_PODS and len(containerd.vmms()) == PARALLEL_PODS
+    finally:
+        for pod in pods:
+            containerd.ctr("task", "kill", pod)
+        for pod in pods:
+            containerd.wait_for_status(pod, "STOPPED", 60)
+            containerd.ctr("task", "delete", pod)
+            containerd.ctr("container", "delete", pod)
     left = containerd.wait_until_clean()
     assert not left, left

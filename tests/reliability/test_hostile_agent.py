@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from hostile_agent import Action, HostileAgent, answer, oversized_header, status
-from reliability_support import Figures, scale
+from reliability_support import Figures, LoopWatch, scale
 
 from kabuto import api
 from kabuto.agent.client import wait_for_agent
@@ -45,30 +45,6 @@ MEMORY_BOUND = 16 << 20
 def socket_path() -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix="kbh-", dir="/tmp") as directory:
         yield Path(directory) / "agent.sock"
-
-
-class LoopWatch:
-    """A ticker on the host's event loop: the longest gap between its ticks shows a blocked loop."""
-
-    def __init__(self) -> None:
-        self.longest_gap = 0.0
-        self._task: asyncio.Task[None] | None = None
-
-    async def _tick(self) -> None:
-        last = time.monotonic()
-        while True:
-            await asyncio.sleep(0.01)
-            now = time.monotonic()
-            self.longest_gap = max(self.longest_gap, now - last)
-            last = now
-
-    def __enter__(self) -> LoopWatch:
-        self._task = asyncio.get_running_loop().create_task(self._tick())
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        assert self._task is not None
-        self._task.cancel()
 
 
 @contextlib.asynccontextmanager

@@ -221,6 +221,30 @@ def test_delete_removes_a_stale_shim_socket(state_root: Path, tmp_path: Path) ->
     assert not path.exists() and not path.parent.exists()
 
 
+def test_delete_while_the_tasks_shim_still_runs_makes_it_exit(state_root: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """containerd restarted while the task was being created and lost it: its `delete` finds the
+    shim still serving and the shim, left with no task, exits (it stayed for ever before)."""
+    bundle = write_spec(tmp_path / "c1", {"annotations": {}})
+    monkeypatch.chdir(bundle)
+    monkeypatch.delenv(cli.TTRPC_ADDRESS_ENV, raising=False)
+    before = set(psutil.Process().children())
+    assert cli.main(containerd_argv("-id", "c1", "start")) == 0
+    spawned = set(psutil.Process().children()) - before
+    capsys.readouterr()
+    try:
+        (shim,) = spawned
+        asyncio.run(asyncio.wait_for(cli.cleanup(delete_args("c1", bundle)), BOUND))
+        assert shim.wait(BOUND) == 0
+    finally:
+        for process in spawned:
+            if process.is_running():
+                process.kill()
+    path = cli.socket_path(StateStore(state_root), CONTAINERD, "default", "c1")
+    assert not path.exists() and not path.parent.exists()
+
+
 async def test_delete_after_the_shim_died_removes_its_vm(store: StateStore, tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(STATE_ROOT_ENV, str(store.root))

@@ -22,6 +22,7 @@ from google.protobuf.empty_pb2 import Empty
 from google.protobuf.message import Message
 
 from kabuto.agent.containers import ContainerStats
+from kabuto.errors import KabutoError
 from kabuto.protos import containerd_cgroups_v2_pb2 as cgroups_pb
 from kabuto.protos import containerd_events_pb2 as events_pb
 from kabuto.protos import containerd_runtimeoptions_pb2 as options_pb
@@ -475,6 +476,30 @@ async def test_containerd_giving_up_on_a_booting_create_leaves_nothing(
     assert state_root_entries(store) == [] and shim.service.sandbox is None and shim.service.tasks == {}
     assert shim.publisher.events == []
     # `store` checks that the VMM process is gone too
+
+
+async def test_containerd_gone_during_a_create_leaves_nothing_and_the_shim_idle(
+        shim: Shim, store: StateStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """containerd stopped while the VM booted: its connection closes, the Create is cancelled and
+    undone, and the shim, which a restarted containerd will never ask about it, goes idle."""
+    booting = asyncio.Event()
+
+    async def agent_that_never_answers(address: str, timeout: float, **kwargs: Any) -> None:
+        booting.set()
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(fake_vm.sandbox_module, "wait_for_agent", agent_that_never_answers)
+    creating = asyncio.ensure_future(shim.create("c1", fake_vm.make_bundle(tmp_path / "bundle", ["sleep"])))
+    await asyncio.wait_for(booting.wait(), BOUND)
+    await shim.client.close()
+    with pytest.raises(KabutoError):
+        await asyncio.wait_for(creating, BOUND)
+    for _ in range(100):
+        if shim.idle:
+            break
+        await asyncio.sleep(0.05)
+    assert shim.idle == [True]
+    assert state_root_entries(store) == [] and shim.service.sandbox is None and shim.service.tasks == {}
 
 
 async def test_close_stops_whatever_still_runs(shim: Shim, store: StateStore, tmp_path: Path) -> None:

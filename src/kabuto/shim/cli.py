@@ -23,10 +23,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from google.protobuf.empty_pb2 import Empty
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from kabuto.bounded import FileTooLarge, read_bounded
-from kabuto.errors import KabutoError
+from kabuto.errors import KabutoError, ProtocolError
 from kabuto.hypervisor.vmm_process import MAX_UNIX_PATH
 from kabuto.protos import containerd_shim_pb2 as pb
 from kabuto.runtime.bundle import SANDBOX_ID_ANNOTATION, ContainerIdError
@@ -35,7 +36,7 @@ from kabuto.runtime.state import STATE_ROOT_ENV, StateError, StateStore
 from kabuto.shim import mounts
 from kabuto.shim.events import Publisher
 from kabuto.shim.service import TASK_SERVICE, TaskService
-from kabuto.ttrpc import Server
+from kabuto.ttrpc import Client, RpcError, Server
 
 log = logging.getLogger("kabuto.shim")
 
@@ -45,6 +46,8 @@ SOCKET_DIR = ".shim"
 MAX_SPEC_BYTES = 4 * 1024 * 1024
 MAX_OPTIONS_BYTES = 1024 * 1024
 CONNECT_TIMEOUT = 2.0
+# a live shim's Shutdown (abandoning its creates), asked by `shim delete`
+RELEASE_TIMEOUT = 30.0
 # containerd marks a task whose shim died as killed
 DEAD_SHIM_EXIT_STATUS = 128 + signal.SIGKILL
 EVENT_FLUSH_TIMEOUT = 5.0
@@ -188,6 +191,12 @@ async def cleanup(args: argparse.Namespace) -> pb.DeleteResponse:
     its rootfs mount and its share; containerd then removes the bundle."""
     store = StateStore()
     bundle = Path(args.bundle) if args.bundle else Path.cwd()
+    with contextlib.suppress(ShimError):
+        path = socket_path(store, args.address, args.namespace, _grouping(bundle, args.id))
+        if path.exists() and _can_connect(path):
+            # first: a create it still runs ends (and removes what it made) before what is left
+            # is looked for below
+            await _release_live_shim(path)
     try:
         # a sandbox still booting has its record but not yet its container
         booting = store.record_path(args.id).is_file()
@@ -212,6 +221,25 @@ async def cleanup(args: argparse.Namespace) -> pb.DeleteResponse:
     exited_at = Timestamp()
     exited_at.GetCurrentTime()
     return pb.DeleteResponse(exit_status=DEAD_SHIM_EXIT_STATUS, exited_at=exited_at)
+
+
+async def _release_live_shim(path: Path) -> None:
+    """containerd deletes a task it lost while its shim still runs (containerd restarted during the
+    task's create, and the shim did not know the task yet): Shutdown makes a shim with no task
+    abandon the creates it still runs (their VM and files go) and exit. A shim serving tasks
+    ignores it: a pod's shim after one member's delete (containerd runs `delete` whenever a
+    task's connection closes), or a task's shim on its way out."""
+    try:
+        client = Client(*await asyncio.wait_for(asyncio.open_unix_connection(str(path)), CONNECT_TIMEOUT),
+                        name=f"shim at {path}")
+    except (OSError, TimeoutError):
+        return
+    try:
+        await client.call(TASK_SERVICE, "Shutdown", pb.ShutdownRequest(), Empty, timeout=RELEASE_TIMEOUT)
+    except (RpcError, ProtocolError):
+        pass  # it went meanwhile
+    finally:
+        await client.close()
 
 
 def _remove_socket(path: Path) -> None:

@@ -175,6 +175,10 @@ class TaskService:
             return await self._create(request)
         except asyncio.CancelledError:
             if request.id not in self._abandoned:
+                # containerd's connection went mid-create (containerd stopped): a restarted
+                # containerd never learns of this task, so a shim left with none goes
+                if not self.tasks and len(self._creating) == 1:
+                    self._on_idle()
                 raise
             # undone on containerd's request: it still gets an answer on this call
             raise RpcError(Code.CANCELLED, f"task {request.id!r}: creation abandoned by containerd") from None

@@ -31,6 +31,13 @@ def deadline_within(timeout: float) -> float:
     return deadline if call_deadline is None else min(deadline, call_deadline)
 
 
+def caller_deadline_or(timeout: float) -> float:
+    """The long-poll deadline of a caller that set one (the host bounds the call: a longer
+    create_container_timeout must reach the process's set-up), else ``timeout`` from now."""
+    call_deadline = poll_deadline()
+    return asyncio.get_running_loop().time() + timeout if call_deadline is None else call_deadline
+
+
 async def until_poll_deadline(awaitable: Awaitable[R], what: str) -> R:
     try:
         async with asyncio.timeout_at(poll_deadline()):

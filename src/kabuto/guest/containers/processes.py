@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kabuto.guest.containers import syscalls as sc
-from kabuto.guest.containers.deadlines import deadline_within
+from kabuto.guest.containers.deadlines import caller_deadline_or
 from kabuto.guest.containers.launcher import Launch, run_monitor
 from kabuto.guest.containers.pipes import MessagePipe
 from kabuto.guest.containers.spec import ContainerSpec, ProcessSpec
@@ -29,7 +29,8 @@ from kabuto.ttrpc import Code, RpcError
 
 log = logging.getLogger(__name__)
 
-# Fork to "ready" (mounts, lookups) and kill to reported exit, when the caller gives more.
+# Fork to "ready" (mounts, lookups) when the caller set no deadline (a caller's own deadline,
+# create_container_timeout for CreateContainer, bounds it otherwise, longer or shorter)
 SETUP_TIMEOUT = 60.0
 KILL_TIMEOUT = 10.0
 # how often a removal looks again for processes SIGKILL has not ended yet
@@ -170,7 +171,7 @@ async def spawn(
         report=MessagePipe(report_r),
     )
     try:
-        async with asyncio.timeout_at(deadline_within(SETUP_TIMEOUT)):
+        async with asyncio.timeout_at(caller_deadline_or(SETUP_TIMEOUT)):
             first = await monitor.next()
             if first is None or "pid" not in first:
                 reason = (first or {}).get("error", "the launcher died")
@@ -273,7 +274,7 @@ async def await_exec(process: Process, processes: dict[str, Process] | None = No
     """After ready: end of file on the report pipe means the exec succeeded (else the process is
     killed, and dropped from ``processes``, its container's execs)."""
     try:
-        async with asyncio.timeout_at(deadline_within(SETUP_TIMEOUT)):
+        async with asyncio.timeout_at(caller_deadline_or(SETUP_TIMEOUT)):
             report = await process.report.next()
     except TimeoutError:
         report = {"error": "the process did not exec in time"}
