@@ -26,7 +26,7 @@ COMMAND_MODULES = {
     "image": "image_cmd",
     "vm": "vm_cmd",
     **dict.fromkeys(("run", "create", "start", "state", "pause", "resume", "update", "kill", "delete",
-                     "exec", "list", "ps", "events"), "runtime_cmd"),
+                     "exec", "list", "ps", "events", "checkpoint", "restore"), "runtime_cmd"),
     **dict.fromkeys(("features", "spec"), "spec_cmd"),
 }
 
