@@ -13,6 +13,7 @@ test_hostile_agent.py has the same misdeeds over a unix socket, with finer cases
 from __future__ import annotations
 
 import contextlib
+import re
 import time
 import tracemalloc
 from collections.abc import AsyncIterator, Iterator
@@ -41,6 +42,8 @@ LATENESS = 1.5
 # what the host may allocate while one misdeed lasts, beyond what it was told to keep
 MEMORY_BOUND = 16 << 20
 BOOT_TIMEOUT = 300.0
+# `kabuto run --boot-timeout` of the sandbox whose CreateSandbox is never answered
+SET_UP_BUDGET = 60.0
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +150,8 @@ def test_hostile_guest_never_answering_the_set_up(hostile_config: Path, state_ro
     """`kabuto run` of a sandbox whose CreateSandbox the guest never answers: one line naming the
     call and its bound, exit 1, nothing left."""
     bundle = write_bundle(tmp_path / "bundle", busybox_rootfs(tmp_path / "rootfs"), ["true"])
-    run = Cli(state_root, "--config", str(hostile_config), "run", "--bundle", str(bundle), "silent-setup")
+    run = Cli(state_root, "--config", str(hostile_config), "run", "--boot-timeout", str(SET_UP_BUDGET),
+              "--bundle", str(bundle), "silent-setup")
     try:
         started = time.monotonic()
         code = run.wait(BOOT_TIMEOUT)
@@ -157,7 +161,10 @@ def test_hostile_guest_never_answering_the_set_up(hostile_config: Path, state_ro
         run.close()
     assert (code, out) == (1, b""), (code, out, err)
     lines = err.decode().splitlines()
-    assert len(lines) == 1 and "CreateSandbox" in lines[0] and \
-        f"no answer within {REQUEST_TIMEOUT:g}s" in lines[0], err
+    assert len(lines) == 1 and "CreateSandbox" in lines[0], err
+    # the first call may wait what is left of the boot's budget for a guest service still loading,
+    # never less than one call's bound
+    waited = re.search(r"no answer within ([0-9.]+)s", lines[0])
+    assert waited is not None and REQUEST_TIMEOUT <= float(waited.group(1)) <= SET_UP_BUDGET, err
     figures["message"] = lines[0]
     assert_nothing_left(state_root)

@@ -48,6 +48,7 @@ RTPROT_KERNEL, RTPROT_STATIC = 2, 4
 RTN_UNICAST = 1
 RT_SCOPE_UNIVERSE, RT_SCOPE_LINK = 0, 253
 IFF_UP = 0x1
+IFF_RUNNING = 0x40  # operstate up: the device has its carrier
 
 _HEADER = struct.Struct("=IHHII")  # nlmsghdr: length, type, flags, seq, pid
 _IFINFO = struct.Struct("=BxHiII")  # ifinfomsg: family, type, index, flags, change
@@ -66,6 +67,7 @@ class Link:
     mac: str  # lower case, "" when the link has none
     mtu: int
     up: bool
+    running: bool = False
 
 
 @dataclass(frozen=True)
@@ -192,7 +194,8 @@ class Netlink:
             attrs = parse_attrs(body[_IFINFO.size :])
             name = attrs.get(IFLA_IFNAME, b"").split(b"\0", 1)[0].decode(errors="replace")
             mtu = struct.unpack("=I", attrs[IFLA_MTU])[0] if len(attrs.get(IFLA_MTU, b"")) == 4 else 0
-            links.append(Link(index, name, _mac(attrs.get(IFLA_ADDRESS, b"")), mtu, bool(flags & IFF_UP)))
+            links.append(Link(index, name, _mac(attrs.get(IFLA_ADDRESS, b"")), mtu, bool(flags & IFF_UP),
+                              bool(flags & IFF_RUNNING)))
         return links
 
     def link(self, index: int) -> Link:

@@ -25,6 +25,10 @@ MIN_MTU, MAX_MTU = 68, 65535  # IPv4's minimum; the device may allow less (the k
 # A NIC hot-plugged just before the call may not be bound yet.
 NIC_WAIT = 10.0
 NIC_POLL_INTERVAL = 0.05
+# a NIC hot-plugged a moment ago may still lack its carrier when set up: a container started at
+# once would find eth0 down; wait for it this long, then answer anyway (a carrier the host keeps
+# down is the host's to give)
+CARRIER_WAIT = 5.0
 LOOPBACK = "lo"
 MAC_PATTERN = re.compile(r"[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}")
 
@@ -152,9 +156,21 @@ async def update_interface(request: pb.UpdateInterfaceRequest) -> pb.Interface:
             for address in addresses:
                 nl.add_address(address)
             nl.set_link(link.index, up=True)
+        await _wait_for_carrier(link.index)
+        with netlink.Netlink() as nl:
             return describe_interface(nl, link.index)
     except OSError as exc:
         raise _rpc_error(exc) from None
+
+
+async def _wait_for_carrier(index: int) -> None:
+    deadline = deadline_within(CARRIER_WAIT)
+    loop = asyncio.get_running_loop()
+    while loop.time() + NIC_POLL_INTERVAL <= deadline:
+        with netlink.Netlink() as nl:
+            if nl.link(index).running:
+                return
+        await asyncio.sleep(NIC_POLL_INTERVAL)
 
 
 # --- routes ---------------------------------------------------------------------------
