@@ -21,9 +21,8 @@ from test_runtime_helpers import (
     assert_nothing_left,
     busybox_rootfs,
     kabuto,
-    new_state_root,
-    remove_state_root,
     require_guest_image,
+    state_root_fixture,
 )
 
 import kabuto as api
@@ -54,12 +53,7 @@ def write_config(directory: Path, template_path: Path, extra: str = "") -> Path:
 
 @pytest.fixture(scope="module")
 def state_root() -> Iterator[Path]:
-    root = new_state_root()
-    try:
-        yield root
-        assert_nothing_left(root)
-    finally:
-        remove_state_root(root)
+    yield from state_root_fixture()
 
 
 @pytest.fixture(scope="module")

@@ -8,12 +8,13 @@ hot-plug (hotplug.py), the migration stream as snapshot (migration.py) and the g
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import secrets
 import shutil
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -151,41 +152,31 @@ class QemuHypervisor(Hypervisor):
                         self.config.tcg_tb_size)
         self._vhost_net = use_vhost_net(self.config, self.accelerator, _exists(DEV_VHOST_NET))
         started = time.monotonic()
-        try:
-            async with asyncio.timeout(timeout):
-                # virtio-fs shares: their daemons' sockets go on QEMU's command line
-                await self._virtiofsd.start_all(self.pending_devices, started + timeout)
-                self._share_watch = asyncio.create_task(self._stop_when_a_share_is_lost())
-                self.boot_timings["virtiofsd_ready"] = time.monotonic() - started
-                command = build_command(self.config, self.accelerator, self.paths, self.pending_devices,
-                                        self.id, incoming=restore_from is not None, vhost_net=self._vhost_net,
-                                        memory_file=self._memory_file)
-                for device in self.pending_devices:
-                    if isinstance(device, BlockDevice):  # as hot-plug names it: the guest finds it so
-                        device.guest_address = serial_address(block_serial(device))
-                log.debug("qemu command: %s", command)
-                self._qemu = VmmProcess(self.name, "QEMU", self.paths.qemu_log)
-                await self._qemu.spawn(command, netns=self.netns)
-                self.boot_timings["vmm_spawned"] = time.monotonic() - started
-                await self._qmp.connect(self._qemu, wait_for_socket=True)
-                self.boot_timings["qmp_ready"] = time.monotonic() - started
-                self._console = ConsoleReader(self.paths.console_socket, self.paths.console_log)
-                await self._console.start()
-                if restore_from is not None:
-                    await migration.load_from(self._qmp, Path(restore_from), self._until_exit_or)
-                    await self._qmp.call("cont")
-                else:
-                    await self._boot_until_agent_port_opens(started)
-        except TimeoutError:
-            reason = await self._failure_tail()
-            await self.cleanup()
-            raise VmTimeout(f"qemu: VM {self.id} did not boot within {timeout:g}s{reason}") from None
-        except BaseException as exc:
-            reason = await self._failure_tail()
-            await self.cleanup()
-            if isinstance(exc, HypervisorError):
-                raise type(exc)(f"{exc}{reason}") from exc
-            raise
+        async with self._removed_on_failure(f"qemu: VM {self.id} did not boot within {timeout:g}s"), \
+                asyncio.timeout(timeout):
+            # virtio-fs shares: their daemons' sockets go on QEMU's command line
+            await self._virtiofsd.start_all(self.pending_devices, started + timeout)
+            self._share_watch = asyncio.create_task(self._stop_when_a_share_is_lost())
+            self.boot_timings["virtiofsd_ready"] = time.monotonic() - started
+            command = build_command(self.config, self.accelerator, self.paths, self.pending_devices,
+                                    self.id, incoming=restore_from is not None, vhost_net=self._vhost_net,
+                                    memory_file=self._memory_file)
+            for device in self.pending_devices:
+                if isinstance(device, BlockDevice):  # as hot-plug names it: the guest finds it so
+                    device.guest_address = serial_address(block_serial(device))
+            log.debug("qemu command: %s", command)
+            self._qemu = VmmProcess(self.name, "QEMU", self.paths.qemu_log)
+            await self._qemu.spawn(command, netns=self.netns)
+            self.boot_timings["vmm_spawned"] = time.monotonic() - started
+            await self._qmp.connect(self._qemu, wait_for_socket=True)
+            self.boot_timings["qmp_ready"] = time.monotonic() - started
+            self._console = ConsoleReader(self.paths.console_socket, self.paths.console_log)
+            await self._console.start()
+            if restore_from is not None:
+                await migration.load_from(self._qmp, Path(restore_from), self._until_exit_or)
+                await self._qmp.call("cont")
+            else:
+                await self._boot_until_agent_port_opens(started)
         self.devices.extend(self.pending_devices)
         self.pending_devices.clear()
         self.status = VmStatus.RUNNING
@@ -241,35 +232,41 @@ class QemuHypervisor(Hypervisor):
         later = [d for d in self.pending_devices if not isinstance(d, AgentChannel)]
         shares = [d for d in later if isinstance(d, SharedFsDevice)]
         started = time.monotonic()
+        async with self._removed_on_failure(f"qemu: VM {self.id} did not start from its template within "
+                                            f"{timeout:g}s"), asyncio.timeout(timeout):
+            command = build_command(self.config, self.accelerator, self.paths, channels, self.id,
+                                    incoming=True, vhost_net=self._vhost_net,
+                                    memory_file=MemoryFile(memory, shared=False), fsdevs=shares)
+            log.debug("qemu command: %s", command)
+            self._qemu = VmmProcess(self.name, "QEMU", self.paths.qemu_log)
+            await self._qemu.spawn(command, netns=self.netns)
+            self.boot_timings["vmm_spawned"] = time.monotonic() - started
+            await self._qmp.connect(self._qemu, wait_for_socket=True)
+            self._console = ConsoleReader(self.paths.console_socket, self.paths.console_log)
+            await self._console.start()
+            await self._ignore_shared_memory()
+            await migration.load_from(self._qmp, state, self._until_exit_or)
+            await self._qmp.call("cont")
+            self.boot_timings["restored"] = time.monotonic() - started
+            self.devices.extend(channels)
+            self.pending_devices = later
+            self.status = VmStatus.RUNNING
+            for device in later:
+                await self._hotplug_add(device)
+                self.pending_devices.remove(device)
+                self.devices.append(device)
+            self.boot_timings["devices_plugged"] = time.monotonic() - started
+
+    @contextlib.asynccontextmanager
+    async def _removed_on_failure(self, not_in_time: str) -> AsyncIterator[None]:
+        """Any failure inside kills QEMU, removes what the VM made and adds QEMU's last words to
+        the error; a timeout becomes VmTimeout(``not_in_time`` and those words)."""
         try:
-            async with asyncio.timeout(timeout):
-                command = build_command(self.config, self.accelerator, self.paths, channels, self.id,
-                                        incoming=True, vhost_net=self._vhost_net,
-                                        memory_file=MemoryFile(memory, shared=False), fsdevs=shares)
-                log.debug("qemu command: %s", command)
-                self._qemu = VmmProcess(self.name, "QEMU", self.paths.qemu_log)
-                await self._qemu.spawn(command, netns=self.netns)
-                self.boot_timings["vmm_spawned"] = time.monotonic() - started
-                await self._qmp.connect(self._qemu, wait_for_socket=True)
-                self._console = ConsoleReader(self.paths.console_socket, self.paths.console_log)
-                await self._console.start()
-                await self._ignore_shared_memory()
-                await migration.load_from(self._qmp, state, self._until_exit_or)
-                await self._qmp.call("cont")
-                self.boot_timings["restored"] = time.monotonic() - started
-                self.devices.extend(channels)
-                self.pending_devices = later
-                self.status = VmStatus.RUNNING
-                for device in later:
-                    await self._hotplug_add(device)
-                    self.pending_devices.remove(device)
-                    self.devices.append(device)
-                self.boot_timings["devices_plugged"] = time.monotonic() - started
+            yield
         except TimeoutError:
             reason = await self._failure_tail()
             await self.cleanup()
-            raise VmTimeout(f"qemu: VM {self.id} did not start from its template within {timeout:g}s"
-                            f"{reason}") from None
+            raise VmTimeout(f"{not_in_time}{reason}") from None
         except BaseException as exc:
             reason = await self._failure_tail()
             await self.cleanup()
