@@ -57,6 +57,11 @@ PR_SET_CHILD_SUBREAPER = 36
 # a VMM that `delete` stopped ends at once; its virtiofsd follows within a second or two
 ADOPTED_EXIT_TIMEOUT = 30.0
 SLEEPER = ["sh", "-c", "while :; do sleep 1; done"]
+USER_NAMESPACE = {
+    "namespaces": [{"type": t} for t in ("pid", "network", "ipc", "uts", "mount", "user")],
+    "uidMappings": [{"containerID": 0, "hostID": 100000, "size": 65536}],
+    "gidMappings": [{"containerID": 0, "hostID": 200000, "size": 65536}],
+}
 
 
 @contextlib.contextmanager
@@ -274,6 +279,37 @@ def oom_step(rt: Runtime, rootfs: Path) -> list[dict[str, Any]]:
     return seen
 
 
+def user_namespace_step(rt: Runtime, rootfs: Path) -> dict[str, Any]:
+    """A container with a user namespace of its own (the suite's `linux_uid_mappings`): its maps
+    and ids as its init and an exec see them, and the owner, on the host, of a file it makes on a
+    host bind (Kabuto's guest makes it through the shared filesystem)."""
+    shared = Path(tempfile.mkdtemp(prefix="kbl-userns-", dir="/tmp"))
+    try:
+        shared.chmod(0o777)  # root in the container is 100000 on the host: runc's mounts need the way in
+        rootfs.parent.chmod(0o755)
+        script = "cat /proc/self/uid_map /proc/self/gid_map; id -u; id -g; touch /run/made; sleep 99"
+        bind = {"destination": "/run", "source": str(shared), "options": ["rbind"]}  # runc cannot mkdir
+        bundle = rt.bundle("c10", rootfs, ["sh", "-c", script], linux=USER_NAMESPACE, mounts=(bind,))
+        with (rt.work / "c10.out").open("wb") as out:
+            rt.ok("create", "--bundle", str(bundle), "c10", stdout=out)
+        rt.ok("start", "c10")
+        made = shared / "made"
+        deadline = time.monotonic() + EXIT_TIMEOUT
+        while not made.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        exec_out = rt.ok("exec", "--user", "1000:1000", "c10", "sh", "-c",
+                         "cat /proc/self/uid_map; id -u").stdout
+        seen = {
+            "init": [line.split() for line in (rt.work / "c10.out").read_text().splitlines()],
+            "exec": [line.split() for line in exec_out.decode().splitlines()],
+            "made-by": (made.stat().st_uid, made.stat().st_gid) if made.exists() else None,
+        }
+        rt.ok("delete", "--force", "c10")
+        return seen
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+
+
 def scenario(rt: Runtime, rootfs: Path) -> dict[str, Any]:
     seen: dict[str, Any] = {}
     seen["state-unknown"] = rt("state", "nosuch").returncode
@@ -396,6 +432,8 @@ def scenario(rt: Runtime, rootfs: Path) -> dict[str, Any]:
     # the OOM killer in the container's cgroup: `events` reports it as {"type": "oom", "id"}
     seen["oom-event"] = oom_step(rt, rootfs)
 
+    seen["user-namespace"] = user_namespace_step(rt, rootfs)
+
     # bad input: runc's exit codes, a JSON log line, no container made
     not_a_socket = rt.work / "not-a-socket"
     not_a_socket.write_text("")
@@ -461,6 +499,9 @@ def test_detached_lifecycle_as_runc(rootfs: Path) -> None:
         assert runc["cgroup-absolute"]["at-path"] and runc["cgroup-relative"]["removed"] == [False] * 3, runc
         assert runc["cgroup-absolute"]["bind-root-name"] == "etc", runc
         assert runc["oom-event"] == [{"type": "oom", "id": "c9"}], runc
+        assert runc["user-namespace"] == {
+            "init": [["0", "100000", "65536"], ["0", "200000", "65536"], ["0"], ["0"]],
+            "exec": [["0", "100000", "65536"], ["1000"]], "made-by": (100000, 200000)}, runc
         # threads of one other process (the VMM), never its main thread
         assert CGROUP_V2 or (vcpu_threads and len({g for _, g in vcpu_threads}) == 1
                              and all(t != g for t, g in vcpu_threads)), vcpu_threads

@@ -274,6 +274,52 @@ async def test_user_groups_and_home(client: ContainerClient, rootfs: Path) -> No
     assert (await run(client, spec))[1].decode().splitlines()[-1] == "0077"
 
 
+def with_user_namespace(spec: dict[str, Any]) -> dict[str, Any]:
+    spec["linux"]["namespaces"].append({"type": "user"})
+    spec["linux"]["uidMappings"] = [{"containerID": 0, "hostID": 100000, "size": 65536}]
+    spec["linux"]["gidMappings"] = [{"containerID": 0, "hostID": 200000, "size": 65536}]
+    return spec
+
+
+async def test_a_user_namespace_maps_the_containers_ids(
+    client: ContainerClient, rootfs: Path, tmp_path: Path
+) -> None:
+    """Root in the container is 100000:200000 outside it (its files, its maps), keeps its
+    rlimits, and does not own the namespaces the guest's root made (hostname refused even with
+    CAP_SYS_ADMIN); an exec joins the user namespace, and an unmapped exec user is named."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    spec = with_user_namespace(sh(
+        rootfs, "cat /proc/self/uid_map /proc/self/gid_map; id -u; id -g; ulimit -n; touch /mnt/data/made; "
+                "hostname other 2>/dev/null; echo hostname=$?"))
+    spec["mounts"].append({"destination": "/mnt/data", "type": "bind", "source": str(shared),
+                           "options": ["rbind"]})
+    for key in ("bounding", "effective", "permitted"):
+        spec["process"]["capabilities"][key].append("CAP_SYS_ADMIN")
+    status, out, err = await run(client, spec)
+    assert (status, err) == (0, b"")
+    assert [line.split() for line in out.decode().splitlines()] == [
+        ["0", "100000", "65536"], ["0", "200000", "65536"], ["0"], ["0"], ["1024"], ["hostname=1"]]
+    made = (shared / "made").stat()
+    assert (made.st_uid, made.st_gid) == (100000, 200000)
+
+    await client.create_container("c1", with_user_namespace(runc_like_spec(rootfs, ["sleep", "1000"])))
+    try:
+        await client.start_container("c1")
+        process = {"args": ["sh", "-c", "cat /proc/self/uid_map; id -u"], "env": ENV, "cwd": "/",
+                   "user": {"uid": 1000, "gid": 1000}}
+        await client.exec_process("c1", "e1", process)
+        assert await client.wait_process("c1", "e1", timeout=30) == 0
+        assert await read_all(client, "c1", "e1") == b"         0     100000      65536\n1000\n"
+        with pytest.raises(ContainerCallError) as info:
+            await client.exec_process("c1", "e2", {**process, "user": {"uid": 70000, "gid": 0}})
+        assert "cannot switch to user 70000:0: Invalid argument (not mapped in the user namespace)" \
+            in info.value.message
+    finally:
+        await client.remove_container("c1")
+
+
 async def test_rlimits_and_readonly_root(client: ContainerClient, rootfs: Path) -> None:
     spec = sh(rootfs, "ulimit -n; ulimit -s; touch /newfile; echo touched=$?")
     spec["process"]["rlimits"].append({"type": "RLIMIT_STACK", "soft": 4194304, "hard": 4194304})
@@ -663,7 +709,7 @@ async def test_copy_files_in_and_out_of_a_container(
         (lambda s: s.__setitem__("process", None), "process"),
         (lambda s: s["linux"].__setitem__("seccomp", {"defaultAction": "SCMP_ACT_ALLOW"}), "linux.seccomp"),
         (lambda s: s.__setitem__("hooks", {"prestart": [{"path": "/bin/true"}]}), "hooks"),
-        (lambda s: s["linux"]["namespaces"].append({"type": "user"}), "'user' is not supported"),
+        (lambda s: s["linux"]["namespaces"].append({"type": "user"}), "needs linux.uidMappings"),
         (lambda s: s["mounts"].append({"destination": "/x", "type": "nfs", "source": "h:/"}), "'nfs'"),
         (lambda s: s["root"].__setitem__("path", "/nonexistent/rootfs"), "does not exist"),
         (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import resource
 import signal
 from pathlib import Path
@@ -31,6 +32,18 @@ def minimal(**extra: Any) -> dict[str, Any]:
         "process": {"args": ["sh"], "cwd": "/"},
     }
     config.update(extra)
+    return config
+
+
+def with_user_namespace(uid: list[Any] | None = None, gid: list[Any] | None = None,
+                        user: dict[str, Any] | None = None) -> dict[str, Any]:
+    config = minimal(linux={
+        "namespaces": [{"type": "user"}],
+        "uidMappings": uid or [{"containerID": 0, "hostID": 1000, "size": 10}],
+        "gidMappings": gid or [{"containerID": 0, "hostID": 1000, "size": 10}],
+    })
+    if user is not None:
+        config["process"]["user"] = user
     return config
 
 
@@ -78,8 +91,24 @@ def test_a_network_namespace_path_still_means_the_guests_network() -> None:
     [
         (minimal(hooks={"prestart": [{"path": "/x"}]}), "hooks"),
         (minimal(linux={"seccomp": {"defaultAction": "SCMP_ACT_ERRNO"}}), "linux.seccomp"),
-        (minimal(linux={"uidMappings": [{"containerID": 0, "hostID": 1000, "size": 1}]}), "uidMappings"),
-        (minimal(linux={"namespaces": [{"type": "user"}]}), "'user' is not supported"),
+        (minimal(linux={"uidMappings": [{"containerID": 0, "hostID": 1000, "size": 1}]}),
+         "need a user namespace"),
+        (minimal(linux={"namespaces": [{"type": "user"}]}), "needs linux.uidMappings and linux.gidMappings"),
+        (with_user_namespace(uid=[{"containerID": 0, "hostID": 1000, "size": 0}]),
+         r"uidMappings\[0\].size = 0"),
+        (with_user_namespace(uid=[{"containerID": 0, "hostID": 1000}]), r"uidMappings\[0\].size must be"),
+        (with_user_namespace(gid=[{"containerID": 4294967295, "hostID": 0, "size": 2}]),
+         r"gidMappings\[0\]: containerID 4294967295 \+ size 2 passes"),
+        (with_user_namespace(uid=[{"containerID": 0, "hostID": 1000, "size": 10},
+                                  {"containerID": 20, "hostID": 1005, "size": 10}]),
+         r"uidMappings\[0\] and \[1\] overlap"),
+        (with_user_namespace(uid=[{"containerID": i, "hostID": 4000000000 + i, "size": 1}
+                                  for i in range(300)]),
+         "the kernel takes fewer than 4096"),
+        (with_user_namespace(user={"uid": 10, "gid": 0}), "process.user.uid 10 is not mapped"),
+        (with_user_namespace(user={"uid": 0, "gid": 0, "additionalGids": [99]}),
+         "process.user.additionalGids 99 is not mapped"),
+        (minimal(linux={"namespaces": [{"type": "user", "path": "container:a"}]}), "by path"),
         (minimal(linux={"namespaces": [{"type": "pid", "path": "/proc/1/ns/pid"}]}), "by path"),
         (minimal(linux={"namespaces": [{"type": "cgroup", "path": "container:a"}]}), "by path"),
         (minimal(linux={"namespaces": [{"type": "ipc"}, {"type": "ipc", "path": "container:a"}]}),
@@ -97,7 +126,14 @@ def test_a_network_namespace_path_still_means_the_guests_network() -> None:
 def test_refused_configs_name_the_field(config: dict[str, Any], message: str) -> None:
     with pytest.raises(SpecError) as info:
         parse(config)
-    assert message in str(info.value)
+    assert re.search(message, str(info.value)), (message, str(info.value))
+
+
+def test_a_user_namespace_and_its_mappings() -> None:
+    spec = parse(with_user_namespace(uid=[{"containerID": 0, "hostID": 100000, "size": 65536}]))
+    assert spec.namespaces & sc.CLONE_NEWUSER and spec.entered & sc.CLONE_NEWUSER
+    assert [m.line() for m in spec.uid_mappings] == ["0 100000 65536\n"]
+    assert [m.line() for m in spec.gid_mappings] == ["0 1000 10\n"]
 
 
 def test_invalid_and_oversized_json() -> None:

@@ -1,13 +1,13 @@
 """OCI bundles: read and check ``config.json`` the way runc does, and generate one like ``runc spec``.
 
-Everything here runs before a VM exists, so bad input costs nothing to refuse. Fields that
-only make sense on the host (hooks, seccomp through the host kernel, user-namespace
-mappings, joining most host namespaces by path) are refused by name rather than silently
-dropped. Namespace paths are honoured as Kata honours them: a network namespace path is the
-sandbox's (its VMM and taps live there; in the guest every container shares the pod's network
-namespace), and an ipc/uts/pid path naming the pod's sandbox task (CRI hands over
-``/proc/<its pid>/ns/<type>``, and that pid is the VMM's) means sharing that namespace with the
-sandbox container inside the guest.
+Everything here runs before a VM exists, so bad input costs nothing to refuse. Fields that only
+make sense on the host (hooks, seccomp through the host kernel, joining most host namespaces by
+path) are refused by name rather than silently dropped. A user namespace is the guest's: its
+mappings map the container's ids to the guest kernel's, not the host's. Namespace paths are
+honoured as Kata honours them: a network namespace path is the sandbox's (its VMM and taps live
+there; in the guest every container shares the pod's network namespace), and an ipc/uts/pid path
+naming the pod's sandbox task (CRI hands over ``/proc/<its pid>/ns/<type>``, and that pid is the
+VMM's) means sharing that namespace with the sandbox container inside the guest.
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ JOINABLE_NAMESPACES = ("network", "ipc", "uts", "pid")
 GUEST_CONTAINER_NAMESPACE = "container:{}"
 # Sections for other platforms, and Linux features that need the host kernel or host state.
 UNSUPPORTED_TOP = ("solaris", "windows", "vm", "zos")
-UNSUPPORTED_LINUX = ("uidMappings", "gidMappings", "intelRdt", "personality", "timeOffsets")
+UNSUPPORTED_LINUX = ("intelRdt", "personality", "timeOffsets")
+ID_MAPPINGS = ("uidMappings", "gidMappings")
 # Bind sources the guest serves itself, as Kata does: its own /proc and /sys, and its own device
 # nodes (a host device node means nothing in the VM); a regular file under /dev is still shared.
 GUEST_SOURCE_ROOTS = ("/proc", "/sys", "/dev")
@@ -316,10 +317,10 @@ def _check_linux(linux: dict[str, Any], where: str) -> None:
         if linux.get(key):
             raise _fail(where, f"linux.{key}", "not supported by Kabuto")
     _expect(linux.get("seccomp", {}), dict, where, "linux.seccomp", "an object")
+    kinds = set()
     for key, namespace, kind in _typed_entries(linux.get("namespaces", []), where, "linux.namespaces",
                                                NAMESPACES, "namespace", "an object"):
-        if kind == "user":
-            raise _fail(where, f"{key}.type", "user namespaces are not supported (the VM is the boundary)")
+        kinds.add(kind)
         path = namespace.get("path")
         if path:
             if kind not in JOINABLE_NAMESPACES:
@@ -327,9 +328,23 @@ def _check_linux(linux: dict[str, Any], where: str) -> None:
                                                   "inside a VM")
             if not isinstance(path, str) or not os.path.isabs(path):
                 raise _fail(where, f"{key}.path", "must be an absolute path")
+    _check_id_mappings(linux, "user" in kinds, where)
     sysctl = _expect(linux.get("sysctl", {}), dict, where, "linux.sysctl", "an object of strings")
     for name, value in sysctl.items():
         _expect(value, str, where, f"linux.sysctl[{name!r}]", "a string")
+
+
+def _check_id_mappings(linux: dict[str, Any], user_namespace: bool, where: str) -> None:
+    """As runc, before anything is made: mappings and a user namespace come together. Each
+    mapping's ranges the guest checks, which applies them."""
+    for field in ID_MAPPINGS:
+        mappings = _expect(linux.get(field, []), list, where, f"linux.{field}", "a list")
+        if user_namespace and not mappings:
+            raise _fail(where, f"linux.{field}", "a user namespace (linux.namespaces: user) needs mappings")
+        if mappings and not user_namespace:
+            raise _fail(where, f"linux.{field}", "mappings need a user namespace (linux.namespaces: user)")
+        for index, mapping in enumerate(mappings):
+            _expect(mapping, dict, where, f"linux.{field}[{index}]", "an object of containerID, hostID, size")
 
 
 def join_network_namespace(spec: dict[str, Any], path: str) -> None:

@@ -20,7 +20,7 @@ MOUNT_OPTIONS = sorted({
     "private", "rprivate", "shared", "rshared", "slave", "rslave", "unbindable", "runbindable",
 })
 # new namespaces the guest makes for a container; "network" is the VM's own (the pod's)
-NAMESPACES = ["cgroup", "ipc", "mount", "network", "pid", "uts"]
+NAMESPACES = ["cgroup", "ipc", "mount", "network", "pid", "user", "uts"]
 CAPABILITIES = [
     "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_FSETID", "CAP_KILL",
     "CAP_SETGID", "CAP_SETUID", "CAP_SETPCAP", "CAP_LINUX_IMMUTABLE", "CAP_NET_BIND_SERVICE",

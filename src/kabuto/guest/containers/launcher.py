@@ -11,6 +11,11 @@ For every process the agent forks a *monitor*, which forks the process itself:
 - The child joins or creates the other namespaces, builds the container's root (init
   only), applies the OCI process settings, looks the program up, reports ``ready``, waits
   for the start byte (init only, as ``runc create`` / ``runc start``) and execs.
+- With a user namespace (init) the child makes it last, once its mounts, devices, hostname,
+  sysctls and rlimits are set up as the guest's root (as runc does from outside the namespace);
+  its monitor, still the guest's root, writes its uid_map and gid_map. The container's other
+  namespaces stay the guest's root's, so root in the container cannot mount or set the hostname:
+  it is an unprivileged user of the guest's kernel. An exec joins the user namespace last alike.
 - With a terminal the child makes it, as runc does, from the container's own devpts once
   in the container's mounts: the slave becomes its stdio and controlling terminal (and,
   for init, /dev/console) and the master goes to the agent over ``console_socket``
@@ -36,12 +41,13 @@ import socket
 import stat
 import struct
 import termios
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import NoReturn
 
 from kabuto.guest import freshen
 from kabuto.guest.containers import syscalls as sc
-from kabuto.guest.containers.spec import CAPABILITIES, ContainerSpec, MountSpec, ProcessSpec
+from kabuto.guest.containers.spec import CAPABILITIES, ContainerSpec, IdMapping, MountSpec, ProcessSpec
 
 MAX_MESSAGE = 4000  # below PIPE_BUF: each message is one atomic write
 MAX_SYMLINKS = 40
@@ -84,6 +90,9 @@ class Launch:
     pid_namespace_fd: int | None = None  # the container's (exec) or another's (init) PID namespace
     cgroup_procs: str | None = None  # the container cgroup's cgroup.procs to join
     console_socket: int | None = None  # a terminal: the child sends its pty master here
+    # init with a user namespace: (child -> monitor "map me", monitor -> child the answer), made by
+    # the monitor
+    id_map_channel: tuple[int, int] | None = None
 
 
 def _send(fd: int, message: dict[str, object]) -> None:
@@ -124,16 +133,67 @@ def run_monitor(launch: Launch) -> NoReturn:
             sc.unshare(sc.CLONE_NEWPID)
         elif launch.pid_namespace_fd is not None:
             sc.setns(launch.pid_namespace_fd, sc.CLONE_NEWPID)
+        mine: set[int] = set()
+        if launch.container is not None and launch.container.namespaces & sc.CLONE_NEWUSER:
+            request_r, request_w = os.pipe2(os.O_CLOEXEC)
+            answer_r, answer_w = os.pipe2(os.O_CLOEXEC)
+            launch = replace(launch, id_map_channel=(request_w, answer_r))
+            mine = {request_r, answer_w}
         pid = os.fork()
         if pid == 0:
             run_child(launch)
-        _close_fds_except({launch.monitor_fd})
+        _close_fds_except({launch.monitor_fd, *mine})
         _send(launch.monitor_fd, {"pid": pid})
+        if mine and launch.container is not None:
+            _map_child(pid, launch.container, request_r, answer_w)
         _, status = os.waitpid(pid, 0)
         _send(launch.monitor_fd, {"status": status})
     except BaseException as exc:  # a forked copy of the agent must never return into it
         _send(launch.monitor_fd, {"error": f"{exc}"})
     os._exit(0)
+
+
+def _map_child(pid: int, container: ContainerSpec, request_fd: int, answer_fd: int) -> None:
+    """Write the child's uid_map and gid_map when it asks (it has made its user namespace); its
+    end of file instead means it failed before, or exec'd: nothing to do."""
+    if not os.read(request_fd, 1):
+        return
+    answer = b"ok"
+    for name, mappings in (("uid_map", container.uid_mappings), ("gid_map", container.gid_mappings)):
+        try:
+            _write_id_map(f"/proc/{pid}/{name}", mappings)
+        except OSError as exc:
+            answer = f"cannot write the user namespace's {name}: {exc.strerror or exc}".encode()
+            break
+    with contextlib.suppress(OSError):
+        os.write(answer_fd, answer)
+
+
+def _write_id_map(path: str, mappings: tuple[IdMapping, ...]) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:  # the kernel takes a map in one write only
+        os.write(fd, "".join(m.line() for m in mappings).encode())
+    finally:
+        os.close(fd)
+
+
+def _new_user_namespace(channel: tuple[int, int]) -> None:
+    request_fd, answer_fd = channel
+    try:
+        sc.unshare(sc.CLONE_NEWUSER)
+    except OSError as exc:
+        raise LaunchError(f"cannot make the user namespace: {exc.strerror or exc}") from None
+    os.write(request_fd, b"m")
+    answer = os.read(answer_fd, MAX_MESSAGE)
+    if answer != b"ok":
+        raise LaunchError(answer.decode(errors="replace") or "the monitor ended before mapping the namespace")
+    os.close(request_fd)
+    os.close(answer_fd)
+
+
+def _join_user_namespace(fd: int) -> None:
+    sc.setns(fd, sc.CLONE_NEWUSER)
+    os.close(fd)
 
 
 def run_child(launch: Launch) -> NoReturn:
@@ -147,7 +207,7 @@ def run_child(launch: Launch) -> NoReturn:
         else:
             stdio = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3) for fd in launch.stdio]
         keep = {launch.report_fd, *stdio}
-        for fd in (launch.start_fd, launch.console_socket):
+        for fd in (launch.start_fd, launch.console_socket, *(launch.id_map_channel or ())):
             if fd is not None:
                 keep.add(fd)
         keep.update(fd for _, fd in launch.namespace_fds)
@@ -161,14 +221,20 @@ def run_child(launch: Launch) -> NoReturn:
         if launch.cgroup_procs is not None:
             with open(launch.cgroup_procs, "w") as procs:
                 procs.write("0")
+        enter_user_namespace: Callable[[], None] | None = None
+        if launch.id_map_channel is not None:
+            enter_user_namespace = lambda: _new_user_namespace(launch.id_map_channel)  # noqa: E731
         for ns_type, fd in launch.namespace_fds:  # an exec's mount namespace comes last
+            if ns_type == sc.CLONE_NEWUSER:
+                enter_user_namespace = lambda fd=fd: _join_user_namespace(fd)  # noqa: E731
+                continue
             sc.setns(fd, ns_type)
             os.close(fd)
         if launch.container is not None:
             build_container(launch.container, launch.console_socket)
         elif launch.console_socket is not None:  # an exec's terminal: no /dev/console, as runc
             setup_terminal(launch.console_socket, launch.process.console_size, bind_console=False)
-        program = prepare_process(launch.process)
+        program = prepare_process(launch.process, enter_user_namespace)
         _send(launch.report_fd, {"ready": True})
         if launch.start_fd is not None:
             if os.read(launch.start_fd, 1) != b"1":
@@ -334,7 +400,7 @@ def _remount_readonly(path: str, recursive: bool = False) -> None:
 def build_container(container: ContainerSpec, console_socket: int | None = None) -> None:
     """Namespaces, mounts, devices, root (and the terminal, with ``console_socket``):
     everything the init child does as root."""
-    sc.unshare(container.namespaces & ~sc.CLONE_NEWPID)
+    sc.unshare(container.namespaces & ~(sc.CLONE_NEWPID | sc.CLONE_NEWUSER))
     sc.mount(None, "/", None, container.rootfs_propagation)
     rootfs = container.root_path
     if not os.path.isdir(rootfs):
@@ -478,12 +544,16 @@ def last_capability() -> int:
         return len(CAPABILITIES) - 1
 
 
-def prepare_process(process: ProcessSpec) -> str:
-    """rlimits, user, capabilities, cwd; returns the program to exec."""
+def prepare_process(process: ProcessSpec, enter_user_namespace: Callable[[], None] | None = None) -> str:
+    """rlimits, the user namespace, user, capabilities, cwd; returns the program to exec."""
     for rlimit in process.rlimits:
         resource.setrlimit(rlimit.resource, (rlimit.soft, rlimit.hard))
     if process.oom_score_adj is not None:
         _write("/proc/self/oom_score_adj", str(process.oom_score_adj))
+    # after the two above, which raising needs the guest root's CAP_SYS_RESOURCE for; before the
+    # bounding set, which entering a user namespace fills again
+    if enter_user_namespace is not None:
+        enter_user_namespace()
     caps = process.capabilities
     last_cap = last_capability()
     if caps is not None:
@@ -497,7 +567,9 @@ def prepare_process(process: ProcessSpec) -> str:
         os.setgid(user.gid)
         os.setuid(user.uid)
     except OSError as exc:
-        raise LaunchError(f"cannot switch to user {user.uid}:{user.gid}: {exc.strerror or exc}") from None
+        unmapped = enter_user_namespace is not None and exc.errno == errno.EINVAL
+        raise LaunchError(f"cannot switch to user {user.uid}:{user.gid}: {exc.strerror or exc}"
+                          + (" (not mapped in the user namespace)" if unmapped else "")) from None
     if caps is not None:
         sc.prctl(sc.PR_SET_KEEPCAPS, 0)
         valid = frozenset(range(last_cap + 1))

@@ -42,6 +42,7 @@ NAMESPACE_FILES = (  # joined by an exec in this order: mount last, it changes t
     (sc.CLONE_NEWUTS, "uts"),
     (sc.CLONE_NEWCGROUP, "cgroup"),
     (sc.CLONE_NEWNS, "mnt"),
+    (sc.CLONE_NEWUSER, "user"),  # the launcher joins it later still (see prepare_process)
 )
 NAMESPACE_NAMES = {**dict(NAMESPACE_FILES), sc.CLONE_NEWPID: "pid"}
 

@@ -1,13 +1,14 @@
 """The OCI runtime spec (config.json) as the guest applies it: parsed, bounded, validated.
 
 Unknown properties are ignored, as the OCI spec requires; known fields the guest cannot
-honour (user namespaces, seccomp, hooks, SELinux/AppArmor labels...) are refused with a
+honour (seccomp, hooks, idmapped mounts, SELinux/AppArmor labels...) are refused with a
 SpecError naming the field, never silently dropped. The host runtime runs the hooks and
 strips what its configuration says the guest should not apply.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import resource
@@ -26,6 +27,9 @@ MAX_MOUNTS = 256
 MAX_GROUPS = 256
 MAX_LIST = 256
 MAX_HOSTNAME = 64  # HOST_NAME_MAX
+MAX_ID_MAPPINGS = 340  # the kernel's limits on a uid_map or gid_map: lines, and bytes in its one write
+MAX_ID_MAP_BYTES = 4096
+MAX_ID = 0xFFFFFFFF
 
 # As runc: letters, digits and _ + - . (not starting with a dot, which "." and ".." would).
 ID_PATTERN = re.compile(r"[A-Za-z0-9_+\-][A-Za-z0-9_+\-.]*")
@@ -95,6 +99,7 @@ NAMESPACE_FLAGS = {
     "ipc": sc.CLONE_NEWIPC,
     "uts": sc.CLONE_NEWUTS,
     "cgroup": sc.CLONE_NEWCGROUP,
+    "user": sc.CLONE_NEWUSER,
 }
 DEVICE_TYPES = {"c", "u", "b", "p"}
 # What the host sends for "share this namespace with the pod's sandbox container": the
@@ -178,6 +183,19 @@ class DeviceSpec:
 
 
 @dataclass(frozen=True)
+class IdMapping:
+    """One line of a uid_map or gid_map: ``size`` ids from ``container_id`` are ``host_id``... in
+    the guest's initial user namespace."""
+
+    container_id: int
+    host_id: int
+    size: int
+
+    def line(self) -> str:
+        return f"{self.container_id} {self.host_id} {self.size}\n"
+
+
+@dataclass(frozen=True)
 class Resources:
     """cgroup v2 files to write (name -> value), from linux.resources."""
 
@@ -208,6 +226,9 @@ class ContainerSpec:
     sysctl: tuple[tuple[str, str], ...] = ()
     rootfs_propagation: int = sc.MS_PRIVATE | sc.MS_REC
     resources: Resources = field(default_factory=Resources)
+    # with CLONE_NEWUSER in namespaces: the container's ids as the guest's kernel maps them
+    uid_mappings: tuple[IdMapping, ...] = ()
+    gid_mappings: tuple[IdMapping, ...] = ()
 
 
 # --- small checked accessors -------------------------------------------------------
@@ -421,7 +442,7 @@ def _parse_mount(item: Any, where: str) -> MountSpec:
     item = _object(item, where)
     destination = absolute_path(item.get("destination"), f"{where}.destination")
     for key in ("uidMappings", "gidMappings"):
-        _refuse(item, key, where, "no user namespaces in the guest")
+        _refuse(item, key, where, "no idmapped mounts in the guest")
     flags, propagation, data = parse_mount_options(
         _list(item.get("options"), f"{where}.options", 64), f"{where}.options"
     )
@@ -527,6 +548,52 @@ def _load_json(raw: bytes, what: str) -> Any:
         raise SpecError(f"the {what} JSON is invalid: {exc}") from None
 
 
+def _parse_id_mappings(value: Any, where: str) -> tuple[IdMapping, ...]:
+    mappings = []
+    for i, item in enumerate(_list(value, where, MAX_ID_MAPPINGS)):
+        item = _object(item, f"{where}[{i}]")
+        mapping = IdMapping(
+            container_id=_int(item.get("containerID"), f"{where}[{i}].containerID", 0, MAX_ID),
+            host_id=_int(item.get("hostID"), f"{where}[{i}].hostID", 0, MAX_ID),
+            size=_int(item.get("size"), f"{where}[{i}].size", 1, MAX_ID),
+        )
+        for first, side in ((mapping.container_id, "containerID"), (mapping.host_id, "hostID")):
+            if first + mapping.size > MAX_ID + 1:
+                raise SpecError(f"{where}[{i}]: {side} {first} + size {mapping.size} passes id {MAX_ID}")
+        mappings.append(mapping)
+    written = sum(len(m.line()) for m in mappings)
+    if written >= MAX_ID_MAP_BYTES:
+        raise SpecError(f"{where}: {written} bytes as a map; the kernel takes fewer than {MAX_ID_MAP_BYTES}")
+    # the kernel refuses overlapping ranges on either side with a bare EINVAL
+    for side in ("container_id", "host_id"):
+        ranges = sorted((getattr(m, side), getattr(m, side) + m.size, i) for i, m in enumerate(mappings))
+        for (_, end, a), (start, _, b) in itertools.pairwise(ranges):
+            if start < end:
+                raise SpecError(f"{where}[{min(a, b)}] and [{max(a, b)}] overlap")
+    return tuple(mappings)
+
+
+def _mapped(ident: int, mappings: tuple[IdMapping, ...]) -> bool:
+    return any(m.container_id <= ident < m.container_id + m.size for m in mappings)
+
+
+def _check_user_namespace(namespaces: int, process: ProcessSpec, uid_mappings: tuple[IdMapping, ...],
+                          gid_mappings: tuple[IdMapping, ...]) -> None:
+    if not namespaces & sc.CLONE_NEWUSER:
+        if uid_mappings or gid_mappings:
+            raise SpecError("linux.uidMappings and linux.gidMappings need a user namespace of the "
+                            "container's own (linux.namespaces: user)")
+        return
+    if not uid_mappings or not gid_mappings:
+        raise SpecError("linux.namespaces: a user namespace needs linux.uidMappings and linux.gidMappings")
+    user = process.user
+    if not _mapped(user.uid, uid_mappings):
+        raise SpecError(f"process.user.uid {user.uid} is not mapped by linux.uidMappings")
+    for what, gid in (("gid", user.gid), *(("additionalGids", g) for g in user.additional_gids)):
+        if not _mapped(gid, gid_mappings):
+            raise SpecError(f"process.user.{what} {gid} is not mapped by linux.gidMappings")
+
+
 def parse_spec(raw: bytes) -> ContainerSpec:
     config = _object(_load_json(raw, "OCI config"), "config.json")
     if "hooks" in config:
@@ -539,8 +606,6 @@ def parse_spec(raw: bytes) -> ContainerSpec:
 
     linux = _object(config.get("linux"), "linux")
     for key, why in (
-        ("uidMappings", "no user namespaces in the guest"),
-        ("gidMappings", "no user namespaces in the guest"),
         ("seccomp", "no seccomp filter in the guest"),
         ("mountLabel", "no SELinux in the guest"),
         ("intelRdt", "no Intel RDT in the guest"),
@@ -574,6 +639,10 @@ def parse_spec(raw: bytes) -> ContainerSpec:
             joined.append((NAMESPACE_FLAGS[ns_type], target))
             continue
         namespaces |= NAMESPACE_FLAGS[ns_type]
+
+    uid_mappings = _parse_id_mappings(linux.get("uidMappings"), "linux.uidMappings")
+    gid_mappings = _parse_id_mappings(linux.get("gidMappings"), "linux.gidMappings")
+    _check_user_namespace(namespaces, process, uid_mappings, gid_mappings)
 
     joined_flags = [flag for flag, _ in joined]
     if len(set(joined_flags)) < len(joined_flags) or any(flag & namespaces for flag in joined_flags):
@@ -632,4 +701,6 @@ def parse_spec(raw: bytes) -> ContainerSpec:
         sysctl=tuple(sysctl),
         rootfs_propagation=propagation,
         resources=parse_resources(linux.get("resources")),
+        uid_mappings=uid_mappings,
+        gid_mappings=gid_mappings,
     )
