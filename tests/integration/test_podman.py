@@ -11,11 +11,12 @@ conmon starts), so kabuto keeps its state in its default root, /run/kabuto, as a
 would; after each step nothing of the step's containers is left there, nor a process, nor a
 mount.
 
-Four VM boots: `run -i --rm` (stdin, stdout, stderr, exit code), `run -d` + `exec` + `logs` +
-`stop` + `rm`, and `run -t`, all with `--network none`; and `run --rm` on podman's default
-network (CNI's bridge plugin, containernetworking-plugins): the container has its address on
-podman's bridge and reaches a listener in the host's netns through the bridge's gateway and
-one in another container's netns (a runc container on the same bridge); no netns left.
+Five VM boots: `run -i --rm` (stdin, stdout, stderr, exit code), `run -d` + `exec` + `logs` +
+`stop` + `rm`, `run -t` and `run --uidmap --gidmap` (a user namespace), all with `--network
+none`; and `run --rm` on podman's default network (CNI's bridge plugin, containernetworking-
+plugins): the container has its address on podman's bridge and reaches a listener in the host's
+netns through the bridge's gateway and one in another container's netns (a runc container on the
+same bridge); no netns left.
 """
 
 from __future__ import annotations
@@ -193,6 +194,23 @@ def test_run_with_a_terminal(podman: Podman) -> None:
         assert_step_left_nothing(podman, _cid(cidfile))
     assert seen["runc"] == (2, b"/dev/pts/0\r\n"), seen["runc"]
     assert seen[str(KABUTO)] == seen["runc"]
+
+
+def test_run_with_a_user_namespace(podman: Podman) -> None:
+    """`--uidmap`/`--gidmap`: podman hands the runtime a user namespace and its mappings (and
+    chowns its copy of the image); the container's root is 100000 outside it."""
+    seen = {}
+    for runtime in RUNTIMES:
+        cidfile = _cidfile(podman)
+        result = podman(runtime, "run", "--rm", "--network", "none", "--uidmap", "0:100000:65536",
+                        "--gidmap", "0:200000:65536", "--cidfile", str(cidfile), IMAGE,
+                        "sh", "-c", "cat /proc/self/uid_map /proc/self/gid_map; id -u; ls -ln /bin/busybox")
+        lines = [line.split() for line in result.stdout.decode().splitlines()]
+        seen[runtime] = (result.returncode, lines[:3], lines[3:4] and lines[3][2:4], result.stderr[-300:])
+        assert_step_left_nothing(podman, _cid(cidfile))
+    assert seen["runc"][:3] == (0, [["0", "100000", "65536"], ["0", "200000", "65536"], ["0"]],
+                                ["0", "0"]), seen["runc"]
+    assert seen[str(KABUTO)][:3] == seen["runc"][:3], seen
 
 
 def _serve(listener: socket.socket, reply: bytes) -> None:
