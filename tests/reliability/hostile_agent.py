@@ -3,8 +3,9 @@ QEMU's virtio-serial agent port: a unix socket the host connects to) or, inside 
 shipped image, on the guest's own virtio-serial port (hostile_guest.py: ``serve`` is what the
 guest's channel hands each host connection).
 
-It answers Check as SERVING and every other call as ``behaviour(method, request)`` says: a list
-of actions, each raw bytes to send or a number of seconds to sleep. Helpers build the usual
+It answers Check as SERVING and every other call as ``behaviour(method, request)`` says: actions
+(an iterable, taken one at a time so that a flood is made as it is sent, never ahead in the
+host's event loop), each raw bytes to send or a number of seconds to sleep. Helpers build the usual
 misdeeds (a valid answer, a status, an answer on another stream, a header announcing more than
 the protocol allows, garbage where protobuf belongs).
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from google.protobuf.message import Message
@@ -23,7 +24,7 @@ from kabuto.ttrpc import Code, MessageType, encode_frame, read_frame
 from kabuto.ttrpc.framing import HEADER
 
 Action = bytes | float
-Behaviour = Callable[[int, str, ttrpc_pb2.Request], list[Action]]
+Behaviour = Callable[[int, str, ttrpc_pb2.Request], Iterable[Action]]
 
 
 def answer(stream_id: int, message: Message | bytes) -> bytes:
@@ -81,7 +82,7 @@ class HostileAgent:
                 method = request.method
                 self.calls.append(method)
                 if request.service == AGENT_SERVICE and method == "Check":
-                    actions: list[Action] = [answer(frame.stream_id, agent_pb2.CheckResponse(
+                    actions: Iterable[Action] = [answer(frame.stream_id, agent_pb2.CheckResponse(
                         status=agent_pb2.CheckResponse.SERVING))]
                 else:
                     actions = self.behaviour(frame.stream_id, method, request)
@@ -95,11 +96,12 @@ class HostileAgent:
             self._tasks.discard(task)  # type: ignore[arg-type]
             writer.close()
 
-    async def _act(self, writer: asyncio.StreamWriter, actions: list[Action]) -> None:
+    async def _act(self, writer: asyncio.StreamWriter, actions: Iterable[Action]) -> None:
         with contextlib.suppress(ConnectionError, RuntimeError):
             for action in actions:
                 if isinstance(action, bytes):
                     writer.write(action)
                     await writer.drain()
+                    await asyncio.sleep(0)  # drain returns at once below its high-water mark
                 else:
                     await asyncio.sleep(action)

@@ -51,7 +51,8 @@ def socket_path() -> Iterator[Path]:
 async def hostile(socket_path: Path, behaviour: object, figures: Figures, *,
                   keeps: int = 0) -> AsyncIterator[ContainerClient]:
     """A ContainerClient connected to a hostile agent, memory traced and the loop watched; the
-    figures get the peak and the longest stall. ``keeps``: what the test's sink is allowed to keep."""
+    figures get the peak and the longest stall. ``keeps``: what the test's sink is allowed to keep
+    (a bytearray: CPython grows one by an eighth beyond what it holds)."""
     async with HostileAgent(socket_path, behaviour) as agent:  # type: ignore[arg-type]
         client = await wait_for_agent(agent.address, 10, call_timeout=CALL_TIMEOUT)
         tracemalloc.start()
@@ -64,7 +65,7 @@ async def hostile(socket_path: Path, behaviour: object, figures: Figures, *,
             await client.close()
         figures["traced_peak_mib"] = round(peak / 2**20, 2)
         figures["longest_loop_stall_seconds"] = round(watch.longest_gap, 3)
-        assert peak < MEMORY_BOUND + keeps, f"traced peak {peak / 2**20:.1f} MiB"
+        assert peak < MEMORY_BOUND + keeps * 9 // 8, f"traced peak {peak / 2**20:.1f} MiB"
         assert watch.longest_gap < LATENESS, f"the host's loop stalled {watch.longest_gap:.2f}s"
 
 
@@ -98,10 +99,10 @@ async def test_unknown_stream_ids_are_dropped_and_the_call_ends_at_its_deadline(
         socket_path: Path, figures: Figures) -> None:
     floods = scale(20_000, 500_000)
 
-    def behaviour(stream: int, method: str, request: ttrpc_pb2.Request) -> list[Action]:
-        stray = answer(stream + 2, pb.WaitProcessResponse(exit_status=0))
-        return [b"".join(answer(stream + 2 * (i + 1), pb.WaitProcessResponse()) for i in range(1000))
-                for _ in range(floods // 1000)] + [stray]
+    def behaviour(stream: int, method: str, request: ttrpc_pb2.Request) -> Iterator[Action]:
+        for _ in range(floods // 1000):  # made as sent: 500 000 frames take seconds to encode
+            yield b"".join(answer(stream + 2 * (i + 1), pb.WaitProcessResponse()) for i in range(1000))
+        yield answer(stream + 2, pb.WaitProcessResponse(exit_status=0))
 
     async with hostile(socket_path, behaviour, figures) as client:
         with timed(figures, CALL_TIMEOUT), pytest.raises(AgentError, match="no answer within"):
