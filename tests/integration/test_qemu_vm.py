@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import secrets
+import signal
 import subprocess
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -245,6 +247,20 @@ async def test_stop_and_cleanup_leave_nothing(vm_root: Path) -> None:
     await vm.cleanup()
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     # vm_root's teardown asserts that no process, socket or directory is left
+
+
+async def test_qemu_dying_under_a_hot_plug_is_named(vm_root: Path) -> None:
+    """qemu.qmp reports a QEMU that ended mid-call as "Disconnected": the error says how it ended."""
+    vm = QemuHypervisor(qemu_table(), jailer_root=vm_root)
+    await vm.prepare_vm("diesunder")
+    try:
+        await vm.start_vm(BOOT_TIMEOUT)
+        (pid,) = await vm.get_pids()
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(HypervisorError, match=r"QMP .* failed: .*QEMU was killed by signal 9"):
+            await vm.resize_vcpu(1, 2)
+    finally:
+        await vm.cleanup()
 
 
 async def test_garbage_kernel_fails_clearly(vm_root: Path, tmp_path: Path,

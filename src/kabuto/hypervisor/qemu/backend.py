@@ -373,18 +373,37 @@ class QemuHypervisor(Hypervisor):
         return Hotplug(self._qmp, self.config, self._hotplug_slots, self._vhost_net)
 
     async def _hotplug_add(self, device: AnyDevice) -> None:
-        await self._hotplug().add(device)
+        async with self._qemu_death_explained():
+            await self._hotplug().add(device)
 
     async def _hotplug_remove(self, device: AnyDevice) -> None:
-        await self._hotplug().remove(device)
+        async with self._qemu_death_explained():
+            await self._hotplug().remove(device)
+
+    @contextlib.asynccontextmanager
+    async def _qemu_death_explained(self) -> AsyncIterator[None]:
+        """A QMP call that failed because QEMU ended (qemu.qmp says only "Disconnected") gets
+        how it ended and its last words."""
+        try:
+            yield
+        except HypervisorError as exc:
+            for _ in range(QEMU_EXIT_GRACE_POLLS):  # the socket closes a moment before the exit
+                if self._qemu is None or not self._qemu.alive():
+                    break
+                await asyncio.sleep(0.05)
+            if self._qemu is None or self._qemu.alive():
+                raise
+            raise type(exc)(f"{exc}: {self._qemu.exit_description()}") from exc
 
     # -- resizing -----------------------------------------------------------------------------
     async def _resize_vcpu(self, old: int, new: int) -> tuple[int, int]:
-        return await resize.grow_vcpus(self._qmp, self.config, new)
+        async with self._qemu_death_explained():
+            return await resize.grow_vcpus(self._qmp, self.config, new)
 
     async def _resize_memory(self, new_mib: int) -> int:
         shared = bool(memory_backend(self.config, self.devices))
-        return await resize.grow_memory(self._qmp, self.config, self._dimms, new_mib, shared)
+        async with self._qemu_death_explained():
+            return await resize.grow_memory(self._qmp, self.config, self._dimms, new_mib, shared)
 
     # -- queries ------------------------------------------------------------------------------
     async def qmp(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
