@@ -211,6 +211,8 @@ async def test_create_with_an_unusable_config_is_invalid_and_leaves_nothing(shim
     error = await rpc_error(shim.create("c1", fake_vm.make_bundle(tmp_path / "bundle", ["echo"])))
     assert error.code == Code.INVALID_ARGUMENT and "no-such-vmm" in error.message
     assert not fake_vm.GUESTS and state_root_entries(store) == []
+    # a shim left holding nothing goes (containerd's Delete and Shutdown would say the same)
+    assert shim.idle == [True]
 
 
 async def test_create_with_undecodable_runtime_options_is_invalid(shim: Shim, store: StateStore,
@@ -269,12 +271,13 @@ async def test_create_start_wait_delete_with_output_through_a_fifo(shim: Shim, s
     assert exit_.exited_at == waited.exited_at
     assert (delete.container_id, delete.exit_status) == ("c1", 0)
 
-    # the task and its VM are gone: the id is unknown, the state root empty, the shim may go
+    # the task and its VM are gone: the id is unknown, the state root empty, the shim goes; the
+    # Shutdown containerd sends next is still answered
     error = await rpc_error(shim.call("State", pb.StateRequest(id="c1"), pb.StateResponse))
     assert error.code == Code.NOT_FOUND
     assert state_root_entries(store) == [] and shim.service.sandbox is None
-    await shim.call("Shutdown", pb.ShutdownRequest(id="c1"))
     assert shim.idle == [True]
+    await shim.call("Shutdown", pb.ShutdownRequest(id="c1"))
 
 
 async def test_exit_status_and_a_running_task_refusing_delete(shim: Shim, tmp_path: Path) -> None:
@@ -307,9 +310,13 @@ async def test_an_oom_kill_in_the_guest_is_task_oom_before_task_exit(shim: Shim,
 async def test_a_created_task_can_be_deleted_without_starting(shim: Shim, store: StateStore,
                                                                tmp_path: Path) -> None:
     await shim.create("c1", fake_vm.make_bundle(tmp_path / "bundle", ["sleep"]))
+    assert shim.idle == []
     await shim.call("Delete", pb.DeleteRequest(id="c1"), pb.DeleteResponse)
     assert shim.publisher.kinds() == ["TaskCreate", "TaskDelete"]
     assert state_root_entries(store) == [] and shim.service.sandbox is None
+    # the last task's Delete lets the shim go, Shutdown or not: a containerd that stopped between
+    # the two, restarted, would find no task here to delete, so would never send it
+    assert shim.idle == [True]
 
 
 async def test_duplicate_create_is_already_exists(shim: Shim, tmp_path: Path) -> None:
@@ -436,8 +443,14 @@ async def test_pod_containers_join_the_sandbox_vm(shim: Shim, store: StateStore,
     await shim.call("Wait", pb.WaitRequest(id="app"), pb.WaitResponse)
     await shim.call("Delete", pb.DeleteRequest(id="app"), pb.DeleteResponse)
     assert set(fake_vm.GUESTS["pod"].containers) == {"pod"} and shim.service.sandbox is not None
+    # a member that fails to join, or leaves, leaves the pod's shim serving the pod
+    broken = fake_vm.make_bundle(tmp_path / "broken", ["echo"], **member)
+    (broken / "config.json").write_text("{not json")
+    assert (await rpc_error(shim.create("broken", broken))).code == Code.INVALID_ARGUMENT
+    assert shim.idle == []
     await shim.call("Delete", pb.DeleteRequest(id="pod"), pb.DeleteResponse)
     assert state_root_entries(store) == [] and shim.service.sandbox is None
+    assert shim.idle == [True]
 
 
 async def test_update_with_resources_that_are_not_a_json_object_is_invalid(shim: Shim,
@@ -469,7 +482,7 @@ async def test_containerd_giving_up_on_a_booting_create_leaves_nothing(
         assert error.code == Code.NOT_FOUND
     else:
         await shim.call("Shutdown", pb.ShutdownRequest(id="c1"))
-        assert shim.idle == [True]
+    assert shim.idle  # either way the shim goes (after a Delete, without waiting for Shutdown)
     # the abandoned Create is undone and still answers its (gone) caller
     abandoned = await rpc_error(creating)
     assert abandoned.code == Code.CANCELLED and "c1" in abandoned.message
@@ -481,7 +494,7 @@ async def test_containerd_giving_up_on_a_booting_create_leaves_nothing(
 async def test_containerd_gone_during_a_create_leaves_nothing_and_the_shim_idle(
         shim: Shim, store: StateStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """containerd stopped while the VM booted: its connection closes, the Create is cancelled and
-    undone, and the shim, which a restarted containerd will never ask about it, goes idle."""
+    undone, and the shim, holding nothing a restarted containerd could delete, goes idle."""
     booting = asyncio.Event()
 
     async def agent_that_never_answers(address: str, timeout: float, **kwargs: Any) -> None:
@@ -498,6 +511,29 @@ async def test_containerd_gone_during_a_create_leaves_nothing_and_the_shim_idle(
         if shim.idle:
             break
         await asyncio.sleep(0.05)
+    assert shim.idle == [True]
+    assert state_root_entries(store) == [] and shim.service.sandbox is None and shim.service.tasks == {}
+
+
+async def test_containerd_stopping_between_abandoning_a_create_and_shutdown_lets_the_shim_go(
+        shim: Shim, store: StateStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """containerd stopping (SIGTERM) cancels its Create call and, cleaning up, sends Delete (which
+    abandons the create) and then Shutdown; a containerd that exits between the two never sends
+    the Shutdown, and the restarted one reloads this shim from the bundle, finds no task and never
+    deletes one. The shim left with nothing goes after the Delete (it stayed for ever: CI)."""
+    booting = asyncio.Event()
+
+    async def agent_that_never_answers(address: str, timeout: float, **kwargs: Any) -> None:
+        booting.set()
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(fake_vm.sandbox_module, "wait_for_agent", agent_that_never_answers)
+    creating = asyncio.ensure_future(shim.create("c1", fake_vm.make_bundle(tmp_path / "bundle", ["sleep"])))
+    await asyncio.wait_for(booting.wait(), BOUND)
+    error = await rpc_error(shim.call("Delete", pb.DeleteRequest(id="c1"), pb.DeleteResponse))
+    assert error.code == Code.NOT_FOUND
+    assert (await rpc_error(creating)).code == Code.CANCELLED
+    await shim.client.close()  # containerd exits: no Shutdown
     assert shim.idle == [True]
     assert state_root_entries(store) == [] and shim.service.sandbox is None and shim.service.tasks == {}
 

@@ -224,11 +224,10 @@ async def cleanup(args: argparse.Namespace) -> pb.DeleteResponse:
 
 
 async def _release_live_shim(path: Path) -> None:
-    """containerd deletes a task it lost while its shim still runs (containerd restarted during the
-    task's create, and the shim did not know the task yet): Shutdown makes a shim with no task
-    abandon the creates it still runs (their VM and files go) and exit. A shim serving tasks
-    ignores it: a pod's shim after one member's delete (containerd runs `delete` whenever a
-    task's connection closes), or a task's shim on its way out."""
+    """containerd runs `delete` whenever a task's connection closes, so the shim may still run:
+    Shutdown makes a shim with no task abandon the creates it still runs (their VM and files go)
+    and exit. A shim serving tasks ignores it: a pod's shim after one member's delete, or a
+    task's shim on its way out."""
     try:
         client = Client(*await asyncio.wait_for(asyncio.open_unix_connection(str(path)), CONNECT_TIMEOUT),
                         name=f"shim at {path}")

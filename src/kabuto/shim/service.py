@@ -175,16 +175,13 @@ class TaskService:
             return await self._create(request)
         except asyncio.CancelledError:
             if request.id not in self._abandoned:
-                # containerd's connection went mid-create (containerd stopped): a restarted
-                # containerd never learns of this task, so a shim left with none goes
-                if not self.tasks and len(self._creating) == 1:
-                    self._on_idle()
-                raise
+                raise  # containerd's connection went mid-create: nobody hears the answer
             # undone on containerd's request: it still gets an answer on this call
             raise RpcError(Code.CANCELLED, f"task {request.id!r}: creation abandoned by containerd") from None
         finally:
             del self._creating[request.id]
             self._abandoned.discard(request.id)
+            self._go_if_unneeded()
 
     async def _create(self, request: pb.CreateTaskRequest) -> pb.CreateTaskResponse:
         async with self._lock:
@@ -412,6 +409,8 @@ class TaskService:
         self.publisher.publish(events_pb.TaskDelete(
             container_id=request.id, id=request.exec_id or request.id, pid=pid,
             exit_status=process.exit_status, exited_at=exited_at))
+        if not request.exec_id:
+            self._go_if_unneeded()
         return pb.DeleteResponse(pid=pid, exit_status=process.exit_status, exited_at=exited_at)
 
     async def _remove_task(self, task: Task) -> None:
@@ -441,6 +440,16 @@ class TaskService:
             await self._abandon_creates(list(self._creating))
             self._on_idle()
         return Empty()
+
+    def _go_if_unneeded(self) -> None:
+        """A Create that made no task, or the Delete of the last task, leaves a shim holding
+        nothing: it goes. containerd would send Shutdown next (it does after every Delete and
+        after a failed Create), but a containerd stopped in between never does, and the one that
+        restarts reloads this shim from the task's bundle, finds no task (State: NotFound, so
+        `ctr task ls` hides it) and never deletes it either. A shim that exits is what containerd
+        cleans up after (`shim delete`, the task's exit, its bundle)."""
+        if not self.tasks and not self._creating:
+            self._on_idle()
 
     async def close(self) -> None:
         """The shim is going: stop whatever still runs (a VM left without tasks goes too)."""
