@@ -29,6 +29,7 @@ pytestmark = pytest.mark.vm
 READY_TIMEOUT = 300.0
 STREAMER = ["sh", "-c", "echo ready; while :; do sleep 1; done"]
 PORT_WAIT_SECONDS = 5
+PARALLEL_RUNS = 8
 
 
 @pytest.fixture
@@ -43,23 +44,30 @@ reconnect_timeout_ms = {PORT_WAIT_SECONDS * 1000}
 def test_parallel_runs_all_succeed(state_root: Path, tmp_path: Path, configured: None,
                                    figures: Figures) -> None:
     require_guest_image()
-    parallel = scale(8, 16)
+    # 8 at once is the claim (16 TCG VMs on 2 cores miss the default set-up bounds); make soak
+    # repeats the round
+    parallel, rounds = PARALLEL_RUNS, scale(1, 3)
     rootfs = busybox_rootfs(tmp_path / "rootfs")
     bundles = [write_bundle(tmp_path / f"b{i}", rootfs, ["sh", "-c", f"echo hello-{i}"])
                for i in range(parallel)]
-    started = time.monotonic()
-    runs = [Cli(state_root, "run", "--bundle", str(bundle), f"par{i}") for i, bundle in enumerate(bundles)]
-    try:
-        statuses = [run.wait(READY_TIMEOUT) for run in runs]
-        figures["parallel_runs"] = parallel
-        figures["seconds_for_all"] = round(time.monotonic() - started, 1)
-        outputs = [run.output() for run in runs]
-    finally:
-        for run in runs:
-            run.close()
-    assert statuses == [0] * parallel, list(zip(statuses, outputs, strict=True))
-    assert outputs == [(f"hello-{i}\n".encode(), b"") for i in range(parallel)]
-    assert_nothing_left(state_root)
+    seconds = []
+    for round_number in range(rounds):
+        started = time.monotonic()
+        runs = [Cli(state_root, "run", "--bundle", str(bundle), f"par{round_number}-{i}")
+                for i, bundle in enumerate(bundles)]
+        try:
+            statuses = [run.wait(READY_TIMEOUT) for run in runs]
+            seconds.append(round(time.monotonic() - started, 1))
+            outputs = [run.output() for run in runs]
+        finally:
+            for run in runs:
+                run.close()
+        assert statuses == [0] * parallel, (round_number, list(zip(statuses, outputs, strict=True)))
+        assert outputs == [(f"hello-{i}\n".encode(), b"") for i in range(parallel)]
+        assert_nothing_left(state_root)
+    figures["parallel_runs"] = parallel
+    figures["rounds"] = rounds
+    figures["seconds_for_all"] = max(seconds)
 
 
 def test_more_calls_than_agent_ports_queue_then_fail_clearly(state_root: Path, tmp_path: Path,

@@ -67,7 +67,9 @@ class HypervisorConfig(_Table):
     #: Kabuto extension: MiB of QEMU's TCG translation cache (-accel tcg,tb-size=N; 0 is QEMU's own
     #: default, 1 GiB in 7.2); the cache fills as the guest runs new code and stays resident, so it
     #: is most of a TCG QEMU's memory beyond the guest's (docs/benchmarks.md). No effect under KVM.
-    tcg_tb_size: int = 64
+    #: QEMU 7.2 aborts a vCPU hot-add once a small cache's regions are all taken (docs/qemu.md), so
+    #: the default is QEMU's own.
+    tcg_tb_size: int = 0
     cpu_features: str = ""
     vm_rootfs_driver: str = ""
     rootfs_type: str = ""

@@ -393,6 +393,7 @@ class QemuHypervisor(Hypervisor):
                 await asyncio.sleep(0.05)
             if self._qemu is None or self._qemu.alive():
                 raise
+            await self._qemu.output_done()
             raise type(exc)(f"{exc}: {self._qemu.exit_description()}") from exc
 
     # -- resizing -----------------------------------------------------------------------------
