@@ -19,6 +19,10 @@ if TYPE_CHECKING:
     from kabuto.hypervisor.plugin import HypervisorPlugin
 
 DEFAULT_JAILER_ROOT = Path("/run/kabuto/vm")
+#: Every guest kernel's: a panic reboots and the reboot ends the VMM; an oops panics, since it leaves
+#: the kernel half-alive (an oops in virtio-fs's completion worker hangs every later access to the
+#: share, and with it the agent's container set-up, until the caller's deadline)
+GUEST_PANIC_PARAMS = "panic=1 oops=panic"
 #: A VM directory's name is at most this long: its sockets (QMP, agent ports and their locks,
 #: virtiofsd's) must fit sun_path's 107 bytes under any sane jailer root, with any VM id (CRI's
 #: are 64 hex digits). Longer ids are shortened to a prefix and a hash of the whole id.

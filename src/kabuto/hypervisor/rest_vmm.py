@@ -22,7 +22,14 @@ import httpx
 
 from kabuto.config.model import HypervisorConfig
 from kabuto.errors import HypervisorError, VmTimeout
-from kabuto.hypervisor.base import DEFAULT_JAILER_ROOT, Hypervisor, HypervisorState, VcpuThreadIds, VmStatus
+from kabuto.hypervisor.base import (
+    DEFAULT_JAILER_ROOT,
+    GUEST_PANIC_PARAMS,
+    Hypervisor,
+    HypervisorState,
+    VcpuThreadIds,
+    VmStatus,
+)
 from kabuto.hypervisor.devices import hybrid_vsock_agent_channel
 from kabuto.hypervisor.plugin import HypervisorPlugin
 from kabuto.hypervisor.rest_api import ApiClient, ApiTransportError
@@ -168,7 +175,7 @@ class RestVmm(Hypervisor):
 
     def _kernel_cmdline(self, *vmm_params: str) -> str:
         """The guest's command line; the configured image is the first virtio disk, /dev/vda."""
-        params = ["console=ttyS0", *vmm_params]
+        params = ["console=ttyS0", GUEST_PANIC_PARAMS, *vmm_params]
         if self.config.image:
             params.append("root=/dev/vda ro")
         if self.config.kernel_params:

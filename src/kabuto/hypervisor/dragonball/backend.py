@@ -16,7 +16,14 @@ from typing import Any
 
 from kabuto.config.model import HypervisorConfig
 from kabuto.errors import HypervisorError, HypervisorUnavailable, VmTimeout
-from kabuto.hypervisor.base import DEFAULT_JAILER_ROOT, Hypervisor, HypervisorState, VcpuThreadIds, VmStatus
+from kabuto.hypervisor.base import (
+    DEFAULT_JAILER_ROOT,
+    GUEST_PANIC_PARAMS,
+    Hypervisor,
+    HypervisorState,
+    VcpuThreadIds,
+    VmStatus,
+)
 from kabuto.hypervisor.devices import AnyDevice, hybrid_vsock_agent_channel
 from kabuto.hypervisor.dragonball.binding import UNAVAILABLE_REASON, DragonballBinding, current_binding
 from kabuto.hypervisor.dragonball.plugin import CAPABILITIES
@@ -83,7 +90,7 @@ class Dragonball(Hypervisor):
             "kernel": cfg.kernel,
             "initrd": cfg.initrd,
             "image": cfg.image,
-            "kernel_params": cfg.kernel_params,
+            "kernel_params": f"{GUEST_PANIC_PARAMS} {cfg.kernel_params}".strip(),
             "vsock_path": str(self.vsock_socket),
         }
         try:

@@ -185,8 +185,8 @@ class Firecracker(RestVmm):
         cfg = self.config
         boot: dict[str, Any] = {
             "kernel_image_path": await self._expose(Path(cfg.kernel), "vmlinux"),
-            # pci=off: Firecracker has only virtio-mmio; reboot=k + panic=1 make a guest reboot end the VMM
-            "boot_args": self._kernel_cmdline("reboot=k", "panic=1", "pci=off"),
+            # pci=off: Firecracker has only virtio-mmio; reboot=k makes a guest reboot end the VMM
+            "boot_args": self._kernel_cmdline("reboot=k", "pci=off"),
         }
         if cfg.initrd:
             boot["initrd_path"] = await self._expose(Path(cfg.initrd), "initrd")

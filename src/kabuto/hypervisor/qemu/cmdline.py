@@ -12,6 +12,7 @@ from pathlib import Path
 
 from kabuto.config.model import HypervisorConfig
 from kabuto.errors import HypervisorError
+from kabuto.hypervisor.base import GUEST_PANIC_PARAMS
 from kabuto.hypervisor.devices import (
     AgentChannel,
     AnyDevice,
@@ -43,7 +44,8 @@ IOTHREAD_ID = "iothread0"
 # Kernel parameters that shorten boot without changing what the guest can do (after Kata's
 # defaults): no legacy keyboard probing, trust the TSC, skip crypto self-tests, reboot = exit.
 BOOT_KERNEL_PARAMS = (
-    "console=ttyS0 panic=1 reboot=k tsc=reliable no_timer_check noreplace-smp cryptomgr.notests "
+    f"console=ttyS0 {GUEST_PANIC_PARAMS} reboot=k tsc=reliable no_timer_check noreplace-smp "
+    "cryptomgr.notests "
     "i8042.noaux=1 i8042.nomux=1 i8042.nopnp=1 i8042.dumbkbd=1 rcupdate.rcu_expedited=1 net.ifnames=0"
 )
 
