@@ -463,10 +463,9 @@ async def test_update_with_resources_that_are_not_a_json_object_is_invalid(shim:
     await shim.call("Delete", pb.DeleteRequest(id="c1"), pb.DeleteResponse)
 
 
-@pytest.mark.parametrize("gives_up_with", ["Delete", "Shutdown"])
-async def test_containerd_giving_up_on_a_booting_create_leaves_nothing(
-        shim: Shim, store: StateStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        gives_up_with: str) -> None:
+async def a_create_still_booting(shim: Shim, tmp_path: Path,
+                                 monkeypatch: pytest.MonkeyPatch) -> asyncio.Future[Any]:
+    """Task c1's Create, started and waiting for a guest agent that never answers (its VMM runs)."""
     booting = asyncio.Event()
 
     async def agent_that_never_answers(address: str, timeout: float, **kwargs: Any) -> None:
@@ -476,6 +475,14 @@ async def test_containerd_giving_up_on_a_booting_create_leaves_nothing(
     monkeypatch.setattr(fake_vm.sandbox_module, "wait_for_agent", agent_that_never_answers)
     creating = asyncio.ensure_future(shim.create("c1", fake_vm.make_bundle(tmp_path / "bundle", ["sleep"])))
     await asyncio.wait_for(booting.wait(), BOUND)
+    return creating
+
+
+@pytest.mark.parametrize("gives_up_with", ["Delete", "Shutdown"])
+async def test_containerd_giving_up_on_a_booting_create_leaves_nothing(
+        shim: Shim, store: StateStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        gives_up_with: str) -> None:
+    creating = await a_create_still_booting(shim, tmp_path, monkeypatch)
     assert "c1" in fake_vm.GUESTS  # the VMM runs
     if gives_up_with == "Delete":
         error = await rpc_error(shim.call("Delete", pb.DeleteRequest(id="c1"), pb.DeleteResponse))
@@ -495,15 +502,7 @@ async def test_containerd_gone_during_a_create_leaves_nothing_and_the_shim_idle(
         shim: Shim, store: StateStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """containerd stopped while the VM booted: its connection closes, the Create is cancelled and
     undone, and the shim, holding nothing a restarted containerd could delete, goes idle."""
-    booting = asyncio.Event()
-
-    async def agent_that_never_answers(address: str, timeout: float, **kwargs: Any) -> None:
-        booting.set()
-        await asyncio.Event().wait()
-
-    monkeypatch.setattr(fake_vm.sandbox_module, "wait_for_agent", agent_that_never_answers)
-    creating = asyncio.ensure_future(shim.create("c1", fake_vm.make_bundle(tmp_path / "bundle", ["sleep"])))
-    await asyncio.wait_for(booting.wait(), BOUND)
+    creating = await a_create_still_booting(shim, tmp_path, monkeypatch)
     await shim.client.close()
     with pytest.raises(KabutoError):
         await asyncio.wait_for(creating, BOUND)
@@ -521,15 +520,7 @@ async def test_containerd_stopping_between_abandoning_a_create_and_shutdown_lets
     abandons the create) and then Shutdown; a containerd that exits between the two never sends
     the Shutdown, and the restarted one reloads this shim from the bundle, finds no task and never
     deletes one. The shim left with nothing goes after the Delete (it stayed for ever: CI)."""
-    booting = asyncio.Event()
-
-    async def agent_that_never_answers(address: str, timeout: float, **kwargs: Any) -> None:
-        booting.set()
-        await asyncio.Event().wait()
-
-    monkeypatch.setattr(fake_vm.sandbox_module, "wait_for_agent", agent_that_never_answers)
-    creating = asyncio.ensure_future(shim.create("c1", fake_vm.make_bundle(tmp_path / "bundle", ["sleep"])))
-    await asyncio.wait_for(booting.wait(), BOUND)
+    creating = await a_create_still_booting(shim, tmp_path, monkeypatch)
     error = await rpc_error(shim.call("Delete", pb.DeleteRequest(id="c1"), pb.DeleteResponse))
     assert error.code == Code.NOT_FOUND
     assert (await rpc_error(creating)).code == Code.CANCELLED
